@@ -1,0 +1,82 @@
+"""Block layout and block codec: pure arithmetic and (de)serialisation, no I/O.
+
+A file's plaintext is cut into blocks of `block_size` bytes. Block *i* is stored in the blob at
+offset ``i * (block_size + OVERHEAD)`` as ``nonce ‖ ciphertext ‖ tag``; the last block may be
+short, and its record is then exactly ``len(plaintext) + OVERHEAD`` bytes. The nonce is the
+block's *version*: a per-file counter that grows with every write, kept in memory. The
+associated data binds format tag, blob id, block index and version, so a record copied from
+another file, another offset or an older write fails to authenticate.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from scratchfs.crypto import NONCE_BYTES, TAG_BYTES, FileKey
+from scratchfs.errors import IntegrityError
+
+OVERHEAD = NONCE_BYTES + TAG_BYTES
+FORMAT_TAG = b"SFS1"
+BLOB_ID_BYTES = 16
+MIN_BLOCK_SIZE = 512
+MAX_BLOCK_SIZE = 1 << 20
+DEFAULT_BLOCK_SIZE = 64 * 1024
+_AAD = struct.Struct(">4s16sQQ")
+
+
+def check_block_size(block_size: int) -> int:
+    """Validate a block size: a power of two between 512 B and 1 MiB."""
+    if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE) or block_size & (block_size - 1):
+        raise ValueError("block size must be a power of two between 512 and 1048576")
+    return block_size
+
+
+def record_offset(index: int, block_size: int) -> int:
+    """Byte offset of block *index*'s record in the blob."""
+    return index * (block_size + OVERHEAD)
+
+
+def block_length(index: int, size: int, block_size: int) -> int:
+    """Plaintext length of block *index* in a file of *size* bytes (0 past the end)."""
+    return max(0, min(block_size, size - index * block_size))
+
+
+def block_span(offset: int, length: int, block_size: int) -> range:
+    """Indices of the blocks touched by [offset, offset + length)."""
+    if length <= 0:
+        return range(0)
+    return range(offset // block_size, (offset + length - 1) // block_size + 1)
+
+
+def block_count(size: int, block_size: int) -> int:
+    """Number of blocks a file of *size* bytes has."""
+    return (size + block_size - 1) // block_size
+
+
+def associated_data(blob_id: bytes, index: int, version: int) -> bytes:
+    """The AEAD associated data for one block."""
+    return _AAD.pack(FORMAT_TAG, blob_id, index, version)
+
+
+def seal_block(key: FileKey, blob_id: bytes, index: int, version: int, plaintext: bytes | memoryview) -> bytes:
+    """Encrypt one block's plaintext into its record."""
+    return key.seal(version, plaintext, associated_data(blob_id, index, version))
+
+
+def open_block(
+    key: FileKey, blob_id: bytes, index: int, version: int, record: bytes | memoryview, plain_len: int
+) -> bytes:
+    """Authenticate and decrypt one record; the record must be exactly as long as expected."""
+    if len(record) != plain_len + OVERHEAD:
+        raise IntegrityError(
+            f"record is {len(record)} bytes, expected {plain_len + OVERHEAD} (truncated or extended)", index
+        )
+    try:
+        return key.open(version, record, associated_data(blob_id, index, version))
+    except IntegrityError as e:
+        raise IntegrityError(e.reason, index) from None
+
+
+def is_zero(data: bytes | memoryview) -> bool:
+    """True if every byte is zero (how a never-written region must look in the blob)."""
+    return not any(data) if len(data) < 64 else bytes(data) == bytes(len(data))

@@ -1,0 +1,239 @@
+"""`scratchfs` command line: mount, umount, verify, volume.
+
+Every user mistake ends in one line on stderr and a documented exit code (README.md); a
+traceback appears only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import logging.handlers
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scratchfs import blocks
+from scratchfs.mount import (
+    EXIT_BUSY,
+    EXIT_INTERNAL,
+    EXIT_NOT_MOUNTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    FSTYPE,
+    MountError,
+    MountOptions,
+    find_mount,
+    prepare,
+    serve,
+    spawn_daemon,
+)
+
+PROG = "scratchfs"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
+def _block_size(text: str) -> int:
+    try:
+        value = int(text, 0)
+        return blocks.check_block_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used for --help)."""
+    p = _Parser(prog=PROG, description="Encrypted scratch filesystem with keys held only in memory.")
+    p.add_argument("--debug", action="store_true", help="log every FUSE request (never contents) and show tracebacks")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    m = sub.add_parser("mount", help="mount scratchfs on MOUNTPOINT, storing blobs in BACKING_DIR")
+    m.add_argument("backing", type=Path, metavar="BACKING_DIR")
+    m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
+    m.add_argument("--debug", action="store_true", dest="debug_mount", help="log every FUSE request")
+    m.add_argument("--allow-other", action="store_true", help="let other users reach the mount (kernel permission checks stay on)")
+    m.add_argument("--block-size", type=_block_size, default=blocks.DEFAULT_BLOCK_SIZE, help="plaintext block size in bytes (power of two, 512..1048576)")
+    m.add_argument("--writeback-cache", action="store_true", help="let the kernel batch writes in its page cache")
+    m.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel may cache attributes")
+    m.add_argument("--strict", action="store_true", help="exit non-zero if any internal error happened (tests)")
+    m.add_argument("--no-mlock", action="store_true", help="do not lock memory (mlockall)")
+    m.add_argument("--pid-file", type=Path, help="write the daemon's PID here once the mount is live")
+    m.add_argument("--log-file", type=Path, help="append the daemon's log here (default: syslog when daemonized)")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    u = sub.add_parser("umount", help="unmount (also clears a stale mount left by a killed daemon)")
+    u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon to shred and exit")
+
+    v = sub.add_parser("verify", help="read every file through the mount and report corrupted blocks")
+    v.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+
+    try:
+        from scratchfs.volume import cli as volume_cli
+    except ImportError:
+        volume_cli = None  # type: ignore[assignment]
+    if volume_cli is not None and hasattr(volume_cli, "register"):
+        vol = sub.add_parser("volume", help="LUKS2 volumes for the backing store")
+        vol_sub = vol.add_subparsers(dest="volume_command", parser_class=_Parser)
+        volume_cli.register(vol_sub)
+    return p
+
+
+def _setup_logging(level: int, log_file: Path | None, daemon: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler
+    if log_file is not None or not daemon:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    """`scratchfs mount`: daemonize (default) or serve in the foreground."""
+    opts = MountOptions(
+        backing=args.backing.absolute(), mountpoint=args.mountpoint.absolute(), block_size=args.block_size,
+        allow_other=args.allow_other, debug=args.debug_mount or args.debug, strict=args.strict,
+        attr_timeout=args.attr_timeout, writeback=args.writeback_cache, lock_memory=not args.no_mlock,
+        pid_file=args.pid_file.absolute() if args.pid_file else None,
+    )
+    if not args.foreground:
+        # Check in the foreground first so the common mistakes get their own exit code at once.
+        store = prepare(opts)
+        store.close()
+        argv = [a for a in args.raw_argv if a not in ("--foreground", "-f")]
+        if args.log_file is not None:
+            args.log_file.parent.mkdir(parents=True, exist_ok=True)
+        code, message = spawn_daemon(argv, args.log_file)
+        if code != EXIT_OK:
+            raise MountError(code, message)
+        return EXIT_OK
+
+    daemonized = args.ready_fd is not None
+    _setup_logging(logging.DEBUG if opts.debug else logging.INFO, args.log_file, daemonized)
+
+    def ready() -> None:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ok\n")
+            os.close(args.ready_fd)
+
+    try:
+        store = prepare(opts)
+        return serve(opts, store, ready)
+    except MountError as e:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, f"err {e.code} {e}\n".encode())
+            os.close(args.ready_fd)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    """`scratchfs umount`: unmount, clear a stale mount, wait for the daemon to finish shredding."""
+    path = args.mountpoint.absolute()
+    entry = find_mount(path)
+    if entry is None:
+        raise MountError(EXIT_NOT_MOUNTED, f"{path} is not mounted; nothing to do")
+    if not entry.fstype.startswith("fuse"):
+        raise MountError(EXIT_NOT_MOUNTED, f"{path} is a {entry.fstype} mount, not scratchfs; use umount(8)")
+    stale = False
+    try:
+        os.stat(path)
+    except OSError as e:
+        stale = e.errno == errno.ENOTCONN
+    cmd = ["fusermount3", "-u", "-q", str(path)] if not stale else ["fusermount3", "-u", "-z", "-q", str(path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0 and os.geteuid() == 0:
+        # fusermount3 refuses mounts it did not make for another user; root can use umount2.
+        result = subprocess.run(["umount", *(["-l"] if stale else []), str(path)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
+        if "busy" in detail.lower():
+            raise MountError(EXIT_BUSY, f"{path} is busy (files open or a process inside it); close them and retry")
+        raise MountError(EXIT_INTERNAL, f"cannot unmount {path}: {detail}")
+    pid = entry.daemon_pid
+    if pid is not None and entry.fstype == FSTYPE:
+        deadline = time.monotonic() + args.timeout
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _pid_alive(pid):
+            raise MountError(EXIT_BUSY, f"unmounted {path} but daemon {pid} is still shredding after {args.timeout:.0f}s; wait and check")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """`scratchfs verify`: read everything through the mount; report corrupted files and blocks."""
+    from scratchfs.verify import verify_tree
+
+    path = args.mountpoint.absolute()
+    entry = find_mount(path)
+    if entry is None or entry.fstype != FSTYPE:
+        raise MountError(EXIT_NOT_MOUNTED, f"{path} is not a scratchfs mount; give the mountpoint of a live scratchfs")
+    return verify_tree(path, sys.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `scratchfs` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        args.raw_argv = list(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        if args.command == "mount":
+            return cmd_mount(args)
+        if args.command == "umount":
+            return cmd_umount(args)
+        if args.command == "verify":
+            return cmd_verify(args)
+        if args.command == "volume":
+            func = getattr(args, "func", None)
+            if func is None:
+                raise UsageError("volume needs a sub-command; see 'scratchfs volume --help'")
+            code: int = func(args)
+            return code
+        raise UsageError(f"unknown command {args.command!r}")
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except MountError as e:
+        print(f"{PROG}: cannot {argv[0] if argv else 'run'}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last resort: one line, traceback only with --debug
+        if debug:
+            raise
+        logging.getLogger("scratchfs").debug("unexpected", exc_info=True)
+        print(f"{PROG}: internal error ({type(e).__name__}); rerun with --debug for details", file=sys.stderr)
+        return EXIT_INTERNAL

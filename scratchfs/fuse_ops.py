@@ -1,0 +1,509 @@
+"""FUSE operations: translation between pyfuse3 requests and the namespace/content engines.
+
+This is the only module that knows FUSE exists. Every handler is wrapped so that our own
+exceptions become errno replies exactly once: FsError -> its errno, IntegrityError -> EIO with
+one WARNING line naming the file and block, OSError from the backing store -> its errno (ENOSPC,
+EDQUOT, EFBIG pass through; anything else becomes EIO), and any other exception -> EIO with an
+ERROR line (which fails strict-mode tests).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from scratchfs.content import FileContent
+from scratchfs.errors import FsError, IntegrityError
+from scratchfs.locks import RWLock
+from scratchfs.store import BlobStore
+from scratchfs.tree import (
+    ROOT_INO,
+    XATTR_NAME_MAX,
+    XATTR_SIZE_MAX,
+    Inode,
+    Namespace,
+    now_ns,
+)
+
+log = logging.getLogger("scratchfs.fuse")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Requests at least this large run their crypto and I/O on a worker thread (AES-GCM in
+# `cryptography` releases the GIL); smaller ones run inline, where a thread hop would cost more
+# than the work.
+THREAD_MIN_BYTES = 32 * 1024
+PASS_THROUGH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE}
+DAY_NS = 86400 * 10**9
+
+
+def _redact(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Arguments safe to log: file contents and xattr values become their length."""
+    out = list(args)
+    if name == "write" and len(out) >= 3:
+        out[2] = f"<{len(out[2])} bytes>"
+    if name == "setxattr" and len(out) >= 3:
+        out[2] = f"<{len(out[2])} bytes>"
+    return tuple(a for a in out if not isinstance(a, pyfuse3.RequestContext | pyfuse3.ReaddirToken))
+
+
+def handler(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Wrap a FUSE handler: debug log, and translate exceptions to errno replies once."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        self = args[0]
+        assert isinstance(self, ScratchOps)
+        if self.debug:
+            log.debug("op=%s args=%r", name, _redact(name, tuple(args[1:])))
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            code = e.errno if e.errno in PASS_THROUGH_ERRNOS else errno.EIO
+            if code == errno.EIO:
+                log.warning("event=backing_io_error op=%s errno=%s", name, errno.errorcode.get(e.errno or 0, e.errno))
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("event=internal_error op=%s", name)
+            if self.strict:
+                self.internal_errors += 1
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Handle:
+    """An open file: the inode it refers to and its open flags."""
+
+    __slots__ = ("flags", "node")
+
+    def __init__(self, node: Inode, flags: int) -> None:
+        self.node = node
+        self.flags = flags
+
+
+class ScratchOps(pyfuse3.Operations):
+    """The scratchfs FUSE filesystem."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        store: BlobStore,
+        block_size: int,
+        *,
+        debug: bool = False,
+        strict: bool = False,
+        attr_timeout: float = 1.0,
+        root_uid: int | None = None,
+        root_gid: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.block_size = block_size
+        self.debug = debug
+        self.strict = strict
+        self.internal_errors = 0
+        self.attr_timeout = attr_timeout
+        self.ns = Namespace(
+            root_uid=os.getuid() if root_uid is None else root_uid,
+            root_gid=os.getgid() if root_gid is None else root_gid,
+        )
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._locks: dict[int, RWLock] = {}
+        self._limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = self.attr_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = node.rdev
+        content: FileContent | None = node.content
+        if content is not None:
+            a.st_size = content.size
+            a.st_blocks = content.st_blocks
+        elif node.directory is not None:
+            a.st_size = (len(node.directory) + 2) * 20  # what tmpfs reports
+            a.st_blocks = 0
+        elif node.target is not None:
+            a.st_size = len(node.target)
+            a.st_blocks = 0
+        else:
+            a.st_size = 0
+            a.st_blocks = 0
+        a.st_blksize = self.block_size
+        a.st_atime_ns = node.atime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        return a
+
+    def _lock(self, node: Inode) -> RWLock:
+        lock = self._locks.get(node.ino)
+        if lock is None:
+            lock = self._locks[node.ino] = RWLock()
+        return lock
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        return h
+
+    def _content(self, node: Inode) -> FileContent:
+        if node.directory is not None:
+            raise FsError(errno.EISDIR)
+        if node.content is None:
+            raise FsError(errno.EINVAL)
+        content: FileContent = node.content
+        return content
+
+    def _integrity(self, node: Inode, e: IntegrityError) -> FsError:
+        log.warning(
+            "event=integrity_failure path=%s ino=%d block=%s reason=%s",
+            self.ns.path_of(node), node.ino, "-" if e.block is None else e.block, e.reason,
+        )
+        return FsError(errno.EIO)
+
+    async def _run(self, node: Inode, nbytes: int, fn: Callable[..., R], *args: Any) -> R:
+        """Run a content operation inline or on a worker thread; IntegrityError -> EIO + log."""
+        try:
+            if nbytes >= THREAD_MIN_BYTES:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return fn(*args)
+        except IntegrityError as e:
+            raise self._integrity(node, e) from None
+
+    def _release(self, node: Inode | None) -> None:
+        """Destroy a dropped inode's key and blob."""
+        if node is None:
+            return
+        if node.content is not None:
+            node.content.destroy()
+            node.content = None
+        lock = self._locks.get(node.ino)
+        if lock is not None and lock.idle:
+            del self._locks[node.ino]
+
+    def destroy_all(self) -> int:
+        """Unmount: drop every key and remove every blob; returns the number of files shredded."""
+        count = 0
+        for node in self.ns.all_inodes():
+            if node.content is not None:
+                node.content.destroy()
+                node.content = None
+                count += 1
+        self._handles.clear()
+        self.store.wipe_all()
+        return count
+
+    def _new_node(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, target: bytes | None = None) -> Inode:
+        node = self.ns.create(parent, name, mode, ctx.uid, ctx.gid, target)
+        if stat.S_ISREG(mode):
+            node.content = FileContent(self.store, self.block_size)
+        self.ns.remember(node)
+        return node
+
+    # --- namespace -------------------------------------------------------------------------------
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.ns.lookup(parent_inode, name)
+        self.ns.remember(node)
+        return self._attrs(node)
+
+    @handler
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self._release(self.ns.forget(ino, count))
+
+    @handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.ns.get(inode))
+
+    @handler
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self.ns.get(inode)
+        t = now_ns()
+        if fields.update_size:
+            content = self._content(node)
+            lock = self._lock(node)
+            await lock.acquire_write()
+            try:
+                content.ready()
+                await self._run(node, 0, content.truncate, attr.st_size)
+            finally:
+                release_fd = node.opens == 0
+                lock.release_write()
+            if release_fd:
+                content.close_fd()
+            if not fields.update_mtime:
+                node.mtime_ns = t
+        if fields.update_mode:
+            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            node.uid = attr.st_uid
+        if fields.update_gid:
+            node.gid = attr.st_gid
+        if fields.update_atime:
+            node.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            node.mtime_ns = attr.st_mtime_ns
+        node.ctime_ns = attr.st_ctime_ns if fields.update_ctime else t
+        return self._attrs(node)
+
+    @handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.ns.get(inode)
+        if node.target is None:
+            raise FsError(errno.EINVAL)
+        return node.target
+
+    @handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._new_node(parent_inode, name, mode, ctx)
+        node.rdev = rdev
+        return self._attrs(node)
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._new_node(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
+
+    @handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._new_node(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target))
+
+    @handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.ns.link(inode, new_parent_inode, new_name)
+        self.ns.remember(node)
+        return self._attrs(node)
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.ns.unlink(parent_inode, name)
+        self._release(self.ns.release_if_unused(node))
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.ns.rmdir(parent_inode, name)
+        self._release(self.ns.release_if_unused(node))
+
+    @handler
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+        flags: int, ctx: pyfuse3.RequestContext,
+    ) -> None:
+        released = self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        if released is not None:
+            self._release(self.ns.release_if_unused(released))
+
+    # --- files -----------------------------------------------------------------------------------
+    def _open_handle(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
+        node.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(node, flags)
+        # keep_cache off: a fresh open re-reads (and re-authenticates) from the blob.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.ns.get(inode)
+        if node.directory is not None:
+            raise FsError(errno.EISDIR)
+        if node.content is None:
+            raise FsError(errno.ENXIO)  # device nodes, fifos and sockets are not served by us
+        return self._open_handle(node, flags)
+
+    @handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self._new_node(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        return self._open_handle(node, flags), self._attrs(node)
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._handle(fh).node
+        content = self._content(node)
+        lock = self._lock(node)
+        await lock.acquire_read()
+        try:
+            content.ready()
+            data = await self._run(node, size, content.read, off, size)
+        finally:
+            lock.release_read()
+        # relatime: atime moves only if older than mtime/ctime or a day old.
+        if node.atime_ns <= node.mtime_ns or node.atime_ns <= node.ctime_ns or now_ns() - node.atime_ns > DAY_NS:
+            node.atime_ns = now_ns()
+        return data
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self._handle(fh).node
+        content = self._content(node)
+        lock = self._lock(node)
+        await lock.acquire_write()
+        try:
+            content.ensure_blob()
+            written = await self._run(node, len(buf), content.write, off, buf)
+        finally:
+            lock.release_write()
+        node.mtime_ns = node.ctime_ns = now_ns()
+        return written
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        self._handle(fh)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        node = h.node
+        node.opens -= 1
+        if node.opens == 0 and node.content is not None:
+            lock = self._locks.get(node.ino)
+            if lock is None or lock.idle:
+                node.content.close_fd()
+        self._release(self.ns.release_if_unused(node))
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        node = self._handle(fh).node
+        content = self._content(node)
+        lock = self._lock(node)
+        await lock.acquire_read()
+        try:
+            content.ready()
+            await trio.to_thread.run_sync(content.sync, datasync, limiter=self._limiter)
+        finally:
+            lock.release_read()
+
+    # --- directories -------------------------------------------------------------------------------
+    @handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self.ns.directory(inode)
+        return inode
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node, directory = self.ns.directory(fh)
+        if start_id < 1:
+            if not pyfuse3.readdir_reply(token, b".", self._attrs(node), 1):
+                return
+        if start_id < 2:
+            parent = self.ns.get(node.name_hint[0] or ROOT_INO)
+            if not pyfuse3.readdir_reply(token, b"..", self._attrs(parent), 2):
+                return
+        for cookie, name, ino in directory.entries_after(max(start_id, 2)):
+            child = self.ns.get(ino)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child), cookie):
+                return
+            self.ns.remember(child)
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.ns.directory(fh)
+
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = self.store.statvfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = st.f_bsize
+        s.f_frsize = st.f_frsize
+        s.f_blocks = st.f_blocks
+        s.f_bfree = st.f_bfree
+        s.f_bavail = st.f_bavail
+        s.f_files = max(st.f_files, len(self.ns))
+        s.f_ffree = st.f_ffree
+        s.f_favail = st.f_favail
+        s.f_namemax = 255
+        return s
+
+    # --- xattrs ------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_xattr_name(name: bytes) -> None:
+        if len(name) > XATTR_NAME_MAX:
+            raise FsError(errno.ERANGE)
+        if not name:
+            raise FsError(errno.EINVAL)
+        if name.startswith(b"system."):
+            raise FsError(errno.EOPNOTSUPP)
+
+    @handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_xattr_name(name)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        node = self.ns.get(inode)
+        if node.xattrs is None:
+            node.xattrs = {}
+        node.xattrs[name] = bytes(value)
+        node.ctime_ns = now_ns()
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.ns.get(inode)
+        if len(name) > XATTR_NAME_MAX:
+            raise FsError(errno.ERANGE)
+        if not node.xattrs or name not in node.xattrs:
+            raise FsError(pyfuse3.ENOATTR)
+        return node.xattrs[name]
+
+    @handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self.ns.get(inode)
+        return list(node.xattrs) if node.xattrs else []
+
+    @handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.ns.get(inode)
+        if not node.xattrs or name not in node.xattrs:
+            raise FsError(pyfuse3.ENOATTR)
+        del node.xattrs[name]
+        node.ctime_ns = now_ns()
+
+    @handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        node = self.ns.get(inode)
+        if ctx.uid == 0:
+            # root may do anything except execute a file nobody can execute
+            return not (mode & os.X_OK) or node.is_dir or bool(node.mode & 0o111)
+        if ctx.uid == node.uid:
+            perm = (node.mode >> 6) & 7
+        elif ctx.gid == node.gid or node.gid in pyfuse3.get_sup_groups(ctx.pid):
+            perm = (node.mode >> 3) & 7
+        else:
+            perm = node.mode & 7
+        return (mode & perm) == mode

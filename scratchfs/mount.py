@@ -1,0 +1,247 @@
+"""Mount lifecycle: validate, harden, mount, serve, and always shred on the way out.
+
+`serve()` runs in the daemon process. `spawn_daemon()` runs in the CLI process: it starts the
+daemon as a detached child and waits on a pipe until the daemon says the mount is live (or why it
+is not), so `scratchfs mount` returns only once the mount can be used.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from scratchfs import blocks
+from scratchfs.errors import StoreError
+from scratchfs.fuse_ops import ScratchOps
+from scratchfs.hardening import harden_process
+from scratchfs.store import BlobStore
+
+log = logging.getLogger("scratchfs.mount")
+
+# Exit codes (documented in README.md).
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_BACKING = 3
+EXIT_MOUNTPOINT = 4
+EXIT_NO_FUSE = 5
+EXIT_DAEMON = 6
+EXIT_NOT_MOUNTED = 7
+EXIT_CORRUPT = 8
+EXIT_BUSY = 9
+
+FSTYPE = "fuse.scratchfs"
+
+
+class MountError(Exception):
+    """A reason not to mount, with its exit code; the message is one line for the user."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class MountOptions:
+    """What `scratchfs mount` was asked to do."""
+
+    backing: Path
+    mountpoint: Path
+    block_size: int = blocks.DEFAULT_BLOCK_SIZE
+    allow_other: bool = False
+    debug: bool = False
+    strict: bool = False
+    attr_timeout: float = 1.0
+    writeback: bool = False
+    lock_memory: bool = True
+    pid_file: Path | None = None
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MountEntry:
+    """One line of /proc/self/mountinfo that matters to us."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+
+    @property
+    def daemon_pid(self) -> int | None:
+        """The serving daemon's PID, which we put in the mount's source name."""
+        prefix = "scratchfs-"
+        if self.fstype == FSTYPE and self.source.startswith(prefix) and self.source[len(prefix):].isdigit():
+            return int(self.source[len(prefix):])
+        return None
+
+
+def _unescape(field_text: str) -> str:
+    return field_text.encode().decode("unicode_escape")
+
+
+def find_mount(path: Path) -> MountEntry | None:
+    """The mount whose mount point is exactly *path*, if any (last one wins, as the kernel does)."""
+    target = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            if _unescape(parts[4]) == target:
+                found = MountEntry(target, parts[sep + 1], _unescape(parts[sep + 2]))
+    return found
+
+
+def check_fuse_available() -> None:
+    """MountError(EXIT_NO_FUSE) if this machine cannot mount FUSE filesystems."""
+    if not os.path.exists("/dev/fuse"):
+        raise MountError(EXIT_NO_FUSE, "/dev/fuse is missing; load the fuse module (modprobe fuse) or run where FUSE is available")
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise MountError(EXIT_NO_FUSE, "fusermount3 is missing; install the fuse3 package")
+
+
+def check_mountpoint(path: Path) -> None:
+    """MountError(EXIT_MOUNTPOINT) unless *path* is an existing, empty, unmounted directory."""
+    try:
+        entries = os.listdir(path)
+    except FileNotFoundError:
+        raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} does not exist; create an empty directory") from None
+    except NotADirectoryError:
+        raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is not a directory; give an empty directory") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(EXIT_MOUNTPOINT, f"{path} is a stale mount of a daemon that died; run 'scratchfs umount {path}' first") from None
+        raise MountError(EXIT_MOUNTPOINT, f"cannot read mountpoint {path}: {e.strerror}") from None
+    if find_mount(path) is not None:
+        raise MountError(EXIT_MOUNTPOINT, f"{path} is already mounted; unmount it first or choose another directory")
+    if entries:
+        raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is not empty (found {sorted(entries)[0]!r}); use an empty directory")
+
+
+def prepare(opts: MountOptions) -> BlobStore:
+    """All checks before mounting, in the order a user would fix them. Touches nothing on failure."""
+    check_fuse_available()
+    if os.path.realpath(opts.backing) == os.path.realpath(opts.mountpoint):
+        raise MountError(EXIT_USAGE, "backing directory and mountpoint must be different directories")
+    check_mountpoint(opts.mountpoint)
+    try:
+        return BlobStore.open(opts.backing)
+    except StoreError as e:
+        raise MountError(EXIT_BACKING, str(e)) from None
+
+
+def _fuse_options(opts: MountOptions) -> set[str]:
+    fuse_opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks access
+    # The source name carries our PID so that `scratchfs umount` can wait for this daemon.
+    fuse_opts |= {f"fsname=scratchfs-{os.getpid()}", "subtype=scratchfs"}
+    if opts.allow_other:
+        fuse_opts.add("allow_other")
+    return fuse_opts
+
+
+async def _serve_until_done(ops: ScratchOps) -> None:
+    """Run the FUSE loop until the mount goes away or we are told to stop."""
+    async with trio.open_nursery() as nursery:
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    log.info("event=signal signal=%s action=unmount", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(on_signals)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None = None) -> int:
+    """Mount and serve until unmounted or signalled; always shred keys and blobs afterwards."""
+    harden_process(lock_memory=opts.lock_memory)
+    ops = ScratchOps(store, opts.block_size, debug=opts.debug, strict=opts.strict, attr_timeout=opts.attr_timeout)
+    ops.enable_writeback_cache = opts.writeback
+    try:
+        pyfuse3.init(ops, str(opts.mountpoint), _fuse_options(opts))
+    except RuntimeError as e:
+        store.close()
+        raise MountError(EXIT_DAEMON, f"the kernel refused the mount ({e}); check /dev/fuse permissions and mount options") from None
+    log.info(
+        "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d",
+        opts.mountpoint, opts.backing, opts.block_size, os.getpid(),
+    )
+    try:
+        if opts.pid_file is not None:
+            opts.pid_file.write_text(f"{os.getpid()}\n")
+        if ready is not None:
+            ready()
+        trio.run(_serve_until_done, ops)
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception as e:  # noqa: BLE001 - the mount may already be gone; shredding must still run
+            log.info("event=close_after_unmount detail=%s", type(e).__name__)
+        shredded = ops.destroy_all()
+        store.close()
+        log.info("event=unmounted mountpoint=%s files_shredded=%d", opts.mountpoint, shredded)
+    return EXIT_INTERNAL if ops.internal_errors else EXIT_OK
+
+
+# --- daemon start-up (CLI side) -----------------------------------------------------------------
+def spawn_daemon(argv: list[str], log_file: Path | None, timeout: float = 30.0) -> tuple[int, str]:
+    """Start `python -m scratchfs mount ... --foreground --ready-fd N` detached; wait for its word.
+
+    Returns (exit code, message). The daemon writes "ok" once the mount is live or
+    "err CODE MESSAGE" if it cannot mount; silence until EOF means it died.
+    """
+    read_fd, write_fd = os.pipe()
+    if log_file is not None:
+        stderr: int = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    else:
+        stderr = subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scratchfs", *argv, "--foreground", "--ready-fd", str(write_fd)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+            pass_fds=(write_fd,), start_new_session=True, close_fds=True,
+        )
+    finally:
+        os.close(write_fd)
+        if log_file is not None:
+            os.close(stderr)
+    deadline = time.monotonic() + timeout
+    chunks = b""
+    try:
+        with os.fdopen(read_fd, "rb") as pipe:
+            os.set_blocking(pipe.fileno(), True)
+            while time.monotonic() < deadline and not chunks.endswith(b"\n"):
+                chunk = pipe.read1(4096) if hasattr(pipe, "read1") else pipe.read(4096)
+                if not chunk:
+                    break
+                chunks += chunk
+    except OSError:
+        pass
+    word = chunks.decode(errors="replace").strip()
+    if word == "ok":
+        return EXIT_OK, ""
+    if word.startswith("err "):
+        _, code, message = word.split(" ", 2)
+        proc.wait(timeout=10)
+        return int(code), message
+    try:
+        rc = proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+    where = f"; see {log_file}" if log_file else "; run with --foreground to see why"
+    return EXIT_DAEMON, f"the daemon exited (status {rc}) before the mount was live{where}"

@@ -1,0 +1,160 @@
+"""The backing blob store: a directory holding a marker file and opaque blobs, nothing else.
+
+Blob names are 128-bit random ids in hex. The marker file identifies the directory as a
+scratchfs store so that we never wipe a directory that belongs to someone else.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from scratchfs.errors import StoreError
+
+log = logging.getLogger("scratchfs.store")
+
+MARKER_NAME = ".scratchfs"
+MARKER_MAGIC = b"scratchfs-store"
+MARKER_VERSION = 1
+MARKER_MAX_BYTES = 256
+BLOB_NAME_LEN = 32
+
+
+def marker_bytes() -> bytes:
+    """The marker file's content (no secret: it only says what the directory is)."""
+    return b"%s v%d\n" % (MARKER_MAGIC, MARKER_VERSION)
+
+
+def parse_marker(data: bytes) -> int:
+    """Parse a marker file's bytes; returns the format version or raises ValueError."""
+    if len(data) > MARKER_MAX_BYTES:
+        raise ValueError("marker file too large")
+    line = data.split(b"\n", 1)[0].strip()
+    magic, _, version = line.partition(b" ")
+    if magic != MARKER_MAGIC or not version.startswith(b"v") or not version[1:].isdigit():
+        raise ValueError("not a scratchfs marker")
+    number = int(version[1:])
+    if number != MARKER_VERSION:
+        raise ValueError(f"unsupported store format v{number}")
+    return number
+
+
+def is_blob_name(name: str) -> bool:
+    """True for names this module generates for blobs."""
+    return len(name) == BLOB_NAME_LEN and all(c in "0123456789abcdef" for c in name)
+
+
+class BlobStore:
+    """A validated backing directory. Open with `BlobStore.open(path)`."""
+
+    def __init__(self, root: Path, dir_fd: int) -> None:
+        self.root = root
+        self._dir_fd = dir_fd
+
+    @classmethod
+    def open(cls, root: Path) -> BlobStore:
+        """Validate *root*, claim it (marker) if empty, and wipe blobs a crashed daemon left.
+
+        Raises StoreError (touching nothing) if the directory is missing, not a directory, or
+        holds anything that is not ours.
+        """
+        try:
+            st = os.stat(root)
+        except FileNotFoundError:
+            raise StoreError(f"{root} does not exist; create an empty directory for the store") from None
+        except OSError as e:
+            raise StoreError(f"cannot access {root}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{root} is not a directory; give an empty directory for the store")
+        try:
+            names = os.listdir(root)
+        except OSError as e:
+            raise StoreError(f"cannot read {root}: {e.strerror}") from None
+        foreign = [n for n in names if n != MARKER_NAME and not is_blob_name(n)]
+        if foreign:
+            raise StoreError(
+                f"{root} holds files that are not a scratchfs store (found {sorted(foreign)[0]!r}); "
+                "use an empty directory"
+            )
+        if names and MARKER_NAME not in names:
+            raise StoreError(f"{root} holds blob-like files but no {MARKER_NAME} marker; use an empty directory")
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        store = cls(root, dir_fd)
+        if MARKER_NAME in names:
+            store._check_marker()
+        else:
+            store._write_marker()
+        leftovers = store.wipe_all()
+        if leftovers:
+            log.info("event=wipe_leftovers count=%d reason=previous_daemon_did_not_clean_up", leftovers)
+        return store
+
+    def _check_marker(self) -> None:
+        try:
+            fd = os.open(MARKER_NAME, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self._dir_fd)
+            try:
+                data = os.read(fd, MARKER_MAX_BYTES + 1)
+            finally:
+                os.close(fd)
+            parse_marker(data)
+        except (OSError, ValueError) as e:
+            os.close(self._dir_fd)
+            raise StoreError(f"{self.root}/{MARKER_NAME} is not a valid scratchfs marker ({e}); use an empty directory") from None
+
+    def _write_marker(self) -> None:
+        fd = os.open(MARKER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=self._dir_fd)
+        try:
+            os.write(fd, marker_bytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def new_blob(self) -> tuple[bytes, int]:
+        """Create an empty blob with a fresh random id; returns (id, read-write fd)."""
+        while True:
+            blob_id = secrets.token_bytes(16)
+            try:
+                fd = os.open(blob_id.hex(), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+            except FileExistsError:
+                continue
+            return blob_id, fd
+
+    def open_blob(self, blob_id: bytes) -> int:
+        """Open an existing blob read-write (EIO if it vanished: someone deleted it)."""
+        try:
+            return os.open(blob_id.hex(), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            raise OSError(errno.EIO, "blob missing from the backing store") from None
+
+    def remove_blob(self, blob_id: bytes) -> None:
+        """Delete a blob (already crypto-shredded by dropping its key)."""
+        try:
+            os.unlink(blob_id.hex(), dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            pass
+
+    def wipe_all(self) -> int:
+        """Delete every blob in the store; returns how many there were."""
+        count = 0
+        for name in os.listdir(self._dir_fd):
+            if is_blob_name(name):
+                try:
+                    os.unlink(name, dir_fd=self._dir_fd)
+                    count += 1
+                except FileNotFoundError:
+                    pass
+        return count
+
+    def statvfs(self) -> os.statvfs_result:
+        """statvfs of the backing filesystem."""
+        return os.statvfs(self._dir_fd)
+
+    def close(self) -> None:
+        """Release the directory handle."""
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1

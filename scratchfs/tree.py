@@ -1,0 +1,412 @@
+"""The in-memory namespace: inodes, directories, links, lookup and open counts. Pure logic.
+
+Nothing here touches files or FUSE. Operations raise FsError(errno); the FUSE layer translates.
+An inode is dropped only when it has no name (nlink 0), the kernel holds no reference to it
+(lookups 0) and no handle is open (opens 0); the caller is then told so it can destroy the
+file's key and remove its blob.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import stat
+import time
+from collections.abc import Iterator
+from typing import Any
+
+ROOT_INO = 1
+NAME_MAX = 255
+PATH_MAX = 4096
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+from scratchfs.errors import FsError  # noqa: E402
+
+
+class Directory:
+    """A directory's entries with readdir cookies that stay valid under modification.
+
+    Each entry gets a cookie from a per-directory counter when it is added; a listing resumed
+    at cookie *c* returns exactly the live entries with a larger cookie, so an entry that was
+    neither added nor removed is returned exactly once however the directory changes.
+    """
+
+    __slots__ = ("_by_cookie", "_cookies", "_dead", "_entries", "_next_cookie")
+
+    FIRST_COOKIE = 3  # 1 and 2 are "." and ".."
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, tuple[int, int]] = {}
+        self._by_cookie: dict[int, bytes] = {}
+        self._cookies: list[int] = []
+        self._next_cookie = self.FIRST_COOKIE
+        self._dead = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: bytes) -> int | None:
+        """The inode number for *name*, or None."""
+        entry = self._entries.get(name)
+        return entry[0] if entry else None
+
+    def add(self, name: bytes, ino: int) -> None:
+        """Add a new entry (the caller checked that *name* is free)."""
+        cookie = self._next_cookie
+        self._next_cookie += 1
+        self._entries[name] = (ino, cookie)
+        self._by_cookie[cookie] = name
+        self._cookies.append(cookie)
+
+    def replace(self, name: bytes, ino: int) -> None:
+        """Point an existing entry at another inode, keeping its cookie (rename over, exchange)."""
+        _, cookie = self._entries[name]
+        self._entries[name] = (ino, cookie)
+
+    def remove(self, name: bytes) -> int:
+        """Remove *name*; returns the inode number it pointed to."""
+        ino, cookie = self._entries.pop(name)
+        del self._by_cookie[cookie]
+        self._dead += 1
+        if self._dead > 64 and self._dead > len(self._cookies) // 2:
+            self._cookies = [c for c in self._cookies if c in self._by_cookie]
+            self._dead = 0
+        return ino
+
+    def entries_after(self, cookie: int) -> Iterator[tuple[int, bytes, int]]:
+        """Yield (cookie, name, ino) for live entries with a cookie greater than *cookie*."""
+        cookies = self._cookies
+        pos = bisect.bisect_right(cookies, cookie)
+        while pos < len(cookies):
+            c = cookies[pos]
+            pos += 1
+            name = self._by_cookie.get(c)
+            if name is not None:
+                entry = self._entries.get(name)
+                if entry is not None and entry[1] == c:
+                    yield c, name, entry[0]
+
+    def names(self) -> list[bytes]:
+        """All names, in creation order."""
+        return list(self._entries)
+
+
+class Inode:
+    """One file, directory or symlink. `content` is opaque here (the content engine's object)."""
+
+    __slots__ = (
+        "atime_ns", "content", "ctime_ns", "directory", "gid", "ino", "lookups", "mode", "mtime_ns",
+        "name_hint", "nlink", "opens", "rdev", "target", "uid", "xattrs",
+    )
+
+    def __init__(self, ino: int, mode: int, uid: int, gid: int, now_ns: int) -> None:
+        self.ino = ino
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.nlink = 0
+        self.rdev = 0
+        self.atime_ns = self.mtime_ns = self.ctime_ns = now_ns
+        self.xattrs: dict[bytes, bytes] | None = None
+        self.directory: Directory | None = Directory() if stat.S_ISDIR(mode) else None
+        self.target: bytes | None = None
+        self.content: Any = None
+        self.lookups = 0
+        self.opens = 0
+        # (parent ino, name) of one of this inode's names, for log lines only.
+        self.name_hint: tuple[int, bytes] = (0, b"")
+
+    @property
+    def is_dir(self) -> bool:
+        return self.directory is not None
+
+    def __repr__(self) -> str:
+        return f"<Inode ino={self.ino} mode={self.mode:o} nlink={self.nlink}>"
+
+
+def now_ns() -> int:
+    """The current time in nanoseconds (the namespace's clock)."""
+    return time.time_ns()
+
+
+def check_name(name: bytes) -> None:
+    """Reject names no POSIX filesystem accepts."""
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or name in (b".", b".."):
+        raise FsError(errno.EINVAL)
+
+
+class Namespace:
+    """The inode table and every namespace operation."""
+
+    def __init__(self, root_uid: int = 0, root_gid: int = 0, root_mode: int = 0o755) -> None:
+        self._inodes: dict[int, Inode] = {}
+        self._next_ino = ROOT_INO
+        root = self._new(stat.S_IFDIR | root_mode, root_uid, root_gid)
+        root.nlink = 2
+        root.name_hint = (ROOT_INO, b"")
+        root.lookups = 1  # the kernel's reference to the root never goes away
+
+    # --- inode table -------------------------------------------------------------------------
+    def _new(self, mode: int, uid: int, gid: int) -> Inode:
+        ino = self._next_ino
+        self._next_ino += 1
+        node = Inode(ino, mode, uid, gid, now_ns())
+        self._inodes[ino] = node
+        return node
+
+    def __len__(self) -> int:
+        return len(self._inodes)
+
+    def get(self, ino: int) -> Inode:
+        """The inode *ino*; ENOENT if it does not exist (any more)."""
+        node = self._inodes.get(ino)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        return node
+
+    def all_inodes(self) -> list[Inode]:
+        """Every inode (for teardown)."""
+        return list(self._inodes.values())
+
+    def directory(self, ino: int) -> tuple[Inode, Directory]:
+        """The inode *ino* as a directory; ENOTDIR otherwise."""
+        node = self.get(ino)
+        if node.directory is None:
+            raise FsError(errno.ENOTDIR)
+        return node, node.directory
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        """Resolve *name* in *parent* (no lookup-count change)."""
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        pnode, d = self.directory(parent)
+        if name == b".":
+            return pnode
+        if name == b"..":
+            return self.get(pnode.name_hint[0] or ROOT_INO)
+        ino = d.get(name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return self._inodes[ino]
+
+    def path_of(self, node: Inode) -> str:
+        """A best-effort path of *node* inside the mount, for log lines."""
+        parts: list[bytes] = []
+        seen = 0
+        cur = node
+        while cur.ino != ROOT_INO and seen < 256:
+            parent, name = cur.name_hint
+            if not parent:
+                return "<unlinked>/" + b"/".join(reversed(parts)).decode(errors="replace")
+            parts.append(name)
+            nxt = self._inodes.get(parent)
+            if nxt is None:
+                break
+            cur = nxt
+            seen += 1
+        return "/" + b"/".join(reversed(parts)).decode(errors="replace")
+
+    # --- creation ------------------------------------------------------------------------------
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, target: bytes | None = None) -> Inode:
+        """Create a file, directory, symlink or special node *name* in *parent*."""
+        check_name(name)
+        pnode, d = self.directory(parent)
+        if d.get(name) is not None:
+            raise FsError(errno.EEXIST)
+        if target is not None and len(target) >= PATH_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if pnode.mode & stat.S_ISGID:
+            gid = pnode.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        node = self._new(mode, uid, gid)
+        node.target = target
+        node.nlink = 2 if node.is_dir else 1
+        if node.is_dir:
+            pnode.nlink += 1
+        d.add(name, node.ino)
+        node.name_hint = (parent, name)
+        self._touch_dir(pnode)
+        return node
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
+        """Add a hard link to a non-directory."""
+        check_name(new_name)
+        node = self.get(ino)
+        if node.is_dir:
+            raise FsError(errno.EPERM)
+        pnode, d = self.directory(new_parent)
+        if d.get(new_name) is not None:
+            raise FsError(errno.EEXIST)
+        if node.nlink == 0:
+            raise FsError(errno.ENOENT)
+        d.add(new_name, node.ino)
+        node.nlink += 1
+        node.ctime_ns = now_ns()
+        if node.name_hint[0] == 0:
+            node.name_hint = (new_parent, new_name)
+        self._touch_dir(pnode)
+        return node
+
+    # --- removal -------------------------------------------------------------------------------
+    def unlink(self, parent: int, name: bytes) -> Inode:
+        """Remove a non-directory name; returns the inode (maybe now nameless)."""
+        pnode, d = self.directory(parent)
+        node = self.lookup(parent, name)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        d.remove(name)
+        self._drop_name(node, parent, name)
+        self._touch_dir(pnode)
+        return node
+
+    def rmdir(self, parent: int, name: bytes) -> Inode:
+        """Remove an empty directory."""
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        if name == b"..":
+            raise FsError(errno.ENOTEMPTY)
+        pnode, d = self.directory(parent)
+        node = self.lookup(parent, name)
+        if node.directory is None:
+            raise FsError(errno.ENOTDIR)
+        if len(node.directory):
+            raise FsError(errno.ENOTEMPTY)
+        d.remove(name)
+        node.nlink = 0
+        node.name_hint = (0, name)
+        node.ctime_ns = now_ns()
+        pnode.nlink -= 1
+        self._touch_dir(pnode)
+        return node
+
+    def _drop_name(self, node: Inode, parent: int, name: bytes) -> None:
+        node.nlink -= 1
+        node.ctime_ns = now_ns()
+        if node.name_hint == (parent, name):
+            node.name_hint = self._find_other_name(node) if node.nlink else (0, name)
+
+    def _find_other_name(self, node: Inode) -> tuple[int, bytes]:
+        # Only used for log paths after a hard link's primary name goes; a bounded search.
+        for other in list(self._inodes.values())[:10000]:
+            if other.directory is not None:
+                for n in other.directory.names():
+                    if other.directory.get(n) == node.ino:
+                        return (other.ino, n)
+        return (0, b"")
+
+    # --- rename --------------------------------------------------------------------------------
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> Inode | None:
+        """rename(2)/renameat2(2). Returns an inode that lost its last name (to be released), if any."""
+        check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FsError(errno.EINVAL)
+        op_node, od = self.directory(old_parent)
+        np_node, nd = self.directory(new_parent)
+        node = self.lookup(old_parent, old_name)
+        if old_name in (b".", b".."):
+            raise FsError(errno.EINVAL)
+        target_ino = nd.get(new_name)
+        target = self._inodes[target_ino] if target_ino is not None else None
+
+        if flags & RENAME_EXCHANGE:
+            if target is None:
+                raise FsError(errno.ENOENT)
+            if node is target:
+                return None
+            if node.is_dir:
+                self._check_not_ancestor(node, new_parent)
+            if target.is_dir:
+                self._check_not_ancestor(target, old_parent)
+            od.replace(old_name, target.ino)
+            nd.replace(new_name, node.ino)
+            if node.is_dir != target.is_dir and old_parent != new_parent:
+                delta = 1 if node.is_dir else -1
+                op_node.nlink -= delta
+                np_node.nlink += delta
+            self._rehint(node, (old_parent, old_name), (new_parent, new_name))
+            self._rehint(target, (new_parent, new_name), (old_parent, old_name))
+            t = now_ns()
+            node.ctime_ns = target.ctime_ns = t
+            self._touch_dir(op_node, t)
+            self._touch_dir(np_node, t)
+            return None
+
+        if target is not None and flags & RENAME_NOREPLACE:
+            raise FsError(errno.EEXIST)
+        if target is node:
+            return None  # POSIX: renaming a name onto another link of the same inode does nothing
+        if node.is_dir:
+            self._check_not_ancestor(node, new_parent)
+        released: Inode | None = None
+        if target is not None:
+            if target.directory is not None:
+                if not node.is_dir:
+                    raise FsError(errno.EISDIR)
+                if len(target.directory):
+                    raise FsError(errno.ENOTEMPTY)
+            elif node.is_dir:
+                raise FsError(errno.ENOTDIR)
+            nd.remove(new_name)
+            if target.directory is not None:
+                target.nlink = 0
+                np_node.nlink -= 1
+                target.name_hint = (0, new_name)
+                target.ctime_ns = now_ns()
+            else:
+                self._drop_name(target, new_parent, new_name)
+            released = target
+        od.remove(old_name)
+        nd.add(new_name, node.ino)
+        if node.is_dir and old_parent != new_parent:
+            op_node.nlink -= 1
+            np_node.nlink += 1
+        self._rehint(node, (old_parent, old_name), (new_parent, new_name))
+        t = now_ns()
+        node.ctime_ns = t
+        self._touch_dir(op_node, t)
+        self._touch_dir(np_node, t)
+        return released
+
+    def _rehint(self, node: Inode, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
+        if node.name_hint == old or node.is_dir or node.name_hint[0] == 0:
+            node.name_hint = new
+
+    def _check_not_ancestor(self, node: Inode, new_parent: int) -> None:
+        """EINVAL if moving directory *node* under *new_parent* would make it its own ancestor."""
+        cur = new_parent
+        for _ in range(100000):
+            if cur == node.ino:
+                raise FsError(errno.EINVAL)
+            if cur == ROOT_INO:
+                return
+            cur = self.get(cur).name_hint[0] or ROOT_INO
+
+    # --- reference counting --------------------------------------------------------------------
+    def remember(self, node: Inode) -> None:
+        """The kernel learned about *node* (lookup, create, readdirplus entry)."""
+        node.lookups += 1
+
+    def forget(self, ino: int, count: int) -> Inode | None:
+        """The kernel dropped *count* references; returns the inode if it is now unused."""
+        node = self._inodes.get(ino)
+        if node is None:
+            return None
+        node.lookups = max(0, node.lookups - count)
+        return self.release_if_unused(node)
+
+    def release_if_unused(self, node: Inode) -> Inode | None:
+        """Drop *node* from the table if nothing refers to it any more; returns it if dropped."""
+        if node.ino != ROOT_INO and node.nlink == 0 and node.lookups == 0 and node.opens == 0:
+            self._inodes.pop(node.ino, None)
+            return node
+        return None
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _touch_dir(self, node: Inode, t: int | None = None) -> None:
+        node.mtime_ns = node.ctime_ns = t if t is not None else now_ns()

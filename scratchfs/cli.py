@@ -64,8 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
     m.add_argument("--debug", action="store_true", dest="debug_mount", help="log every FUSE request")
-    m.add_argument("--allow-other", action="store_true", help="let other users reach the mount (kernel permission checks stay on)")
-    m.add_argument("--block-size", type=_block_size, default=blocks.DEFAULT_BLOCK_SIZE, help="plaintext block size in bytes (power of two, 512..1048576)")
+    m.add_argument(
+        "--allow-other", action="store_true", help="let other users reach the mount (kernel permission checks stay on)"
+    )
+    m.add_argument(
+        "--block-size",
+        type=_block_size,
+        default=blocks.DEFAULT_BLOCK_SIZE,
+        help="plaintext block size in bytes (power of two, 512..1048576)",
+    )
     m.add_argument("--writeback-cache", action="store_true", help="let the kernel batch writes in its page cache")
     m.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel may cache attributes")
     m.add_argument("--strict", action="store_true", help="exit non-zero if any internal error happened (tests)")
@@ -81,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="read every file through the mount and report corrupted blocks")
     v.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
 
+    import importlib
+
     try:
-        from scratchfs.volume import cli as volume_cli
+        volume_cli = importlib.import_module("scratchfs.volume.cli")
     except ImportError:
-        volume_cli = None  # type: ignore[assignment]
+        volume_cli = None
     if volume_cli is not None and hasattr(volume_cli, "register"):
         vol = sub.add_parser("volume", help="LUKS2 volumes for the backing store")
         vol_sub = vol.add_subparsers(dest="volume_command", parser_class=_Parser)
@@ -111,9 +120,15 @@ def _setup_logging(level: int, log_file: Path | None, daemon: bool) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     """`scratchfs mount`: daemonize (default) or serve in the foreground."""
     opts = MountOptions(
-        backing=args.backing.absolute(), mountpoint=args.mountpoint.absolute(), block_size=args.block_size,
-        allow_other=args.allow_other, debug=args.debug_mount or args.debug, strict=args.strict,
-        attr_timeout=args.attr_timeout, writeback=args.writeback_cache, lock_memory=not args.no_mlock,
+        backing=args.backing.absolute(),
+        mountpoint=args.mountpoint.absolute(),
+        block_size=args.block_size,
+        allow_other=args.allow_other,
+        debug=args.debug_mount or args.debug,
+        strict=args.strict,
+        attr_timeout=args.attr_timeout,
+        writeback=args.writeback_cache,
+        lock_memory=not args.no_mlock,
         pid_file=args.pid_file.absolute() if args.pid_file else None,
     )
     if not args.foreground:
@@ -171,7 +186,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0 and os.geteuid() == 0:
         # fusermount3 refuses mounts it did not make for another user; root can use umount2.
-        result = subprocess.run(["umount", *(["-l"] if stale else []), str(path)], capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            ["umount", *(["-l"] if stale else []), str(path)], capture_output=True, text=True, check=False
+        )
     if result.returncode != 0:
         detail = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
         if "busy" in detail.lower():
@@ -183,7 +200,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
         while _pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         if _pid_alive(pid):
-            raise MountError(EXIT_BUSY, f"unmounted {path} but daemon {pid} is still shredding after {args.timeout:.0f}s; wait and check")
+            raise MountError(
+                EXIT_BUSY,
+                f"unmounted {path} but daemon {pid} is still shredding after {args.timeout:.0f}s; wait and check",
+            )
     return EXIT_OK
 
 
@@ -231,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - last resort: one line, traceback only with --debug
+    except Exception as e:
         if debug:
             raise
         logging.getLogger("scratchfs").debug("unexpected", exc_info=True)

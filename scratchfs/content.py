@@ -22,7 +22,18 @@ from scratchfs.store import BlobStore
 class FileContent:
     """The content of one regular file."""
 
-    __slots__ = ("allocated", "blob_id", "blob_len", "block_size", "fd", "key", "next_version", "size", "store", "versions")
+    __slots__ = (
+        "allocated",
+        "blob_id",
+        "blob_len",
+        "block_size",
+        "fd",
+        "key",
+        "next_version",
+        "size",
+        "store",
+        "versions",
+    )
 
     def __init__(self, store: BlobStore, block_size: int) -> None:
         self.store = store

@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -56,7 +56,7 @@ def _redact(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(a for a in out if not isinstance(a, pyfuse3.RequestContext | pyfuse3.ReaddirToken))
 
 
-def handler(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Wrap a FUSE handler: debug log, and translate exceptions to errno replies once."""
     name = fn.__name__
 
@@ -183,7 +183,10 @@ class ScratchOps(pyfuse3.Operations):
     def _integrity(self, node: Inode, e: IntegrityError) -> FsError:
         log.warning(
             "event=integrity_failure path=%s ino=%d block=%s reason=%s",
-            self.ns.path_of(node), node.ino, "-" if e.block is None else e.block, e.reason,
+            self.ns.path_of(node),
+            node.ino,
+            "-" if e.block is None else e.block,
+            e.reason,
         )
         return FsError(errno.EIO)
 
@@ -219,7 +222,9 @@ class ScratchOps(pyfuse3.Operations):
         self.store.wipe_all()
         return count
 
-    def _new_node(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, target: bytes | None = None) -> Inode:
+    def _new_node(
+        self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, target: bytes | None = None
+    ) -> Inode:
         node = self.ns.create(parent, name, mode, ctx.uid, ctx.gid, target)
         if stat.S_ISREG(mode):
             node.content = FileContent(self.store, self.block_size)
@@ -244,8 +249,12 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def setattr(
-        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-        fh: int | None, ctx: pyfuse3.RequestContext,
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self.ns.get(inode)
         t = now_ns()
@@ -284,21 +293,29 @@ class ScratchOps(pyfuse3.Operations):
         return node.target
 
     @handler
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         node = self._new_node(parent_inode, name, mode, ctx)
         node.rdev = rdev
         return self._attrs(node)
 
     @handler
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._attrs(self._new_node(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
 
     @handler
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._attrs(self._new_node(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target))
 
     @handler
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         node = self.ns.link(inode, new_parent_inode, new_name)
         self.ns.remember(node)
         return self._attrs(node)
@@ -315,8 +332,13 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def rename(
-        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-        flags: int, ctx: pyfuse3.RequestContext,
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
     ) -> None:
         released = self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
         if released is not None:
@@ -482,7 +504,7 @@ class ScratchOps(pyfuse3.Operations):
         return node.xattrs[name]
 
     @handler
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         node = self.ns.get(inode)
         return list(node.xattrs) if node.xattrs else []
 

@@ -82,8 +82,8 @@ class MountEntry:
     def daemon_pid(self) -> int | None:
         """The serving daemon's PID, which we put in the mount's source name."""
         prefix = "scratchfs-"
-        if self.fstype == FSTYPE and self.source.startswith(prefix) and self.source[len(prefix):].isdigit():
-            return int(self.source[len(prefix):])
+        if self.fstype == FSTYPE and self.source.startswith(prefix) and self.source[len(prefix) :].isdigit():
+            return int(self.source[len(prefix) :])
         return None
 
 
@@ -107,7 +107,9 @@ def find_mount(path: Path) -> MountEntry | None:
 def check_fuse_available() -> None:
     """MountError(EXIT_NO_FUSE) if this machine cannot mount FUSE filesystems."""
     if not os.path.exists("/dev/fuse"):
-        raise MountError(EXIT_NO_FUSE, "/dev/fuse is missing; load the fuse module (modprobe fuse) or run where FUSE is available")
+        raise MountError(
+            EXIT_NO_FUSE, "/dev/fuse is missing; load the fuse module (modprobe fuse) or run where FUSE is available"
+        )
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise MountError(EXIT_NO_FUSE, "fusermount3 is missing; install the fuse3 package")
 
@@ -122,12 +124,16 @@ def check_mountpoint(path: Path) -> None:
         raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is not a directory; give an empty directory") from None
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise MountError(EXIT_MOUNTPOINT, f"{path} is a stale mount of a daemon that died; run 'scratchfs umount {path}' first") from None
+            raise MountError(
+                EXIT_MOUNTPOINT, f"{path} is a stale mount of a daemon that died; run 'scratchfs umount {path}' first"
+            ) from None
         raise MountError(EXIT_MOUNTPOINT, f"cannot read mountpoint {path}: {e.strerror}") from None
     if find_mount(path) is not None:
         raise MountError(EXIT_MOUNTPOINT, f"{path} is already mounted; unmount it first or choose another directory")
     if entries:
-        raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is not empty (found {sorted(entries)[0]!r}); use an empty directory")
+        raise MountError(
+            EXIT_MOUNTPOINT, f"mountpoint {path} is not empty (found {sorted(entries)[0]!r}); use an empty directory"
+        )
 
 
 def prepare(opts: MountOptions) -> BlobStore:
@@ -154,6 +160,7 @@ def _fuse_options(opts: MountOptions) -> set[str]:
 async def _serve_until_done(ops: ScratchOps) -> None:
     """Run the FUSE loop until the mount goes away or we are told to stop."""
     async with trio.open_nursery() as nursery:
+
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
@@ -175,10 +182,15 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         pyfuse3.init(ops, str(opts.mountpoint), _fuse_options(opts))
     except RuntimeError as e:
         store.close()
-        raise MountError(EXIT_DAEMON, f"the kernel refused the mount ({e}); check /dev/fuse permissions and mount options") from None
+        raise MountError(
+            EXIT_DAEMON, f"the kernel refused the mount ({e}); check /dev/fuse permissions and mount options"
+        ) from None
     log.info(
         "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d",
-        opts.mountpoint, opts.backing, opts.block_size, os.getpid(),
+        opts.mountpoint,
+        opts.backing,
+        opts.block_size,
+        os.getpid(),
     )
     try:
         if opts.pid_file is not None:
@@ -212,8 +224,12 @@ def spawn_daemon(argv: list[str], log_file: Path | None, timeout: float = 30.0) 
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "scratchfs", *argv, "--foreground", "--ready-fd", str(write_fd)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-            pass_fds=(write_fd,), start_new_session=True, close_fds=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            close_fds=True,
         )
     finally:
         os.close(write_fd)

@@ -103,7 +103,9 @@ class BlobStore:
             parse_marker(data)
         except (OSError, ValueError) as e:
             os.close(self._dir_fd)
-            raise StoreError(f"{self.root}/{MARKER_NAME} is not a valid scratchfs marker ({e}); use an empty directory") from None
+            raise StoreError(
+                f"{self.root}/{MARKER_NAME} is not a valid scratchfs marker ({e}); use an empty directory"
+            ) from None
 
     def _write_marker(self) -> None:
         fd = os.open(MARKER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=self._dir_fd)
@@ -118,7 +120,9 @@ class BlobStore:
         while True:
             blob_id = secrets.token_bytes(16)
             try:
-                fd = os.open(blob_id.hex(), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+                fd = os.open(
+                    blob_id.hex(), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd
+                )
             except FileExistsError:
                 continue
             return blob_id, fd

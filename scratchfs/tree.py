@@ -98,8 +98,22 @@ class Inode:
     """One file, directory or symlink. `content` is opaque here (the content engine's object)."""
 
     __slots__ = (
-        "atime_ns", "content", "ctime_ns", "directory", "gid", "ino", "lookups", "mode", "mtime_ns",
-        "name_hint", "nlink", "opens", "rdev", "target", "uid", "xattrs",
+        "atime_ns",
+        "content",
+        "ctime_ns",
+        "directory",
+        "gid",
+        "ino",
+        "lookups",
+        "mode",
+        "mtime_ns",
+        "name_hint",
+        "nlink",
+        "opens",
+        "rdev",
+        "target",
+        "uid",
+        "xattrs",
     )
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, now_ns: int) -> None:

@@ -58,8 +58,10 @@ def associated_data(blob_id: bytes, index: int, version: int) -> bytes:
     return _AAD.pack(FORMAT_TAG, blob_id, index, version)
 
 
-def seal_block(key: FileKey, blob_id: bytes, index: int, version: int, plaintext: bytes | memoryview) -> bytes:
-    """Encrypt one block's plaintext into its record."""
+def seal_block(
+    key: FileKey, blob_id: bytes, index: int, version: int, plaintext: bytes | memoryview
+) -> tuple[bytes, bytes]:
+    """Encrypt one block's plaintext into its record, as (nonce, ciphertext ‖ tag)."""
     return key.seal(version, plaintext, associated_data(blob_id, index, version))
 
 
@@ -80,3 +82,9 @@ def open_block(
 def is_zero(data: bytes | memoryview) -> bool:
     """True if every byte is zero (how a never-written region must look in the blob)."""
     return not any(data) if len(data) < 64 else bytes(data) == bytes(len(data))
+
+
+def seal_record(key: FileKey, blob_id: bytes, index: int, version: int, plaintext: bytes | memoryview) -> bytes:
+    """seal_block() as one contiguous record (for tools and tests; the write path uses pwritev)."""
+    nonce, body = seal_block(key, blob_id, index, version, plaintext)
+    return nonce + body

@@ -188,7 +188,7 @@ class FileContent:
         old_size = self.size
         new_size = max(old_size, end)
         fd = self.ensure_blob()
-        records: list[tuple[int, int, bytes]] = []
+        records: list[tuple[int, int, tuple[bytes, bytes]]] = []
         # Growing past a short last block: it must be re-sealed at its new, longer length.
         old_last = (old_size - 1) // bs if old_size else -1
         if old_size % bs and old_last < offset // bs:
@@ -238,7 +238,7 @@ class FileContent:
             return
         keep = blocks.block_count(new_size, bs)
         tail = new_size % bs
-        records: list[tuple[int, int, bytes]] = []
+        records: list[tuple[int, int, tuple[bytes, bytes]]] = []
         if tail and self._version(keep - 1):
             plain = self._read_blocks(keep - 1, keep - 1)[0][:tail]
             assert self.key is not None and self.blob_id is not None
@@ -264,7 +264,7 @@ class FileContent:
         plain_len = blocks.block_length(index, new_size, self.block_size)
         return not (offset <= bstart and end >= bstart + plain_len)
 
-    def _reseal_grown(self, index: int, old_size: int, new_size: int) -> tuple[int, int, bytes]:
+    def _reseal_grown(self, index: int, old_size: int, new_size: int) -> tuple[int, int, tuple[bytes, bytes]]:
         """Re-seal the old short last block *index*, zero-extended to its length at *new_size*."""
         new_len = blocks.block_length(index, new_size, self.block_size)
         if self._version(index):
@@ -277,7 +277,7 @@ class FileContent:
         record = blocks.seal_block(self.key, self.blob_id, index, version, plain)
         return index, version, record
 
-    def _write_records(self, fd: int, records: list[tuple[int, int, bytes]]) -> None:
+    def _write_records(self, fd: int, records: list[tuple[int, int, tuple[bytes, bytes]]]) -> None:
         """Write records, coalescing consecutive blocks; versions change only once a run landed.
 
         If the backing store fails (ENOSPC, EIO), blocks that were not rewritten keep their old
@@ -287,7 +287,7 @@ class FileContent:
             return
         bs = self.block_size
         records.sort(key=lambda r: r[0])
-        runs: list[list[tuple[int, int, bytes]]] = [[records[0]]]
+        runs: list[list[tuple[int, int, tuple[bytes, bytes]]]] = [[records[0]]]
         for rec in records[1:]:
             if rec[0] == runs[-1][-1][0] + 1:
                 runs[-1].append(rec)
@@ -295,10 +295,11 @@ class FileContent:
                 runs.append([rec])
         for run in runs:
             offset = blocks.record_offset(run[0][0], bs)
-            data = run[0][2] if len(run) == 1 else b"".join(r[2] for r in run)
+            buffers = [part for r in run for part in r[2]]
+            total = sum(len(b) for b in buffers)
             try:
-                written = os.pwrite(fd, data, offset)
-                if written != len(data):
+                written = os.pwritev(fd, buffers, offset)
+                if written != total:
                     raise OSError(28, "short write to the backing store")
             except OSError:
                 if os.fstat(fd).st_size > self.blob_len:
@@ -306,4 +307,4 @@ class FileContent:
                 raise
             for index, version, _ in run:
                 self._set_version(index, version)
-            self.blob_len = max(self.blob_len, offset + len(data))
+            self.blob_len = max(self.blob_len, offset + total)

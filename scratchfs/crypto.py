@@ -43,13 +43,17 @@ class FileKey:
         """True once destroy() ran: the key can no longer seal or open anything."""
         return self._aead is None
 
-    def seal(self, counter: int, plaintext: bytes | memoryview, aad: bytes) -> bytes:
-        """Encrypt *plaintext* under nonce = *counter*; returns nonce ‖ ciphertext ‖ tag."""
+    def seal(self, counter: int, plaintext: bytes | memoryview, aad: bytes) -> tuple[bytes, bytes]:
+        """Encrypt *plaintext* under nonce = *counter*; returns (nonce, ciphertext ‖ tag).
+
+        The two parts are returned separately so that writers can hand them to pwritev()
+        without concatenating (a copy that costs as much as the encryption itself).
+        """
         aead = self._require()
         if not 0 < counter <= MAX_COUNTER:
             raise ValueError("nonce counter out of range")
         nonce = counter.to_bytes(NONCE_BYTES, "big")
-        return nonce + aead.encrypt(nonce, plaintext, aad)
+        return nonce, aead.encrypt(nonce, plaintext, aad)
 
     def open(self, counter: int, record: bytes | memoryview, aad: bytes) -> bytes:
         """Authenticate and decrypt a record made by seal(); IntegrityError on any mismatch."""

@@ -28,6 +28,7 @@ from scratchfs.volume.errors import (
     ImageAccessError,
     KeyInputError,
     NotOpenError,
+    UsageError,
     VolumeError,
 )
 from scratchfs.volume.libcryptsetup import (
@@ -104,7 +105,7 @@ def format_volume(
     chosen = pick_backend(backend)
     image = Path(os.path.abspath(image))
     if size < MIN_VOLUME_SIZE or size % sector_size:
-        raise VolumeError(
+        raise UsageError(
             f"size {size} is too small or not a multiple of {sector_size}; "
             f"use at least {MIN_VOLUME_SIZE // (1024 * 1024)}M"
         )
@@ -181,9 +182,11 @@ def _check_mountpoint(mountpoint: Path) -> None:
     try:
         st = os.stat(mountpoint)
     except FileNotFoundError:
-        raise VolumeError(f"mountpoint {mountpoint} does not exist; create the directory") from None
+        raise ImageAccessError(
+            f"mountpoint {mountpoint} does not exist; create the directory"
+        ) from None
     if not stat.S_ISDIR(st.st_mode):
-        raise VolumeError(f"mountpoint {mountpoint} is not a directory; give a directory")
+        raise ImageAccessError(f"mountpoint {mountpoint} is not a directory; give a directory")
     if is_mounted(mountpoint):
         raise BusyError(f"{mountpoint} is already a mount point; close or unmount it first")
 

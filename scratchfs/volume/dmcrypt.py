@@ -21,16 +21,34 @@ log = logging.getLogger(__name__)
 DM_CONTROL = Path("/dev/mapper/control")
 
 
+def device_mapper_problem() -> str | None:
+    """Why device-mapper cannot be used here, or None if it can.
+
+    The node alone proves nothing: libdevmapper (run by any cryptsetup command) creates
+    /dev/mapper/control even when the kernel has no device-mapper, and opening it then
+    fails with ENODEV. So we open it.
+    """
+    if not DM_CONTROL.exists():
+        return f"{DM_CONTROL} is missing"
+    try:
+        fd = os.open(DM_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"{DM_CONTROL} cannot be opened ({e.strerror})"
+    os.close(fd)
+    return None
+
+
 def available() -> bool:
     """True if device-mapper and cryptsetup are usable here."""
-    return DM_CONTROL.exists() and shutil.which("cryptsetup") is not None
+    return device_mapper_problem() is None and shutil.which("cryptsetup") is not None
 
 
 def require() -> None:
     """Raise DeviceMapperMissingError unless the dmcrypt backend can run."""
-    if not DM_CONTROL.exists():
+    problem = device_mapper_problem()
+    if problem:
         raise DeviceMapperMissingError(
-            f"device-mapper is not available ({DM_CONTROL} is missing); "
+            f"device-mapper is not available ({problem}); "
             "load the dm_crypt module or use --backend userspace"
         )
     if shutil.which("cryptsetup") is None:

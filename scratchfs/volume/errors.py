@@ -75,6 +75,12 @@ class ErasedError(VolumeError):
 
 
 class ImageAccessError(VolumeError):
-    """The image file cannot be read or written (missing, permissions, I/O error)."""
+    """A path given cannot be used: image or mountpoint missing, permissions, I/O error."""
 
     exit_code = EXIT_IMAGE_ACCESS
+
+
+class UsageError(VolumeError):
+    """A parameter is out of range (same exit code as argparse's usage errors)."""
+
+    exit_code = EXIT_USAGE

@@ -17,6 +17,7 @@ import ctypes
 import errno
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -197,6 +198,13 @@ class CryptDevice:
     def __init__(self, image: Path) -> None:
         self.image = image
         self._lib = lib()
+        try:
+            # libcryptsetup reports an unreadable file as a bare EIO; say what it is.
+            os.close(os.open(image, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as e:
+            raise ImageAccessError(
+                f"cannot open {image}: {e.strerror}; check the path and permissions"
+            ) from None
         handle = ctypes.c_void_p()
         with _collect() as msgs:
             rc = self._lib.crypt_init(ctypes.byref(handle), str(image).encode())
@@ -296,9 +304,12 @@ class CryptDevice:
         with _collect() as msgs:
             rc = self._lib.crypt_load(self.cd, CRYPT_LUKS2, None)
         if rc < 0:
-            detail = _detail(msgs, rc)
-            if rc == -errno.EIO and not msgs:
-                raise ImageAccessError(f"cannot read {self.image}: I/O error; check the disk")
+            if rc == -errno.EINVAL and not msgs:
+                detail = "no valid LUKS2 header in either copy"
+            elif rc == -errno.EIO and not msgs:
+                detail = "too short or unreadable for a LUKS2 header"
+            else:
+                detail = _detail(msgs, rc)
             raise BadImageError(
                 f"{self.image} is not a usable LUKS2 volume ({detail}); "
                 "check the path, or restore the image from a backup"

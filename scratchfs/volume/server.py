@@ -117,7 +117,7 @@ class SegmentFile:
         return length
 
 
-class VolumeOps(pyfuse3.Operations):  # type: ignore[misc]
+class VolumeOps(pyfuse3.Operations):
     """FUSE translation layer: one directory, one file."""
 
     enable_writeback_cache = False

@@ -30,14 +30,14 @@ def test_block_size_validation(size: int) -> None:
 
 def test_round_trip() -> None:
     key = FileKey.new()
-    rec = blocks.seal_block(key, BLOB, 5, 7, b"hello")
+    rec = blocks.seal_record(key, BLOB, 5, 7, b"hello")
     assert len(rec) == 5 + blocks.OVERHEAD
     assert blocks.open_block(key, BLOB, 5, 7, rec, 5) == b"hello"
 
 
 def test_every_binding_is_checked() -> None:
     key = FileKey.new()
-    rec = blocks.seal_block(key, BLOB, 5, 7, b"x" * 100)
+    rec = blocks.seal_record(key, BLOB, 5, 7, b"x" * 100)
     cases = {
         "other index": (BLOB, 6, 7),
         "other version": (BLOB, 5, 8),

@@ -199,6 +199,19 @@ class ScratchOps(pyfuse3.Operations):
         except IntegrityError as e:
             raise self._integrity(node, e) from None
 
+    async def _truncate(self, node: Inode, size: int) -> None:
+        content = self._content(node)
+        lock = self._lock(node)
+        await lock.acquire_write()
+        try:
+            content.ready()
+            await self._run(node, 0, content.truncate, size)
+        finally:
+            release_fd = node.opens == 0
+            lock.release_write()
+        if release_fd:
+            content.close_fd()
+
     def _release(self, node: Inode | None) -> None:
         """Destroy a dropped inode's key and blob."""
         if node is None:
@@ -259,17 +272,7 @@ class ScratchOps(pyfuse3.Operations):
         node = self.ns.get(inode)
         t = now_ns()
         if fields.update_size:
-            content = self._content(node)
-            lock = self._lock(node)
-            await lock.acquire_write()
-            try:
-                content.ready()
-                await self._run(node, 0, content.truncate, attr.st_size)
-            finally:
-                release_fd = node.opens == 0
-                lock.release_write()
-            if release_fd:
-                content.close_fd()
+            await self._truncate(node, attr.st_size)
             if not fields.update_mtime:
                 node.mtime_ns = t
         if fields.update_mode:
@@ -360,6 +363,10 @@ class ScratchOps(pyfuse3.Operations):
             raise FsError(errno.EISDIR)
         if node.content is None:
             raise FsError(errno.ENXIO)  # device nodes, fifos and sockets are not served by us
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            # libfuse negotiates atomic O_TRUNC: the kernel leaves the truncation to us.
+            await self._truncate(node, 0)
+            node.mtime_ns = node.ctime_ns = now_ns()
         return self._open_handle(node, flags)
 
     @handler
@@ -480,8 +487,8 @@ class ScratchOps(pyfuse3.Operations):
             raise FsError(errno.ERANGE)
         if not name:
             raise FsError(errno.EINVAL)
-        if name.startswith(b"system."):
-            raise FsError(errno.EOPNOTSUPP)
+        if not name.startswith((b"user.", b"trusted.", b"security.")):
+            raise FsError(errno.EOPNOTSUPP)  # as tmpfs: system.* (ACLs) and unknown namespaces
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

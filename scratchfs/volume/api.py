@@ -129,6 +129,8 @@ def format_volume(
         else:
             seg, vk = _unlock(tmp, key)
             workdir = run_dir / f"format-{statemod.volume_id(tmp)}"
+            if workdir.exists():
+                _close_state(workdir, statemod.load(workdir))  # left by a killed format
             try:
                 workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 userspace.make_filesystem(tmp, seg, vk, workdir)

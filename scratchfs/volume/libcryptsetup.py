@@ -170,6 +170,18 @@ def _detail(messages: list[str], rc: int) -> str:
     return errno.errorcode.get(-rc, f"error {rc}")
 
 
+def _luks_version(image: Path) -> int | None:
+    """The version field of a LUKS header at the start of *image*, if there is one."""
+    try:
+        with open(image, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if len(head) == 8 and head[:6] == b"LUKS\xba\xbe":
+        return int.from_bytes(head[6:8], "big")
+    return None
+
+
 @dataclass(frozen=True)
 class Pbkdf:
     """Keyslot KDF parameters for new keyslots."""
@@ -304,6 +316,11 @@ class CryptDevice:
         with _collect() as msgs:
             rc = self._lib.crypt_load(self.cd, CRYPT_LUKS2, None)
         if rc < 0:
+            if _luks_version(self.image) == 1:
+                raise BadImageError(
+                    f"{self.image} is a LUKS1 volume, only LUKS2 is supported; "
+                    "convert it with 'cryptsetup convert --type luks2'"
+                )
             if rc == -errno.EINVAL and not msgs:
                 detail = "no valid LUKS2 header in either copy"
             elif rc == -errno.EIO and not msgs:
@@ -324,7 +341,9 @@ class CryptDevice:
                 f"(flags {flags.value:#x}); finish it with cryptsetup first"
             )
 
-    def volume_key(self, passphrase: bytes | bytearray) -> tuple[int, bytearray]:
+    def volume_key(
+        self, passphrase: bytes | bytearray, slot: int = CRYPT_ANY_SLOT
+    ) -> tuple[int, bytearray]:
         """Unlock with *passphrase*: (keyslot, volume key). The caller zeroes the key."""
         size = self.volume_key_size()
         buf = bytearray(size)
@@ -333,7 +352,7 @@ class CryptDevice:
         pw = _view(passphrase)
         with _collect() as msgs:
             rc = self._lib.crypt_volume_key_get(
-                self.cd, CRYPT_ANY_SLOT, out, ctypes.byref(out_size), pw, len(passphrase)
+                self.cd, slot, out, ctypes.byref(out_size), pw, len(passphrase)
             )
         del out
         if rc < 0:

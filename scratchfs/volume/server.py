@@ -226,13 +226,21 @@ class VolumeOps(pyfuse3.Operations):
         return s
 
 
-def harden_process() -> None:
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+
+
+def harden_process(die_with_parent: bool = False) -> None:
     """No core dumps and no ptrace by other users: the process holds the volume key."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_dumpable = 4
-        libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        if die_with_parent:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() == 1:
+                # The parent died before prctl took effect.
+                os.kill(os.getpid(), signal.SIGTERM)
     except (OSError, AttributeError):
         log.warning("event=harden_failed what=prctl")
 
@@ -274,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sector-size", type=int, required=True)
     p.add_argument("--iv-offset", type=int, default=0)
     p.add_argument("--iv-scheme", default="plain64", choices=["plain64", "plain"])
+    p.add_argument("--die-with-parent", action="store_true",
+                   help="stop when the starting process dies (used while formatting)")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -292,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    harden_process()
+    harden_process(args.die_with_parent)
     try:
         key = read_exact(args.key_fd, args.key_size)
     except (OSError, ValueError) as e:

@@ -75,7 +75,7 @@ def iv_scheme(seg: SegmentInfo, image: Path) -> str:
 
 def start_server(
     image: Path, seg: SegmentInfo, volume_key: bytearray, fuse_dir: Path, log_path: Path,
-    debug: bool = False,
+    debug: bool = False, die_with_parent: bool = False,
 ) -> Server:
     """Start the FUSE server serving *image*'s plaintext at *fuse_dir*/data; wait until live."""
     scheme = iv_scheme(seg, image)
@@ -90,6 +90,7 @@ def start_server(
         "--data-offset", str(seg.data_offset), "--size", str(size),
         "--sector-size", str(seg.sector_size), "--iv-offset", str(seg.iv_offset),
         "--iv-scheme", scheme, *(["--debug"] if debug else []),
+        *(["--die-with-parent"] if die_with_parent else []),
     ]
     try:
         with open(log_path, "ab") as log_file:
@@ -162,8 +163,17 @@ def stop_server(fuse_dir: Path, pid: int | None, start_time: int | None) -> None
 def make_filesystem(
     image: Path, seg: SegmentInfo, volume_key: bytearray, workdir: Path
 ) -> None:
-    """mkfs.ext4 on the served plaintext of a freshly formatted *image*."""
-    server = start_server(image, seg, volume_key, workdir / "fuse", workdir / "server.log")
+    """mkfs.ext4 on the served plaintext of a freshly formatted *image*.
+
+    The server dies with us (PR_SET_PDEATHSIG): a killed format leaves no mount behind.
+    """
+    server = start_server(
+        image, seg, volume_key, workdir / "fuse", workdir / "server.log", die_with_parent=True
+    )
+    save(workdir, VolumeState(
+        "userspace", str(image), "", fuse_dir=str(server.fuse_dir), server_pid=server.pid,
+        server_start=server.start_time,
+    ))
     try:
         run(ext4.mkfs_command(server.data_path), what="creating ext4 in the volume", timeout=300)
     finally:
@@ -208,7 +218,7 @@ def close_volume(state: VolumeState) -> None:
     fuse_dir = Path(state.fuse_dir) if state.fuse_dir else None
     # Found by backing file, not by the recorded name: a device number may have been reused.
     devices = set(loop.devices_for(fuse_dir)) if fuse_dir else set()
-    current = mount_of(mnt)
+    current = mount_of(mnt) if state.mountpoint else None
     if current and current[1] in devices:
         umount(mnt, what=f"unmounting {mnt}")
     for device in sorted(devices):

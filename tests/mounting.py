@@ -91,7 +91,12 @@ class Mounted:
 def run_cli(*args: str, timeout: float = 60.0, **kw: object) -> subprocess.CompletedProcess[str]:
     """Run `python -m scratchfs ARGS` and capture its output."""
     return subprocess.run(
-        [*SCRATCHFS, *args], capture_output=True, text=True, timeout=timeout, check=False, **kw  # type: ignore[call-overload]
+        [*SCRATCHFS, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kw,  # type: ignore[call-overload]
     )
 
 
@@ -102,8 +107,15 @@ def mount(backing: Path, mountpoint: Path, *options: str, log_path: Path | None 
     log_path = log_path or mountpoint.parent / f"{mountpoint.name}.log"
     pid_file = mountpoint.parent / f"{mountpoint.name}.pid"
     result = run_cli(
-        "mount", str(backing), str(mountpoint),
-        "--strict", "--pid-file", str(pid_file), "--log-file", str(log_path), *options,
+        "mount",
+        str(backing),
+        str(mountpoint),
+        "--strict",
+        "--pid-file",
+        str(pid_file),
+        "--log-file",
+        str(log_path),
+        *options,
     )
     if result.returncode != 0:
         raise RuntimeError(f"mount failed ({result.returncode}): {result.stderr.strip()}")

@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -115,6 +116,7 @@ class ScratchOps(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.store = store
+        self.mountpoint = Path("/")
         self.block_size = block_size
         self.debug = debug
         self.strict = strict

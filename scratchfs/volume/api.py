@@ -93,8 +93,13 @@ def _unlock(image: Path, key: bytes | bytearray) -> tuple[SegmentInfo, bytearray
 
 
 def format_volume(
-    image: Path, size: int, key: bytes | bytearray, *, backend: str = "auto",
-    sector_size: int = DEFAULT_SECTOR_SIZE, run_dir: Path = DEFAULT_RUN_DIR,
+    image: Path,
+    size: int,
+    key: bytes | bytearray,
+    *,
+    backend: str = "auto",
+    sector_size: int = DEFAULT_SECTOR_SIZE,
+    run_dir: Path = DEFAULT_RUN_DIR,
 ) -> None:
     """Create *image* (*size* bytes): LUKS2 header, one keyslot for *key*, ext4 inside.
 
@@ -184,9 +189,7 @@ def _check_mountpoint(mountpoint: Path) -> None:
     try:
         st = os.stat(mountpoint)
     except FileNotFoundError:
-        raise ImageAccessError(
-            f"mountpoint {mountpoint} does not exist; create the directory"
-        ) from None
+        raise ImageAccessError(f"mountpoint {mountpoint} does not exist; create the directory") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ImageAccessError(f"mountpoint {mountpoint} is not a directory; give a directory")
     if is_mounted(mountpoint):
@@ -205,8 +208,13 @@ def _stale(st: VolumeState | None) -> bool:
 
 
 def open_volume(
-    image: Path, mountpoint: Path, key: bytes | bytearray, backend: str = "auto", *,
-    run_dir: Path = DEFAULT_RUN_DIR, debug: bool = False,
+    image: Path,
+    mountpoint: Path,
+    key: bytes | bytearray,
+    backend: str = "auto",
+    *,
+    run_dir: Path = DEFAULT_RUN_DIR,
+    debug: bool = False,
 ) -> OpenVolume:
     """Unlock *image* with *key* and mount its ext4 filesystem on *mountpoint*.
 
@@ -221,9 +229,7 @@ def open_volume(
     _check_mountpoint(mountpoint)
     for other_dir, other in statemod.all_states(run_dir):
         if os.path.realpath(other.image) == os.path.realpath(image) and not _stale(other):
-            raise BusyError(
-                f"{image} is already open on {other.mountpoint}; close that first"
-            )
+            raise BusyError(f"{image} is already open on {other.mountpoint}; close that first")
         if _stale(other):
             log.info("event=cleanup_stale mountpoint=%s", other.mountpoint)
             _close_state(other_dir, other)

@@ -43,8 +43,9 @@ def read_key_fd(fd: int) -> bytearray:
                 break
             key += chunk
     except OSError as e:
-        raise KeyInputError(f"cannot read the key from fd {fd} ({e.strerror}); "
-                            "pass an open pipe with --key-fd") from None
+        raise KeyInputError(
+            f"cannot read the key from fd {fd} ({e.strerror}); pass an open pipe with --key-fd"
+        ) from None
     finally:
         if fd > 2:
             try:
@@ -55,8 +56,7 @@ def read_key_fd(fd: int) -> bytearray:
         raise KeyInputError(f"no key on fd {fd} (empty); write the key to the pipe, then close it")
     if len(key) > api.MAX_KEY_SIZE:
         key[:] = bytes(len(key))
-        raise KeyInputError(f"the key on fd {fd} is longer than {api.MAX_KEY_SIZE} bytes; "
-                            "pass the raw key only")
+        raise KeyInputError(f"the key on fd {fd} is longer than {api.MAX_KEY_SIZE} bytes; pass the raw key only")
     return key
 
 
@@ -68,13 +68,19 @@ def cmd_format(args: argparse.Namespace) -> int:
     key = read_key_fd(args.key_fd)
     try:
         api.format_volume(
-            Path(args.image), args.size, key, backend=args.backend,
-            sector_size=args.sector_size, run_dir=args.run_dir,
+            Path(args.image),
+            args.size,
+            key,
+            backend=args.backend,
+            sector_size=args.sector_size,
+            run_dir=args.run_dir,
         )
     finally:
         _zero(key)
-    print(f"formatted {args.image}: {args.size} bytes, LUKS2 aes-xts-plain64, "
-          f"{args.sector_size}-byte sectors, ext4 inside")
+    print(
+        f"formatted {args.image}: {args.size} bytes, LUKS2 aes-xts-plain64, "
+        f"{args.sector_size}-byte sectors, ext4 inside"
+    )
     return 0
 
 
@@ -82,8 +88,12 @@ def cmd_open(args: argparse.Namespace) -> int:
     key = read_key_fd(args.key_fd)
     try:
         vol = api.open_volume(
-            Path(args.image), Path(args.mountpoint), key, args.backend,
-            run_dir=args.run_dir, debug=bool(getattr(args, "debug", False)),
+            Path(args.image),
+            Path(args.mountpoint),
+            key,
+            args.backend,
+            run_dir=args.run_dir,
+            debug=bool(getattr(args, "debug", False)),
         )
     finally:
         _zero(key)
@@ -120,11 +130,26 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
 def format_dump(info: dict[str, Any]) -> str:
     """Human-readable header summary."""
-    lines = [f"{k}: {info[k]}" for k in (
-        "image", "image_size", "format", "uuid", "label", "cipher", "volume_key_bits",
-        "sector_size", "data_offset", "data_size", "iv_offset", "metadata_size",
-        "keyslots_size", "erased", "userspace_supported",
-    )]
+    lines = [
+        f"{k}: {info[k]}"
+        for k in (
+            "image",
+            "image_size",
+            "format",
+            "uuid",
+            "label",
+            "cipher",
+            "volume_key_bits",
+            "sector_size",
+            "data_offset",
+            "data_size",
+            "iv_offset",
+            "metadata_size",
+            "keyslots_size",
+            "erased",
+            "userspace_supported",
+        )
+    ]
     lines.append(f"keyslots: {len(info['keyslots'])}")
     for ks in info["keyslots"]:
         extra = " ".join(f"{k}={v}" for k, v in ks.items() if k != "slot")
@@ -156,8 +181,9 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
         except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
             if debug:
                 traceback.print_exc()
-            print(f"{PROG}: internal error ({type(e).__name__}: {e}); "
-                  "rerun with --debug and report it", file=sys.stderr)
+            print(
+                f"{PROG}: internal error ({type(e).__name__}: {e}); rerun with --debug and report it", file=sys.stderr
+            )
             return EXIT_INTERNAL
 
     run.__name__ = fn.__name__
@@ -165,15 +191,24 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks and debug logs")
-    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
-                   help=f"state directory of open volumes (default {DEFAULT_RUN_DIR})")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=DEFAULT_RUN_DIR,
+        help=f"state directory of open volumes (default {DEFAULT_RUN_DIR})",
+    )
 
 
 def _key_fd(p: argparse.ArgumentParser, flag: str = "--key-fd", dest: str = "key_fd") -> None:
-    p.add_argument(flag, dest=dest, type=int, required=True, metavar="FD",
-                   help="read the key (raw bytes, until EOF) from this file descriptor")
+    p.add_argument(
+        flag,
+        dest=dest,
+        type=int,
+        required=True,
+        metavar="FD",
+        help="read the key (raw bytes, until EOF) from this file descriptor",
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -183,8 +218,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--size", type=parse_size, required=True, help="image size, e.g. 64M, 2G")
     _key_fd(p)
     p.add_argument("--backend", choices=api.BACKENDS, default="auto")
-    p.add_argument("--sector-size", type=int, choices=(512, 1024, 2048, 4096),
-                   default=api.DEFAULT_SECTOR_SIZE, help="encryption sector size (default 4096)")
+    p.add_argument(
+        "--sector-size",
+        type=int,
+        choices=(512, 1024, 2048, 4096),
+        default=api.DEFAULT_SECTOR_SIZE,
+        help="encryption sector size (default 4096)",
+    )
     _common(p)
     p.set_defaults(func=_guard(cmd_format))
 

@@ -48,8 +48,7 @@ def require() -> None:
     problem = device_mapper_problem()
     if problem:
         raise DeviceMapperMissingError(
-            f"device-mapper is not available ({problem}); "
-            "load the dm_crypt module or use --backend userspace"
+            f"device-mapper is not available ({problem}); load the dm_crypt module or use --backend userspace"
         )
     if shutil.which("cryptsetup") is None:
         raise DeviceMapperMissingError("cryptsetup is not installed; install cryptsetup-bin")

@@ -15,7 +15,17 @@ def mkfs_command(target: Path | str, label: str = "scratchfs") -> list[str]:
     (and on the FUSE file it would only be refused). -m 0: no root reserve on a data volume.
     """
     return [
-        "mkfs.ext4", "-q", "-F", "-m", "0", "-L", label, "-E", "nodiscard", "--", str(target),
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-m",
+        "0",
+        "-L",
+        label,
+        "-E",
+        "nodiscard",
+        "--",
+        str(target),
     ]
 
 

@@ -18,7 +18,8 @@ from scratchfs.volume.system import run
 def attach(path: Path) -> str:
     """Attach *path* to a free loop device and return the device path."""
     out = run(
-        ["losetup", "--find", "--show", str(path)], what=f"attaching {path} to a loop device",
+        ["losetup", "--find", "--show", str(path)],
+        what=f"attaching {path} to a loop device",
         hint="check that loop devices are available (/dev/loop-control)",
     )
     device = out.strip()

@@ -87,7 +87,7 @@ class SegmentFile:
         first, count = sector_span(offset, length, self.ss)
         plain = self._read_sectors(first, count)
         start = offset - first * self.ss
-        return bytes(plain[start:start + length])
+        return bytes(plain[start : start + length])
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write plaintext at *offset*; partial edge sectors are read, merged and rewritten."""
@@ -108,7 +108,7 @@ class SegmentFile:
             tail = (start + length) % ss
             if tail and (count > 1 or not start):
                 buf[-ss:] = self._read_sectors(first + count - 1, 1)
-            buf[start:start + length] = data
+            buf[start : start + length] = data
             plain = buf
         cipher = self.codec.encrypt(first, plain)
         written = os.pwrite(self.fd, cipher, self.data_offset + first * ss)
@@ -258,6 +258,7 @@ def read_exact(fd: int, n: int) -> bytearray:
 
 async def _serve(ops: VolumeOps) -> None:
     async with trio.open_nursery() as nursery:
+
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for sig in signals:
@@ -282,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sector-size", type=int, required=True)
     p.add_argument("--iv-offset", type=int, default=0)
     p.add_argument("--iv-scheme", default="plain64", choices=["plain64", "plain"])
-    p.add_argument("--die-with-parent", action="store_true",
-                   help="stop when the starting process dies (used while formatting)")
+    p.add_argument(
+        "--die-with-parent", action="store_true", help="stop when the starting process dies (used while formatting)"
+    )
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -332,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info(
         "event=serving image=%s mountpoint=%s size=%d sector_size=%d",
-        args.image, args.mountpoint, args.size, args.sector_size,
+        args.image,
+        args.mountpoint,
+        args.size,
+        args.sector_size,
     )
     _status(args.status_fd, "ready")
     os.close(args.status_fd)

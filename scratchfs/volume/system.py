@@ -24,15 +24,22 @@ def _last_line(text: str) -> str:
 
 
 def run(
-    argv: list[str], *, what: str, stdin: bytes | bytearray | None = None,
-    timeout: float = 120.0, hint: str = "see the system log",
+    argv: list[str],
+    *,
+    what: str,
+    stdin: bytes | bytearray | None = None,
+    timeout: float = 120.0,
+    hint: str = "see the system log",
 ) -> str:
     """Run *argv*; return stdout; raise ToolError('<what> failed: <reason>; <hint>')."""
     log.debug("event=run argv=%s", " ".join(argv))
     try:
         proc = subprocess.run(
-            argv, input=bytes(stdin) if stdin is not None else None, capture_output=True,
-            timeout=timeout, check=False,
+            argv,
+            input=bytes(stdin) if stdin is not None else None,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
         )
     except FileNotFoundError:
         raise ToolError(f"{what} failed: {argv[0]} is not installed; install it") from None

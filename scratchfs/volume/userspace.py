@@ -74,8 +74,13 @@ def iv_scheme(seg: SegmentInfo, image: Path) -> str:
 
 
 def start_server(
-    image: Path, seg: SegmentInfo, volume_key: bytearray, fuse_dir: Path, log_path: Path,
-    debug: bool = False, die_with_parent: bool = False,
+    image: Path,
+    seg: SegmentInfo,
+    volume_key: bytearray,
+    fuse_dir: Path,
+    log_path: Path,
+    debug: bool = False,
+    die_with_parent: bool = False,
 ) -> Server:
     """Start the FUSE server serving *image*'s plaintext at *fuse_dir*/data; wait until live."""
     scheme = iv_scheme(seg, image)
@@ -84,19 +89,41 @@ def start_server(
     key_r, key_w = os.pipe()
     st_r, st_w = os.pipe()
     argv = [
-        sys.executable, "-m", "scratchfs.volume.server",
-        "--image", str(image), "--mountpoint", str(fuse_dir),
-        "--key-fd", str(key_r), "--key-size", str(len(volume_key)), "--status-fd", str(st_w),
-        "--data-offset", str(seg.data_offset), "--size", str(size),
-        "--sector-size", str(seg.sector_size), "--iv-offset", str(seg.iv_offset),
-        "--iv-scheme", scheme, *(["--debug"] if debug else []),
+        sys.executable,
+        "-m",
+        "scratchfs.volume.server",
+        "--image",
+        str(image),
+        "--mountpoint",
+        str(fuse_dir),
+        "--key-fd",
+        str(key_r),
+        "--key-size",
+        str(len(volume_key)),
+        "--status-fd",
+        str(st_w),
+        "--data-offset",
+        str(seg.data_offset),
+        "--size",
+        str(size),
+        "--sector-size",
+        str(seg.sector_size),
+        "--iv-offset",
+        str(seg.iv_offset),
+        "--iv-scheme",
+        scheme,
+        *(["--debug"] if debug else []),
         *(["--die-with-parent"] if die_with_parent else []),
     ]
     try:
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
-                argv, pass_fds=(key_r, st_w), stdin=subprocess.DEVNULL, stdout=log_file,
-                stderr=log_file, start_new_session=True,
+                argv,
+                pass_fds=(key_r, st_w),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
             )
     except BaseException:
         for fd in (key_r, key_w, st_r, st_w):
@@ -160,20 +187,23 @@ def stop_server(fuse_dir: Path, pid: int | None, start_time: int | None) -> None
         stop_process(pid, start_time)
 
 
-def make_filesystem(
-    image: Path, seg: SegmentInfo, volume_key: bytearray, workdir: Path
-) -> None:
+def make_filesystem(image: Path, seg: SegmentInfo, volume_key: bytearray, workdir: Path) -> None:
     """mkfs.ext4 on the served plaintext of a freshly formatted *image*.
 
     The server dies with us (PR_SET_PDEATHSIG): a killed format leaves no mount behind.
     """
-    server = start_server(
-        image, seg, volume_key, workdir / "fuse", workdir / "server.log", die_with_parent=True
+    server = start_server(image, seg, volume_key, workdir / "fuse", workdir / "server.log", die_with_parent=True)
+    save(
+        workdir,
+        VolumeState(
+            "userspace",
+            str(image),
+            "",
+            fuse_dir=str(server.fuse_dir),
+            server_pid=server.pid,
+            server_start=server.start_time,
+        ),
     )
-    save(workdir, VolumeState(
-        "userspace", str(image), "", fuse_dir=str(server.fuse_dir), server_pid=server.pid,
-        server_start=server.start_time,
-    ))
     try:
         run(ext4.mkfs_command(server.data_path), what="creating ext4 in the volume", timeout=300)
     finally:
@@ -183,7 +213,11 @@ def make_filesystem(
 
 
 def open_volume(
-    image: Path, mountpoint: Path, seg: SegmentInfo, volume_key: bytearray, sdir: Path,
+    image: Path,
+    mountpoint: Path,
+    seg: SegmentInfo,
+    volume_key: bytearray,
+    sdir: Path,
     debug: bool = False,
 ) -> tuple[VolumeState, Server]:
     """Serve, attach and mount; every step is undone if a later one fails."""
@@ -192,8 +226,12 @@ def open_volume(
         server = start_server(image, seg, volume_key, fuse_dir, sdir / "server.log", debug)
         undo.callback(stop_server, fuse_dir, server.pid, server.start_time)
         st = VolumeState(
-            "userspace", str(image), str(mountpoint), fuse_dir=str(fuse_dir),
-            server_pid=server.pid, server_start=server.start_time,
+            "userspace",
+            str(image),
+            str(mountpoint),
+            fuse_dir=str(fuse_dir),
+            server_pid=server.pid,
+            server_start=server.start_time,
         )
         save(sdir, st)
         device = loop.attach(server.data_path)

@@ -42,7 +42,10 @@ class SectorCodec:
     """Encrypts/decrypts whole sectors of one data segment."""
 
     def __init__(
-        self, key: bytes | bytearray, sector_size: int, iv_offset: int = 0,
+        self,
+        key: bytes | bytearray,
+        sector_size: int,
+        iv_offset: int = 0,
         iv_scheme: str = "plain64",
     ) -> None:
         check_cipher("aes", f"xts-{iv_scheme}", len(key), sector_size)
@@ -70,7 +73,7 @@ class SectorCodec:
         for i in range(len(data) // ss):
             cipher = Cipher(self._alg, modes.XTS(self.iv(first_sector + i)))
             ctx = cipher.encryptor() if enc else cipher.decryptor()
-            out[i * ss:(i + 1) * ss] = ctx.update(src[i * ss:(i + 1) * ss])
+            out[i * ss : (i + 1) * ss] = ctx.update(src[i * ss : (i + 1) * ss])
         return out
 
     def encrypt(self, first_sector: int, data: bytes | bytearray | memoryview) -> bytearray:

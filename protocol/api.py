@@ -1,0 +1,185 @@
+"""The wire contract between the platform and the appliance: paths, fields, reasons, limits.
+
+Pure: no I/O. Both `tools.platform` (server) and `protocol.client` (appliance) import these
+names so that the two sides cannot drift apart. `docs/platform.md` documents the same
+contract for people writing another implementation.
+
+Conventions:
+- Every request and response body is JSON (UTF-8, ``application/json``) except the result
+  upload, whose body is the raw result document (``application/octet-stream``).
+- Every error response is ``{"reason": REASON, "error": "human readable text"}`` with a 4xx or
+  5xx status; clients branch on ``reason`` (machine readable), never on ``error``.
+- Binary values (sealed blobs, keys) travel as standard base64 with padding.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+API_VERSION: Final = "v1"
+
+# --- endpoint paths ---------------------------------------------------------------------
+PATH_TIME: Final = "/v1/time"  # GET; client certificate optional
+PATH_ACTIVATE: Final = "/v1/activate"  # POST; no client certificate needed
+PATH_VOLUME_KEY: Final = "/v1/volume-key"  # GET; mutual TLS
+PATH_CONFIG: Final = "/v1/config"  # GET; mutual TLS
+PATH_NEXT_JOB: Final = "/v1/jobs/next"  # GET ?wait=SECONDS; mutual TLS
+PATH_JOB_PREFIX: Final = "/v1/jobs/"
+RESULT_SUFFIX: Final = "/result"  # POST /v1/jobs/{id}/result; mutual TLS
+PROGRESS_SUFFIX: Final = "/progress"  # POST /v1/jobs/{id}/progress; mutual TLS
+
+
+def result_path(job_id: str) -> str:
+    """Path of the result upload endpoint for *job_id*."""
+    return f"{PATH_JOB_PREFIX}{job_id}{RESULT_SUFFIX}"
+
+
+def progress_path(job_id: str) -> str:
+    """Path of the progress report endpoint for *job_id*."""
+    return f"{PATH_JOB_PREFIX}{job_id}{PROGRESS_SUFFIX}"
+
+
+# --- headers ----------------------------------------------------------------------------
+# Result upload: lowercase hex SHA-256 of the whole body, sent by the appliance.
+HEADER_CONTENT_SHA256: Final = "x-content-sha256"
+
+# --- JSON field names -------------------------------------------------------------------
+F_TIME: Final = "time"  # float, UTC epoch seconds
+F_CODE: Final = "code"  # activation code (string)
+F_CSR: Final = "csr"  # PEM PKCS#10 certificate signing request (string)
+F_X25519_PUBLIC: Final = "x25519_public"  # base64 of the raw 32-byte X25519 public key
+F_APPLIANCE: Final = "appliance"  # appliance name (string)
+F_CERTIFICATE: Final = "certificate"  # PEM client certificate (string)
+F_CA: Final = "ca"  # PEM CA certificate (string)
+F_SYSLOG: Final = "syslog"  # object or null
+F_HOST: Final = "host"
+F_PORT: Final = "port"
+F_SEALED: Final = "sealed"  # base64 of a protocol.sealing blob
+F_JOB: Final = "job"  # job object
+F_ID: Final = "id"  # job id (string of decimal digits)
+F_TARGETS: Final = "targets"  # list of strings: IPs, CIDRs or hostnames
+F_PORTS: Final = "ports"  # port spec string, e.g. "22,80,8000-8100"
+F_ENGINE: Final = "engine"  # "builtin" or "nmap"
+F_CREDENTIAL: Final = "credential"  # {"name": str, "sealed": base64} or null
+F_NAME: Final = "name"
+F_LEASE_EXPIRES: Final = "lease_expires"  # float, UTC epoch seconds
+F_ATTEMPT: Final = "attempt"  # int, 1 for the first hand-out of a job
+F_SHA256: Final = "sha256"  # lowercase hex
+F_TEXT: Final = "text"  # progress text
+F_REASON: Final = "reason"
+F_ERROR: Final = "error"
+
+QUERY_WAIT: Final = "wait"  # long-poll seconds for PATH_NEXT_JOB
+
+ENGINE_BUILTIN: Final = "builtin"
+ENGINE_NMAP: Final = "nmap"
+ENGINES: Final = (ENGINE_BUILTIN, ENGINE_NMAP)
+
+# Labels bound into protocol.sealing blobs; a blob sealed for one purpose never opens for another.
+SEAL_CONTEXT_CREDENTIAL: Final = b"credential"
+SEAL_CONTEXT_VOLUME_KEY: Final = b"volume-key"
+
+# --- reasons (the machine-readable part of every error) ---------------------------------
+REASON_BAD_REQUEST: Final = "bad_request"  # 400: malformed JSON, missing/invalid fields
+REASON_CLIENT_CERT_REQUIRED: Final = "client_certificate_required"  # 401: no client cert
+REASON_UNKNOWN_CERTIFICATE: Final = "unknown_certificate"  # 403: valid CA, not on record
+REASON_DEACTIVATED: Final = "deactivated"  # 403: appliance deactivated / cert revoked
+REASON_INVALID_CODE: Final = "invalid_code"  # 403: unknown or already used activation code
+REASON_CODE_EXPIRED: Final = "code_expired"  # 403: activation code past its expiry
+REASON_NOT_FOUND: Final = "not_found"  # 404: no such endpoint, or no such job for caller
+REASON_METHOD_NOT_ALLOWED: Final = "method_not_allowed"  # 405
+REASON_ALREADY_COMPLETED: Final = "already_completed"  # 409: job has a different result
+REASON_LENGTH_REQUIRED: Final = "length_required"  # 411
+REASON_TOO_LARGE: Final = "too_large"  # 413: body over the configured limit
+REASON_DIGEST_MISMATCH: Final = "digest_mismatch"  # 400: body does not match its SHA-256
+REASON_TIMEOUT: Final = "timeout"  # 408: request not received in time
+REASON_UNAVAILABLE: Final = "unavailable"  # 503: no volume key (never activated)
+REASON_INTERNAL: Final = "internal"  # 500
+
+# --- limits -----------------------------------------------------------------------------
+MAX_JSON_BODY: Final = 64 * 1024  # bytes, for every JSON request body
+MAX_RESULT_BODY_DEFAULT: Final = 16 * 1024 * 1024  # bytes; server-configurable
+MAX_WAIT_SECONDS: Final = 60.0  # long-poll wait is clamped to this
+MAX_PROGRESS_TEXT: Final = 1000  # characters
+MAX_RESPONSE_BODY: Final = 4 * 1024 * 1024  # what the client accepts from the platform
+MAX_HEADER_BYTES: Final = 16 * 1024
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+JOB_ID_RE: Final = re.compile(r"^[1-9][0-9]{0,18}$")
+SHA256_HEX_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+
+# --- result document --------------------------------------------------------------------
+# The platform stores the uploaded body as opaque bytes. `scanner-platform results show`
+# renders it as a table when it is JSON of this shape (recommended for appliances):
+#   {"job": "7", "engine": "builtin", "started": 1764000000.0, "finished": 1764000001.5,
+#    "hosts": [{"target": "127.0.0.1", "address": "127.0.0.1",
+#               "ports": [{"port": 22, "state": "open", "service": "ssh",
+#                          "banner": "SSH-2.0-OpenSSH_9.2"}]}]}
+R_HOSTS: Final = "hosts"
+R_TARGET: Final = "target"
+R_ADDRESS: Final = "address"
+R_PORTS: Final = "ports"
+R_PORT: Final = "port"
+R_STATE: Final = "state"
+R_SERVICE: Final = "service"
+R_BANNER: Final = "banner"
+
+
+class SpecError(ValueError):
+    """A target or port spec is malformed (the message names the bad part)."""
+
+
+def parse_port_spec(spec: str) -> list[tuple[int, int]]:
+    """Parse "22,80,8000-8100" into sorted, merged inclusive ranges; raise SpecError."""
+    ranges: list[tuple[int, int]] = []
+    for raw in spec.split(","):
+        part = raw.strip()
+        if not part:
+            raise SpecError(f"empty element in port spec {spec!r}")
+        lo_s, sep, hi_s = part.partition("-")
+        try:
+            lo = int(lo_s)
+            hi = int(hi_s) if sep else lo
+        except ValueError:
+            raise SpecError(f"port spec element {part!r} is not a number or range") from None
+        if not (1 <= lo <= 65535 and 1 <= hi <= 65535) or lo > hi:
+            raise SpecError(f"port spec element {part!r} is outside 1-65535 or reversed")
+        ranges.append((lo, hi))
+    ranges.sort()
+    merged: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def format_port_spec(ranges: list[tuple[int, int]]) -> str:
+    """Inverse of parse_port_spec: [(22, 22), (80, 90)] -> "22,80-90"."""
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
+def expand_ports(spec: str) -> list[int]:
+    """Every port of a spec, ascending (at most 65535 entries)."""
+    return [p for lo, hi in parse_port_spec(spec) for p in range(lo, hi + 1)]
+
+
+_TARGET_RE = re.compile(r"^[A-Za-z0-9:._/-]{1,253}$")
+
+
+def parse_targets(spec: str) -> list[str]:
+    """Split "10.0.0.1,10.0.1.0/24,host.example" into targets; raise SpecError.
+
+    Only the character set is checked here (IPs, CIDRs, hostnames, IPv6); the appliance
+    resolves and validates each target when it scans.
+    """
+    targets: list[str] = []
+    for raw in spec.split(","):
+        t = raw.strip()
+        if not t:
+            raise SpecError(f"empty element in target spec {spec!r}")
+        if not _TARGET_RE.match(t):
+            raise SpecError(f"target {t!r} has characters outside A-Z a-z 0-9 : . _ / -")
+        targets.append(t)
+    return targets

@@ -1,0 +1,617 @@
+"""Appliance-side HTTPS client for the platform API (trio + SSLStream + h11).
+
+One TLS connection per request (the reference platform answers with ``Connection: close``),
+so a broken connection never poisons a later request. The TLS context trusts only the
+platform CA given at activation, never the system store; hostnames are checked; TLS 1.2 is
+the minimum.
+
+Typical use by the agent::
+
+    ctx = client_context(ca_pem, cert_pem, key_pem)
+    client = PlatformClient("https://platform.example:8443", ctx)
+    now = await client.time()
+    sealed = await client.volume_key()           # open with sealing.open_sealed(..., b"volume-key")
+    job = await client.next_job(wait=30)         # None when no job arrived within `wait`
+    digest = await client.upload_result(job.id, body)
+
+Errors: every failure raises a subclass of `PlatformError` (``status`` is the HTTP status or
+None, ``reason`` the machine-readable reason from `protocol.api`). Catch `DeactivatedError`
+BEFORE `PlatformError`. `PlatformTLSError` means the TLS handshake or certificate checks
+failed (wrong CA, wrong hostname, refused client certificate, protocol version);
+`PlatformUnavailableError` means the platform could not be reached or the connection broke
+(retry with backoff). Messages never contain keys, codes, credentials or bodies.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import quote, urlsplit
+
+import h11
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from protocol import api
+
+DEFAULT_TIMEOUT: Final = 30.0
+_CHUNK: Final = 64 * 1024
+# How long to wait for "100 Continue" before sending a body anyway (RFC 9110 §10.1.1).
+_EXPECT_CONTINUE_WAIT: Final = 2.0
+_USER_AGENT: Final = "scratchfs-agent/1"
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+class PlatformError(Exception):
+    """The platform refused a request or could not be reached.
+
+    ``status`` is the HTTP status (None when no response arrived), ``reason`` a
+    `protocol.api` REASON_* constant or one of "tls", "unavailable", "protocol".
+    """
+
+    def __init__(self, status: int | None, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status!r}, reason={self.reason!r})"
+
+
+class DeactivatedError(PlatformError):
+    """The platform answered 403 ``deactivated``: this appliance must erase its keys and stop."""
+
+
+class PlatformTLSError(PlatformError):
+    """TLS failed: untrusted server certificate, hostname mismatch, refused client cert, etc."""
+
+
+class PlatformUnavailableError(PlatformError):
+    """No answer: connection refused, timeout, or the connection broke. Retry later."""
+
+
+class DigestMismatchError(PlatformError):
+    """The platform's acknowledged digest differs from what was sent (or it refused the body)."""
+
+
+# --- data returned ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyslogTarget:
+    """Remote syslog (RFC 5425, TLS) target the appliance should forward scan logs to."""
+
+    host: str
+    port: int
+    ca_pem: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ActivationResult:
+    """What activation returns: the client certificate, the CA, the syslog target."""
+
+    appliance: str
+    certificate_pem: bytes
+    ca_pem: bytes
+    syslog: SyslogTarget | None
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    """Per-account configuration the appliance is told about."""
+
+    syslog: SyslogTarget | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A leased job. ``credential`` is a sealed blob (context b"credential") or None."""
+
+    id: str
+    targets: tuple[str, ...]
+    ports: str  # port spec, e.g. "22,80,8000-8100"; see api.parse_port_spec / expand_ports
+    engine: str  # api.ENGINE_BUILTIN or api.ENGINE_NMAP
+    credential: bytes | None = field(repr=False)
+    credential_name: str | None
+    lease_expires: float  # platform UTC epoch seconds
+    attempt: int  # 1 on first hand-out, more when re-offered after a lease expired
+
+
+# --- TLS context & key helpers -----------------------------------------------------------
+
+
+def _memfd_path(name: str, data: bytes) -> tuple[int, str]:
+    # ssl can only load certificates/keys from paths: hand it an anonymous in-memory file
+    # so that the private key never touches a disk here.
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, f"/proc/self/fd/{fd}"
+
+
+def client_context(
+    ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None
+) -> ssl.SSLContext:
+    """TLS client context that trusts ONLY *ca_pem*; TLS 1.2+; hostname checked.
+
+    With *cert_pem* and *key_pem* (PEM, key unencrypted) it presents that client
+    certificate (mutual TLS). Without them it can still call the time and activation
+    endpoints. Raises ValueError when the PEM data does not load.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no system CAs are loaded by this class
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"platform CA certificate does not load: {type(e).__name__}") from None
+    if (cert_pem is None) != (key_pem is None):
+        raise ValueError("client certificate and key must be given together")
+    if cert_pem is not None and key_pem is not None:
+        cfd, cpath = _memfd_path("client-cert", cert_pem)
+        try:
+            kfd, kpath = _memfd_path("client-key", key_pem)
+            try:
+                ctx.load_cert_chain(cpath, kpath)
+            except ssl.SSLError:
+                raise ValueError("client certificate or key does not load or match") from None
+            finally:
+                os.close(kfd)
+        finally:
+            os.close(cfd)
+    return ctx
+
+
+def new_client_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
+    """A fresh P-256 TLS key (PKCS#8 PEM, unencrypted) and a CSR (PEM) for activation.
+
+    The platform ignores the CSR's subject (it names the certificate after the appliance);
+    the CSR proves possession of the key.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
+
+
+# --- the client -------------------------------------------------------------------------
+
+
+@dataclass
+class _Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def _tls_message(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed: {exc.reason or type(exc).__name__}"
+    return "TLS failed"
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _b64decode(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise PlatformError(None, "protocol", f"platform response: {what} is not a string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise PlatformError(None, "protocol", f"platform response: {what} is not base64") from None
+
+
+def _syslog_from(value: object) -> SyslogTarget | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise PlatformError(None, "protocol", "platform response: syslog is not an object")
+    host, port, ca = value.get(api.F_HOST), value.get(api.F_PORT), value.get(api.F_CA)
+    if not isinstance(host, str) or not isinstance(port, int) or not isinstance(ca, str):
+        raise PlatformError(None, "protocol", "platform response: syslog fields are malformed")
+    return SyslogTarget(host=host, port=port, ca_pem=ca.encode())
+
+
+class PlatformClient:
+    """Async client for one platform. Safe to use from several trio tasks at once."""
+
+    def __init__(
+        self, base_url: str, ssl_context: ssl.SSLContext, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """*base_url* like "https://platform.example:8443" (https only, optional path prefix)."""
+        parts = urlsplit(base_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError("platform URL must look like https://HOST[:PORT]")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("platform URL must not carry a query, fragment or user info")
+        self._host = parts.hostname
+        self._port = parts.port or 443
+        self._prefix = parts.path.rstrip("/")
+        host_header = f"[{self._host}]" if ":" in self._host else self._host
+        self._host_header = host_header if self._port == 443 else f"{host_header}:{self._port}"
+        self._ctx = ssl_context
+        self._timeout = timeout
+        self.base_url = base_url
+
+    def __repr__(self) -> str:
+        return f"PlatformClient({self.base_url!r})"
+
+    # -- public API --
+
+    async def time(self) -> float:
+        """The platform's current UTC time in epoch seconds (client certificate optional)."""
+        data = await self._json("GET", api.PATH_TIME)
+        value = data.get(api.F_TIME)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise PlatformError(None, "protocol", "platform response: time is not a number")
+        return float(value)
+
+    async def activate(self, code: str, csr_pem: bytes, x25519_public: bytes) -> ActivationResult:
+        """Exchange a one-time activation code and a CSR for this appliance's certificate."""
+        data = await self._json(
+            "POST",
+            api.PATH_ACTIVATE,
+            {
+                api.F_CODE: code,
+                api.F_CSR: csr_pem.decode("ascii"),
+                api.F_X25519_PUBLIC: base64.b64encode(x25519_public).decode("ascii"),
+            },
+        )
+        name, cert, ca = data.get(api.F_APPLIANCE), data.get(api.F_CERTIFICATE), data.get(api.F_CA)
+        if not isinstance(name, str) or not isinstance(cert, str) or not isinstance(ca, str):
+            raise PlatformError(None, "protocol", "platform response: activation is malformed")
+        return ActivationResult(
+            appliance=name,
+            certificate_pem=cert.encode(),
+            ca_pem=ca.encode(),
+            syslog=_syslog_from(data.get(api.F_SYSLOG)),
+        )
+
+    async def volume_key(self) -> bytes:
+        """This appliance's volume key, sealed to its X25519 key (context b"volume-key")."""
+        data = await self._json("GET", api.PATH_VOLUME_KEY)
+        return _b64decode(data.get(api.F_SEALED), "sealed volume key")
+
+    async def config(self) -> PlatformConfig:
+        """The account's configuration (remote syslog target or None)."""
+        data = await self._json("GET", api.PATH_CONFIG)
+        return PlatformConfig(syslog=_syslog_from(data.get(api.F_SYSLOG)))
+
+    async def next_job(self, wait: float) -> Job | None:
+        """Long-poll up to *wait* seconds (clamped to api.MAX_WAIT_SECONDS) for a job.
+
+        Returns None if none arrived in time. The returned job is leased to this appliance
+        until ``lease_expires``; after that the platform offers it again.
+        """
+        wait = max(0.0, min(float(wait), api.MAX_WAIT_SECONDS))
+        resp = await self._request(
+            "GET",
+            f"{api.PATH_NEXT_JOB}?{api.QUERY_WAIT}={wait:g}",
+            timeout=self._timeout + wait,
+        )
+        if resp.status == 204:
+            return None
+        data = self._decode_json(resp)
+        job = data.get(api.F_JOB)
+        if not isinstance(job, dict):
+            raise PlatformError(None, "protocol", "platform response: job is not an object")
+        return self._job_from(job)
+
+    async def upload_result(self, job_id: str, body: bytes) -> str:
+        """Upload the job's result document with its SHA-256; return the acknowledged digest.
+
+        Raises DigestMismatchError if the platform reports a mismatch or acknowledges a
+        different digest. Re-uploading the same body for a completed job is acknowledged
+        again (idempotent); a different body gets PlatformError reason "already_completed".
+        """
+        digest = hashlib.sha256(body).hexdigest()
+        resp = await self._request(
+            "POST",
+            api.result_path(quote(job_id, safe="")),
+            body=body,
+            headers={
+                "content-type": "application/octet-stream",
+                api.HEADER_CONTENT_SHA256: digest,
+            },
+            timeout=self._timeout + len(body) / 1_000_000,
+        )
+        data = self._decode_json(resp)
+        acked = data.get(api.F_SHA256)
+        if not isinstance(acked, str) or not hmac.compare_digest(acked, digest):
+            raise DigestMismatchError(
+                resp.status, api.REASON_DIGEST_MISMATCH, "platform acknowledged a different digest"
+            )
+        return acked
+
+    async def progress(self, job_id: str, text: str) -> None:
+        """Report a short progress line (at most api.MAX_PROGRESS_TEXT characters)."""
+        await self._json(
+            "POST",
+            api.progress_path(quote(job_id, safe="")),
+            {api.F_TEXT: text[: api.MAX_PROGRESS_TEXT]},
+        )
+
+    # -- plumbing --
+
+    def _job_from(self, job: Mapping[str, Any]) -> Job:
+        jid, targets, ports = job.get(api.F_ID), job.get(api.F_TARGETS), job.get(api.F_PORTS)
+        engine, lease, attempt = (
+            job.get(api.F_ENGINE),
+            job.get(api.F_LEASE_EXPIRES),
+            job.get(api.F_ATTEMPT),
+        )
+        if (
+            not isinstance(jid, str)
+            or not isinstance(targets, list)
+            or not all(isinstance(t, str) for t in targets)
+            or not isinstance(ports, str)
+            or not isinstance(engine, str)
+            or not isinstance(lease, int | float)
+            or not isinstance(attempt, int)
+        ):
+            raise PlatformError(None, "protocol", "platform response: job fields are malformed")
+        cred = job.get(api.F_CREDENTIAL)
+        sealed: bytes | None = None
+        cred_name: str | None = None
+        if cred is not None:
+            if not isinstance(cred, dict) or not isinstance(cred.get(api.F_NAME), str):
+                raise PlatformError(None, "protocol", "platform response: credential malformed")
+            cred_name = cred[api.F_NAME]
+            sealed = _b64decode(cred.get(api.F_SEALED), "sealed credential")
+        return Job(
+            id=jid,
+            targets=tuple(targets),
+            ports=ports,
+            engine=engine,
+            credential=sealed,
+            credential_name=cred_name,
+            lease_expires=float(lease),
+            attempt=attempt,
+        )
+
+    async def _json(
+        self, method: str, path: str, payload: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        body = None
+        headers: dict[str, str] = {}
+        if payload is not None:
+            body = json.dumps(payload).encode()
+            headers["content-type"] = "application/json"
+        resp = await self._request(method, path, body=body, headers=headers)
+        return self._decode_json(resp)
+
+    def _decode_json(self, resp: _Response) -> dict[str, Any]:
+        try:
+            data = json.loads(resp.body) if resp.body else {}
+        except (ValueError, UnicodeDecodeError):
+            raise PlatformError(
+                resp.status, "protocol", f"platform answered {resp.status} with a non-JSON body"
+            ) from None
+        if not isinstance(data, dict):
+            raise PlatformError(resp.status, "protocol", "platform response is not a JSON object")
+        return data
+
+    def _raise_for(self, resp: _Response) -> None:
+        reason, text = "protocol", ""
+        try:
+            data = json.loads(resp.body)
+            if isinstance(data, dict):
+                reason = str(data.get(api.F_REASON, reason))[:64]
+                text = str(data.get(api.F_ERROR, ""))[:200]
+        except (ValueError, UnicodeDecodeError):
+            pass
+        message = f"platform refused the request: {resp.status} {reason}" + (
+            f" ({text})" if text else ""
+        )
+        if resp.status == 403 and reason == api.REASON_DEACTIVATED:
+            raise DeactivatedError(
+                resp.status, reason, "platform says this appliance is deactivated"
+            )
+        if reason == api.REASON_DIGEST_MISMATCH:
+            raise DigestMismatchError(resp.status, reason, message)
+        raise PlatformError(resp.status, reason, message)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> _Response:
+        limit = self._timeout if timeout is None else timeout
+        try:
+            with trio.fail_after(limit):
+                resp = await self._exchange(method, self._prefix + path, body, headers or {})
+        except trio.TooSlowError:
+            raise PlatformUnavailableError(
+                None, "unavailable", f"platform did not answer within {limit:g} s"
+            ) from None
+        if not 200 <= resp.status < 300:
+            self._raise_for(resp)
+        return resp
+
+    async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
+        try:
+            tcp = await trio.open_tcp_stream(self._host, self._port)
+        except OSError as e:
+            raise PlatformUnavailableError(
+                None,
+                "unavailable",
+                f"cannot connect to platform {self._host}:{self._port}: "
+                f"{e.strerror or type(e).__name__}",
+            ) from None
+        stream = trio.SSLStream(tcp, self._ctx, server_hostname=self._host, https_compatible=True)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as e:
+            await trio.aclose_forcefully(stream)
+            cause = _ssl_cause(e)
+            if cause is not None:
+                raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
+            raise PlatformUnavailableError(
+                None, "unavailable", "connection closed during TLS handshake"
+            ) from None
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async def _receive(self, stream: trio.SSLStream[trio.SocketStream]) -> bytes:
+        try:
+            return bytes(await stream.receive_some(_CHUNK))
+        except trio.BrokenResourceError as e:
+            cause = _ssl_cause(e)
+            if cause is not None:
+                # With TLS 1.3 the server's verdict on our client certificate arrives as an
+                # alert after our side of the handshake already finished.
+                raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
+            raise PlatformUnavailableError(None, "unavailable", "connection broke") from None
+
+    async def _exchange(
+        self, method: str, target: str, body: bytes | None, extra: Mapping[str, str]
+    ) -> _Response:
+        stream = await self._connect()
+        try:
+            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=api.MAX_HEADER_BYTES)
+            hdrs = [
+                ("host", self._host_header),
+                ("user-agent", _USER_AGENT),
+                ("accept", "application/json"),
+                ("connection", "close"),
+            ]
+            hdrs += list(extra.items())
+            if body is not None:
+                hdrs.append(("content-length", str(len(body))))
+                if len(body) > _CHUNK:
+                    # Let the platform refuse (size, auth, job) before we send megabytes.
+                    hdrs.append(("expect", "100-continue"))
+            try:
+                await stream.send_all(
+                    conn.send(h11.Request(method=method, target=target, headers=hdrs))
+                )
+            except trio.BrokenResourceError as e:
+                cause = _ssl_cause(e)
+                if cause is not None:
+                    raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
+                raise PlatformUnavailableError(None, "unavailable", "connection broke") from None
+            early: h11.Response | None = None
+            if body is not None:
+                if len(body) > _CHUNK:
+                    early = await self._await_continue(conn, stream)
+                if early is None:
+                    await self._send_body(conn, stream, body)
+            return await self._read_response(conn, stream, early)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _await_continue(
+        self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream]
+    ) -> h11.Response | None:
+        with trio.move_on_after(_EXPECT_CONTINUE_WAIT):
+            while True:
+                event = self._next_event(conn)
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await self._receive(stream))
+                    continue
+                if isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 100:
+                        return None
+                    continue
+                if isinstance(event, h11.Response):
+                    return event  # refused before the body: do not send it
+                raise PlatformUnavailableError(None, "unavailable", "connection closed early")
+        return None
+
+    async def _send_body(
+        self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream], body: bytes
+    ) -> None:
+        try:
+            view = memoryview(body)
+            for off in range(0, len(body), _CHUNK):
+                await stream.send_all(conn.send(h11.Data(data=bytes(view[off : off + _CHUNK]))))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+        except trio.BrokenResourceError as e:
+            cause = _ssl_cause(e)
+            if cause is not None:
+                raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
+            raise PlatformUnavailableError(
+                None, "unavailable", "connection broke while sending the request body"
+            ) from None
+
+    def _next_event(self, conn: h11.Connection) -> Any:
+        try:
+            return conn.next_event()
+        except h11.RemoteProtocolError:
+            raise PlatformError(None, "protocol", "platform sent malformed HTTP") from None
+
+    async def _read_response(
+        self,
+        conn: h11.Connection,
+        stream: trio.SSLStream[trio.SocketStream],
+        early: h11.Response | None,
+    ) -> _Response:
+        head = early
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = self._next_event(conn)
+            if event is h11.NEED_DATA:
+                conn.receive_data(await self._receive(stream))
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                head = event
+                continue
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > api.MAX_RESPONSE_BODY:
+                    raise PlatformError(None, "protocol", "platform response body too large")
+                chunks.append(bytes(event.data))
+                continue
+            if isinstance(event, h11.EndOfMessage) and head is not None:
+                headers = {
+                    k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers
+                }
+                return _Response(head.status_code, headers, b"".join(chunks))
+            raise PlatformUnavailableError(
+                None, "unavailable", "connection closed before the response was complete"
+            )

@@ -1,0 +1,169 @@
+"""Fixtures: a real platform (real TLS on 127.0.0.1, real SQLite) run in-process or as a
+subprocess, plus appliances activated through the real client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from protocol import client, sealing
+from tools.platform import ca, db, state
+from tools.platform.handlers import AppConfig
+from tools.platform.server import Server, ServerLimits, build_app, server_context
+
+PLATFORM = [sys.executable, "-m", "tools.platform"]
+HOSTNAME = "localhost"
+
+
+def run_cli(
+    *args: str, state_dir: Path | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the real `scanner-platform` CLI in a subprocess."""
+    cmd = [*PLATFORM, *args]
+    env = dict(os.environ)
+    if state_dir is not None:
+        env["SCANNER_PLATFORM_STATE"] = str(state_dir)
+    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=env, check=False)
+
+
+@dataclass
+class Appliance:
+    """An activated appliance as the agent would hold it."""
+
+    name: str
+    key_pem: bytes = field(repr=False)
+    cert_pem: bytes
+    x25519_private: bytes = field(repr=False)
+    x25519_public: bytes
+    client: client.PlatformClient
+
+
+@dataclass
+class Platform:
+    """A running platform in this process."""
+
+    paths: state.StatePaths
+    port: int
+    storage: db.Storage  # a separate connection for test assertions
+
+    @property
+    def url(self) -> str:
+        return f"https://{HOSTNAME}:{self.port}"
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.paths.ca_cert.read_bytes()
+
+    def add_appliance(self, name: str, ttl: float = 3600.0) -> str:
+        code = ca.new_activation_code()
+        now = time.time()
+        self.storage.add_appliance(name, ca.code_hash(code), now + ttl, now)
+        return code
+
+    def anon_client(self, timeout: float = 20.0) -> client.PlatformClient:
+        return client.PlatformClient(self.url, client.client_context(self.ca_pem), timeout)
+
+    async def activate(self, name: str) -> Appliance:
+        code = self.add_appliance(name)
+        key_pem, csr = client.new_client_key_and_csr(name)
+        xpriv, xpub = sealing.generate_keypair()
+        res = await self.anon_client().activate(code, csr, xpub)
+        ctx = client.client_context(self.ca_pem, res.certificate_pem, key_pem)
+        return Appliance(
+            name, key_pem, res.certificate_pem, xpriv, xpub, client.PlatformClient(self.url, ctx, timeout=20.0)
+        )
+
+
+def init_state(root: Path, hostname: str = HOSTNAME) -> state.StatePaths:
+    """An initialised state dir (same steps as `scanner-platform init`)."""
+    paths = state.init_state(root, hostname)
+    db.Storage(paths.db).close()
+    return paths
+
+
+@pytest.fixture
+def state_paths(tmp_path: Path) -> state.StatePaths:
+    return init_state(tmp_path / "platform")
+
+
+@pytest.fixture
+def app_config() -> AppConfig:
+    return AppConfig(lease_seconds=30.0, max_result_bytes=256 * 1024, poll_interval=0.05)
+
+
+@pytest.fixture
+async def platform(
+    nursery: trio.Nursery, state_paths: state.StatePaths, app_config: AppConfig
+) -> AsyncIterator[Platform]:
+    """The platform served in-process on 127.0.0.1 (ephemeral port), real TLS."""
+    app, storage = build_app(state_paths, app_config)
+    server = Server(
+        app, server_context(state_paths), ServerLimits(handshake_timeout=5, header_timeout=5, idle_timeout=5)
+    )
+    _host, port = await nursery.start(server.serve, "127.0.0.1", 0)
+    checker = db.Storage(state_paths.db)
+    try:
+        yield Platform(state_paths, port, checker)
+    finally:
+        nursery.cancel_scope.cancel()
+        checker.close()
+        storage.close()
+
+
+@dataclass
+class ServedProcess:
+    """`scanner-platform serve` running as a subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[ServedProcess]:
+    """A real `scanner-platform serve` subprocess on port 0, stopped by PID at teardown."""
+    root = tmp_path / "served"
+    assert run_cli("init", str(root), "--hostname", HOSTNAME).returncode == 0
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(
+            [
+                *PLATFORM,
+                "serve",
+                str(root),
+                "--listen",
+                "127.0.0.1:0",
+                "--lease-seconds",
+                "2",
+                "--poll-interval",
+                "0.05",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=logf,
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("listening on 127.0.0.1:"), (line, log_path.read_text())
+        port = int(line.rsplit(":", 1)[1])
+        assert (root / "serve.addr").read_text().strip() == f"127.0.0.1:{port}"
+        yield ServedProcess(proc, port, log_path)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -1,0 +1,163 @@
+"""End-to-end API tests through the real client against the real server (TLS on loopback)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pytest
+
+from protocol import api, client, sealing
+from tests.platform.conftest import Platform
+from tools.platform import keys
+
+
+async def test_time_without_client_cert(platform: Platform) -> None:
+    before = time.time()
+    t = await platform.anon_client().time()
+    assert before - 1 <= t <= time.time() + 1
+
+
+async def test_activation_flow_and_volume_key(platform: Platform) -> None:
+    a = await platform.activate("alpha")
+    row = platform.storage.appliance("alpha")
+    assert row.state == "active"
+    assert row.x25519_public == a.x25519_public
+    sealed = await a.client.volume_key()
+    vk = sealing.open_sealed(a.x25519_private, sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+    assert len(vk) == 32
+    # It is the key stored (wrapped) for this appliance, and the access was logged.
+    kek = platform.paths.kek.read_bytes()
+    wrapped = platform.storage.wrapped_volume_key(row.id)
+    assert wrapped is not None
+    assert bytes(keys.unwrap(kek, wrapped, row.id, "alpha")) == bytes(vk)
+    assert bytes(vk) not in wrapped
+    assert [e for e in platform.storage.events("volume_key") if e[1] == row.id]
+    # Sealed freshly each time (new ephemeral key), same key inside.
+    sealed2 = await a.client.volume_key()
+    assert sealed2 != sealed
+    assert sealing.open_sealed(a.x25519_private, sealed2, api.SEAL_CONTEXT_VOLUME_KEY) == vk
+    # The blob is not a credential: context binding.
+    with pytest.raises(sealing.SealError):
+        sealing.open_sealed(a.x25519_private, sealed, api.SEAL_CONTEXT_CREDENTIAL)
+
+
+async def test_each_appliance_gets_only_its_own_key(platform: Platform) -> None:
+    a = await platform.activate("a1")
+    b = await platform.activate("b1")
+    ka = sealing.open_sealed(a.x25519_private, await a.client.volume_key(), b"volume-key")
+    sealed_b = await b.client.volume_key()
+    kb = sealing.open_sealed(b.x25519_private, sealed_b, b"volume-key")
+    assert ka != kb
+    with pytest.raises(sealing.SealError):
+        sealing.open_sealed(a.x25519_private, sealed_b, b"volume-key")
+
+
+async def test_activation_code_single_use(platform: Platform) -> None:
+    code = platform.add_appliance("once")
+    _key_pem, csr = client.new_client_key_and_csr("once")
+    _, xpub = sealing.generate_keypair()
+    anon = platform.anon_client()
+    await anon.activate(code, csr, xpub)
+    with pytest.raises(client.PlatformError) as ei:
+        await anon.activate(code, csr, xpub)
+    assert (ei.value.status, ei.value.reason) == (403, api.REASON_INVALID_CODE)
+    assert code not in str(ei.value)
+
+
+async def test_activation_code_expires(platform: Platform) -> None:
+    code = platform.add_appliance("late", ttl=0.2)
+    _, csr = client.new_client_key_and_csr("late")
+    _, xpub = sealing.generate_keypair()
+    time.sleep(0.3)
+    with pytest.raises(client.PlatformError) as ei:
+        await platform.anon_client().activate(code, csr, xpub)
+    assert (ei.value.status, ei.value.reason) == (403, api.REASON_CODE_EXPIRED)
+    assert platform.storage.appliance("late").state == "pending"
+
+
+async def test_activation_rejects_bad_input(platform: Platform) -> None:
+    code = platform.add_appliance("bad")
+    _, xpub = sealing.generate_keypair()
+    anon = platform.anon_client()
+    with pytest.raises(client.PlatformError) as ei:
+        await anon.activate(code, b"-----BEGIN CERTIFICATE REQUEST-----\nxx\n", xpub)
+    assert (ei.value.status, ei.value.reason) == (400, api.REASON_BAD_REQUEST)
+    _, csr = client.new_client_key_and_csr("bad")
+    with pytest.raises(client.PlatformError) as ei:
+        await anon.activate(code, csr, xpub[:31])
+    assert ei.value.status == 400
+    # The code was not consumed by the failed attempts.
+    res = await anon.activate(code, csr, xpub)
+    assert res.appliance == "bad"
+
+
+async def test_jobs_lease_result_ack(platform: Platform) -> None:
+    a = await platform.activate("scanner1")
+    assert await a.client.next_job(wait=0) is None
+    job_id = platform.storage.add_job("scanner1", ["127.0.0.1"], "22,80-81", "builtin", None, time.time())
+    job = await a.client.next_job(wait=5)
+    assert job is not None
+    assert job.id == str(job_id)
+    assert job.targets == ("127.0.0.1",)
+    assert job.ports == "22,80-81"
+    assert job.credential is None and job.attempt == 1
+    await a.client.progress(job.id, "scanning 3 ports")
+    assert platform.storage.job(job_id).progress == "scanning 3 ports"
+    body = json.dumps({"hosts": []}).encode()
+    digest = await a.client.upload_result(job.id, body)
+    assert digest == hashlib.sha256(body).hexdigest()
+    res = platform.storage.result(job_id)
+    assert res.body == body and res.sha256 == digest
+    assert platform.storage.job(job_id).state == "done"
+    # Re-upload of the same body is acknowledged again (lost-ack retry) without a new row.
+    assert await a.client.upload_result(job.id, body) == digest
+    with pytest.raises(client.PlatformError) as ei:
+        await a.client.upload_result(job.id, b"different")
+    assert (ei.value.status, ei.value.reason) == (409, api.REASON_ALREADY_COMPLETED)
+    assert len(platform.storage.events("completed")) == 1
+    # A done job is not offered again.
+    assert await a.client.next_job(wait=0.2) is None
+
+
+async def test_long_poll_wakes_on_new_job(platform: Platform) -> None:
+    import trio
+
+    a = await platform.activate("poller")
+    got: list[client.Job | None] = []
+
+    async def poll() -> None:
+        got.append(await a.client.next_job(wait=20))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(poll)
+        await trio.sleep(0.3)
+        platform.storage.add_job("poller", ["10.0.0.0/30"], "443", "nmap", None, time.time())
+    assert got and got[0] is not None and got[0].engine == "nmap"
+
+
+async def test_credential_travels_sealed(platform: Platform) -> None:
+    a = await platform.activate("credapp")
+    secret = b"hunter2-canary-credential"
+    blob = sealing.seal(a.x25519_public, secret, api.SEAL_CONTEXT_CREDENTIAL)
+    platform.storage.add_credential("credapp", "ftp", blob, time.time())
+    platform.storage.add_job("credapp", ["127.0.0.1"], "21", "builtin", "ftp", time.time())
+    job = await a.client.next_job(wait=5)
+    assert job is not None and job.credential_name == "ftp"
+    assert job.credential == blob
+    assert "hunter2" not in repr(job) and repr(blob)[:20] not in repr(job)
+    opened = sealing.open_sealed(a.x25519_private, job.credential, b"credential")
+    assert bytes(opened) == secret
+    # The platform's database never saw the plaintext.
+    for p in platform.paths.root.iterdir():
+        assert secret not in p.read_bytes(), p
+
+
+async def test_config_reports_syslog_target(platform: Platform) -> None:
+    a = await platform.activate("logger")
+    assert (await a.client.config()).syslog is None
+    platform.storage.set_setting("syslog", {"host": "127.0.0.1", "port": 6514, "ca": platform.ca_pem.decode()})
+    cfg = await a.client.config()
+    assert cfg.syslog is not None
+    assert (cfg.syslog.host, cfg.syslog.port, cfg.syslog.ca_pem) == ("127.0.0.1", 6514, platform.ca_pem)

@@ -1,0 +1,7 @@
+"""`python -m tools.platform` == `scanner-platform`."""
+
+import sys
+
+from tools.platform.cli import main
+
+sys.exit(main())

@@ -1,0 +1,586 @@
+"""`scanner-platform`: the reference platform's command line.
+
+Exit codes: 0 success; 1 runtime failure (e.g. cannot listen); 2 usage error (bad flags,
+names or specs); 3 not found (appliance, job, credential, result); 4 conflict (exists
+already, deactivated, not active); 5 state directory problem (not initialised, unsafe
+permissions, database from a newer version). Errors are one line on stderr; --debug adds
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from protocol import api, sealing
+from tools.platform import ca, db, state
+
+PROG = "scanner-platform"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+EXIT_STATE = 5
+STATE_ENV = "SCANNER_PLATFORM_STATE"
+DEFAULT_CODE_TTL = 24 * 3600.0
+
+
+class CliError(Exception):
+    """A one-line error with its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error of ours (argparse would print the usage too).
+        self.exit(EXIT_USAGE, f"{PROG}: {message}; see '{self.prog} --help'\n")
+
+
+def _name(value: str) -> str:
+    if not api.NAME_RE.match(value):
+        raise argparse.ArgumentTypeError(f"invalid name {value!r} (1-63 chars: letters, digits, '.', '_', '-')")
+    return value
+
+
+def _positive(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 < f < 10**9:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive number of seconds")
+    return f
+
+
+def _port(value: str) -> int:
+    try:
+        p = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 1 <= p <= 65535:
+        raise argparse.ArgumentTypeError(f"port {p} is outside 1-65535")
+    return p
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: port is not a number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r}: port outside 0-65535")
+    return host.strip("[]"), port
+
+
+def _job_id(value: str) -> int:
+    if not api.JOB_ID_RE.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a job id (see 'job list')")
+    return int(value)
+
+
+def _ts(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _printable(text: str, width: int) -> str:
+    clean = "".join(ch if ch.isprintable() else "." for ch in text)
+    return clean if len(clean) <= width else clean[: width - 1] + "~"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+# --- state helpers ----------------------------------------------------------------------
+
+
+def _paths(args: argparse.Namespace) -> state.StatePaths:
+    root = args.state_dir if getattr(args, "state_dir", None) else (args.state or os.environ.get(STATE_ENV))
+    if not root:
+        raise CliError(f"no state directory; pass --state DIR or set {STATE_ENV}", EXIT_USAGE)
+    return state.StatePaths(Path(root))
+
+
+def _storage(args: argparse.Namespace) -> db.Storage:
+    paths = _paths(args)
+    state.check_initialised(paths)
+    return db.Storage(paths.db)
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    paths = state.init_state(Path(args.state_dir), args.hostname)
+    storage = db.Storage(paths.db)
+    try:
+        storage.set_setting("hostname", args.hostname)
+    finally:
+        storage.close()
+    print(f"platform initialised in {paths.root} for {args.hostname}; give appliances {paths.ca_cert}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from tools.platform.handlers import AppConfig
+    from tools.platform.server import ServerLimits, run_server
+
+    paths = _paths(args)
+    config = AppConfig(
+        lease_seconds=args.lease_seconds,
+        max_result_bytes=args.max_result_bytes,
+        poll_interval=args.poll_interval,
+    )
+    limits = ServerLimits(max_connections=args.max_connections)
+    host, port = args.listen
+    try:
+        trio.run(run_server, paths, host, port, config, limits)
+    except OSError as e:
+        raise CliError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --listen",
+            EXIT_FAILURE,
+        ) from None
+    return EXIT_OK
+
+
+def cmd_appliance_add(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        code = ca.new_activation_code()
+        now = time.time()
+        storage.add_appliance(args.name, ca.code_hash(code), now + args.code_ttl, now)
+    finally:
+        storage.close()
+    print(
+        f"appliance {args.name} added; activation code valid until {_ts(now + args.code_ttl)}",
+        file=sys.stderr,
+    )
+    print(code)
+    return EXIT_OK
+
+
+def cmd_appliance_pubkey(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        app = storage.appliance(args.name)
+    finally:
+        storage.close()
+    if app.x25519_public is None:
+        raise CliError(
+            f"appliance {args.name!r} is {app.state} and has no sealing key; activate it first",
+            EXIT_CONFLICT,
+        )
+    sys.stdout.write(sealing.public_key_to_pem(app.x25519_public).decode())
+    return EXIT_OK
+
+
+def cmd_appliance_deactivate(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        app = storage.deactivate(args.name, time.time())
+    finally:
+        storage.close()
+    print(f"appliance {app.name} deactivated: volume key destroyed, certificate {app.cert_serial or '-'} revoked")
+    return EXIT_OK
+
+
+def cmd_appliance_list(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        apps = storage.appliances()
+    finally:
+        storage.close()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": a.name,
+                        "state": a.state,
+                        "created_at": a.created_at,
+                        "activated_at": a.activated_at,
+                        "deactivated_at": a.deactivated_at,
+                        "code_expires": a.code_expires if a.state == db.STATE_PENDING else None,
+                        "cert_serial": a.cert_serial,
+                    }
+                    for a in apps
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    rows = [["NAME", "STATE", "CREATED", "ACTIVATED", "DEACTIVATED", "CERT SERIAL"]]
+    rows += [
+        [a.name, a.state, _ts(a.created_at), _ts(a.activated_at), _ts(a.deactivated_at), a.cert_serial or "-"]
+        for a in apps
+    ]
+    print(_table(rows))
+    return EXIT_OK
+
+
+def cmd_credential_add(args: argparse.Namespace) -> int:
+    try:
+        if args.sealed == "-":
+            blob = sys.stdin.buffer.read(sealing.MAX_PLAINTEXT + 1024)
+        else:
+            blob = Path(args.sealed).read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read {args.sealed}: {e.strerror}; check the path", EXIT_USAGE) from None
+    try:
+        sealing.check_format(blob)
+    except sealing.SealError as e:
+        raise CliError(f"{args.sealed}: {e}; produce it with scanner-seal", EXIT_USAGE) from None
+    storage = _storage(args)
+    try:
+        storage.add_credential(args.appliance, args.name, blob, time.time())
+    finally:
+        storage.close()
+    print(f"credential {args.name} stored for {args.appliance} (sealed, {len(blob)} bytes)")
+    return EXIT_OK
+
+
+def cmd_credential_list(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        storage.appliance(args.appliance)
+        names = storage.credentials(args.appliance)
+    finally:
+        storage.close()
+    for n in names:
+        print(n)
+    return EXIT_OK
+
+
+def cmd_job_add(args: argparse.Namespace) -> int:
+    try:
+        targets = api.parse_targets(args.targets)
+        ports = api.format_port_spec(api.parse_port_spec(args.ports))
+    except api.SpecError as e:
+        raise CliError(f"{e}; see 'job add --help'", EXIT_USAGE) from None
+    storage = _storage(args)
+    try:
+        job_id = storage.add_job(args.appliance, targets, ports, args.engine, args.credential, time.time())
+    finally:
+        storage.close()
+    print(job_id)
+    return EXIT_OK
+
+
+def _job_doc(j: db.JobRow) -> dict[str, Any]:
+    return {
+        "id": str(j.id),
+        "appliance": j.appliance,
+        "state": j.state,
+        "targets": j.targets,
+        "ports": j.ports,
+        "engine": j.engine,
+        "credential": j.credential_name,
+        "attempts": j.attempts,
+        "lease_expires": j.lease_expires,
+        "created_at": j.created_at,
+        "completed_at": j.completed_at,
+        "progress": j.progress,
+        "result_sha256": j.result_sha256,
+    }
+
+
+def cmd_job_list(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        jobs = storage.jobs(args.appliance)
+    finally:
+        storage.close()
+    if args.json:
+        print(json.dumps([_job_doc(j) for j in jobs], indent=2))
+        return EXIT_OK
+    rows = [["ID", "APPLIANCE", "STATE", "ATTEMPTS", "TARGETS", "PORTS", "ENGINE", "CREDENTIAL", "RESULT", "PROGRESS"]]
+    rows += [
+        [
+            str(j.id),
+            j.appliance,
+            j.state,
+            str(j.attempts),
+            _printable(",".join(j.targets), 40),
+            _printable(j.ports, 30),
+            j.engine,
+            j.credential_name or "-",
+            (j.result_sha256 or "-")[:12],
+            _printable(j.progress or "-", 40),
+        ]
+        for j in jobs
+    ]
+    print(_table(rows))
+    return EXIT_OK
+
+
+def _render_result(doc: Any) -> str | None:
+    if not isinstance(doc, dict) or not isinstance(doc.get(api.R_HOSTS), list):
+        return None
+    rows = [["TARGET", "ADDRESS", "PORT", "STATE", "SERVICE", "BANNER"]]
+    for host in doc[api.R_HOSTS]:
+        if not isinstance(host, dict):
+            continue
+        target = _printable(str(host.get(api.R_TARGET, "-")), 40)
+        address = _printable(str(host.get(api.R_ADDRESS, "-")), 40)
+        ports = host.get(api.R_PORTS) or []
+        if not ports:
+            rows.append([target, address, "-", "-", "-", "-"])
+        for p in ports if isinstance(ports, list) else []:
+            if isinstance(p, dict):
+                rows.append(
+                    [
+                        target,
+                        address,
+                        str(p.get(api.R_PORT, "-")),
+                        _printable(str(p.get(api.R_STATE, "-")), 12),
+                        _printable(str(p.get(api.R_SERVICE) or "-"), 20),
+                        _printable(str(p.get(api.R_BANNER) or "-"), 60),
+                    ]
+                )
+    return _table(rows)
+
+
+def cmd_results_show(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        job = storage.job(args.job)
+        res = storage.result(args.job)
+    finally:
+        storage.close()
+    try:
+        doc: Any = json.loads(res.body)
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "job": str(job.id),
+                    "appliance": job.appliance,
+                    "sha256": res.sha256,
+                    "size": res.size,
+                    "received_at": res.received_at,
+                    "attempts": job.attempts,
+                    "result": doc,
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    print(
+        f"job {job.id}  appliance {job.appliance}  received {_ts(res.received_at)}  "
+        f"{res.size} bytes  sha256 {res.sha256}"
+    )
+    table = _render_result(doc)
+    if table is not None:
+        print(table)
+    elif doc is not None:
+        print(json.dumps(doc, indent=2))
+    else:
+        print("(result is not JSON; use --json for metadata)")
+    return EXIT_OK
+
+
+def cmd_syslog_set(args: argparse.Namespace) -> int:
+    try:
+        ca_pem = Path(args.ca).read_text("ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read CA file {args.ca}: {e}; pass a PEM file", EXIT_USAGE) from None
+    if "-----BEGIN CERTIFICATE-----" not in ca_pem:
+        raise CliError(f"{args.ca} holds no PEM certificate; pass the syslog server's CA", EXIT_USAGE)
+    storage = _storage(args)
+    try:
+        storage.set_setting("syslog", {"host": args.host, "port": args.port, "ca": ca_pem})
+    finally:
+        storage.close()
+    print(f"syslog target set to {args.host}:{args.port}")
+    return EXIT_OK
+
+
+def cmd_syslog_show(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        value = storage.get_setting("syslog")
+    finally:
+        storage.close()
+    print("none" if value is None else f"{value['host']}:{value['port']}")
+    return EXIT_OK
+
+
+def cmd_syslog_clear(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        storage.delete_setting("syslog")
+    finally:
+        storage.close()
+    print("syslog target cleared")
+    return EXIT_OK
+
+
+def cmd_crl(args: argparse.Namespace) -> int:
+    paths = _paths(args)
+    storage = _storage(args)
+    try:
+        revoked = storage.revoked()
+    finally:
+        storage.close()
+    sys.stdout.write(ca.build_crl(state.load_ca(paths), revoked).decode())
+    return EXIT_OK
+
+
+# --- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    p = _Parser(prog=PROG, description="Reference platform for scratchfs appliances.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level"
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def leaf(
+        parent: Any, name: str, fn: Callable[[argparse.Namespace], int], help_: str, state_flag: bool = True
+    ) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=fn)
+        if state_flag:
+            sp.add_argument("--state", metavar="DIR", help=f"platform state directory (default: ${STATE_ENV})")
+        return sp
+
+    sp = leaf(sub, "init", cmd_init, "create CA, server certificate, KEK and database", state_flag=False)
+    sp.add_argument("state_dir", metavar="STATE_DIR")
+    sp.add_argument("--hostname", required=True, help="name appliances use to reach the server")
+
+    sp = leaf(sub, "serve", cmd_serve, "serve the HTTPS API (mutual TLS)", state_flag=False)
+    sp.add_argument("state_dir", metavar="STATE_DIR")
+    sp.add_argument(
+        "--listen",
+        type=_listen,
+        default=("127.0.0.1", 8443),
+        metavar="HOST:PORT",
+        help="address to listen on (port 0: any free port; see STATE_DIR/serve.addr)",
+    )
+    sp.add_argument(
+        "--lease-seconds",
+        type=_positive,
+        default=300.0,
+        help="how long a handed-out job stays leased before it is offered again",
+    )
+    sp.add_argument(
+        "--max-result-bytes", type=int, default=api.MAX_RESULT_BODY_DEFAULT, help="largest accepted result upload"
+    )
+    sp.add_argument(
+        "--poll-interval", type=_positive, default=0.5, help="how often a long poll re-checks the database for new jobs"
+    )
+    sp.add_argument("--max-connections", type=int, default=256, help="concurrent connections served")
+
+    app = sub.add_parser("appliance", help="manage appliances")
+    asub = app.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sp = leaf(asub, "add", cmd_appliance_add, "add an appliance; prints its activation code")
+    sp.add_argument("name", type=_name)
+    sp.add_argument(
+        "--code-ttl",
+        type=_positive,
+        default=DEFAULT_CODE_TTL,
+        metavar="SECONDS",
+        help="activation code lifetime (default 86400)",
+    )
+    sp = leaf(asub, "pubkey", cmd_appliance_pubkey, "print the appliance's X25519 key (PEM)")
+    sp.add_argument("name", type=_name)
+    sp = leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the volume key, revoke the certificate")
+    sp.add_argument("name", type=_name)
+    sp = leaf(asub, "list", cmd_appliance_list, "list appliances")
+    sp.add_argument("--json", action="store_true")
+
+    job = sub.add_parser("job", help="manage jobs")
+    jsub = job.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sp = leaf(jsub, "add", cmd_job_add, "queue a scan job; prints its id")
+    sp.add_argument("appliance", type=_name)
+    sp.add_argument("--targets", required=True, help="comma list of IPs, CIDRs, hostnames")
+    sp.add_argument("--ports", required=True, help="comma list of ports and ranges")
+    sp.add_argument("--engine", choices=list(api.ENGINES), default=api.ENGINE_BUILTIN)
+    sp.add_argument("--credential", type=_name, help="name of a credential of this appliance")
+    sp = leaf(jsub, "list", cmd_job_list, "list jobs")
+    sp.add_argument("--appliance", type=_name)
+    sp.add_argument("--json", action="store_true")
+
+    res = sub.add_parser("results", help="read results")
+    rsub = res.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sp = leaf(rsub, "show", cmd_results_show, "show a job's result")
+    sp.add_argument("job", type=_job_id)
+    sp.add_argument("--json", action="store_true")
+
+    cred = sub.add_parser("credential", help="manage sealed credentials")
+    csub = cred.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sp = leaf(csub, "add", cmd_credential_add, "store a credential sealed with scanner-seal")
+    sp.add_argument("name", type=_name)
+    sp.add_argument("--appliance", type=_name, required=True)
+    sp.add_argument("--sealed", required=True, metavar="FILE", help="sealed blob ('-': stdin)")
+    sp = leaf(csub, "list", cmd_credential_list, "list an appliance's credential names")
+    sp.add_argument("--appliance", type=_name, required=True)
+
+    sl = sub.add_parser("syslog", help="remote syslog target told to appliances")
+    ssub = sl.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sp = leaf(ssub, "set", cmd_syslog_set, "set the RFC 5425 (TLS) syslog target")
+    sp.add_argument("--host", required=True)
+    sp.add_argument("--port", type=_port, required=True)
+    sp.add_argument("--ca", required=True, metavar="FILE", help="CA certificate (PEM)")
+    leaf(ssub, "show", cmd_syslog_show, "show the syslog target")
+    leaf(ssub, "clear", cmd_syslog_clear, "remove the syslog target")
+
+    leaf(sub, "crl", cmd_crl, "print the revocation list as an X.509 CRL (PEM)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `scanner-platform`; returns the exit code."""
+    os.umask(0o077)  # database, WAL and anything else we create: owner only
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except CliError as e:
+        return _fail(args, str(e), e.code)
+    except db.NotFound as e:
+        return _fail(args, str(e), EXIT_NOT_FOUND)
+    except db.Conflict as e:
+        return _fail(args, str(e), EXIT_CONFLICT)
+    except (state.StateError, db.StorageError, ca.CAError) as e:
+        return _fail(args, str(e), EXIT_STATE)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", EXIT_FAILURE)
+    except Exception as e:  # noqa: BLE001 — last resort: still one line unless --debug
+        return _fail(args, f"unexpected {type(e).__name__}: {e}; rerun with --debug", EXIT_FAILURE)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.debug:
+        logging.getLogger("scanner-platform").exception("error")
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,312 @@
+"""The platform's endpoints: who is calling (from the verified client certificate) and what
+each request does. HTTP framing lives in `http`, TLS and sockets in `server`, SQL in `db`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from protocol import api, sealing
+from tools.platform import ca, db, keys
+from tools.platform.http import Exchange, HttpError, Response, json_response
+
+log = logging.getLogger("scanner-platform")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Server behaviour knobs (CLI flags of `serve`)."""
+
+    lease_seconds: float = 300.0
+    max_result_bytes: int = api.MAX_RESULT_BODY_DEFAULT
+    poll_interval: float = 0.5
+
+
+class Database:
+    """Runs blocking Storage calls in one worker thread at a time (SQLite is serial anyway)."""
+
+    def __init__(self, storage: db.Storage) -> None:
+        self.storage = storage
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call ``fn(*args)`` in the database thread."""
+        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._limiter)
+
+
+def _syslog_doc(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, dict):
+        return None
+    return {api.F_HOST: value["host"], api.F_PORT: value["port"], api.F_CA: value["ca"]}
+
+
+def _b64_field(doc: dict[str, Any], key: str, size: int) -> bytes:
+    value = doc.get(key)
+    if not isinstance(value, str):
+        raise HttpError(400, api.REASON_BAD_REQUEST, f"field {key!r} must be a base64 string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(400, api.REASON_BAD_REQUEST, f"field {key!r} is not base64") from None
+    if len(raw) != size:
+        raise HttpError(400, api.REASON_BAD_REQUEST, f"field {key!r} must be {size} bytes")
+    return raw
+
+
+def _str_field(doc: dict[str, Any], key: str, max_len: int) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise HttpError(400, api.REASON_BAD_REQUEST, f"field {key!r} must be a string of 1-{max_len} chars")
+    return value
+
+
+class PlatformApp:
+    """Dispatches one parsed request to its endpoint."""
+
+    def __init__(self, database: Database, authority: ca.CA, kek: bytes, config: AppConfig):
+        self.db = database
+        self.ca = authority
+        self._kek = kek
+        self.config = config
+        self._routes: dict[str, dict[str, Callable[[Exchange, bytes | None], Awaitable[Response]]]]
+        self._routes = {
+            api.PATH_TIME: {"GET": self.get_time},
+            api.PATH_ACTIVATE: {"POST": self.post_activate},
+            api.PATH_VOLUME_KEY: {"GET": self.get_volume_key},
+            api.PATH_CONFIG: {"GET": self.get_config},
+            api.PATH_NEXT_JOB: {"GET": self.get_next_job},
+        }
+
+    def __repr__(self) -> str:
+        return "PlatformApp()"
+
+    async def handle(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """Route a request (headers read, body not yet) to its handler."""
+        methods = self._routes.get(ex.path)
+        if methods is None and ex.path.startswith(api.PATH_JOB_PREFIX):
+            rest = ex.path[len(api.PATH_JOB_PREFIX) :]
+            for suffix, handler in (
+                (api.RESULT_SUFFIX, self.post_result),
+                (api.PROGRESS_SUFFIX, self.post_progress),
+            ):
+                if rest.endswith(suffix):
+                    job_id = rest[: -len(suffix)]
+                    if not api.JOB_ID_RE.match(job_id):
+                        raise HttpError(404, api.REASON_NOT_FOUND, "no such job")
+                    if ex.method != "POST":
+                        raise HttpError(405, api.REASON_METHOD_NOT_ALLOWED, "use POST", {"allow": "POST"})
+                    return await handler(ex, peer_der, int(job_id))
+        if methods is None:
+            raise HttpError(404, api.REASON_NOT_FOUND, "no such endpoint")
+        fn = methods.get(ex.method)
+        if fn is None:
+            allow = ", ".join(methods)
+            raise HttpError(405, api.REASON_METHOD_NOT_ALLOWED, f"use {allow}", {"allow": allow})
+        return await fn(ex, peer_der)
+
+    # --- identity ---
+
+    async def identify(self, peer_der: bytes | None, *, required: bool) -> db.Appliance | None:
+        """The appliance of the verified client certificate (HttpError when not acceptable).
+
+        The TLS layer already verified the chain to our CA; here we check that the
+        certificate is the one on record for an active appliance and not revoked.
+        """
+        if peer_der is None:
+            if required:
+                raise HttpError(
+                    401,
+                    api.REASON_CLIENT_CERT_REQUIRED,
+                    "this endpoint needs the appliance's client certificate (mutual TLS)",
+                )
+            return None
+        fp = ca.fingerprint(peer_der)
+        serial = ca.serial_of(peer_der)
+
+        def lookup(s: db.Storage) -> tuple[bool, db.Appliance | None]:
+            return s.is_revoked(serial, fp), s.appliance_by_fingerprint(fp)
+
+        revoked, app = await self.db.run(lookup, self.db.storage)
+        if revoked or (app is not None and app.state == db.STATE_DEACTIVATED):
+            raise HttpError(403, api.REASON_DEACTIVATED, "this appliance is deactivated")
+        if app is None or app.state != db.STATE_ACTIVE:
+            raise HttpError(
+                403, api.REASON_UNKNOWN_CERTIFICATE, "client certificate is not on record for any appliance"
+            )
+        return app
+
+    async def _required(self, peer_der: bytes | None) -> db.Appliance:
+        app = await self.identify(peer_der, required=True)
+        assert app is not None  # identify(required=True) raises instead of returning None
+        return app
+
+    # --- endpoints ---
+
+    async def get_time(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """GET /v1/time: platform UTC epoch seconds."""
+        await self.identify(peer_der, required=False)
+        return json_response(200, {api.F_TIME: time.time()})
+
+    async def post_activate(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """POST /v1/activate: code + CSR + X25519 key -> client certificate."""
+        await self.identify(peer_der, required=False)
+        doc = await ex.read_json()
+        code = _str_field(doc, api.F_CODE, 64)
+        csr_pem = _str_field(doc, api.F_CSR, 16 * 1024)
+        x_pub = _b64_field(doc, api.F_X25519_PUBLIC, sealing.KEY_LEN)
+        try:
+            csr = ca.check_csr(csr_pem.encode("ascii"))
+        except (ca.CAError, UnicodeEncodeError) as e:
+            raise HttpError(400, api.REASON_BAD_REQUEST, f"csr: {e}") from None
+        now = time.time()
+
+        def issue(name: str) -> tuple[bytes, str, str]:
+            cert = ca.issue_client_cert(self.ca, csr, name)
+            return cert.pem, cert.serial, cert.fingerprint
+
+        def wrap_new(appliance_id: int, name: str) -> bytes:
+            vk = bytearray(keys.new_key())
+            try:
+                return keys.wrap(self._kek, bytes(vk), appliance_id, name)
+            finally:
+                keys.wipe(vk)
+
+        try:
+            grant = await self.db.run(self.db.storage.activate, ca.code_hash(code), now, x_pub, issue, wrap_new)
+        except db.NotFound:
+            log.info("activation refused reason=invalid_code")
+            raise HttpError(403, api.REASON_INVALID_CODE, "activation code is unknown or was used already") from None
+        except db.Conflict:
+            log.info("activation refused reason=code_expired")
+            raise HttpError(403, api.REASON_CODE_EXPIRED, "activation code has expired") from None
+        syslog = await self.db.run(self.db.storage.get_setting, "syslog")
+        log.info("appliance activated appliance=%s serial=%s", grant.appliance.name, grant.appliance.cert_serial)
+        return json_response(
+            200,
+            {
+                api.F_APPLIANCE: grant.appliance.name,
+                api.F_CERTIFICATE: grant.cert_pem.decode(),
+                api.F_CA: self.ca.cert_pem.decode(),
+                api.F_SYSLOG: _syslog_doc(syslog),
+            },
+        )
+
+    async def get_volume_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """GET /v1/volume-key: the caller's own volume key, sealed to its X25519 key."""
+        app = await self._required(peer_der)
+        wrapped = await self.db.run(self.db.storage.wrapped_volume_key, app.id)
+        if wrapped is None or app.x25519_public is None:
+            raise HttpError(503, api.REASON_UNAVAILABLE, "no volume key on record")
+        vk = keys.unwrap(self._kek, wrapped, app.id, app.name)
+        try:
+            sealed = sealing.seal(app.x25519_public, vk, api.SEAL_CONTEXT_VOLUME_KEY)
+        finally:
+            keys.wipe(vk)
+        await self.db.run(self.db.storage.log_event, time.time(), "volume_key", app.id)
+        log.info("volume key handed out appliance=%s", app.name)
+        return json_response(200, {api.F_SEALED: base64.b64encode(sealed).decode()})
+
+    async def get_config(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """GET /v1/config: syslog target."""
+        await self._required(peer_der)
+        syslog = await self.db.run(self.db.storage.get_setting, "syslog")
+        return json_response(200, {api.F_SYSLOG: _syslog_doc(syslog)})
+
+    async def get_next_job(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """GET /v1/jobs/next?wait=S: lease the next job, long-polling up to S seconds."""
+        app = await self._required(peer_der)
+        raw = ex.query.get(api.QUERY_WAIT, ["0"])[-1]
+        try:
+            wait = float(raw)
+        except ValueError:
+            raise HttpError(400, api.REASON_BAD_REQUEST, "wait must be a number") from None
+        if not 0.0 <= wait < float("inf"):
+            raise HttpError(400, api.REASON_BAD_REQUEST, "wait must be >= 0")
+        deadline = trio.current_time() + min(wait, api.MAX_WAIT_SECONDS)
+        while True:
+            # Jobs are added by CLI processes writing the same database: poll it.
+            job = await self.db.run(self.db.storage.lease_next, app.id, time.time(), self.config.lease_seconds)
+            if job is not None:
+                log.info("job leased appliance=%s job=%d attempt=%d", app.name, job.id, job.attempts)
+                return json_response(200, {api.F_JOB: self._job_doc(job)})
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                return Response(204)
+            await trio.sleep(min(self.config.poll_interval, remaining))
+
+    @staticmethod
+    def _job_doc(job: db.JobRow) -> dict[str, Any]:
+        cred = None
+        if job.credential_name is not None and job.credential_sealed is not None:
+            cred = {
+                api.F_NAME: job.credential_name,
+                api.F_SEALED: base64.b64encode(job.credential_sealed).decode(),
+            }
+        return {
+            api.F_ID: str(job.id),
+            api.F_TARGETS: job.targets,
+            api.F_PORTS: job.ports,
+            api.F_ENGINE: job.engine,
+            api.F_CREDENTIAL: cred,
+            api.F_LEASE_EXPIRES: job.lease_expires,
+            api.F_ATTEMPT: job.attempts,
+        }
+
+    async def _own_job(self, app: db.Appliance, job_id: int) -> str:
+        owner = await self.db.run(self.db.storage.job_owner, job_id)
+        # Another appliance's job answers exactly like a job that does not exist.
+        if owner is None or owner[0] != app.id or owner[1] == "cancelled":
+            raise HttpError(404, api.REASON_NOT_FOUND, "no such job for this appliance")
+        return owner[1]
+
+    async def post_result(self, ex: Exchange, peer_der: bytes | None, job_id: int) -> Response:
+        """POST /v1/jobs/{id}/result: body + X-Content-SHA256 -> stored once, digest ack."""
+        app = await self._required(peer_der)
+        claimed = ex.headers.get(api.HEADER_CONTENT_SHA256, "").strip().lower()
+        if not api.SHA256_HEX_RE.match(claimed):
+            raise HttpError(400, api.REASON_BAD_REQUEST, f"header {api.HEADER_CONTENT_SHA256} must be 64 hex digits")
+        if ex.declared_length() is None and "chunked" not in ex.headers.get("transfer-encoding", ""):
+            raise HttpError(411, api.REASON_LENGTH_REQUIRED, "send Content-Length or chunked transfer encoding")
+        await self._own_job(app, job_id)
+        h = hashlib.sha256()
+        body = bytearray()
+        async for chunk in ex.iter_body(self.config.max_result_bytes):
+            h.update(chunk)
+            body += chunk
+        actual = h.hexdigest()
+        if not hmac.compare_digest(actual, claimed):
+            log.info("result refused appliance=%s job=%d reason=digest_mismatch", app.name, job_id)
+            raise HttpError(400, api.REASON_DIGEST_MISMATCH, "body does not match its SHA-256; nothing stored")
+        outcome = await self.db.run(self.db.storage.complete_job, job_id, app.id, actual, bytes(body), time.time())
+        if outcome is db.Completion.CONFLICT:
+            raise HttpError(409, api.REASON_ALREADY_COMPLETED, "job already has a different result")
+        log.info("result stored appliance=%s job=%d bytes=%d outcome=%s", app.name, job_id, len(body), outcome.value)
+        return json_response(200, {api.F_SHA256: actual, api.F_JOB: str(job_id)})
+
+    async def post_progress(self, ex: Exchange, peer_der: bytes | None, job_id: int) -> Response:
+        """POST /v1/jobs/{id}/progress: {"text": ...} -> 204."""
+        app = await self._required(peer_der)
+        await self._own_job(app, job_id)
+        doc = await ex.read_json()
+        value = doc.get(api.F_TEXT)
+        if not isinstance(value, str) or len(value) > api.MAX_PROGRESS_TEXT:
+            raise HttpError(
+                400, api.REASON_BAD_REQUEST, f"field 'text' must be a string of at most {api.MAX_PROGRESS_TEXT}"
+            )
+        try:
+            await self.db.run(self.db.storage.set_progress, job_id, app.id, value, time.time())
+        except db.NotFound:
+            raise HttpError(404, api.REASON_NOT_FOUND, "no such job for this appliance") from None
+        return Response(204)

@@ -59,7 +59,7 @@ def associated_data(blob_id: bytes, index: int, version: int) -> bytes:
 
 
 def seal_block(
-    key: FileKey, blob_id: bytes, index: int, version: int, plaintext: bytes | memoryview
+    key: FileKey, blob_id: bytes, index: int, version: int, plaintext: bytes | bytearray | memoryview
 ) -> tuple[bytes, bytes]:
     """Encrypt one block's plaintext into its record, as (nonce, ciphertext ‖ tag)."""
     return key.seal(version, plaintext, associated_data(blob_id, index, version))
@@ -79,12 +79,35 @@ def open_block(
         raise IntegrityError(e.reason, index) from None
 
 
+def seal_block_into(
+    key: FileKey, blob_id: bytes, index: int, version: int, plaintext: bytes | bytearray | memoryview, out: memoryview
+) -> None:
+    """Encrypt one block straight into its place in a write buffer (*out* = the record's bytes)."""
+    key.seal_into(version, plaintext, associated_data(blob_id, index, version), out)
+
+
+def open_block_into(
+    key: FileKey, blob_id: bytes, index: int, version: int, record: memoryview, out: memoryview
+) -> None:
+    """Authenticate one record and decrypt it into *out* (its plaintext's place in a read buffer)."""
+    if len(record) != len(out) + OVERHEAD:
+        raise IntegrityError(
+            f"record is {len(record)} bytes, expected {len(out) + OVERHEAD} (truncated or extended)", index
+        )
+    try:
+        key.open_into(version, record, associated_data(blob_id, index, version), out)
+    except IntegrityError as e:
+        raise IntegrityError(e.reason, index) from None
+
+
 def is_zero(data: bytes | memoryview) -> bool:
     """True if every byte is zero (how a never-written region must look in the blob)."""
     return not any(data) if len(data) < 64 else bytes(data) == bytes(len(data))
 
 
-def seal_record(key: FileKey, blob_id: bytes, index: int, version: int, plaintext: bytes | memoryview) -> bytes:
+def seal_record(
+    key: FileKey, blob_id: bytes, index: int, version: int, plaintext: bytes | bytearray | memoryview
+) -> bytes:
     """seal_block() as one contiguous record (for tools and tests; the write path uses pwritev)."""
     nonce, body = seal_block(key, blob_id, index, version, plaintext)
     return nonce + body

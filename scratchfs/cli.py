@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--readahead-kb", type=int, default=1024, help="kernel readahead for the mount (root only; 0 keeps 128)"
     )
+    m.add_argument(
+        "--direct-io",
+        action="store_true",
+        help="bypass the page cache: each read/write is atomic against concurrent writers; no shared mmap",
+    )
     m.add_argument("--strict", action="store_true", help="exit non-zero if any internal error happened (tests)")
     m.add_argument("--no-mlock", action="store_true", help="do not lock memory (mlockall)")
     m.add_argument("--pid-file", type=Path, help="write the daemon's PID here once the mount is live")
@@ -133,6 +138,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         writeback=args.writeback_cache,
         lock_memory=not args.no_mlock,
         readahead_kb=args.readahead_kb,
+        direct_io=args.direct_io,
         pid_file=args.pid_file.absolute() if args.pid_file else None,
     )
     if not args.foreground:

@@ -125,45 +125,43 @@ class FileContent:
         if actual != self.blob_len:
             raise IntegrityError(f"blob is {actual} bytes, expected {self.blob_len} (truncated or extended)")
 
-    def _decode(self, first: int, last: int, raw: bytes, raw_base: int, size: int) -> list[bytes]:
-        """Decrypt blocks first..last from *raw* (blob bytes starting at offset *raw_base*)."""
+    def _read_blocks(self, first: int, last: int) -> bytearray:
+        """Authenticated plaintext of blocks first..last, concatenated (each at full logical length)."""
         bs = self.block_size
-        out: list[bytes] = []
-        view = memoryview(raw)
-        key = self.key
-        blob_id = self.blob_id
-        for index in range(first, last + 1):
-            plain_len = blocks.block_length(index, size, bs)
-            start = blocks.record_offset(index, bs) - raw_base
-            record = view[start : start + plain_len + blocks.OVERHEAD]
-            version = self._version(index)
-            if version == 0:
-                if not blocks.is_zero(record):
-                    raise IntegrityError("data found where a hole must be", index)
-                out.append(bytes(plain_len))
-            else:
-                assert key is not None and blob_id is not None
-                out.append(blocks.open_block(key, blob_id, index, version, record, plain_len))
-        return out
-
-    def _read_blocks(self, first: int, last: int) -> list[bytes]:
-        """Authenticated plaintext of blocks first..last (each full logical length)."""
+        size = self.size
+        out = bytearray(max(0, min(size, (last + 1) * bs) - first * bs))
         if self.blob_id is None:
-            return [bytes(blocks.block_length(i, self.size, self.block_size)) for i in range(first, last + 1)]
+            return out
         fd = self.ensure_blob()
         self._check_blob_len(fd)
-        bs = self.block_size
         base = blocks.record_offset(first, bs)
-        end = blocks.record_offset(last, bs) + blocks.block_length(last, self.size, bs) + blocks.OVERHEAD
+        end = blocks.record_offset(last, bs) + blocks.block_length(last, size, bs) + blocks.OVERHEAD
         raw = os.pread(fd, end - base, base) if base < self.blob_len else b""
         if len(raw) < end - base:
             # Past the blob's end only holes may lie; pad so the hole check sees zeros there.
             for index in range(first, last + 1):
-                rec_end = blocks.record_offset(index, bs) + blocks.block_length(index, self.size, bs) + blocks.OVERHEAD
+                rec_end = blocks.record_offset(index, bs) + blocks.block_length(index, size, bs) + blocks.OVERHEAD
                 if self._version(index) and rec_end > base + len(raw):
                     raise IntegrityError("record missing (blob truncated)", index)
             raw = raw + bytes(end - base - len(raw))
-        return self._decode(first, last, raw, base, self.size)
+        view = memoryview(raw)
+        out_view = memoryview(out)
+        key, blob_id, versions = self.key, self.blob_id, self.versions
+        nversions = len(versions)
+        record_size = bs + blocks.OVERHEAD
+        for index in range(first, last + 1):
+            plain_len = bs if (index + 1) * bs <= size else size - index * bs
+            start = (index - first) * record_size
+            record = view[start : start + plain_len + blocks.OVERHEAD]
+            version = versions[index] if index < nversions else 0
+            if version == 0:
+                if not blocks.is_zero(record):
+                    raise IntegrityError("data found where a hole must be", index)
+                continue  # out is already zero there
+            assert key is not None
+            pstart = (index - first) * bs
+            blocks.open_block_into(key, blob_id, index, version, record, out_view[pstart : pstart + plain_len])
+        return out
 
     # --- the three content operations ------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -173,10 +171,9 @@ class FileContent:
         length = min(length, self.size - offset)
         bs = self.block_size
         span = blocks.block_span(offset, length, bs)
-        plains = self._read_blocks(span.start, span.stop - 1)
-        joined = plains[0] if len(plains) == 1 else b"".join(plains)
+        plain = self._read_blocks(span.start, span.stop - 1)
         start = offset - span.start * bs
-        return joined[start : start + length]
+        return bytes(memoryview(plain)[start : start + length])
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write *data* at *offset*, growing the file if needed; returns len(data)."""
@@ -188,35 +185,50 @@ class FileContent:
         old_size = self.size
         new_size = max(old_size, end)
         fd = self.ensure_blob()
-        records: list[tuple[int, int, tuple[bytes, bytes]]] = []
+        runs: list[tuple[int, bytes | bytearray, list[int]]] = []
         # Growing past a short last block: it must be re-sealed at its new, longer length.
         old_last = (old_size - 1) // bs if old_size else -1
         if old_size % bs and old_last < offset // bs:
-            records.append(self._reseal_grown(old_last, old_size, new_size))
-        span = blocks.block_span(offset, length, bs)
+            runs.append(self._reseal_grown(old_last, new_size))
+        first = offset // bs
+        last = (end - 1) // bs
         view = memoryview(data)
-        partial = [i for i in (span.start, span.stop - 1) if self._is_partial(i, offset, end, new_size)]
-        old_plain: dict[int, bytes] = {}
-        for index in sorted(set(partial)):
-            if index * bs < old_size:
-                old_plain[index] = self._read_blocks(index, index)[0]
+        old_plain: dict[int, bytearray] = {}
+        for index in {first, last}:
+            if self._is_partial(index, offset, end, new_size) and index * bs < old_size:
+                old_plain[index] = self._read_blocks(index, index)
         assert self.key is not None and self.blob_id is not None
         key, blob_id = self.key, self.blob_id
-        for index in span:
+        base = blocks.record_offset(first, bs)
+        buf = bytearray(
+            blocks.record_offset(last, bs) + blocks.block_length(last, new_size, bs) + blocks.OVERHEAD - base
+        )
+        out = memoryview(buf)
+        record_size = bs + blocks.OVERHEAD
+        versions: list[int] = []
+        for index in range(first, last + 1):
             bstart = index * bs
-            plain_len = blocks.block_length(index, new_size, bs)
-            lo = max(offset, bstart)
-            hi = min(end, bstart + bs)
-            chunk = view[lo - offset : hi - offset]
-            if index in partial:
-                old = old_plain.get(index, b"")
-                old = old[:plain_len] + bytes(max(0, plain_len - len(old)))
-                plain: bytes | memoryview = old[: lo - bstart] + bytes(chunk) + old[hi - bstart :]
+            plain_len = bs if bstart + bs <= new_size else new_size - bstart
+            lo = offset if offset > bstart else bstart
+            hi = end if end < bstart + bs else bstart + bs
+            if lo == bstart and hi == bstart + plain_len:
+                plain: bytes | bytearray | memoryview = view[lo - offset : hi - offset]
             else:
-                plain = chunk
+                merged = bytearray(plain_len)
+                old = old_plain.get(index)
+                if old is not None:
+                    keep = min(len(old), plain_len)
+                    merged[:keep] = old[:keep]
+                merged[lo - bstart : hi - bstart] = view[lo - offset : hi - offset]
+                plain = merged
             version = self._take_version()
-            records.append((index, version, blocks.seal_block(key, blob_id, index, version, plain)))
-        self._write_records(fd, records)
+            rstart = (index - first) * record_size
+            blocks.seal_block_into(
+                key, blob_id, index, version, plain, out[rstart : rstart + plain_len + blocks.OVERHEAD]
+            )
+            versions.append(version)
+        runs.append((first, buf, versions))
+        self._write_runs(fd, runs)
         self.size = new_size
         return length
 
@@ -232,20 +244,15 @@ class FileContent:
         fd = self.ensure_blob()
         if new_size > old_size:
             if old_size % bs:
-                record = self._reseal_grown((old_size - 1) // bs, old_size, new_size)
-                self._write_records(fd, [record])
+                self._write_runs(fd, [self._reseal_grown((old_size - 1) // bs, new_size)])
             self.size = new_size
             return
         keep = blocks.block_count(new_size, bs)
         tail = new_size % bs
-        records: list[tuple[int, int, tuple[bytes, bytes]]] = []
         if tail and self._version(keep - 1):
-            plain = self._read_blocks(keep - 1, keep - 1)[0][:tail]
-            assert self.key is not None and self.blob_id is not None
-            version = self._take_version()
-            records.append((keep - 1, version, blocks.seal_block(self.key, self.blob_id, keep - 1, version, plain)))
+            plain = self._read_blocks(keep - 1, keep - 1)[:tail]
             # The shortened record goes in before the blob is cut, so a failure leaves the old state.
-            self._write_records(fd, records)
+            self._write_runs(fd, [self._seal_one(keep - 1, plain)])
         for index in range(keep, len(self.versions)):
             self._set_version(index, 0)
         del self.versions[keep:]
@@ -264,47 +271,36 @@ class FileContent:
         plain_len = blocks.block_length(index, new_size, self.block_size)
         return not (offset <= bstart and end >= bstart + plain_len)
 
-    def _reseal_grown(self, index: int, old_size: int, new_size: int) -> tuple[int, int, tuple[bytes, bytes]]:
-        """Re-seal the old short last block *index*, zero-extended to its length at *new_size*."""
-        new_len = blocks.block_length(index, new_size, self.block_size)
-        if self._version(index):
-            old = self._read_blocks(index, index)[0]
-        else:
-            old = b""
-        plain = old + bytes(new_len - len(old))
+    def _seal_one(self, index: int, plain: bytes | bytearray) -> tuple[int, bytes, list[int]]:
         assert self.key is not None and self.blob_id is not None
         version = self._take_version()
-        record = blocks.seal_block(self.key, self.blob_id, index, version, plain)
-        return index, version, record
+        record = blocks.seal_record(self.key, self.blob_id, index, version, plain)
+        return index, record, [version]
 
-    def _write_records(self, fd: int, records: list[tuple[int, int, tuple[bytes, bytes]]]) -> None:
-        """Write records, coalescing consecutive blocks; versions change only once a run landed.
+    def _reseal_grown(self, index: int, new_size: int) -> tuple[int, bytes, list[int]]:
+        """Re-seal the old short last block *index*, zero-extended to its length at *new_size*."""
+        new_len = blocks.block_length(index, new_size, self.block_size)
+        plain = self._read_blocks(index, index) if self._version(index) else bytearray()
+        plain.extend(bytes(new_len - len(plain)))
+        return self._seal_one(index, plain)
+
+    def _write_runs(self, fd: int, runs: list[tuple[int, bytes | bytearray, list[int]]]) -> None:
+        """Write runs of consecutive records; versions change only once a run has landed.
 
         If the backing store fails (ENOSPC, EIO), blocks that were not rewritten keep their old
         version and stay readable; a blob extended by a failed write is cut back.
         """
-        if not records:
-            return
         bs = self.block_size
-        records.sort(key=lambda r: r[0])
-        runs: list[list[tuple[int, int, tuple[bytes, bytes]]]] = [[records[0]]]
-        for rec in records[1:]:
-            if rec[0] == runs[-1][-1][0] + 1:
-                runs[-1].append(rec)
-            else:
-                runs.append([rec])
-        for run in runs:
-            offset = blocks.record_offset(run[0][0], bs)
-            buffers = [part for r in run for part in r[2]]
-            total = sum(len(b) for b in buffers)
+        for first, data, versions in runs:
+            offset = blocks.record_offset(first, bs)
             try:
-                written = os.pwritev(fd, buffers, offset)
-                if written != total:
+                written = os.pwrite(fd, data, offset)
+                if written != len(data):
                     raise OSError(28, "short write to the backing store")
             except OSError:
                 if os.fstat(fd).st_size > self.blob_len:
                     os.ftruncate(fd, self.blob_len)
                 raise
-            for index, version, _ in run:
-                self._set_version(index, version)
-            self.blob_len = max(self.blob_len, offset + total)
+            for i, version in enumerate(versions):
+                self._set_version(first + i, version)
+            self.blob_len = max(self.blob_len, offset + len(data))

@@ -43,7 +43,7 @@ class FileKey:
         """True once destroy() ran: the key can no longer seal or open anything."""
         return self._aead is None
 
-    def seal(self, counter: int, plaintext: bytes | memoryview, aad: bytes) -> tuple[bytes, bytes]:
+    def seal(self, counter: int, plaintext: bytes | bytearray | memoryview, aad: bytes) -> tuple[bytes, bytes]:
         """Encrypt *plaintext* under nonce = *counter*; returns (nonce, ciphertext ‖ tag).
 
         The two parts are returned separately so that writers can hand them to pwritev()
@@ -54,6 +54,28 @@ class FileKey:
             raise ValueError("nonce counter out of range")
         nonce = counter.to_bytes(NONCE_BYTES, "big")
         return nonce, aead.encrypt(nonce, plaintext, aad)
+
+    def seal_into(self, counter: int, plaintext: bytes | bytearray | memoryview, aad: bytes, out: memoryview) -> None:
+        """Write nonce ‖ ciphertext ‖ tag into *out* (exactly len(plaintext) + 28 bytes), no copies."""
+        aead = self._require()
+        if not 0 < counter <= MAX_COUNTER:
+            raise ValueError("nonce counter out of range")
+        nonce = counter.to_bytes(NONCE_BYTES, "big")
+        out[:NONCE_BYTES] = nonce
+        aead.encrypt_into(nonce, plaintext, aad, out[NONCE_BYTES:])
+
+    def open_into(self, counter: int, record: memoryview, aad: bytes, out: memoryview) -> None:
+        """Authenticate *record* and decrypt it into *out* (len(record) - 28 bytes)."""
+        aead = self._require()
+        if len(record) < NONCE_BYTES + TAG_BYTES:
+            raise IntegrityError("record too short")
+        if record[:NONCE_BYTES] != counter.to_bytes(NONCE_BYTES, "big"):
+            raise IntegrityError("unexpected nonce (replayed or moved block)")
+        try:
+            aead.decrypt_into(record[:NONCE_BYTES], record[NONCE_BYTES:], aad, out)
+        except InvalidTag:
+            out[:] = bytes(len(out))  # never leave unauthenticated plaintext behind
+            raise IntegrityError("authentication tag mismatch") from None
 
     def open(self, counter: int, record: bytes | memoryview, aad: bytes) -> bytes:
         """Authenticate and decrypt a record made by seal(); IntegrityError on any mismatch."""

@@ -48,11 +48,10 @@ DAY_NS = 86400 * 10**9
 
 
 def _redact(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Arguments safe to log: file contents and xattr values become their length."""
+    """Arguments safe to log: file contents, xattr values and link targets become their length."""
     out = list(args)
-    if name == "write" and len(out) >= 3:
-        out[2] = f"<{len(out[2])} bytes>"
-    if name == "setxattr" and len(out) >= 3:
+    # write: data; setxattr: value; symlink: target (link targets are content, not names)
+    if name in ("write", "setxattr", "symlink") and len(out) >= 3:
         out[2] = f"<{len(out[2])} bytes>"
     return tuple(a for a in out if not isinstance(a, pyfuse3.RequestContext | pyfuse3.ReaddirToken))
 
@@ -122,6 +121,10 @@ class ScratchOps(pyfuse3.Operations):
         self.strict = strict
         self.internal_errors = 0
         self.attr_timeout = attr_timeout
+        # direct_io: every read and write reaches us, so each request is atomic under the
+        # inode lock even against concurrent writers (the page cache copies bytes without a
+        # lock and can mix two writes inside one page); costs shared mmap (ENODEV) and readahead.
+        self.direct_io = False
         self.ns = Namespace(
             root_uid=os.getuid() if root_uid is None else root_uid,
             root_gid=os.getgid() if root_gid is None else root_gid,
@@ -356,7 +359,7 @@ class ScratchOps(pyfuse3.Operations):
         self._next_fh += 1
         self._handles[fh] = Handle(node, flags)
         # keep_cache off: a fresh open re-reads (and re-authenticates) from the blob.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=self.direct_io)
 
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:

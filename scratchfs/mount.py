@@ -67,6 +67,7 @@ class MountOptions:
     writeback: bool = False
     lock_memory: bool = True
     readahead_kb: int = 1024
+    direct_io: bool = False
     pid_file: Path | None = None
     extra: list[str] = field(default_factory=list)
 
@@ -195,6 +196,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
     ops = ScratchOps(store, opts.block_size, debug=opts.debug, strict=opts.strict, attr_timeout=opts.attr_timeout)
     ops.enable_writeback_cache = opts.writeback
     ops.mountpoint = opts.mountpoint
+    ops.direct_io = opts.direct_io
     try:
         pyfuse3.init(ops, str(opts.mountpoint), _fuse_options(opts))
     except RuntimeError as e:

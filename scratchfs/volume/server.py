@@ -195,12 +195,14 @@ class VolumeOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        log.debug("event=read off=%d size=%d", off, size)
         first, count = sector_span(off, max(0, min(size, self.seg.size - off)), self.seg.ss)
         async with self.locks.hold(first, count):
             data: bytes = await self._run(size >= THREAD_THRESHOLD, self.seg.read, off, size)
             return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        log.debug("event=write off=%d size=%d", off, len(buf))
         first, count = sector_span(off, len(buf), self.seg.ss)
         async with self.locks.hold(first, count):
             n: int = await self._run(len(buf) >= THREAD_THRESHOLD, self.seg.write, off, buf)

@@ -178,11 +178,14 @@ class ScratchOps(pyfuse3.Operations):
         return h
 
     def _content(self, node: Inode) -> FileContent:
-        if node.directory is not None:
-            raise FsError(errno.EISDIR)
-        if node.content is None:
-            raise FsError(errno.EINVAL)
-        content: FileContent = node.content
+        """The file's content engine, made on first use (empty files cost no engine, no blob)."""
+        content: FileContent | None = node.content
+        if content is None:
+            if node.directory is not None:
+                raise FsError(errno.EISDIR)
+            if not stat.S_ISREG(node.mode):
+                raise FsError(errno.EINVAL)
+            content = node.content = FileContent(self.store, self.block_size)
         return content
 
     def _integrity(self, node: Inode, e: IntegrityError) -> FsError:
@@ -244,8 +247,6 @@ class ScratchOps(pyfuse3.Operations):
         self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext, target: bytes | None = None
     ) -> Inode:
         node = self.ns.create(parent, name, mode, ctx.uid, ctx.gid, target)
-        if stat.S_ISREG(mode):
-            node.content = FileContent(self.store, self.block_size)
         self.ns.remember(node)
         return node
 
@@ -366,7 +367,7 @@ class ScratchOps(pyfuse3.Operations):
         node = self.ns.get(inode)
         if node.directory is not None:
             raise FsError(errno.EISDIR)
-        if node.content is None:
+        if not stat.S_ISREG(node.mode):
             raise FsError(errno.ENXIO)  # device nodes, fifos and sockets are not served by us
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             # libfuse negotiates atomic O_TRUNC: the kernel leaves the truncation to us.

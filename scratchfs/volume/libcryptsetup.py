@@ -308,8 +308,15 @@ class CryptDevice:
         passphrase: bytes | bytearray,
         volume_key: bytes | bytearray | None = None,
         slot: int = CRYPT_ANY_SLOT,
+        pbkdf: Pbkdf | None = None,
     ) -> int:
-        """Add a keyslot for *passphrase*; *volume_key* None means the key made by format."""
+        """Add a keyslot for *passphrase*; *volume_key* None means the key made by format.
+
+        The keyslot KDF is *pbkdf* (default PBKDF2, 1000 iterations, no benchmark): our
+        passphrases are 256 random bits, see docs/volume.md. Set explicitly every time so that
+        a loaded header never falls back to libcryptsetup's benchmarked argon2id.
+        """
+        self.set_pbkdf(pbkdf or Pbkdf())
         pw = _view(passphrase)
         vk = _view(volume_key) if volume_key is not None else None
         with _collect() as msgs:

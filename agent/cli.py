@@ -1,0 +1,220 @@
+"""``scanner-agent``: activate an appliance, or run it.
+
+    scanner-agent activate STATE_DIR --platform URL --ca CA_FILE --code CODE
+    scanner-agent run STATE_DIR [--once]
+
+Exit codes (docs/agent.md): 0 ok, 2 usage, 20 state, 21 tampered state, 22 platform/TLS,
+23 activation refused, 24 deactivated (keyslots erased), 25 volume, 26 scratchfs,
+27 time sync, 28 internal error. Every error is one line on stderr; --debug adds a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import NoReturn
+
+import trio
+
+from agent import state as statemod
+from agent import timesync
+from agent.errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    ActivationError,
+    AgentError,
+    StateError,
+)
+from agent.jobs import JobSettings
+from agent.lifecycle import Agent, RunSettings, harden_process, platform_error
+from agent.scan.model import ScanOptions
+from agent.tls import client_context
+from protocol import api
+from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
+from protocol.sealing import generate_keypair
+
+PROG = "scanner-agent"
+LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see '{PROG} --help'")
+
+
+def _size(text: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    mult = units.get(text[-1:].upper(), 1)
+    number = text[:-1] if text[-1:].upper() in units else text
+    try:
+        return int(number) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 256M)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    p = _Parser(prog=PROG, description="the scanning appliance's agent")
+    p.add_argument("--debug", action="store_true", help="debug logs and tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("activate", help="activate this appliance with its platform (once)")
+    a.add_argument("state_dir", type=Path, metavar="STATE_DIR")
+    a.add_argument("--platform", required=True, metavar="URL", help="https://HOST[:PORT]")
+    a.add_argument("--ca", required=True, type=Path, metavar="CA_FILE",
+                   help="the platform's root CA certificate (PEM)")
+    a.add_argument("--code", required=True, metavar="CODE",
+                   help="one-time activation code ('-' reads it from stdin)")
+
+    r = sub.add_parser("run", help="boot, unlock, run jobs, shut down")
+    r.add_argument("state_dir", type=Path, metavar="STATE_DIR")
+    r.add_argument("--once", action="store_true", help="stop after one job")
+    r.add_argument("--poll-wait", type=float, default=30.0, help="long-poll seconds")
+    r.add_argument("--volume-size", type=_size, default=256 * 1024 * 1024,
+                   help="size of the volume created at first boot (default 256M)")
+    r.add_argument("--backend", choices=("auto", "dmcrypt", "userspace"), default="auto")
+    r.add_argument("--concurrency", type=int, default=ScanOptions.concurrency)
+    r.add_argument("--connect-timeout", type=float, default=ScanOptions.connect_timeout)
+    r.add_argument("--banner-timeout", type=float, default=ScanOptions.banner_timeout)
+    r.add_argument("--upload-backoff-max", type=float, default=30.0)
+    return p
+
+
+def setup_logging(debug: bool, clock: timesync.Clock) -> None:
+    """Local logs to stderr, timestamps in platform-synced UTC."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter.converter = lambda t: time.gmtime((t or time.time()) + clock.offset)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str) -> str:
+    """Activate with the platform and write the bound state dir; return the appliance name."""
+    try:
+        endpoint = statemod.PlatformEndpoint.parse(url)
+    except ValueError as e:
+        raise UsageError(f"{e}; give --platform https://HOST[:PORT]") from None
+    if state_dir.exists() and (not state_dir.is_dir() or any(state_dir.iterdir())):
+        raise ActivationError(
+            f"state dir {state_dir} is not empty (already activated?)",
+            "activate into an empty or new directory",
+        )
+    clock = timesync.Clock()
+    try:
+        anon = PlatformClient(endpoint.url, client_context(ca_pem, clock))
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(
+            "the CA file does not hold a PEM certificate; give the platform's CA"
+        ) from None
+    try:
+        await timesync.sync(anon.time, clock)
+        key_pem, csr_pem = new_client_key_and_csr("scanner-appliance")
+        seal_private, seal_public = generate_keypair()
+        result = await anon.activate(code, csr_pem, seal_public)
+    except PlatformError as e:
+        if e.reason in (api.REASON_INVALID_CODE, api.REASON_CODE_EXPIRED):
+            raise ActivationError(
+                f"the platform refused the activation code ({e.reason})"
+            ) from None
+        raise platform_error(e, "activation") from None
+    statemod.write_state(
+        state_dir, endpoint, result.appliance, ca_pem, result.certificate_pem, key_pem,
+        seal_private, clock.now(),
+    )
+    statemod.load_state(state_dir)  # prove the state we wrote verifies
+    return result.appliance
+
+
+def _read_code(value: str) -> str:
+    code = sys.stdin.readline().strip() if value == "-" else value
+    if not code:
+        raise UsageError("empty activation code; pass --code CODE or --code - with it on stdin")
+    return code
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    """``scanner-agent activate``."""
+    try:
+        ca_pem = args.ca.read_bytes()
+    except OSError as e:
+        raise UsageError(
+            f"cannot read CA file {args.ca}: {e.strerror}; give a readable PEM file"
+        ) from None
+    code = _read_code(args.code)
+    name = trio.run(activate, args.state_dir, args.platform, ca_pem, code)
+    print(f"activated appliance {name}; state in {args.state_dir}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``scanner-agent run``."""
+    try:
+        scan = ScanOptions(
+            concurrency=args.concurrency,
+            connect_timeout=args.connect_timeout,
+            banner_timeout=args.banner_timeout,
+        )
+    except ValueError as e:
+        raise UsageError(f"{e}; fix the option") from None
+    state = statemod.load_state(args.state_dir.absolute())
+    harden_process()
+    settings = RunSettings(
+        once=args.once,
+        poll_wait=args.poll_wait,
+        volume_size=args.volume_size,
+        backend=args.backend,
+        jobs=JobSettings(scan, upload_backoff_max=args.upload_backoff_max),
+    )
+    agent = Agent(state, settings)
+    setup_logging(args.debug, agent.clock)
+    return trio.run(agent.run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "activate":
+            return cmd_activate(args)
+        return cmd_run(args)
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+    except StateError as e:  # pragma: no cover - StateError is an AgentError; kept for clarity
+        print(f"{PROG}: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as e:  # noqa: BLE001 - last resort: one line, no traceback unless --debug
+        if debug:
+            traceback.print_exc()
+        print(
+            f"{PROG}: internal error ({type(e).__name__}); run with --debug for a traceback",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The agent's exceptions and its process exit codes (documented in docs/agent.md).
+
+Every failure the CLI reports maps to exactly one exception class, and each class carries
+its exit code, so `cli.py` prints one line and exits with the documented number.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_STATE = 20  # state dir missing, not activated, unreadable or insecure permissions
+EXIT_TAMPERED = 21  # state dir fails its binding check (edited platform URL, CA, cert...)
+EXIT_PLATFORM = 22  # platform unreachable or refused TLS/HTTP for a reason we cannot fix
+EXIT_ACTIVATION = 23  # activation refused (bad/expired code) or state dir not empty
+EXIT_DEACTIVATED = 24  # platform says the appliance is deactivated; keyslots erased
+EXIT_VOLUME = 25  # the encrypted volume could not be formatted, opened or closed
+EXIT_SCRATCH = 26  # scratchfs could not be mounted or died while running
+EXIT_TIME = 27  # clock sync with the platform failed
+EXIT_INTERNAL = 28  # unexpected internal error (a bug): run with --debug for a traceback
+
+
+class AgentError(Exception):
+    """Base class: a failure the CLI reports in one line with ``exit_code``."""
+
+    exit_code: ClassVar[int] = EXIT_INTERNAL
+    hint: ClassVar[str] = "run with --debug for details"
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint  # type: ignore[misc]
+
+    def one_line(self) -> str:
+        """The ``<what is wrong>; <what to do>`` part of the CLI error line."""
+        return f"{self.message}; {self.hint}"
+
+
+class StateError(AgentError):
+    """The state directory is missing, incomplete or insecure."""
+
+    exit_code = EXIT_STATE
+    hint = "activate the appliance with 'scanner-agent activate'"
+
+
+class TamperedError(AgentError):
+    """The state directory was modified after activation."""
+
+    exit_code = EXIT_TAMPERED
+    hint = "re-image the appliance: the state cannot be trusted"
+
+
+class PlatformUnavailable(AgentError):
+    """The platform could not be reached or refused the connection."""
+
+    exit_code = EXIT_PLATFORM
+    hint = "check the network path and the platform's certificate, then retry"
+
+
+class ActivationError(AgentError):
+    """Activation was refused."""
+
+    exit_code = EXIT_ACTIVATION
+    hint = "ask the platform operator for a fresh activation code"
+
+
+class Deactivated(AgentError):
+    """The platform deactivated this appliance."""
+
+    exit_code = EXIT_DEACTIVATED
+    hint = "the appliance was deactivated by its platform; re-image and re-activate it"
+
+
+class VolumeFailure(AgentError):
+    """The encrypted volume failed."""
+
+    exit_code = EXIT_VOLUME
+    hint = "check the volume image in the state dir and the kernel's loop/FUSE support"
+
+
+class ScratchFailure(AgentError):
+    """scratchfs failed to mount or died."""
+
+    exit_code = EXIT_SCRATCH
+    hint = "check /dev/fuse and the scratchfs log in the state dir's run directory"
+
+
+class TimeSyncError(AgentError):
+    """Clock synchronisation with the platform failed."""
+
+    exit_code = EXIT_TIME
+    hint = "check that the platform's time endpoint is reachable"

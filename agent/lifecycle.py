@@ -1,0 +1,324 @@
+"""The agent's life: boot -> time sync -> mTLS -> volume key -> volume -> scratchfs -> jobs
+-> shutdown (DESIGN.md §4). Deactivation erases the volume's keyslots and stops.
+
+Run directory (``STATE_DIR/run``, 0700)::
+
+    run/volume/          the opened volume's ext4 (mount point)
+    run/volume-run/      the volume layer's own run dir (FUSE server state)
+    run/scratch/         the scratchfs mount point
+    run/scratchfs.pid    pid of the scratchfs child
+    run/volume/backing/  scratchfs's backing store: opaque blobs, on the encrypted volume
+    run/volume/logs/     scratchfs's log (it may name files; so it lives on the volume)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import resource
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from agent import timesync
+from agent.errors import (
+    AgentError,
+    Deactivated,
+    PlatformUnavailable,
+    VolumeFailure,
+)
+from agent.jobs import JobRunner, JobSettings
+from agent.scan.model import ScanOptions
+from agent.scratch import ScratchMount, clear_stale, mount_entry
+from agent.state import AgentState, ensure_run_dir
+from agent.syslog import SyslogForwarder
+from agent.tls import client_context
+from protocol import api
+from protocol.client import (
+    DeactivatedError,
+    PlatformClient,
+    PlatformError,
+    PlatformTLSError,
+)
+from protocol.sealing import SealError, open_sealed, wipe
+from scratchfs.volume import api as volume_api
+from scratchfs.volume.errors import NotOpenError, VolumeError
+
+log = logging.getLogger("agent.lifecycle")
+
+PR_SET_DUMPABLE = 4
+MiB = 1024 * 1024
+
+
+@dataclass
+class RunSettings:
+    """Tunables of ``scanner-agent run`` (the platform URL and CA are NOT among them)."""
+
+    once: bool = False
+    poll_wait: float = 30.0
+    volume_size: int = 256 * MiB
+    backend: str = "auto"
+    poll_backoff_max: float = 30.0
+    jobs: JobSettings = field(default_factory=lambda: JobSettings(ScanOptions()))
+
+
+def harden_process() -> None:
+    """No core dumps, not ptrace-attachable by other users: the agent holds keys."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def platform_error(e: PlatformError, step: str) -> AgentError:
+    """Map a protocol-client failure to the agent error (and exit code) for *step*."""
+    if isinstance(e, DeactivatedError):
+        return Deactivated("the platform deactivated this appliance")
+    if isinstance(e, PlatformTLSError):
+        return PlatformUnavailable(f"{step}: {e}", "check the platform's certificate and CA")
+    return PlatformUnavailable(f"{step}: {e}")
+
+
+def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one meaningful error of a nursery's exception group (agent errors first)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if isinstance(exc, AgentError):
+            return exc
+    return leaves[0] if leaves else group
+
+
+class Agent:
+    """One run of the agent on a loaded, verified state dir."""
+
+    def __init__(self, state: AgentState, settings: RunSettings) -> None:
+        self.state = state
+        self.settings = settings
+        self.clock = timesync.Clock()
+        self.run_dir = ensure_run_dir(state)
+        self.volume_mnt = self.run_dir / "volume"
+        self.volume_run = self.run_dir / "volume-run"
+        self.scratch_mnt = self.run_dir / "scratch"
+        self.scratch_pid = self.run_dir / "scratchfs.pid"
+        self.volume: volume_api.OpenVolume | None = None
+        self.scratch: ScratchMount | None = None
+        self.forwarder: SyslogForwarder | None = None
+        self.jobs_done = 0
+        self._forward_handler: logging.Handler | None = None
+
+    def __repr__(self) -> str:
+        return f"<Agent state={str(self.state.root)!r}>"
+
+    # -- step 0: clear what a crash left behind --
+
+    async def recover(self) -> None:
+        """Clear a stale scratch mount and a volume left open by a killed run."""
+        self.volume_mnt.mkdir(mode=0o700, exist_ok=True)
+        if clear_stale(self.scratch_mnt, self.scratch_pid):
+            log.warning("event=recovered_stale_scratch")
+        if mount_entry(self.volume_mnt) is not None or self.volume_run.exists():
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: volume_api.close_volume(self.volume_mnt, run_dir=self.volume_run)
+                )
+                log.warning("event=recovered_stale_volume mountpoint=%s", self.volume_mnt)
+            except NotOpenError:
+                pass
+            except VolumeError as e:
+                raise VolumeFailure(f"cannot close the volume left open by a crash: {e}") from None
+
+    # -- step 1: time --
+
+    async def sync_time(self) -> None:
+        """Measure the clock offset against the platform (server-authenticated TLS)."""
+        ctx = client_context(self.state.ca_pem, self.clock)
+        anon = PlatformClient(self.state.endpoint.url, ctx)
+        try:
+            await timesync.sync(anon.time, self.clock)
+        except PlatformError as e:
+            raise platform_error(e, "time sync") from None
+
+    # -- step 2: mutual TLS --
+
+    def platform_client(self) -> PlatformClient:
+        """The mTLS client: pinned CA, our certificate, certificate times from the clock."""
+        ctx = client_context(
+            self.state.ca_pem, self.clock, self.state.cert_path, self.state.key_path
+        )
+        return PlatformClient(self.state.endpoint.url, ctx)
+
+    async def start_syslog(self, client: PlatformClient, nursery: trio.Nursery) -> None:
+        """Ask the platform for the syslog target and start forwarding scan logs to it."""
+        try:
+            config = await client.config()
+        except PlatformError as e:
+            raise platform_error(e, "fetching the configuration") from None
+        if config.syslog is None:
+            log.info("event=syslog_disabled")
+            return
+        target = config.syslog
+        self.forwarder = SyslogForwarder(
+            target.host, target.port, target.ca_pem, self.clock, self.state.appliance
+        )
+        await nursery.start(self.forwarder.run)
+        self._forward_handler = self.forwarder.handler()
+        for name in ("agent.scan", "agent.jobs"):
+            logging.getLogger(name).addHandler(self._forward_handler)
+        log.info("event=syslog_forwarding target=%s:%d", target.host, target.port)
+
+    # -- step 3: volume key, volume, scratchfs --
+
+    async def open_volume(self, client: PlatformClient) -> None:
+        """Fetch and unseal the volume key, open (first boot: format) the volume."""
+        try:
+            sealed = await client.volume_key()
+        except PlatformError as e:
+            raise platform_error(e, "fetching the volume key") from None
+        try:
+            key = open_sealed(self.state.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+        except SealError as e:
+            raise PlatformUnavailable(f"the volume key does not unseal ({e})") from None
+        image = self.state.volume_image
+        try:
+            if not image.exists():
+                log.info("event=first_boot_format size=%d", self.settings.volume_size)
+                await trio.to_thread.run_sync(
+                    lambda: volume_api.format_volume(
+                        image, self.settings.volume_size, key,
+                        backend=self.settings.backend, run_dir=self.volume_run,
+                    )
+                )
+            self.volume = await trio.to_thread.run_sync(
+                lambda: volume_api.open_volume(
+                    image, self.volume_mnt, key, self.settings.backend, run_dir=self.volume_run
+                )
+            )
+        except VolumeError as e:
+            raise VolumeFailure(f"volume {image}: {e}") from None
+        finally:
+            wipe(key)  # unlocked: the platform key is not needed again in this run
+        log.info("event=volume_open mountpoint=%s", self.volume_mnt)
+
+    async def mount_scratch(self) -> ScratchMount:
+        """Start scratchfs on a backing directory inside the volume."""
+        logs = self.volume_mnt / "logs"
+        logs.mkdir(mode=0o700, exist_ok=True)
+        self.scratch = ScratchMount(
+            self.volume_mnt / "backing", self.scratch_mnt, self.scratch_pid,
+            logs / "scratchfs.log",
+        )
+        await self.scratch.start()
+        return self.scratch
+
+    # -- step 4: jobs --
+
+    async def job_loop(self, client: PlatformClient, scratch: Path) -> None:
+        """Long-poll and run jobs; with --once, return after the first one."""
+        runner = JobRunner(
+            client, scratch, self.state.seal_private, lambda: self.clock.offset,
+            self.settings.jobs,
+        )
+        delay = 1.0
+        while True:
+            try:
+                job = await client.next_job(self.settings.poll_wait)
+            except DeactivatedError:
+                raise Deactivated("the platform deactivated this appliance") from None
+            except PlatformError as e:
+                log.warning("event=poll_failed reason=%s retry_in=%.1f", e.reason, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.settings.poll_backoff_max)
+                continue
+            delay = 1.0
+            if job is None:
+                continue
+            await runner.handle(job)
+            self.jobs_done += 1
+            if self.settings.once:
+                return
+
+    # -- step 5: shutdown --
+
+    async def shutdown(self) -> None:
+        """Unmount scratchfs, close the volume, forget keys. Safe to call at any stage."""
+        with trio.CancelScope(shield=True):
+            if self.scratch is not None:
+                await self.scratch.stop()
+                self.scratch = None
+            if self.volume is not None:
+                vol = self.volume
+                self.volume = None
+                try:
+                    await trio.to_thread.run_sync(vol.close)
+                except VolumeError as e:
+                    log.error("event=volume_close_failed error=%s", e)
+            if self.forwarder is not None:
+                await self.forwarder.flush(2.0)
+                if self.forwarder.dropped:
+                    log.warning("event=syslog_dropped_total count=%d", self.forwarder.dropped)
+            if self._forward_handler is not None:
+                for name in ("agent.scan", "agent.jobs"):
+                    logging.getLogger(name).removeHandler(self._forward_handler)
+            self.state.forget()
+        log.info("event=shutdown jobs_done=%d", self.jobs_done)
+
+    async def erase(self) -> None:
+        """Deactivated: close everything and destroy every keyslot of the volume."""
+        await self.shutdown()
+        image = self.state.volume_image
+        if image.exists():
+            try:
+                await trio.to_thread.run_sync(volume_api.erase_volume, image)
+            except VolumeError as e:
+                raise VolumeFailure(f"deactivated, but erasing {image} failed: {e}") from None
+            log.warning("event=volume_erased image=%s", image)
+
+    # -- all of it --
+
+    async def _serve(self, nursery: trio.Nursery) -> None:
+        await self.recover()
+        await self.sync_time()
+        client = self.platform_client()
+        await self.start_syslog(client, nursery)
+        await self.open_volume(client)
+        scratch = await self.mount_scratch()
+        nursery.start_soon(scratch.watch)
+        await self.job_loop(client, scratch.mountpoint)
+
+    async def run(self) -> int:
+        """Run until --once is done, a signal arrives, or a fatal error; return 0 or raise."""
+        try:
+            try:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async with trio.open_nursery() as nursery:
+
+                        async def on_signal() -> None:
+                            async for signum in signals:
+                                log.info("event=signal signal=%s", signal.Signals(signum).name)
+                                nursery.cancel_scope.cancel()
+                                return
+
+                        nursery.start_soon(on_signal)
+                        await self._serve(nursery)
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise single_error(group) from None
+        except Deactivated:
+            log.warning("event=deactivated action=erase_keyslots")
+            await self.erase()
+            raise
+        except BaseException:
+            await self.shutdown()
+            raise
+        await self.shutdown()
+        return 0

@@ -1,0 +1,402 @@
+"""The agent end to end: real platform, real volume, real scratchfs, real rsyslog, real
+loopback targets. Covers each numbered step of ``run``, deactivation, crash recovery,
+the client-only guarantee and upload retry."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent import state as statemod
+from agent.errors import EXIT_DEACTIVATED
+from agent.jobs import JobRunner, JobSettings
+from agent.scan.model import ScanOptions
+from agent.timesync import Clock
+from agent.tls import client_context
+from protocol import api
+from protocol.client import PlatformClient
+from protocol.sealing import open_sealed, wipe
+from scratchfs.volume import api as volume_api
+from tests.agent.conftest import AgentRun, Rsyslog
+from tools.demo import (
+    Platform,
+    Service,
+    _serve,
+    closed_port,
+    file_markers,
+    mounts_under,
+    seal_credential,
+    start_banner_service,
+    start_http_auth_service,
+    start_platform,
+)
+
+CRED = b"lifecycle-user:pw-LIFECYCLE-CANARY"
+MARKERS = {"banner": b"LifeSSH_CANARY", "page": b"lifecycle-secret-CANARY",
+           "password": b"pw-LIFECYCLE-CANARY"}
+
+
+@pytest.fixture
+def services() -> Iterator[dict[str, Service]]:
+    svcs = {
+        "ssh": start_banner_service("ssh", b"SSH-2.0-" + MARKERS["banner"] + b"\r\n"),
+        "web": start_http_auth_service(CRED, b"realm", MARKERS["page"]),
+    }
+    yield svcs
+    for s in svcs.values():
+        s.close()
+
+
+def jobs(platform: Platform) -> list[dict[str, object]]:
+    return json.loads(platform.cli("job", "list", "--json").stdout)  # type: ignore[no-any-return]
+
+
+def add_job(platform: Platform, ports: str, *extra: str) -> str:
+    return platform.cli(
+        "job", "add", "app1", "--targets", "127.0.0.1", "--ports", ports, *extra
+    ).stdout.decode().strip()
+
+
+def event_order(log: str, events: list[str]) -> list[str]:
+    """The subset of *events* found in *log*, in the order they first appear."""
+    found = [(log.find(f"event={e}"), e) for e in events if f"event={e}" in log]
+    return [e for _, e in sorted(found)]
+
+
+# --- /proc socket sampler ------------------------------------------------------------------
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = {root}, [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _socket_inodes(pids: set[int]) -> set[str]:
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    return inodes
+
+
+@dataclass
+class SocketSampler:
+    """Samples the agent's (and its children's) sockets in /proc/net/* throughout a run."""
+
+    pid: int
+    samples: int = 0
+    tcp_states: dict[str, int] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        inodes = _socket_inodes(_descendants(self.pid))
+        for table in ("tcp", "tcp6", "udp", "udp6"):
+            try:
+                with open(f"/proc/{self.pid}/net/{table}") as f:
+                    rows = f.read().splitlines()[1:]
+            except OSError:
+                return
+            for row in rows:
+                cols = row.split()
+                if cols[9] not in inodes:
+                    continue
+                if table.startswith("udp"):
+                    self.violations.append(f"{table} socket {cols[1]} (inode {cols[9]})")
+                else:
+                    self.tcp_states[cols[3]] = self.tcp_states.get(cols[3], 0) + 1
+                    if cols[3] == "0A":  # TCP_LISTEN
+                        self.violations.append(f"listening {table} {cols[1]}")
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def __enter__(self) -> SocketSampler:
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=10)
+
+
+# --- helpers that use the appliance's own identity -------------------------------------------
+
+
+def appliance_client(state_dir: Path) -> tuple[statemod.AgentState, PlatformClient]:
+    st = statemod.load_state(state_dir)
+    ctx = client_context(st.ca_pem, Clock(), st.cert_path, st.key_path)
+    return st, PlatformClient(st.endpoint.url, ctx)
+
+
+def backing_of_closed_volume(state_dir: Path, where: Path) -> list[str]:
+    """Open the agent's volume with its own key (as the agent would) and list the backing."""
+    st, client = appliance_client(state_dir)
+    sealed = trio.run(client.volume_key)
+    key = open_sealed(st.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+    where.mkdir(exist_ok=True)
+    try:
+        vol = volume_api.open_volume(st.volume_image, where, key, run_dir=where.parent / "vr")
+    finally:
+        wipe(key)
+    try:
+        backing = where / "backing"
+        # ".scratchfs" is the store's marker file, not a blob.
+        return sorted(p.name for p in backing.iterdir() if p.name != ".scratchfs")
+    finally:
+        vol.close()
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+
+def test_full_run_every_step_client_only_with_syslog(
+    platform: Platform, activated: Path, services: dict[str, Service], rsyslog: Rsyslog,
+    agent_factory: Callable[..., AgentRun], tmp_path: Path,
+) -> None:
+    platform.cli("syslog", "set", "--host", "127.0.0.1", "--port", str(rsyslog.port),
+                 "--ca", str(rsyslog.pki.ca_path))
+    seal_credential(platform, "app1", CRED, tmp_path, name="web-login")
+    closed = closed_port()
+    ports = f"{services['ssh'].port},{services['web'].port},{closed}"
+    job_id = add_job(platform, ports, "--credential", "web-login")
+
+    run = agent_factory(activated, "--once")
+    with SocketSampler(run.proc.pid) as sampler:
+        run.proc.wait(timeout=240)
+    log = run.stderr()
+    assert run.proc.returncode == 0, log[-2000:]
+
+    # Steps 1-5 happened, in order.
+    steps = ["time_sync", "syslog_forwarding", "first_boot_format", "volume_open",
+             "scratch_mounted", "job_received", "credential_check", "upload_acknowledged",
+             "job_shredded", "scratch_unmounted", "shutdown"]
+    assert event_order(log, steps) == steps
+    # The result arrived once, with the authenticated banner and without the credential.
+    [job] = [j for j in jobs(platform) if j["id"] == job_id]
+    assert job["state"] == "done" and job["attempts"] == 1
+    raw = platform.cli("results", "show", job_id, "--json").stdout
+    doc = json.loads(raw)["result"]
+    by_port = {p["port"]: p for h in doc["hosts"] for p in h["ports"]}
+    assert set(by_port) == {services["ssh"].port, services["web"].port}
+    assert by_port[services["web"].port]["auth"] == "accepted"
+    assert MARKERS["page"].decode() in by_port[services["web"].port]["banner"]
+    assert b"LIFECYCLE-CANARY" not in raw and b"lifecycle-user" not in raw
+    assert services["web"].authorized == 1
+    # Nothing secret in the agent's own log.
+    assert "LIFECYCLE-CANARY" not in log and "lifecycle-user" not in log
+    # Client only: sampled throughout, never a listener or a UDP socket; the sampler did
+    # see the agent's outbound TCP connections (01 = ESTABLISHED), so it was looking.
+    assert sampler.samples > 20
+    assert sampler.violations == []
+    assert sampler.tcp_states.get("01", 0) > 0
+    # Scan logs reached the real rsyslog over TLS, tagged with the appliance name.
+    lines = rsyslog.wait_for(lambda got: any("event=upload_acknowledged" in ln for ln in got))
+    scan_lines = [ln for ln in lines if " app1 scanner-agent " in ln]
+    assert any("event=scan_start" in ln for ln in scan_lines)
+    assert any("event=credential_check" in ln for ln in scan_lines)
+    assert not any("LIFECYCLE-CANARY" in ln for ln in lines)
+    # Shutdown left nothing mounted, and the image holds no plaintext.
+    assert mounts_under(activated) == []
+    assert file_markers(activated / "volume.img", MARKERS) == []
+
+    # Second boot: the volume already exists (no format), the key opens it again.
+    job2 = add_job(platform, str(services["ssh"].port))
+    run2 = agent_factory(activated, "--once")
+    run2.proc.wait(timeout=240)
+    log2 = run2.stderr()
+    assert run2.proc.returncode == 0, log2[-2000:]
+    assert "first_boot_format" not in log2 and "event=volume_open" in log2
+    assert [j["state"] for j in jobs(platform) if j["id"] == job2] == ["done"]
+
+
+def test_deactivation_erases_keyslots_and_exits(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun],
+) -> None:
+    run = agent_factory(activated, "--poll-wait", "1")
+    assert run.wait_log("event=scratch_mounted"), run.stderr()[-2000:]
+    assert volume_api.dump_volume(activated / "volume.img")["keyslots"]
+    platform.cli("appliance", "deactivate", "app1")
+    run.proc.wait(timeout=120)
+    log = run.stderr()
+    assert run.proc.returncode == EXIT_DEACTIVATED, log[-2000:]
+    assert "event=volume_erased" in log
+    assert log.strip().splitlines()[-1].startswith("scanner-agent: ")
+    assert "deactivated" in log.strip().splitlines()[-1]
+    assert volume_api.dump_volume(activated / "volume.img")["keyslots"] == []
+    assert mounts_under(activated) == []
+    # A later boot is refused by the platform and keeps the documented code.
+    run2 = agent_factory(activated, "--once")
+    run2.proc.wait(timeout=120)
+    assert run2.proc.returncode == EXIT_DEACTIVATED
+
+
+def start_tarpit() -> Service:
+    """Accepts and says nothing until the client gives up: keeps a probe busy."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    svc = Service("tarpit", s.getsockname()[1], s)
+
+    def handle(conn: socket.socket) -> None:
+        while conn.recv(4096):
+            pass
+
+    svc.thread = threading.Thread(target=_serve, args=(svc, handle), daemon=True)
+    svc.thread.start()
+    return svc
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_agent_killed_mid_job_recovers_and_result_arrives_once(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun],
+    services: dict[str, Service], tmp_path: Path,
+) -> None:
+    tarpit = start_tarpit()
+    try:
+        job_id = add_job(platform, f"{services['ssh'].port},{tarpit.port}")
+        run = agent_factory(activated, "--once", "--banner-timeout", "5")
+        deadline = time.monotonic() + 120
+        while tarpit.connections == 0 and time.monotonic() < deadline:
+            assert run.proc.poll() is None, run.stderr()[-2000:]
+            time.sleep(0.05)
+        assert tarpit.connections > 0, "the scan never reached the tarpit"
+        scratch_pid = int((activated / "run" / "scratchfs.pid").read_text())
+        backing = activated / "run" / "volume" / "backing"
+        run.proc.send_signal(signal.SIGKILL)
+        run.proc.wait(timeout=30)
+    finally:
+        tarpit.close()
+    # scratchfs died with the agent (PR_SET_PDEATHSIG): its keys are gone with it.
+    deadline = time.monotonic() + 20
+    while _alive(scratch_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(scratch_pid)
+    leftovers = sorted(p.name for p in backing.iterdir() if p.name != ".scratchfs")
+    assert leftovers, "the killed job left no blobs: the crash happened too late to test"
+
+    run2 = agent_factory(activated, "--once")
+    run2.proc.wait(timeout=240)
+    log = run2.stderr()
+    assert run2.proc.returncode == 0, log[-2000:]
+    assert "event=recovered_stale_scratch" in log and "recovered_stale_volume" in log
+    assert re.search(rf"event=job_received job={job_id} attempt=2", log), log[-2000:]
+    [job] = [j for j in jobs(platform) if j["id"] == job_id]
+    assert job["state"] == "done" and job["attempts"] == 2
+    doc = json.loads(platform.cli("results", "show", job_id, "--json").stdout)
+    assert doc["attempts"] == 2 and doc["result"]["job"] == job_id
+    # The old blobs were wiped at the fresh mount; a clean shutdown left none at all.
+    remaining = backing_of_closed_volume(activated, tmp_path / "inspect")
+    assert not set(remaining) & set(leftovers)
+    assert remaining == []
+
+
+async def test_upload_retried_until_acknowledged_and_kept_until_then(
+    platform: Platform, activated: Path, tmp_path: Path,
+) -> None:
+    job_id = add_job(platform, str(closed_port()))
+    st, client = appliance_client(activated)
+    job = await client.next_job(5)
+    assert job is not None and job.id == job_id
+    scratch = tmp_path / "scratch"
+    runner = JobRunner(
+        client, scratch, st.seal_private, lambda: 0.0,
+        JobSettings(ScanOptions(connect_timeout=1, banner_timeout=0.2),
+                    upload_backoff_initial=0.2, upload_backoff_max=0.5),
+    )
+    result_file = runner.job_dir(job_id) / "result.json"
+    await trio.to_thread.run_sync(platform.stop)
+    seen_during_outage = False
+    restarted: list[Platform] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.handle, job)
+        with trio.fail_after(60):
+            while not result_file.exists():
+                await trio.sleep(0.05)
+        await trio.sleep(1.0)  # several upload attempts fail meanwhile
+        seen_during_outage = result_file.exists()
+        restarted.append(await trio.to_thread.run_sync(
+            lambda: start_platform(platform.state, init=False, port=platform.port)
+        ))
+    try:
+        assert seen_during_outage, "the result was deleted before the platform acknowledged it"
+        assert not runner.job_dir(job_id).exists()  # shredded after the acknowledgement
+        [row] = [j for j in jobs(platform) if j["id"] == job_id]
+        assert row["state"] == "done" and row["attempts"] == 1
+        # Uploading the same body again is acknowledged again (idempotent), still one result.
+        body = json.dumps(
+            json.loads(platform.cli("results", "show", job_id, "--json").stdout)["result"],
+            sort_keys=True, separators=(",", ":"),
+        ).encode()
+        assert await client.upload_result(job_id, body) == row["result_sha256"]
+    finally:
+        for p in restarted:
+            await trio.to_thread.run_sync(p.stop)
+
+
+@pytest.mark.parametrize("event", ["sigterm", "scratchfs_dies"])
+def test_signal_and_supervision_shut_down_cleanly(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun], event: str,
+) -> None:
+    """SIGTERM: clean exit 0. scratchfs killed under the agent: exit 26. Both unmount all."""
+    run = agent_factory(activated, "--poll-wait", "1")
+    assert run.wait_log("event=scratch_mounted"), run.stderr()[-2000:]
+    if event == "sigterm":
+        run.proc.send_signal(signal.SIGTERM)
+    else:
+        os.kill(int((activated / "run" / "scratchfs.pid").read_text()), signal.SIGKILL)
+    run.proc.wait(timeout=120)
+    log = run.stderr()
+    assert run.proc.returncode == (0 if event == "sigterm" else 26), log[-2000:]
+    if event == "scratchfs_dies":
+        assert "scratchfs exited unexpectedly" in log.strip().splitlines()[-1]
+    assert "event=shutdown" in log
+    assert mounts_under(activated) == []
+    assert volume_api.dump_volume(activated / "volume.img")["keyslots"]  # not erased

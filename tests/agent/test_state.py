@@ -1,0 +1,138 @@
+"""Activation state: permissions, binding, tamper refusal (pure file tests + the CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from agent import state as statemod
+from agent.errors import EXIT_STATE, EXIT_TAMPERED, StateError, TamperedError
+from protocol.client import new_client_key_and_csr
+from protocol.sealing import generate_keypair
+from tests.agent.conftest import make_pki, run_agent_cli
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    key_pem, csr_pem = new_client_key_and_csr("t")
+    seal_priv, _ = generate_keypair()
+    pki = make_pki(tmp_path / "pki")
+    ca_pem, cert_pem = pki.ca_pem, pki.issue_client(csr_pem)
+    root = tmp_path / "state"
+    statemod.write_state(
+        root, statemod.PlatformEndpoint.parse("https://platform.example:8443"), "app1",
+        ca_pem, cert_pem, key_pem, seal_priv, 1.0,
+    )
+    return root
+
+
+def test_written_state_loads_with_strict_permissions(state_dir: Path) -> None:
+    assert oct(state_dir.stat().st_mode & 0o777) == "0o700"
+    for name in statemod.ALL_FILES:
+        assert oct((state_dir / name).stat().st_mode & 0o777) == "0o600", name
+    st = statemod.load_state(state_dir)
+    assert st.endpoint.url == "https://platform.example:8443"
+    assert st.endpoint.host == "platform.example" and st.endpoint.port == 8443
+    assert st.appliance == "app1"
+    seal_hex = (state_dir / statemod.SEAL_KEY).read_bytes().hex()
+    assert seal_hex not in repr(st) and "seal" not in repr(st).lower().replace("agentstate", "")
+
+
+def test_forget_overwrites_the_sealing_key(state_dir: Path) -> None:
+    st = statemod.load_state(state_dir)
+    key = st.seal_private()
+    assert any(key)
+    st.forget()
+    assert not any(key)
+    with pytest.raises(StateError):
+        st.seal_private()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "url",
+        "ca",
+        "cert",
+        "mac",
+        "missing",
+    ],
+)
+def test_any_edit_is_refused(state_dir: Path, edit: str) -> None:
+    if edit == "url":
+        doc = json.loads((state_dir / statemod.STATE_JSON).read_text())
+        doc["platform_url"] = "https://evil.example:443"
+        (state_dir / statemod.STATE_JSON).write_text(json.dumps(doc))
+    elif edit == "ca":
+        other = make_pki(state_dir.parent / "other")
+        (state_dir / statemod.CA_PEM).write_bytes(other.ca_pem)
+    elif edit == "cert":
+        data = bytearray((state_dir / statemod.CERT_PEM).read_bytes())
+        data[100] ^= 1
+        (state_dir / statemod.CERT_PEM).write_bytes(bytes(data))
+    elif edit == "mac":
+        (state_dir / statemod.BINDING).write_text("00" * 32 + "\n")
+    elif edit == "missing":
+        (state_dir / statemod.CA_PEM).unlink()
+    with pytest.raises(TamperedError):
+        statemod.load_state(state_dir)
+
+
+def test_swapping_ca_and_recomputing_nothing_else_is_refused(state_dir: Path) -> None:
+    """Even a consistent-looking swap (valid PEM of another CA) fails the binding."""
+    other = make_pki(state_dir.parent / "other2")
+    (state_dir / statemod.CA_PEM).write_bytes(other.ca_pem)
+    with pytest.raises(TamperedError, match="binding"):
+        statemod.load_state(state_dir)
+
+
+def test_loose_permissions_are_refused(state_dir: Path) -> None:
+    os.chmod(state_dir / statemod.KEY_PEM, 0o644)
+    with pytest.raises(StateError, match="mode 0644"):
+        statemod.load_state(state_dir)
+    os.chmod(state_dir / statemod.KEY_PEM, 0o600)
+    os.chmod(state_dir, 0o755)
+    with pytest.raises(StateError, match="mode 0755"):
+        statemod.load_state(state_dir)
+
+
+def test_activation_refuses_a_non_empty_dir(state_dir: Path) -> None:
+    key_pem, _ = new_client_key_and_csr("t")
+    with pytest.raises(StateError, match="not empty"):
+        statemod.write_state(
+            state_dir, statemod.PlatformEndpoint.parse("https://x.example"), "a",
+            b"", b"", key_pem, b"\0" * 32, 0.0,
+        )
+
+
+@pytest.mark.parametrize(
+    "url", ["http://p.example", "https://", "https://p.example/path", "https://u@p.example",
+            "https://p.example:99999"],
+)
+def test_platform_url_validation(url: str) -> None:
+    with pytest.raises(ValueError):
+        statemod.PlatformEndpoint.parse(url)
+
+
+def test_cli_refuses_tampered_state_in_one_line(state_dir: Path) -> None:
+    doc = json.loads((state_dir / statemod.STATE_JSON).read_text())
+    doc["platform_url"] = "https://127.0.0.1:1"
+    (state_dir / statemod.STATE_JSON).write_text(json.dumps(doc))
+    r = run_agent_cli("run", str(state_dir), "--once")
+    assert r.returncode == EXIT_TAMPERED
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scanner-agent: ")
+    assert "modified after activation" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_cli_missing_state_and_usage(tmp_path: Path) -> None:
+    r = run_agent_cli("run", str(tmp_path / "nope"))
+    assert r.returncode == EXIT_STATE and len(r.stderr.strip().splitlines()) == 1
+    r = run_agent_cli("run")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    r = run_agent_cli("activate", str(tmp_path / "s"), "--platform", "http://x",
+                      "--ca", str(tmp_path / "missing.pem"), "--code", "abc")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,511 @@
+"""``make demo``: the whole system on one machine, with embedded defaults.
+
+Steps: init a platform in a temp dir and serve it on 127.0.0.1, add an appliance, activate
+an agent, start loopback TCP services as scan targets (one needs a credential), seal and
+add the credential, queue a job, run ``scanner-agent run --once``, print the platform's
+results as a table, prove that neither the volume image nor the scratch store (sampled
+while the agent runs) holds any of the demo's plaintext markers, tear everything down.
+
+Exit code 0 only if every step held; everything is torn down even on failure. The
+loopback services and platform helpers here are also used by tests/agent.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+
+# Plaintext markers: none may appear in the volume image or the scratch store.
+MARKERS = {
+    "ssh banner": b"DemoSSH_4f1c9e-MARKER",
+    "ftp banner": b"demo-ftpd-8b2d71-MARKER",
+    "http realm": b"demo-realm-51aa0c-MARKER",
+    "secret page": b"ACME-secret-panel-93e7d2-MARKER",
+    "credential user": b"demo-operator-6c0f",
+    "credential password": b"pw-Zq8vR2-MARKER",
+    "credential name": b"demo-cred-a41f",
+}
+CREDENTIAL = MARKERS["credential user"] + b":" + MARKERS["credential password"]
+
+
+# --- loopback scan targets (threads, so they serve while subprocesses run) ------------------
+
+
+@dataclass
+class Service:
+    """A loopback TCP service on 127.0.0.1:port served by a thread."""
+
+    name: str
+    port: int
+    sock: socket.socket
+    thread: threading.Thread | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    connections: int = 0
+    authorized: int = 0
+
+    def close(self) -> None:
+        """Stop accepting and join the thread."""
+        self.stop.set()
+        self.sock.close()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+
+def _serve(svc: Service, handle: Callable[[socket.socket], None]) -> None:
+    svc.sock.settimeout(0.2)
+    while not svc.stop.is_set():
+        try:
+            conn, _ = svc.sock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        svc.connections += 1
+        with conn:
+            conn.settimeout(3)
+            try:
+                handle(conn)
+            except OSError:
+                pass
+
+
+def _listen() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s
+
+
+def start_banner_service(name: str, banner: bytes) -> Service:
+    """A service that speaks first (like SSH or FTP): sends *banner* and closes."""
+    svc = Service(name, 0, _listen())
+    svc.port = svc.sock.getsockname()[1]
+
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(banner)
+
+    svc.thread = threading.Thread(target=_serve, args=(svc, handle), daemon=True)
+    svc.thread.start()
+    return svc
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < 16384:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def start_http_auth_service(credential: bytes, realm: bytes, secret_page: bytes) -> Service:
+    """HTTP/1.0 with Basic auth: 401 without the credential, *secret_page* with it."""
+    import base64
+
+    svc = Service("http-auth", 0, _listen())
+    svc.port = svc.sock.getsockname()[1]
+    expected = b"Basic " + base64.b64encode(credential)
+
+    def handle(conn: socket.socket) -> None:
+        request = _read_request(conn)
+        auth = b""
+        for line in request.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"authorization":
+                auth = value.strip()
+        if auth and hmac.compare_digest(auth, expected):
+            svc.authorized += 1
+            body = secret_page + b"\r\n"
+            conn.sendall(
+                b"HTTP/1.0 200 OK\r\nServer: demo-httpd\r\nContent-Type: text/plain\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+        else:
+            conn.sendall(
+                b"HTTP/1.0 401 Unauthorized\r\nServer: demo-httpd\r\n"
+                b'WWW-Authenticate: Basic realm="' + realm + b'"\r\nContent-Length: 0\r\n\r\n'
+            )
+
+    svc.thread = threading.Thread(target=_serve, args=(svc, handle), daemon=True)
+    svc.thread.start()
+    return svc
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound, then released)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+# --- platform and agent helpers -----------------------------------------------------------
+
+
+def run(args: list[str], *, timeout: float = 120, input_: bytes | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """Run a command; raise RuntimeError with its stderr when it fails and *check*."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        args, capture_output=True, timeout=timeout, input=input_, env=env, check=False
+    )
+    if check and proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(args[:4])}... exited {proc.returncode}: "
+            f"{proc.stderr.decode(errors='replace').strip()[-400:]}"
+        )
+    return proc
+
+
+@dataclass
+class Platform:
+    """A reference platform served by a child process on 127.0.0.1."""
+
+    state: Path
+    proc: subprocess.Popen[bytes]
+    port: int
+    hostname: str
+
+    @property
+    def url(self) -> str:
+        """The URL appliances use."""
+        return f"https://{self.hostname}:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        """The platform's CA certificate."""
+        return self.state / "ca.pem"
+
+    def cli(self, *args: str, input_: bytes | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        """Run ``scanner-platform ARGS --state DIR``."""
+        return run([PY, "-m", "tools.platform", *args, "--state", str(self.state)],
+                   input_=input_, check=check)
+
+    def stop(self) -> None:
+        """SIGTERM by PID, then SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_platform(state: Path, hostname: str = "127.0.0.1", lease_seconds: float = 300,
+                   port: int = 0, init: bool = True) -> Platform:
+    """``scanner-platform init`` (optionally) and ``serve`` on 127.0.0.1; wait for the port."""
+    if init:
+        run([PY, "-m", "tools.platform", "init", str(state), "--hostname", hostname])
+    addr_file = state / "serve.addr"
+    addr_file.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [PY, "-m", "tools.platform", "serve", str(state), "--listen", f"127.0.0.1:{port}",
+         "--lease-seconds", str(lease_seconds), "--poll-interval", "0.2"],
+        stdout=subprocess.DEVNULL, stderr=open(state / "serve.log", "ab"),
+        env=env,
+    )
+    deadline = time.monotonic() + 60
+    while not addr_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"platform did not start; see {state / 'serve.log'}")
+        time.sleep(0.05)
+    bound = int(addr_file.read_text().strip().rsplit(":", 1)[1])
+    return Platform(state, proc, bound, hostname)
+
+
+def agent_cmd(*args: str) -> list[str]:
+    """argv of ``scanner-agent ARGS``."""
+    return [PY, "-m", "agent.cli", *args]
+
+
+def activate(platform: Platform, name: str, state_dir: Path) -> None:
+    """Add appliance *name* and activate an agent state dir for it."""
+    code = platform.cli("appliance", "add", name).stdout.decode().strip()
+    run(agent_cmd("activate", str(state_dir), "--platform", platform.url,
+                  "--ca", str(platform.ca), "--code", "-"), input_=code.encode() + b"\n")
+
+
+def seal_credential(platform: Platform, appliance: str, secret: bytes, workdir: Path,
+                    name: str = MARKERS["credential name"].decode()) -> None:
+    """Seal *secret* to the appliance with scanner-seal and add it to the platform."""
+    pub = workdir / f"{appliance}.pub"
+    pub.write_bytes(platform.cli("appliance", "pubkey", appliance).stdout)
+    sealed = run([PY, "-m", "tools.seal", "--appliance-key", str(pub)], input_=secret).stdout
+    blob = workdir / f"{name}.sealed"
+    blob.write_bytes(sealed)
+    platform.cli("credential", "add", name, "--appliance", appliance, "--sealed", str(blob))
+
+
+def mounts_under(prefix: Path) -> list[tuple[str, str]]:
+    """(mountpoint, fstype) of every mount below *prefix*, deepest first."""
+    out = []
+    root = os.path.realpath(prefix)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[4].encode().decode("unicode_escape")
+            if mnt.startswith(root + "/"):
+                out.append((mnt, fields[fields.index("-") + 1]))
+    return sorted(out, key=lambda m: -len(m[0]))
+
+
+def clear_mounts(agent_state: Path) -> list[str]:
+    """Last-resort teardown of whatever an agent left mounted below *agent_state*."""
+    from scratchfs.volume import api as volume_api
+    from scratchfs.volume.errors import VolumeError
+
+    left = [m for m, _ in mounts_under(agent_state)]
+    scratch = agent_state / "run" / "scratch"
+    if str(scratch) in left:
+        subprocess.run(["umount", "-l", str(scratch)], check=False, capture_output=True)
+    volume = agent_state / "run" / "volume"
+    if str(volume) in left or (agent_state / "run" / "volume-run").exists():
+        try:
+            volume_api.close_volume(volume, run_dir=agent_state / "run" / "volume-run")
+        except VolumeError:
+            pass
+    for mnt, _ in mounts_under(agent_state):
+        subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+    return left
+
+
+def find_markers(data: bytes, markers: dict[str, bytes]) -> list[str]:
+    """Names of the markers present in *data*."""
+    return [name for name, m in markers.items() if m in data]
+
+
+def file_markers(path: Path, markers: dict[str, bytes]) -> list[str]:
+    """Markers found in a (possibly large) file, read in overlapping chunks."""
+    found: set[str] = set()
+    overlap = max(len(m) for m in markers.values())
+    tail = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * 1024 * 1024):
+            found.update(find_markers(tail + chunk, markers))
+            tail = chunk[-overlap:]
+    return sorted(found)
+
+
+class BackingSampler:
+    """Reads every blob of the scratch store while the agent runs, looking for markers."""
+
+    def __init__(self, backing: Path, markers: dict[str, bytes], interval: float = 0.05) -> None:
+        self.backing = backing
+        self.markers = markers
+        self.interval = interval
+        self.samples = 0
+        self.blobs_seen: set[str] = set()
+        self.found: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                entries = list(self.backing.iterdir())
+            except OSError:
+                continue
+            self.samples += 1
+            for entry in entries:
+                try:
+                    data = entry.read_bytes()
+                except OSError:
+                    continue
+                self.blobs_seen.add(entry.name)
+                self.found.update(find_markers(data, self.markers))
+
+    def __enter__(self) -> BackingSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+# --- the demo ------------------------------------------------------------------------------
+
+
+class Step:
+    """Numbered progress output; failures are collected, not raised, so teardown runs."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.n = 0
+        self.failed: list[str] = []
+
+    @contextmanager
+    def __call__(self, title: str) -> Iterator[list[str]]:
+        self.n += 1
+        print(f"[{self.n:2d}/{self.total}] {title} ...", flush=True)
+        notes: list[str] = []
+        try:
+            yield notes
+        except Exception as e:
+            print(f"        FAILED: {e}", flush=True)
+            if os.environ.get("DEMO_DEBUG"):
+                traceback.print_exc()
+            self.failed.append(title)
+            raise
+        for note in notes:
+            print(f"        {note}", flush=True)
+        print("        ok", flush=True)
+
+
+def demo(work: Path) -> int:
+    """Run every step in *work*; return 0 only if all of them held."""
+    step = Step(12)
+    services: list[Service] = []
+    platform: Platform | None = None
+    agent_state = work / "appliance"
+    try:
+        with step("init the platform and serve it on 127.0.0.1") as notes:
+            platform = start_platform(work / "platform")
+            notes.append(f"platform at {platform.url} (CA {platform.ca})")
+        assert platform is not None
+        with step("add appliance 'demo-appliance' and activate the agent") as notes:
+            activate(platform, "demo-appliance", agent_state)
+            mode = oct(agent_state.stat().st_mode & 0o777)
+            notes.append(f"state dir {agent_state} ({mode}), bound to {platform.url}")
+        with step("start loopback scan targets") as notes:
+            ssh = start_banner_service("ssh", b"SSH-2.0-" + MARKERS["ssh banner"] + b"\r\n")
+            ftp = start_banner_service("ftp", b"220 " + MARKERS["ftp banner"] + b" FTP ready\r\n")
+            web = start_http_auth_service(CREDENTIAL, MARKERS["http realm"], MARKERS["secret page"])
+            services += [ssh, ftp, web]
+            closed = closed_port()
+            for s in services:
+                notes.append(f"{s.name:9s} 127.0.0.1:{s.port}")
+            notes.append(f"closed    127.0.0.1:{closed}")
+        with step("seal the web credential to the appliance and add it") as notes:
+            seal_credential(platform, "demo-appliance", CREDENTIAL, work)
+            notes.append("sealed with scanner-seal (X25519 + HKDF + AES-GCM); platform sees ciphertext")
+        with step("queue a scan job") as notes:
+            ports = ",".join(str(p) for p in (ssh.port, ftp.port, web.port, closed))
+            job_id = platform.cli(
+                "job", "add", "demo-appliance", "--targets", "127.0.0.1", "--ports", ports,
+                "--credential", MARKERS["credential name"].decode(),
+            ).stdout.decode().strip()
+            notes.append(f"job {job_id}: 127.0.0.1 ports {ports}")
+        backing = agent_state / "run" / "volume" / "backing"
+        with step("run 'scanner-agent run --once' (sampling the scratch store meanwhile)") as notes:
+            with BackingSampler(backing, MARKERS) as sampler:
+                started = time.monotonic()
+                proc = run(agent_cmd("run", str(agent_state), "--once", "--volume-size", "64M",
+                                     "--poll-wait", "5", "--connect-timeout", "1",
+                                     "--banner-timeout", "0.5"), timeout=300, check=False)
+                took = time.monotonic() - started
+            log_lines = proc.stderr.decode(errors="replace").splitlines()
+            for line in log_lines:
+                if "event=" in line and any(k in line for k in (
+                    "time_sync", "volume_open", "scratch_mounted", "job_received",
+                    "credential_check", "upload_acknowledged", "job_shredded", "shutdown",
+                )):
+                    notes.append("agent: " + line.split(" ", 1)[1][:110])
+            if proc.returncode != 0:
+                raise RuntimeError(f"agent exited {proc.returncode}: {log_lines[-1:]}")
+            notes.append(f"agent exited 0 after {took:.1f} s")
+        with step("the platform's results") as notes:
+            table = platform.cli("results", "show", job_id).stdout.decode()
+            print("\n".join("        " + ln for ln in table.rstrip().splitlines()), flush=True)
+            doc = json.loads(platform.cli("results", "show", job_id, "--json").stdout)["result"]
+            ports_found = {p["port"]: p for h in doc["hosts"] for p in h["ports"]}
+            if set(ports_found) != {ssh.port, ftp.port, web.port}:
+                raise RuntimeError(f"open ports {sorted(ports_found)} are not the 3 services")
+            if ports_found[web.port].get("auth") != "accepted" or web.authorized != 1:
+                raise RuntimeError("the credential check did not log in exactly once")
+            if MARKERS["secret page"].decode() not in ports_found[web.port]["banner"]:
+                raise RuntimeError("the authenticated banner is missing from the result")
+            notes.append("3 open ports, services guessed, credential check: accepted")
+        with step("the credential never reached the result") as notes:
+            raw = platform.cli("results", "show", job_id, "--json").stdout
+            leaked = find_markers(raw, {k: v for k, v in MARKERS.items() if "credential" in k})
+            if leaked:
+                raise RuntimeError(f"result contains {leaked}")
+            notes.append("no user name or password in the uploaded document")
+        with step("the scratch store held no plaintext while the agent ran") as notes:
+            if sampler.samples == 0 or not sampler.blobs_seen:
+                raise RuntimeError("the sampler never saw the scratch store; nothing was proven")
+            if sampler.found:
+                raise RuntimeError(f"markers found in scratch blobs: {sorted(sampler.found)}")
+            notes.append(f"{sampler.samples} samples, {len(sampler.blobs_seen)} blobs read, "
+                         f"0 of {len(MARKERS)} markers")
+        with step("the volume image holds no plaintext") as notes:
+            image = agent_state / "volume.img"
+            found = file_markers(image, MARKERS)
+            if found:
+                raise RuntimeError(f"markers found in {image}: {found}")
+            left = [p for p in agent_state.rglob("*") if p.is_file() and p != image]
+            found_elsewhere = [str(p) for p in left if file_markers(p, MARKERS)]
+            if found_elsewhere:
+                raise RuntimeError(f"markers found in {found_elsewhere}")
+            notes.append(f"{image.stat().st_size // (1024 * 1024)} MiB image and "
+                         f"{len(left)} other state files: 0 markers")
+        with step("nothing left mounted") as notes:
+            left_mounts = mounts_under(agent_state)
+            if left_mounts:
+                raise RuntimeError(f"still mounted: {left_mounts}")
+            notes.append("scratchfs unmounted, volume closed")
+    except Exception as e:  # noqa: BLE001 - the step printed it; teardown must still run
+        step.failed.append(f"{type(e).__name__}")
+    finally:
+        print(f"[{step.total:2d}/{step.total}] tear down ...", flush=True)
+        for s in services:
+            s.close()
+        cleared = clear_mounts(agent_state) if agent_state.exists() else []
+        if platform is not None:
+            platform.stop()
+        if cleared:
+            print(f"        cleared leftover mounts: {cleared}", flush=True)
+            step.failed.append("leftover mounts")
+        print("        ok", flush=True)
+    if step.failed or step.n < step.total - 1:
+        print(f"demo FAILED at: {', '.join(step.failed) or 'an unfinished step'}", flush=True)
+        return 1
+    print("demo OK: every step held", flush=True)
+    return 0
+
+
+def main() -> int:
+    """Entry point of ``python -m tools.demo``."""
+    if os.geteuid() != 0:
+        print("demo: needs root (FUSE, loop devices, mounts); run 'sudo make demo'",
+              file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="scratchfs-demo-"))
+    os.chmod(work, 0o700)
+    try:
+        return demo(work)
+    finally:
+        if not mounts_under(work):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"demo: mounts left under {work}; not removing it", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

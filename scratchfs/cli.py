@@ -87,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-mlock", action="store_true", help="do not lock memory (mlockall)")
     m.add_argument("--pid-file", type=Path, help="write the daemon's PID here once the mount is live")
     m.add_argument("--log-file", type=Path, help="append the daemon's log here (default: syslog when daemonized)")
-    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument(
+        "--ready-fd",
+        type=int,
+        metavar="FD",
+        help="with --foreground: write 'ok' (or 'err CODE MESSAGE') to this inherited fd once the mount is live "
+        "(for supervisors such as the agent)",
+    )
 
     u = sub.add_parser("umount", help="unmount (also clears a stale mount left by a killed daemon)")
     u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")

@@ -7,7 +7,6 @@ traceback appears only with --debug.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import logging.handlers
 import os
@@ -24,8 +23,10 @@ from scratchfs.mount import (
     EXIT_OK,
     EXIT_USAGE,
     FSTYPE,
+    STALE_ERRNOS,
     MountError,
     MountOptions,
+    check,
     find_mount,
     prepare,
     serve,
@@ -149,8 +150,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     )
     if not args.foreground:
         # Check in the foreground first so the common mistakes get their own exit code at once.
-        store = prepare(opts)
-        store.close()
+        check(opts)
         argv = [a for a in args.raw_argv if a not in ("--foreground", "-f")]
         if args.log_file is not None:
             args.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     try:
         os.stat(path)
     except OSError as e:
-        stale = e.errno == errno.ENOTCONN
+        stale = e.errno in STALE_ERRNOS
     cmd = ["fusermount3", "-u", "-q", str(path)] if not stale else ["fusermount3", "-u", "-z", "-q", str(path)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0 and os.geteuid() == 0:

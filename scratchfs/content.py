@@ -120,10 +120,19 @@ class FileContent:
         self.next_version += 1
         return version
 
-    def _check_blob_len(self, fd: int) -> None:
+    def _check_blob_len(self, fd: int, first: int, last: int) -> None:
+        """A blob longer than this process wrote fails the reads of its last record's block.
+
+        (A shorter blob fails exactly the blocks whose records are cut; _read_blocks sees that.)
+        Only the blocks concerned fail: the rest of the file stays readable.
+        """
         actual = os.fstat(fd).st_size
-        if actual != self.blob_len:
-            raise IntegrityError(f"blob is {actual} bytes, expected {self.blob_len} (truncated or extended)")
+        if actual > self.blob_len:
+            last_record = max(0, self.blob_len - 1) // (self.block_size + blocks.OVERHEAD)
+            if last >= last_record:
+                raise IntegrityError(
+                    f"blob is {actual} bytes, expected {self.blob_len} (extended)", max(first, last_record)
+                )
 
     def _read_blocks(self, first: int, last: int) -> bytearray:
         """Authenticated plaintext of blocks first..last, concatenated (each at full logical length)."""
@@ -133,10 +142,10 @@ class FileContent:
         if self.blob_id is None:
             return out
         fd = self.ensure_blob()
-        self._check_blob_len(fd)
         base = blocks.record_offset(first, bs)
         end = blocks.record_offset(last, bs) + blocks.block_length(last, size, bs) + blocks.OVERHEAD
-        raw = os.pread(fd, end - base, base) if base < self.blob_len else b""
+        self._check_blob_len(fd, first, last)
+        raw = os.pread(fd, end - base, base)
         if len(raw) < end - base:
             # Past the blob's end only holes may lie; pad so the hole check sees zeros there.
             for index in range(first, last + 1):

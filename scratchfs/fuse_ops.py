@@ -212,7 +212,7 @@ class ScratchOps(pyfuse3.Operations):
         lock = self._lock(node)
         await lock.acquire_write()
         try:
-            content.ready()
+            self._ready(node, content)
             await self._run(node, 0, content.truncate, size)
         finally:
             release_fd = node.opens == 0
@@ -220,12 +220,24 @@ class ScratchOps(pyfuse3.Operations):
         if release_fd:
             content.close_fd()
 
+    def _ready(self, node: Inode, content: FileContent) -> None:
+        """Open the blob's fd if needed; a missing or replaced blob is an integrity failure."""
+        try:
+            content.ready()
+        except IntegrityError as e:
+            raise self._integrity(node, e) from None
+
     def _release(self, node: Inode | None) -> None:
-        """Destroy a dropped inode's key and blob."""
+        """Destroy a dropped inode's key and blob. Never raises (forget cannot fail)."""
         if node is None:
             return
         if node.content is not None:
-            node.content.destroy()
+            try:
+                node.content.destroy()
+            except OSError as e:
+                log.warning(
+                    "event=shred_incomplete ino=%d errno=%s", node.ino, errno.errorcode.get(e.errno or 0, e.errno)
+                )
             node.content = None
         lock = self._locks.get(node.ino)
         if lock is not None and lock.idle:
@@ -389,7 +401,7 @@ class ScratchOps(pyfuse3.Operations):
         lock = self._lock(node)
         await lock.acquire_read()
         try:
-            content.ready()
+            self._ready(node, content)
             data = await self._run(node, size, content.read, off, size)
         finally:
             lock.release_read()
@@ -405,7 +417,10 @@ class ScratchOps(pyfuse3.Operations):
         lock = self._lock(node)
         await lock.acquire_write()
         try:
-            content.ensure_blob()
+            try:
+                content.ensure_blob()
+            except IntegrityError as e:
+                raise self._integrity(node, e) from None
             written = await self._run(node, len(buf), content.write, off, buf)
         finally:
             lock.release_write()
@@ -436,7 +451,7 @@ class ScratchOps(pyfuse3.Operations):
         lock = self._lock(node)
         await lock.acquire_read()
         try:
-            content.ready()
+            self._ready(node, content)
             await trio.to_thread.run_sync(content.sync, datasync, limiter=self._limiter)
         finally:
             lock.release_read()

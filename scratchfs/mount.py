@@ -43,6 +43,9 @@ EXIT_CORRUPT = 8
 EXIT_BUSY = 9
 
 FSTYPE = "fuse.scratchfs"
+# What the kernel answers on a FUSE mount whose daemon died (ECONNABORTED on first access after
+# the connection was aborted, ENOTCONN afterwards).
+STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 class MountError(Exception):
@@ -112,6 +115,8 @@ def check_fuse_available() -> None:
         raise MountError(
             EXIT_NO_FUSE, "/dev/fuse is missing; load the fuse module (modprobe fuse) or run where FUSE is available"
         )
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError(EXIT_NO_FUSE, "no permission to open /dev/fuse; run as root or make /dev/fuse mode 0666")
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise MountError(EXIT_NO_FUSE, "fusermount3 is missing; install the fuse3 package")
 
@@ -125,7 +130,7 @@ def check_mountpoint(path: Path) -> None:
     except NotADirectoryError:
         raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is not a directory; give an empty directory") from None
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
+        if e.errno in STALE_ERRNOS:
             raise MountError(
                 EXIT_MOUNTPOINT, f"{path} is a stale mount of a daemon that died; run 'scratchfs umount {path}' first"
             ) from None
@@ -138,12 +143,21 @@ def check_mountpoint(path: Path) -> None:
         )
 
 
-def prepare(opts: MountOptions) -> BlobStore:
-    """All checks before mounting, in the order a user would fix them. Touches nothing on failure."""
+def check(opts: MountOptions) -> None:
+    """All checks before mounting, in the order a user would fix them. Touches nothing."""
     check_fuse_available()
     if os.path.realpath(opts.backing) == os.path.realpath(opts.mountpoint):
         raise MountError(EXIT_USAGE, "backing directory and mountpoint must be different directories")
     check_mountpoint(opts.mountpoint)
+    try:
+        BlobStore.check(opts.backing)
+    except StoreError as e:
+        raise MountError(EXIT_BACKING, str(e)) from None
+
+
+def prepare(opts: MountOptions) -> BlobStore:
+    """check(), then open the store: claim it if empty, wipe what a crashed daemon left."""
+    check(opts)
     try:
         return BlobStore.open(opts.backing)
     except StoreError as e:

@@ -10,10 +10,11 @@ import errno
 import logging
 import os
 import secrets
+import shutil
 import stat
 from pathlib import Path
 
-from scratchfs.errors import StoreError
+from scratchfs.errors import IntegrityError, StoreError
 
 log = logging.getLogger("scratchfs.store")
 
@@ -56,12 +57,12 @@ class BlobStore:
         self._dir_fd = dir_fd
 
     @classmethod
-    def open(cls, root: Path) -> BlobStore:
-        """Validate *root*, claim it (marker) if empty, and wipe blobs a crashed daemon left.
+    def check(cls, root: Path) -> None:
+        """Validate *root* as open() would, without creating or deleting anything."""
+        cls._validate(root)
 
-        Raises StoreError (touching nothing) if the directory is missing, not a directory, or
-        holds anything that is not ours.
-        """
+    @classmethod
+    def _validate(cls, root: Path) -> list[str]:
         try:
             st = os.stat(root)
         except FileNotFoundError:
@@ -82,6 +83,24 @@ class BlobStore:
             )
         if names and MARKER_NAME not in names:
             raise StoreError(f"{root} holds blob-like files but no {MARKER_NAME} marker; use an empty directory")
+        if MARKER_NAME in names:
+            try:
+                with open(os.path.join(root, MARKER_NAME), "rb") as f:
+                    parse_marker(f.read(MARKER_MAX_BYTES + 1))
+            except (OSError, ValueError) as e:
+                raise StoreError(
+                    f"{root}/{MARKER_NAME} is not a valid scratchfs marker ({e}); use an empty directory"
+                ) from None
+        return names
+
+    @classmethod
+    def open(cls, root: Path) -> BlobStore:
+        """Validate *root*, claim it (marker) if empty, and wipe blobs a crashed daemon left.
+
+        Raises StoreError (touching nothing) if the directory is missing, not a directory, or
+        holds anything that is not ours.
+        """
+        names = cls._validate(root)
         dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         store = cls(root, dir_fd)
         if MARKER_NAME in names:
@@ -130,27 +149,47 @@ class BlobStore:
     def open_blob(self, blob_id: bytes) -> int:
         """Open an existing blob read-write (EIO if it vanished: someone deleted it)."""
         try:
-            return os.open(blob_id.hex(), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self._dir_fd)
+            fd = os.open(blob_id.hex(), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._dir_fd)
         except FileNotFoundError:
-            raise OSError(errno.EIO, "blob missing from the backing store") from None
+            raise IntegrityError("blob missing from the backing store") from None
+        except OSError as e:
+            # A directory, symlink or other object where our blob was: someone replaced it.
+            raise IntegrityError(
+                f"blob replaced by something else ({errno.errorcode.get(e.errno or 0, e.errno)})"
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IntegrityError("blob replaced by a non-regular file")
+        os.set_blocking(fd, True)
+        return fd
 
     def remove_blob(self, blob_id: bytes) -> None:
         """Delete a blob (already crypto-shredded by dropping its key)."""
+        self._remove(blob_id.hex())
+
+    def _remove(self, name: str) -> bool:
+        """Remove whatever sits at a blob's name (an attacker may have put a directory there).
+
+        Never raises: shredding must go on for every other blob. Returns True if something was removed.
+        """
         try:
-            os.unlink(blob_id.hex(), dir_fd=self._dir_fd)
+            os.unlink(name, dir_fd=self._dir_fd)
+            return True
         except FileNotFoundError:
-            pass
+            return False
+        except IsADirectoryError:
+            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+            return True
+        except OSError as e:
+            log.warning("event=blob_remove_failed name=%s errno=%s", name, errno.errorcode.get(e.errno or 0, e.errno))
+            return False
 
     def wipe_all(self) -> int:
         """Delete every blob in the store; returns how many there were."""
         count = 0
         for name in os.listdir(self._dir_fd):
-            if is_blob_name(name):
-                try:
-                    os.unlink(name, dir_fd=self._dir_fd)
-                    count += 1
-                except FileNotFoundError:
-                    pass
+            if is_blob_name(name) and self._remove(name):
+                count += 1
         return count
 
     def statvfs(self) -> os.statvfs_result:

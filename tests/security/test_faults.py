@@ -129,15 +129,7 @@ def _replace_with_unreadable_file(blob: Path) -> None:
 @pytest.mark.parametrize(
     "breaker",
     [
-        pytest.param(
-            _replace_with_directory,
-            id="directory",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="store.remove_blob/wipe_all os.unlink() a directory: IsADirectoryError escapes from "
-                "forget and kills the daemon (stale mount, store not wiped)",
-            ),
-        ),
+        pytest.param(_replace_with_directory, id="directory"),
         pytest.param(_replace_with_fifo, id="fifo"),
         pytest.param(_replace_with_symlink_to_other_blob, id="symlink"),
         pytest.param(_replace_with_unreadable_file, id="empty-file"),

@@ -37,16 +37,6 @@ NBLOCKS = 4
 
 # Known deviations from issue 3, reported to the lead. strict=True: once fixed, these XPASS and fail
 # the run, so the marker is removed together with the fix.
-LENGTH_CHECK_TOO_COARSE = pytest.mark.xfail(
-    strict=True,
-    reason="content.py checks the blob length before any block: a cut or extended blob fails every block "
-    "with block=- instead of only the affected ones",
-)
-DELETED_BLOB_NOT_NAMED = pytest.mark.xfail(
-    strict=True,
-    reason="a missing blob surfaces as OSError(EIO) from store.open_blob: logged as backing_io_error "
-    "without the file's path or block",
-)
 
 
 def _data() -> bytes:
@@ -219,7 +209,6 @@ def test_zeroed_block_is_not_taken_for_a_hole(attacked: Mounted) -> None:
     _check(path, data, {2}, watch, f"/{path.name}")
 
 
-@LENGTH_CHECK_TOO_COARSE
 def test_truncated_blob_fails_only_the_cut_blocks(attacked: Mounted) -> None:
     """Cut the blob inside block 2's record: blocks 2 and 3 fail, blocks 0 and 1 still read."""
     path = attacked.mountpoint / "truncated"
@@ -241,7 +230,6 @@ def test_truncated_blob_is_never_served(attacked: Mounted) -> None:
     assert {p for p, _ in watch.integrity()} == {f"/{path.name}"}
 
 
-@LENGTH_CHECK_TOO_COARSE
 def test_extended_blob_fails_the_last_block(attacked: Mounted) -> None:
     """Junk appended after the last record: the last block's read fails, earlier blocks still read."""
     path = attacked.mountpoint / "extended"
@@ -266,7 +254,6 @@ def test_extended_blob_is_never_served_beyond_memory(attacked: Mounted) -> None:
     assert {p for p, _ in watch.integrity()} == {f"/{path.name}"}
 
 
-@DELETED_BLOB_NOT_NAMED
 def test_deleted_blob_fails_with_eio_and_names_the_file(attacked: Mounted) -> None:
     path = attacked.mountpoint / "deleted"
     blob = write_new_file(attacked, path, _data())

@@ -1,0 +1,168 @@
+"""Smoke tests of the benchmark harness (tools/bench): tiny sizes, real mounts, no timing.
+
+They check that the harness runs every workload over every target, writes its outputs, and
+leaves nothing behind (no mount, no process, no tmpfs), also when interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tools.bench.report import METRICS, Metric, goals, ratio
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = [sys.executable, "-m", "tools.bench"]
+
+needs_root_fuse = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fio") is None,
+    reason="the harness needs root, /dev/fuse and fio",
+)
+
+
+def mounts_under(prefix: Path) -> list[str]:
+    root = os.path.realpath(prefix)
+    with open("/proc/self/mountinfo") as f:
+        return [ln.split()[4] for ln in f if ln.split()[4].startswith(root)]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains *text* (our unique work directory)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(int(entry))
+    return found
+
+
+def assert_nothing_left(work: Path) -> None:
+    assert mounts_under(work) == [], "the harness left mounts behind"
+    assert list(work.iterdir()) == [], "the harness left its tmpfs directory behind"
+    assert processes_mentioning(str(work)) == [], "the harness left processes behind"
+
+
+@needs_root_fuse
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quick_run_over_all_targets(tmp_path: Path) -> None:
+    targets = ["tmpfs", "zerofs", "passthrough", "gocryptfs", "scratchfs"]
+    if shutil.which("gocryptfs") is None:
+        # Not a silent pass: the reason shows in the test output (-ra).
+        targets.remove("gocryptfs")
+        print("gocryptfs target skipped: gocryptfs binary not installed (make apt)")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [*BENCH, "--quick", "--targets", ",".join(targets), "--block-sizes", "16K",
+         "--workdir", str(work), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=840, check=False,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((out / "latest.json").read_text())
+    md = (out / "latest.md").read_text()
+    assert len(list(out.glob("bench-*.json"))) == 1
+    assert len(list(out.glob("bench-*.md"))) == 1
+    assert "| metric | unit |" in r.stdout, "the table was not printed"
+    all_targets = [*targets, "scratchfs-bs16K"]
+    assert doc["targets"] == all_targets
+    assert doc["errors"] == []
+    for t in all_targets:
+        med = doc["medians"][t]
+        for key in ("stream_write", "stream_read", "randwrite_1j", "randread_1j",
+                    "randwrite_4j", "randread_4j", "tree_extract", "tree_ls", "tree_rm",
+                    "files_create"):
+            assert med[key] > 0, (t, key)
+        if t != "tmpfs":
+            # Every daemon's memory was read from /proc.
+            assert med["rss_tree"] > 0 and med["rss_files"] > 0, t
+        assert t in md
+    assert "scratchfs/gocryptfs" in doc["ratios"] or "gocryptfs" not in targets
+    assert set(doc["ratios"]) >= {"scratchfs/passthrough", "scratchfs/zerofs"}
+    assert "scratchfs block-size sweep" in md
+    assert doc["meta"]["tarball_files"] == 200
+    assert_nothing_left(work)
+
+
+@needs_root_fuse
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_interrupt_cleans_up(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*BENCH, "--quick", "--targets", "zerofs", "--workloads", "fio",
+         "--fio-runtime", "60", "--workdir", str(work), "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        # Interrupt once fio runs inside the mount: a daemon, a mount and fio are all live.
+        for line in proc.stderr:
+            if line.rstrip().endswith("zerofs: fio"):
+                break
+        else:
+            pytest.fail("the harness never reached the fio workload")
+        time.sleep(1.0)
+        assert mounts_under(work), "expected the zerofs mount to be live"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert (out / "latest.json").exists()
+    assert json.loads((out / "latest.json").read_text())["interrupted"] is True
+    assert_nothing_left(work)
+
+
+def test_usage_errors_are_one_line_exit_2(tmp_path: Path) -> None:
+    for args in (["--targets", "nosuchfs"], ["--workloads", "bogus"], ["--rounds", "0"]):
+        r = subprocess.run([*BENCH, *args, "--out", str(tmp_path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tools.bench: "), r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_ratio_directions() -> None:
+    by_key = {m.key: m for m in METRICS}
+    # Throughput: more is faster.
+    assert ratio(by_key["stream_read"], 200.0, 100.0) == 2.0
+    # Durations: less is faster, so half the time is a speed ratio of 2.
+    assert ratio(by_key["tree_ls"], 1.0, 2.0) == 2.0
+    # Memory: plain size ratio.
+    assert ratio(by_key["rss_files"], 50.0, 100.0) == 0.5
+    assert ratio(Metric("x", "x", "MB/s", "rate"), 1.0, 0.0) is None
+
+
+def test_goals_use_the_issue_thresholds() -> None:
+    med = {
+        "scratchfs": {"stream_write": 95.0, "randread_1j": 90.0, "tree_rm": 1.0,
+                      "rss_files": 151.0},
+        "gocryptfs": {"stream_write": 100.0, "tree_rm": 2.0},
+        "zerofs": {"randread_1j": 100.0},
+    }
+    got = {g["metric"]: g for g in goals(med)}
+    assert got["stream_write"]["met"] is False  # 0.95x gocryptfs < 1.0x
+    assert got["randread_1j"]["met"] is True  # 0.9x the zero-work floor
+    assert got["tree_rm"]["met"] is True  # twice as fast as gocryptfs
+    assert got["rss_files"]["met"] is False  # over 150 MiB

@@ -264,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     except MountError as e:
         print(f"{PROG}: cannot {argv[0] if argv else 'run'}: {e}", file=sys.stderr)
         return e.code
+    except PermissionError as e:
+        if debug:
+            raise
+        print(
+            f"{PROG}: permission denied: {e.filename or e}; run as a user who may use it, or as root", file=sys.stderr
+        )
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

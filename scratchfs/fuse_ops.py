@@ -40,9 +40,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # Requests at least this large run their crypto and I/O on a worker thread (AES-GCM in
-# `cryptography` releases the GIL); smaller ones run inline, where a thread hop would cost more
-# than the work.
-THREAD_MIN_BYTES = 32 * 1024
+# `cryptography` releases the GIL, so two requests use two cores); smaller ones run inline.
+# Measured (docs/bench.md): a trio thread hop costs ~230-400 µs of CPU, 4x pyfuse3's whole
+# per-request floor, more than the crypto of a 128 KiB request; a 1 MiB request is worth it.
+THREAD_MIN_BYTES = 256 * 1024
 PASS_THROUGH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE}
 DAY_NS = 86400 * 10**9
 

@@ -22,6 +22,7 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # Linux's id; Python does not export it
 
 from scratchfs.errors import FsError  # noqa: E402
 
@@ -142,8 +143,13 @@ class Inode:
 
 
 def now_ns() -> int:
-    """The current time in nanoseconds (the namespace's clock)."""
-    return time.time_ns()
+    """The current time in nanoseconds (the namespace's clock).
+
+    The coarse clock is the one the kernel stamps inodes with (current_time()); with the
+    writeback cache the kernel sends its own times, and mixing a finer clock with it would make
+    ctime/mtime run backwards.
+    """
+    return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
 
 
 def check_name(name: bytes) -> None:

@@ -20,7 +20,9 @@ FORMAT_TAG = b"SFS1"
 BLOB_ID_BYTES = 16
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 20
-DEFAULT_BLOCK_SIZE = 64 * 1024
+# Chosen by the sweep in README.md: 16 KiB keeps 4 KiB random I/O within ~10 % of 4 KiB blocks
+# (no costly read-modify-write of a large block) while streaming costs ~25 % less CPU per MiB.
+DEFAULT_BLOCK_SIZE = 16 * 1024
 _AAD = struct.Struct(">4s16sQQ")
 
 

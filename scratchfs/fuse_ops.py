@@ -16,7 +16,7 @@ import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -266,7 +266,18 @@ class ScratchOps(pyfuse3.Operations):
     # --- namespace -------------------------------------------------------------------------------
     @handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self.ns.lookup(parent_inode, name)
+        try:
+            node = self.ns.lookup(parent_inode, name)
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            # Negative entry: every namespace change passes through this kernel, which drops
+            # negative dentries itself on create, so caching "does not exist" is safe and saves
+            # a request per new file (tar, compilers and scanners probe before they create).
+            miss = pyfuse3.EntryAttributes()
+            miss.st_ino = 0
+            miss.entry_timeout = self.attr_timeout
+            return miss
         self.ns.remember(node)
         return self._attrs(node)
 
@@ -406,10 +417,11 @@ class ScratchOps(pyfuse3.Operations):
             data = await self._run(node, size, content.read, off, size)
         finally:
             lock.release_read()
+        # pyfuse3 takes any contiguous buffer (PyObject_GetBuffer); its stub says bytes.
         # relatime: atime moves only if older than mtime/ctime or a day old.
         if node.atime_ns <= node.mtime_ns or node.atime_ns <= node.ctime_ns or now_ns() - node.atime_ns > DAY_NS:
             node.atime_ns = now_ns()
-        return data
+        return cast(bytes, data)
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

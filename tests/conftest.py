@@ -12,8 +12,8 @@ from tests.mounting import Mounted, fuse_mounts_under, mount, unmount
 
 # Filesystem tests run over each configuration that changes behaviour.
 MOUNT_MATRIX = {
-    "default": [],
-    "bs4k": ["--block-size", "4096"],
+    "default": [],  # 16 KiB blocks
+    "bs64k": ["--block-size", "65536"],
 }
 
 

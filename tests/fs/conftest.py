@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from scratchfs import blocks
 from tests.conftest import MOUNT_MATRIX
 from tests.mounting import Mounted, is_mounted, mount, pid_alive, unmount
 
 TARGET_ENV = "SCRATCHFS_TEST_TARGET"
-# Block size scratchfs uses when no --block-size is given (DESIGN.md §3 favours 64 KiB for
-# streaming); only used to place test offsets around block boundaries.
-DEFAULT_BLOCK_SIZE = 65536
+# Block size scratchfs uses when no --block-size is given; only used to place test offsets
+# around block boundaries.
+DEFAULT_BLOCK_SIZE = blocks.DEFAULT_BLOCK_SIZE
 
 
 def target_kind() -> str:

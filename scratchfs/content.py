@@ -126,9 +126,11 @@ class FileContent:
         (A shorter blob fails exactly the blocks whose records are cut; _read_blocks sees that.)
         Only the blocks concerned fail: the rest of the file stays readable.
         """
+        last_record = max(0, self.blob_len - 1) // (self.block_size + blocks.OVERHEAD)
+        if last < last_record:
+            return  # an extension cannot concern these blocks: skip the fstat on the hot path
         actual = os.fstat(fd).st_size
         if actual > self.blob_len:
-            last_record = max(0, self.blob_len - 1) // (self.block_size + blocks.OVERHEAD)
             if last >= last_record:
                 raise IntegrityError(
                     f"blob is {actual} bytes, expected {self.blob_len} (extended)", max(first, last_record)

@@ -29,7 +29,7 @@ class RWLock:
 
     def release_read(self) -> None:
         self._readers -= 1
-        if self._readers == 0:
+        if self._readers == 0 and self._lot:
             self._lot.unpark_all()
 
     async def acquire_write(self) -> None:
@@ -48,4 +48,5 @@ class RWLock:
 
     def release_write(self) -> None:
         self._writer = False
-        self._lot.unpark_all()
+        if self._lot:
+            self._lot.unpark_all()

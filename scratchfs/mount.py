@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -269,15 +270,19 @@ def spawn_daemon(argv: list[str], log_file: Path | None, timeout: float = 30.0) 
     deadline = time.monotonic() + timeout
     chunks = b""
     try:
-        with os.fdopen(read_fd, "rb") as pipe:
-            os.set_blocking(pipe.fileno(), True)
-            while time.monotonic() < deadline and not chunks.endswith(b"\n"):
-                chunk = pipe.read1(4096) if hasattr(pipe, "read1") else pipe.read(4096)
-                if not chunk:
-                    break
-                chunks += chunk
+        while not chunks.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            # select: a daemon that hangs before answering must not hang `scratchfs mount`.
+            if remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]:
+                break
+            chunk = os.read(read_fd, 4096)
+            if not chunk:
+                break
+            chunks += chunk
     except OSError:
         pass
+    finally:
+        os.close(read_fd)
     word = chunks.decode(errors="replace").strip()
     if word == "ok":
         return EXIT_OK, ""

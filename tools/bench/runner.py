@@ -194,7 +194,20 @@ class Target:
 
 
 @dataclass
-class PyfuseTarget(Target):
+class ForegroundDaemonTarget(Target):
+    """A FUSE daemon we started in the foreground and own by PID."""
+
+    def stop(self) -> list[str]:
+        problems = fuse_unmount(self.mnt)
+        if self.pid is not None:
+            problems += stop_pid(self.pid, self.proc)
+        self.pid = None
+        self.proc = None
+        return problems
+
+
+@dataclass
+class PyfuseTarget(ForegroundDaemonTarget):
     """zerofs or passthrough from this package, each its own foreground process."""
 
     module: str = ""
@@ -219,17 +232,10 @@ class PyfuseTarget(Target):
         self.pid = self.proc.pid
         wait_mounted(self.mnt, self.proc, self.log_path, self.name)
 
-    def stop(self) -> list[str]:
-        problems = fuse_unmount(self.mnt)
-        if self.pid is not None:
-            problems += stop_pid(self.pid, self.proc)
-        self.pid = None
-        self.proc = None
-        return problems
 
 
 @dataclass
-class GocryptfsTarget(Target):
+class GocryptfsTarget(ForegroundDaemonTarget):
     """gocryptfs over the backing directory, in the foreground (-fg) so we own its PID."""
 
     extra: list[str] = field(default_factory=list)
@@ -277,13 +283,6 @@ class GocryptfsTarget(Target):
         finally:
             passfile.unlink()
 
-    def stop(self) -> list[str]:
-        problems = fuse_unmount(self.mnt)
-        if self.pid is not None:
-            problems += stop_pid(self.pid, self.proc)
-        self.pid = None
-        self.proc = None
-        return problems
 
 
 @dataclass

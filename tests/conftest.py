@@ -14,6 +14,7 @@ from tests.mounting import Mounted, fuse_mounts_under, mount, unmount
 MOUNT_MATRIX = {
     "default": [],  # 16 KiB blocks
     "bs64k": ["--block-size", "65536"],
+    "writeback": ["--writeback-cache"],
 }
 
 

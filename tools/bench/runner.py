@@ -194,7 +194,16 @@ class Target:
 
 
 @dataclass
-class ForegroundDaemonTarget(Target):
+class MountedTarget(Target):
+    """A FUSE file system mounted on mnt: the workloads run inside the mount."""
+
+    @property
+    def workdir(self) -> Path:
+        return self.mnt
+
+
+@dataclass
+class ForegroundDaemonTarget(MountedTarget):
     """A FUSE daemon we started in the foreground and own by PID."""
 
     def stop(self) -> list[str]:
@@ -215,10 +224,6 @@ class PyfuseTarget(ForegroundDaemonTarget):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": f"python -m {self.module}", "options": self.extra}
-
-    @property
-    def workdir(self) -> Path:
-        return self.mnt
 
     def start(self, base: Path) -> None:
         super().start(base)
@@ -249,10 +254,6 @@ class GocryptfsTarget(ForegroundDaemonTarget):
         v = subprocess.run(["gocryptfs", "-version"], capture_output=True, text=True,
                            check=False, timeout=30)
         return {"kind": "gocryptfs", "version": v.stdout.strip(), "options": self.extra}
-
-    @property
-    def workdir(self) -> Path:
-        return self.mnt
 
     def start(self, base: Path) -> None:
         super().start(base)
@@ -286,7 +287,7 @@ class GocryptfsTarget(ForegroundDaemonTarget):
 
 
 @dataclass
-class ScratchfsTarget(Target):
+class ScratchfsTarget(MountedTarget):
     """scratchfs through its CLI (daemonizes, writes a pid file, returns once live)."""
 
     block_size: int | None = None
@@ -300,10 +301,6 @@ class ScratchfsTarget(Target):
     def describe(self) -> dict[str, Any]:
         return {"kind": "python -m scratchfs", "block_size": self.block_size,
                 "options": self.extra}
-
-    @property
-    def workdir(self) -> Path:
-        return self.mnt
 
     def start(self, base: Path) -> None:
         super().start(base)

@@ -288,12 +288,18 @@ class Agent:
     async def _serve(self, nursery: trio.Nursery) -> None:
         await self.recover()
         await self.sync_time()
+        # One client for the boot session: its kept-alive mTLS connection carries the
+        # config, volume key, polls, progress and uploads.
         client = self.platform_client()
-        await self.start_syslog(client, nursery)
-        await self.open_volume(client)
-        scratch = await self.mount_scratch()
-        nursery.start_soon(scratch.watch)
-        await self.job_loop(client, scratch.mountpoint)
+        try:
+            await self.start_syslog(client, nursery)
+            await self.open_volume(client)
+            scratch = await self.mount_scratch()
+            nursery.start_soon(scratch.watch)
+            await self.job_loop(client, scratch.mountpoint)
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
 
     async def run(self) -> int:
         """Run until --once is done, a signal arrives, or a fatal error; return 0 or raise."""

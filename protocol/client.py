@@ -1,7 +1,12 @@
 """Appliance-side HTTPS client for the platform API (trio + SSLStream + h11).
 
-One TLS connection per request (the reference platform answers with ``Connection: close``),
-so a broken connection never poisons a later request. The TLS context trusts only the
+HTTP/1.1 keep-alive: a mutually authenticated connection stays open after a request and
+carries the next one (poll, progress, upload), so a boot session pays for one TLS handshake,
+not one per request. A kept-alive connection that the platform closed meanwhile is noticed
+on the next request (no byte of the answer arrives) and that request is sent once more on a
+fresh connection: every endpoint is safe to repeat (a result upload is stored once and
+acknowledged again by digest). Any other failure closes the connection, so a broken
+connection never poisons a later request. `aclose()` closes the idle connections. The TLS context trusts only the
 platform CA given at activation, never the system store; hostnames are checked; TLS 1.2 is
 the minimum.
 
@@ -209,6 +214,21 @@ class _Response:
     body: bytes
 
 
+# Idle kept-alive connections held per client: one for the job loop, one for a concurrent
+# progress report; more would only hold server slots.
+_MAX_IDLE: Final = 2
+
+
+@dataclass
+class _Live:
+    """One open connection and its h11 state; ``received`` counts response bytes."""
+
+    stream: trio.SSLStream[trio.SocketStream]
+    conn: h11.Connection
+    reused: bool = False
+    received: int = 0
+
+
 def _tls_message(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed: {exc.verify_message}"
@@ -267,6 +287,7 @@ class PlatformClient:
         self._host_header = host_header if self._port == 443 else f"{host_header}:{self._port}"
         self._ctx = ssl_context
         self._timeout = timeout
+        self._idle: list[_Live] = []
         self.base_url = base_url
 
     def __repr__(self) -> str:
@@ -366,6 +387,12 @@ class PlatformClient:
             api.progress_path(quote(job_id, safe="")),
             {api.F_TEXT: text[: api.MAX_PROGRESS_TEXT]},
         )
+
+    async def aclose(self) -> None:
+        """Close the kept-alive connections (the client stays usable: it reconnects)."""
+        idle, self._idle = self._idle, []
+        for live in idle:
+            await trio.aclose_forcefully(live.stream)
 
     # -- plumbing --
 
@@ -494,9 +521,11 @@ class PlatformClient:
             raise
         return stream
 
-    async def _receive(self, stream: trio.SSLStream[trio.SocketStream]) -> bytes:
+    async def _receive(self, live: _Live) -> bytes:
         try:
-            return bytes(await stream.receive_some(_CHUNK))
+            data = bytes(await live.stream.receive_some(_CHUNK))
+            live.received += len(data)
+            return data
         except trio.BrokenResourceError as e:
             cause = _ssl_cause(e)
             if cause is not None:
@@ -508,48 +537,71 @@ class PlatformClient:
     async def _exchange(
         self, method: str, target: str, body: bytes | None, extra: Mapping[str, str]
     ) -> _Response:
-        stream = await self._connect()
-        try:
-            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=api.MAX_HEADER_BYTES)
-            hdrs = [
-                ("host", self._host_header),
-                ("user-agent", _USER_AGENT),
-                ("accept", "application/json"),
-                ("connection", "close"),
-            ]
-            hdrs += list(extra.items())
-            if body is not None:
-                hdrs.append(("content-length", str(len(body))))
-                if len(body) > _CHUNK:
-                    # Let the platform refuse (size, auth, job) before we send megabytes.
-                    hdrs.append(("expect", "100-continue"))
+        while True:
+            live = self._idle.pop() if self._idle else None
+            if live is None:
+                conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=api.MAX_HEADER_BYTES)
+                live = _Live(await self._connect(), conn)
             try:
-                await stream.send_all(
-                    conn.send(h11.Request(method=method, target=target, headers=hdrs))
-                )
-            except trio.BrokenResourceError as e:
-                cause = _ssl_cause(e)
-                if cause is not None:
-                    raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
-                raise PlatformUnavailableError(None, "unavailable", "connection broke") from None
-            early: h11.Response | None = None
-            if body is not None:
-                if len(body) > _CHUNK:
-                    early = await self._await_continue(conn, stream)
-                if early is None:
-                    await self._send_body(conn, stream, body)
-            return await self._read_response(conn, stream, early)
-        finally:
-            await trio.aclose_forcefully(stream)
+                resp = await self._exchange_on(live, method, target, body, extra)
+            except PlatformUnavailableError:
+                await trio.aclose_forcefully(live.stream)
+                if live.reused and live.received == 0:
+                    continue  # the platform closed the idle connection: once more, fresh
+                raise
+            except BaseException:
+                await trio.aclose_forcefully(live.stream)
+                raise
+            if (
+                live.conn.our_state is h11.DONE
+                and live.conn.their_state is h11.DONE
+                and len(self._idle) < _MAX_IDLE
+            ):
+                live.conn.start_next_cycle()
+                live.reused = True
+                live.received = 0
+                self._idle.append(live)
+            else:
+                await trio.aclose_forcefully(live.stream)
+            return resp
 
-    async def _await_continue(
-        self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream]
-    ) -> h11.Response | None:
+    async def _exchange_on(
+        self, live: _Live, method: str, target: str, body: bytes | None, extra: Mapping[str, str]
+    ) -> _Response:
+        conn = live.conn
+        hdrs = [
+            ("host", self._host_header),
+            ("user-agent", _USER_AGENT),
+            ("accept", "application/json"),
+        ]
+        hdrs += list(extra.items())
+        if body is not None:
+            hdrs.append(("content-length", str(len(body))))
+            if len(body) > _CHUNK:
+                # Let the platform refuse (size, auth, job) before we send megabytes.
+                hdrs.append(("expect", "100-continue"))
+        try:
+            await live.stream.send_all(conn.send(h11.Request(method=method, target=target, headers=hdrs)))
+        except trio.BrokenResourceError as e:
+            cause = _ssl_cause(e)
+            if cause is not None:
+                raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
+            raise PlatformUnavailableError(None, "unavailable", "connection broke") from None
+        early: h11.Response | None = None
+        if body is not None:
+            if len(body) > _CHUNK:
+                early = await self._await_continue(live)
+            if early is None:
+                await self._send_body(conn, live.stream, body)
+        return await self._read_response(live, early)
+
+    async def _await_continue(self, live: _Live) -> h11.Response | None:
+        conn = live.conn
         with trio.move_on_after(_EXPECT_CONTINUE_WAIT):
             while True:
                 event = self._next_event(conn)
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await self._receive(stream))
+                    conn.receive_data(await self._receive(live))
                     continue
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 100:
@@ -582,19 +634,15 @@ class PlatformClient:
         except h11.RemoteProtocolError:
             raise PlatformError(None, "protocol", "platform sent malformed HTTP") from None
 
-    async def _read_response(
-        self,
-        conn: h11.Connection,
-        stream: trio.SSLStream[trio.SocketStream],
-        early: h11.Response | None,
-    ) -> _Response:
+    async def _read_response(self, live: _Live, early: h11.Response | None) -> _Response:
+        conn = live.conn
         head = early
         chunks: list[bytes] = []
         size = 0
         while True:
             event = self._next_event(conn)
             if event is h11.NEED_DATA:
-                conn.receive_data(await self._receive(stream))
+                conn.receive_data(await self._receive(live))
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue

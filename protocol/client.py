@@ -581,7 +581,10 @@ class PlatformClient:
                 # Let the platform refuse (size, auth, job) before we send megabytes.
                 hdrs.append(("expect", "100-continue"))
         try:
-            await live.stream.send_all(conn.send(h11.Request(method=method, target=target, headers=hdrs)))
+            data = conn.send(h11.Request(method=method, target=target, headers=hdrs))
+            if body is None:
+                data += conn.send(h11.EndOfMessage())  # no bytes; lets h11 reuse the connection
+            await live.stream.send_all(data)
         except trio.BrokenResourceError as e:
             cause = _ssl_cause(e)
             if cause is not None:
@@ -642,7 +645,12 @@ class PlatformClient:
         while True:
             event = self._next_event(conn)
             if event is h11.NEED_DATA:
-                conn.receive_data(await self._receive(live))
+                data = await self._receive(live)
+                if not data and head is None:
+                    # Closed before answering: a kept-alive connection the platform had
+                    # closed, or a connection it refused (budget full). Not malformed HTTP.
+                    raise PlatformUnavailableError(None, "unavailable", "platform closed the connection")
+                conn.receive_data(data)
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue

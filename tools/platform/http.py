@@ -241,13 +241,16 @@ class Exchange:
     async def _enter_gate(self) -> None:
         if self._body_gate is None or self._gate_held:
             return
-        # Wait briefly (a burst of activations queues), then refuse rather than queue
-        # without bound: the waiting client holds a connection of the anonymous budget.
-        with trio.move_on_after(1.0):
-            await self._body_gate.acquire()
-            self._gate_held = True
-            return
-        raise HttpError(503, api.REASON_BUSY, "too many unauthenticated requests; retry later", {"retry-after": "1"})
+        # Refuse at once rather than queue: a queued request would hold a connection of
+        # the anonymous budget, and slow bodies queueing behind slow bodies is exactly how
+        # a slowloris fills it.
+        try:
+            self._body_gate.acquire_nowait()
+        except trio.WouldBlock:
+            raise HttpError(
+                503, api.REASON_BUSY, "too many unauthenticated requests; retry later", {"retry-after": "1"}
+            ) from None
+        self._gate_held = True
 
     def release_gate(self) -> None:
         """Give back the unauthenticated body budget (idempotent; the server calls it)."""
@@ -305,7 +308,18 @@ class Exchange:
         return self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 
     def request_complete(self) -> bool:
-        """True once the whole request (body included) has been read."""
+        """True once the whole request (body included) has been read.
+
+        A request without a body still owes h11 its EndOfMessage event: take it here if
+        it is already buffered; a body the handler never read means False.
+        """
+        if self._conn.their_state is h11.SEND_BODY:
+            try:
+                event = self._next()
+            except HttpError:
+                return False
+            if not isinstance(event, h11.EndOfMessage):
+                return False
         return self._conn.their_state is h11.DONE
 
     async def respond(self, resp: Response, *, keep_alive: bool = False) -> None:

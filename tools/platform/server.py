@@ -237,7 +237,8 @@ class Server:
                 await ex.respond(resp, keep_alive=keep)
                 keep = keep and hc.reusable()
                 if not keep:
-                    await ex.drain(max_bytes=4 * 1024 * 1024, timeout=2.0)
+                    # Anonymous drains are short: the anonymous budget is held meanwhile.
+                    await ex.drain(max_bytes=4 * 1024 * 1024, timeout=2.0 if peer_der else 0.25)
         except ClientGone:
             status = 499  # nginx's "client closed request"; nothing was stored
             keep = False

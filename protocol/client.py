@@ -272,9 +272,18 @@ class PlatformClient:
     """Async client for one platform. Safe to use from several trio tasks at once."""
 
     def __init__(
-        self, base_url: str, ssl_context: ssl.SSLContext, timeout: float = DEFAULT_TIMEOUT
+        self,
+        base_url: str,
+        ssl_context: ssl.SSLContext,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        local_address: str | None = None,
     ) -> None:
-        """*base_url* like "https://platform.example:8443" (https only, optional path prefix)."""
+        """*base_url* like "https://platform.example:8443" (https only, optional path prefix).
+
+        *local_address* binds the client's side of its connections (the load generator
+        gives each simulated appliance its own loopback address, as a fleet has).
+        """
         parts = urlsplit(base_url)
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError("platform URL must look like https://HOST[:PORT]")
@@ -288,6 +297,7 @@ class PlatformClient:
         self._ctx = ssl_context
         self._timeout = timeout
         self._idle: list[_Live] = []
+        self._local_address = local_address
         self.base_url = base_url
 
     def __repr__(self) -> str:
@@ -497,7 +507,7 @@ class PlatformClient:
 
     async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
         try:
-            tcp = await trio.open_tcp_stream(self._host, self._port)
+            tcp = await trio.open_tcp_stream(self._host, self._port, local_address=self._local_address)
         except OSError as e:
             raise PlatformUnavailableError(
                 None,

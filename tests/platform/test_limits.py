@@ -328,6 +328,30 @@ async def test_mtls_connection_is_kept_alive_anonymous_is_not(platform: Platform
     assert len(a.client._idle) == 1
 
 
+async def test_client_resends_once_when_the_idle_connection_was_closed(sqlite_paths: state.StatePaths) -> None:
+    async with serving(sqlite_paths, ServerLimits(keepalive_timeout=0.2)) as platform:
+        a = await platform.activate("sleeper")
+        platform.storage.add_job("sleeper", ["127.0.0.1"], "22", "builtin", None, 0.0)
+        await a.client.config()
+        first = a.client._idle[0]
+        await trio.sleep(0.6)  # the platform closes the idle connection meanwhile
+        job = await a.client.next_job(wait=0)  # sent on the dead one, then once more, fresh
+        assert job is not None and job.attempt == 1
+        assert a.client._idle and a.client._idle[0] is not first
+        assert await a.client.upload_result(job.id, b"{}")
+
+
+async def test_too_many_query_fields_is_400(platform: Platform) -> None:
+    a = await platform.activate("queries")
+    query = "&".join(f"f{i}=1" for i in range(40))
+    st, doc = await raw_exchange(
+        platform,
+        appliance_ctx(platform, a),
+        f"GET {api.PATH_NEXT_JOB}?{query} HTTP/1.1\r\nhost: {HOSTNAME}\r\n\r\n".encode(),
+    )
+    assert (st, doc["reason"]) == (400, api.REASON_BAD_REQUEST)
+
+
 def test_limits_dataclass_has_no_unbounded_field() -> None:
     limits = ServerLimits()
     assert replace(limits).max_anonymous < limits.max_connections

@@ -233,16 +233,27 @@ def _appliance(row: tuple[Any, ...]) -> Appliance:
 
 
 def _files_holding(db_path: Path, needles: list[bytes]) -> list[str]:
-    """Names of the SQLite files (main, -wal, -journal) that contain any of *needles*."""
+    """Names of the SQLite files (main, -wal, -journal) that contain any of *needles*.
+
+    Read in 1 MiB chunks overlapping by the longest needle, so a database of any size is
+    searched in bounded memory and a needle across a chunk boundary is still found.
+    """
+    overlap = max(len(n) for n in needles) - 1
     found = []
     for suffix in ("", "-wal", "-journal"):
         p = Path(str(db_path) + suffix)
         try:
-            data = p.read_bytes()
+            f = p.open("rb")
         except FileNotFoundError:
             continue
-        if any(n in data for n in needles):
-            found.append(p.name)
+        with f:
+            tail = b""
+            while chunk := f.read(1024 * 1024):
+                window = tail + chunk
+                if any(n in window for n in needles):
+                    found.append(p.name)
+                    break
+                tail = window[-overlap:] if overlap else b""
     return found
 
 

@@ -230,7 +230,10 @@ class Exchange:
         self.target = event.target.decode("ascii", "replace")
         parts = urlsplit(self.target)
         self.path = unquote(parts.path)
-        self.query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=16)
+        try:
+            self.query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=16)
+        except ValueError:  # more than 16 fields: no endpoint takes that many
+            raise HttpError(400, api.REASON_BAD_REQUEST, "too many query parameters") from None
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
 
     def declared_length(self) -> int | None:

@@ -301,7 +301,11 @@ class Run:
         held = Counter[str]()
 
         async def attacker(i: int) -> None:
+            # The pattern: TLS, the head of a 64 KiB activation, then one byte every
+            # 20 s; a dropped connection is reopened at the next 20 s tick (as slowloris
+            # tools do), not at once (that would be a handshake flood, another attack).
             source = f"127.0.2.{1 + i // 32}"
+            await trio.sleep(i * 0.01)  # spread the openings over ~2.5 s
             while not stop.is_set():
                 try:
                     sock = trio.socket.socket()
@@ -311,16 +315,17 @@ class Run:
                     await s.do_handshake()
                     await s.send_all(head)
                     held["connected"] += 1
-                    while not stop.is_set():
-                        await s.send_all(b" ")
+                    while True:
                         with trio.move_on_after(20):
                             if not await s.receive_some(4096):
                                 break
-                            break  # any answer (503, 408) means the platform let go
+                            held["answered (503/408)"] += 1
+                            break  # the platform answered: it let go of this connection
+                        await s.send_all(b" ")
                     await trio.aclose_forcefully(s)
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                     held["refused"] += 1
-                    await trio.sleep(0.5)
+                await trio.sleep(20)
 
         async def probe() -> None:
             anon_ctx = client.client_context(self.ca_pem)

@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import os
+import secrets
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -227,6 +228,25 @@ class _Live:
     conn: h11.Connection
     reused: bool = False
     received: int = 0
+
+
+# 503 busy: how many times a request is sent again, after Retry-After (clamped to 1-5 s).
+_BUSY_RETRIES: Final = 5
+
+
+def _is_busy(resp: _Response) -> bool:
+    try:
+        data = json.loads(resp.body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get(api.F_REASON) == api.REASON_BUSY
+
+
+def _retry_after(resp: _Response) -> float:
+    try:
+        return min(5.0, max(1.0, float(resp.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
 
 
 def _tls_message(exc: BaseException) -> str:
@@ -494,13 +514,21 @@ class PlatformClient:
         timeout: float | None = None,
     ) -> _Response:
         limit = self._timeout if timeout is None else timeout
-        try:
-            with trio.fail_after(limit):
-                resp = await self._exchange(method, self._prefix + path, body, headers or {})
-        except trio.TooSlowError:
-            raise PlatformUnavailableError(
-                None, "unavailable", f"platform did not answer within {limit:g} s"
-            ) from None
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                with trio.fail_after(limit):
+                    resp = await self._exchange(method, self._prefix + path, body, headers or {})
+            except trio.TooSlowError:
+                raise PlatformUnavailableError(
+                    None, "unavailable", f"platform did not answer within {limit:g} s"
+                ) from None
+            if resp.status == 503 and attempt < _BUSY_RETRIES and _is_busy(resp):
+                # The platform's unauthenticated budget was full (e.g. many activations at
+                # once): it asked us to come back; spread the retries so we do not return
+                # as one wave.
+                await trio.sleep(_retry_after(resp) * (0.5 + secrets.randbelow(1000) / 1000))
+                continue
+            break
         if not 200 <= resp.status < 300:
             self._raise_for(resp)
         return resp

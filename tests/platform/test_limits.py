@@ -145,6 +145,35 @@ async def test_per_source_cap_refuses_before_tls(sqlite_paths: state.StatePaths)
             await trio.aclose_forcefully(s)
 
 
+async def test_global_connection_cap_stops_accepting(sqlite_paths: state.StatePaths) -> None:
+    limits = ServerLimits(max_connections=3, handshake_timeout=60)
+    async with serving(sqlite_paths, limits) as platform:
+        holders = [await open_from(f"127.0.7.{i}", platform.port) for i in (1, 2, 3)]  # silent: in handshake
+        with trio.fail_after(30):
+            while sum(platform.server.source_counts().values()) < 3:
+                await trio.sleep(0.01)
+        ctx = client.client_context(platform.ca_pem)
+        fourth = trio.SSLStream(await open_from("127.0.7.4", platform.port), ctx, server_hostname=HOSTNAME)
+        done = trio.Event()
+
+        async def handshake() -> None:
+            await fourth.do_handshake()
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handshake)
+            with trio.move_on_after(1.0):
+                await done.wait()
+            assert not done.is_set()  # not accepted while the cap is reached
+            for s in holders:
+                await trio.aclose_forcefully(s)
+            with trio.fail_after(30):
+                await done.wait()  # a slot freed: accepted and served
+                await fourth.send_all(f"GET /v1/time HTTP/1.1\r\nhost: {HOSTNAME}\r\n\r\n".encode())
+                assert (await fourth.receive_some(4096)).startswith(b"HTTP/1.1 200")
+        await trio.aclose_forcefully(fourth)
+
+
 async def test_anonymous_budget_never_starves_appliances(sqlite_paths: state.StatePaths) -> None:
     limits = ServerLimits(max_anonymous=2, max_anonymous_bodies=1)
     async with serving(sqlite_paths, limits) as platform:

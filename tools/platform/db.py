@@ -9,6 +9,9 @@ is queued.
 
 Portable-SQL rules (every migration and every Storage method is written ONCE, for both
 backends; `_Dialect` translates the few differences):
+- A method reads inside ``with self._read() as db:`` and writes inside ``with self._tx() as
+  db:`` (one transaction), calling ``db.execute(sql, args)``; never touch a connection
+  directly (``self._db`` exists only for SQLite, PostgreSQL uses a pool).
 - Placeholders are ``?``; never write ``%`` (PostgreSQL's driver uses ``%s``; `_Dialect`
   rewrites ``?`` and escapes ``%``).
 - Types: ``INTEGER PRIMARY KEY`` (an auto-assigned id: identity on PostgreSQL),

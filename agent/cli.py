@@ -31,12 +31,13 @@ from agent.errors import (
     StateError,
 )
 from agent.jobs import JobSettings
-from agent.lifecycle import Agent, RunSettings, harden_process, platform_error
+from agent.lifecycle import Agent, RunSettings, platform_error
 from agent.scan.model import ScanOptions
 from agent.tls import client_context
 from protocol import api
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
 from protocol.sealing import generate_keypair
+from scratchfs.keyholder.hardening import harden_process
 
 PROG = "scanner-agent"
 LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
@@ -171,6 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"{e}; fix the option") from None
     state = statemod.load_state(args.state_dir.absolute())
+    # Before the first key (TLS client key, volume keyslot passphrase) enters this process.
     harden_process()
     settings = RunSettings(
         once=args.once,

@@ -39,7 +39,8 @@ from protocol.client import (
     PlatformTLSError,
     PlatformUnavailableError,
 )
-from protocol.sealing import SealError, open_sealed, wipe
+from protocol.sealing import SealError, open_sealed
+from scratchfs.keyholder.wipe import wipe
 
 log = logging.getLogger("agent.jobs")
 scan_log = logging.getLogger("agent.scan")

@@ -13,9 +13,7 @@ Run directory (``STATE_DIR/run``, 0700)::
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import resource
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +40,13 @@ from protocol.client import (
     PlatformError,
     PlatformTLSError,
 )
-from protocol.sealing import SealError, open_sealed, wipe
+from protocol.sealing import SealError, open_sealed
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api as volume_api
 from scratchfs.volume.errors import NotOpenError, VolumeError
 
 log = logging.getLogger("agent.lifecycle")
 
-PR_SET_DUMPABLE = 4
 MiB = 1024 * 1024
 
 
@@ -62,13 +60,6 @@ class RunSettings:
     backend: str = "auto"
     poll_backoff_max: float = 30.0
     jobs: JobSettings = field(default_factory=lambda: JobSettings(ScanOptions()))
-
-
-def harden_process() -> None:
-    """No core dumps, not ptrace-attachable by other users: the agent holds keys."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def platform_error(e: PlatformError, step: str) -> AgentError:

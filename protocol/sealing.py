@@ -176,12 +176,6 @@ def open_sealed(private: bytes | bytearray, sealed: bytes, context: bytes) -> by
     return out
 
 
-def wipe(buf: bytearray) -> None:
-    """Overwrite a plaintext buffer returned by open_sealed()."""
-    for i in range(len(buf)):
-        buf[i] = 0
-
-
 # --- public key files -------------------------------------------------------------------
 
 

@@ -13,14 +13,9 @@ import trio
 
 from agent.scan.model import AUTH_ACCEPTED, AUTH_FAILED, AUTH_REJECTED
 from agent.scan.services import clean_banner, http_status
+from scratchfs.keyholder.wipe import wipe
 
 _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-
-def wipe(buf: bytearray) -> None:
-    """Overwrite a secret buffer in place."""
-    for i in range(len(buf)):
-        buf[i] = 0
 
 
 def b64_into(src: bytearray, out: bytearray) -> None:

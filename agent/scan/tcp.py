@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from agent.scan.credcheck import http_basic_check, wipe
+from agent.scan.credcheck import http_basic_check
 from agent.scan.model import (
     STATE_CLOSED,
     STATE_FILTERED,
@@ -26,6 +26,7 @@ from agent.scan.model import (
 )
 from agent.scan.services import clean_banner, guess_service, http_status
 from agent.scan.targets import Address
+from scratchfs.keyholder.wipe import wipe
 
 log = logging.getLogger("agent.scan")
 

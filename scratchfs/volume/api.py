@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scratchfs.keyholder import mountinfo, procs
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import dmcrypt, userspace
 from scratchfs.volume import state as statemod
 from scratchfs.volume.errors import (
@@ -38,7 +40,6 @@ from scratchfs.volume.libcryptsetup import (
     open_loaded,
 )
 from scratchfs.volume.state import DEFAULT_RUN_DIR, VolumeState
-from scratchfs.volume.system import is_mounted, mount_of, same_process_alive
 from scratchfs.volume.xts import UnsupportedCipherError, check_cipher
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,6 @@ def check_key(key: bytes | bytearray, *, platform: bool) -> None:
         )
     if not 0 < len(key) <= MAX_KEY_SIZE:
         raise KeyInputError(f"the key is {len(key)} bytes; expected 1 to {MAX_KEY_SIZE}")
-
-
-def _zero(buf: bytearray) -> None:
-    buf[:] = bytes(len(buf))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -140,7 +137,7 @@ def format_volume(
                 workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 userspace.make_filesystem(tmp, seg, vk, workdir)
             finally:
-                _zero(vk)
+                wipe(vk)
                 statemod.remove(workdir)
         fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -192,7 +189,7 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise ImageAccessError(f"mountpoint {mountpoint} does not exist; create the directory") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ImageAccessError(f"mountpoint {mountpoint} is not a directory; give a directory")
-    if is_mounted(mountpoint):
+    if mountinfo.find(mountpoint) is not None:
         raise BusyError(f"{mountpoint} is already a mount point; close or unmount it first")
 
 
@@ -200,10 +197,10 @@ def _stale(st: VolumeState | None) -> bool:
     """True if a recorded volume is no longer mounted and its server is gone."""
     if st is None:
         return True
-    if is_mounted(Path(st.mountpoint)):
+    if mountinfo.find(st.mountpoint) is not None:
         return False
     if st.server_pid is not None and st.server_start is not None:
-        return not same_process_alive(st.server_pid, st.server_start)
+        return not procs.alive(st.server_pid, st.server_start)
     return st.backend != "dmcrypt"
 
 
@@ -247,13 +244,13 @@ def open_volume(
             _slot, vk = dev.volume_key(key)
         try:
             if chosen == "dmcrypt":
-                _zero(vk)  # cryptsetup unlocks by itself; we only verified the key
+                wipe(vk)  # cryptsetup unlocks by itself; we only verified the key
                 st = dmcrypt.open_volume(image, mountpoint, key)
                 server = None
             else:
                 st, server = userspace.open_volume(image, mountpoint, seg, vk, sdir, debug)
         finally:
-            _zero(vk)
+            wipe(vk)
         statemod.save(sdir, st)
     except BaseException:
         # The backends undo their own steps; this removes whatever a hard failure left.
@@ -286,8 +283,8 @@ def close_volume(mountpoint: Path, *, run_dir: Path = DEFAULT_RUN_DIR) -> None:
     sdir = statemod.state_dir(run_dir, mountpoint)
     st = statemod.load(sdir)
     if st is None and not sdir.exists():
-        where = mount_of(mountpoint)
-        hint = f" (it holds a {where[0]} mount not opened by scratchfs)" if where else ""
+        where = mountinfo.find(mountpoint)
+        hint = f" (it holds a {where.fstype} mount not opened by scratchfs)" if where else ""
         raise NotOpenError(f"no volume is open on {mountpoint}{hint}; check the path")
     _close_state(sdir, st)
     log.info("event=closed mountpoint=%s", mountpoint)
@@ -321,7 +318,7 @@ def change_key(image: Path, old_key: bytes | bytearray, new_key: bytes | bytearr
             dev.set_pbkdf(KEYSLOT_KDF)
             new_slot = dev.add_keyslot(new_key, vk)
         finally:
-            _zero(vk)
+            wipe(vk)
         dev.destroy_keyslot(old_slot)
     log.info("event=key_changed image=%s old_slot=%d new_slot=%d", image, old_slot, new_slot)
 

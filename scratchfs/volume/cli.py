@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api
 from scratchfs.volume.errors import EXIT_INTERNAL, KeyInputError, VolumeError
 from scratchfs.volume.state import DEFAULT_RUN_DIR
@@ -55,13 +56,9 @@ def read_key_fd(fd: int) -> bytearray:
     if not key:
         raise KeyInputError(f"no key on fd {fd} (empty); write the key to the pipe, then close it")
     if len(key) > api.MAX_KEY_SIZE:
-        key[:] = bytes(len(key))
+        wipe(key)
         raise KeyInputError(f"the key on fd {fd} is longer than {api.MAX_KEY_SIZE} bytes; pass the raw key only")
     return key
-
-
-def _zero(b: bytearray) -> None:
-    b[:] = bytes(len(b))
 
 
 def cmd_format(args: argparse.Namespace) -> int:
@@ -76,7 +73,7 @@ def cmd_format(args: argparse.Namespace) -> int:
             run_dir=args.run_dir,
         )
     finally:
-        _zero(key)
+        wipe(key)
     print(
         f"formatted {args.image}: {args.size} bytes, LUKS2 aes-xts-plain64, "
         f"{args.sector_size}-byte sectors, ext4 inside"
@@ -96,7 +93,7 @@ def cmd_open(args: argparse.Namespace) -> int:
             debug=bool(getattr(args, "debug", False)),
         )
     finally:
-        _zero(key)
+        wipe(key)
     print(f"opened {args.image} on {vol.mountpoint} (backend {vol.backend})")
     return 0
 
@@ -121,9 +118,9 @@ def cmd_rekey(args: argparse.Namespace) -> int:
         try:
             api.change_key(Path(args.image), old, new)
         finally:
-            _zero(new)
+            wipe(new)
     finally:
-        _zero(old)
+        wipe(old)
     print(f"rekeyed {args.image}")
     return 0
 

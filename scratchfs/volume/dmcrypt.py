@@ -11,10 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
+from scratchfs.keyholder import mountinfo
 from scratchfs.volume import ext4
 from scratchfs.volume.errors import DeviceMapperMissingError
 from scratchfs.volume.state import VolumeState, volume_id
-from scratchfs.volume.system import is_mounted, mount_of, run, umount
+from scratchfs.volume.system import run, umount
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,9 @@ def open_volume(image: Path, mountpoint: Path, key: bytes | bytearray) -> Volume
 def close_volume(state: VolumeState) -> None:
     """Unmount and remove the mapping."""
     mnt = Path(state.mountpoint)
-    if is_mounted(mnt) and state.dm_name:
-        src = mount_of(mnt)
-        if src and os.path.realpath(src[1]) == os.path.realpath(mapper_path(state.dm_name)):
+    src = mountinfo.find(mnt) if state.dm_name else None
+    if src is not None and state.dm_name:
+        if os.path.realpath(src.source) == os.path.realpath(mapper_path(state.dm_name)):
             umount(mnt, what=f"unmounting {mnt}")
     if state.dm_name:
         deactivate(state.dm_name)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume.errors import (
     BadImageError,
     ErasedError,
@@ -373,7 +374,7 @@ class CryptDevice:
             rc = self._lib.crypt_volume_key_get(self.cd, slot, out, ctypes.byref(out_size), pw, len(passphrase))
         del out
         if rc < 0:
-            buf[:] = bytes(len(buf))
+            wipe(buf)
             if not self.active_keyslots():
                 raise ErasedError(
                     f"{self.image} has no keyslot left (it was erased); "

@@ -11,26 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from scratchfs.keyholder import mountinfo, procs, ready
 from scratchfs.volume import ext4, loop
 from scratchfs.volume.errors import BadImageError, ToolError
 from scratchfs.volume.libcryptsetup import SegmentInfo
 from scratchfs.volume.state import VolumeState, save
-from scratchfs.volume.system import (
-    is_mounted,
-    mount_of,
-    process_start_time,
-    run,
-    stop_process,
-    umount,
-)
+from scratchfs.volume.system import run, stop_process, umount
 from scratchfs.volume.xts import UnsupportedCipherError, check_cipher
 
 log = logging.getLogger(__name__)
@@ -113,7 +105,7 @@ def start_server(
         "--iv-scheme",
         scheme,
         *(["--debug"] if debug else []),
-        *(["--die-with-parent"] if die_with_parent else []),
+        *(["--die-with-parent", "--parent-pid", str(os.getpid())] if die_with_parent else []),
     ]
     try:
         with open(log_path, "ab") as log_file:
@@ -136,39 +128,22 @@ def start_server(
         os.write(key_w, volume_key)
     finally:
         os.close(key_w)
-    start = process_start_time(proc.pid) or 0
+    start = procs.start_time(proc.pid) or 0
     server = Server(fuse_dir, proc.pid, start, proc)
     try:
-        status = _read_status(st_r, SERVER_START_TIMEOUT)
+        word = ready.read_word(st_r, SERVER_START_TIMEOUT)
     finally:
         os.close(st_r)
-    if status != "ready":
+    if not word.ok:
         _kill(server)
-        reason = status.removeprefix("error: ") if status else "it exited without a word"
+        reason = word.message if word.code is not None else f"it {word.message}"
         raise ToolError(f"the volume's FUSE server did not start: {reason}; see {log_path}")
     log.info("event=server_started pid=%d fuse_dir=%s", proc.pid, fuse_dir)
     return server
 
 
-def _read_status(fd: int, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return "error: timed out"
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode(errors="replace").strip()
-
-
 def _kill(server: Server) -> None:
-    if is_mounted(server.fuse_dir):
+    if mountinfo.find(server.fuse_dir) is not None:
         run(["umount", "-l", str(server.fuse_dir)], what="unmounting the FUSE mount")
     stop_process(server.pid, server.start_time, grace=0.5)
     if server.process is not None:
@@ -177,7 +152,7 @@ def _kill(server: Server) -> None:
 
 def stop_server(fuse_dir: Path, pid: int | None, start_time: int | None) -> None:
     """Unmount the FUSE mount (lazily if stale) and make sure the server process is gone."""
-    if is_mounted(fuse_dir):
+    if mountinfo.find(fuse_dir) is not None:
         try:
             umount(fuse_dir, what="unmounting the volume's FUSE mount")
         except ToolError:
@@ -256,8 +231,8 @@ def close_volume(state: VolumeState) -> None:
     fuse_dir = Path(state.fuse_dir) if state.fuse_dir else None
     # Found by backing file, not by the recorded name: a device number may have been reused.
     devices = set(loop.devices_for(fuse_dir)) if fuse_dir else set()
-    current = mount_of(mnt) if state.mountpoint else None
-    if current and current[1] in devices:
+    current = mountinfo.find(mnt) if state.mountpoint else None
+    if current is not None and current.source in devices:
         umount(mnt, what=f"unmounting {mnt}")
     for device in sorted(devices):
         loop.detach(device)

@@ -26,7 +26,9 @@ from agent.timesync import Clock
 from agent.tls import client_context
 from protocol import api
 from protocol.client import PlatformClient
-from protocol.sealing import open_sealed, wipe
+from protocol.sealing import open_sealed
+from scratchfs.keyholder import procs
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api as volume_api
 from tests.agent.conftest import AgentRun, Rsyslog
 from tools.demo import (
@@ -287,14 +289,6 @@ def start_tarpit() -> Service:
     return svc
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_agent_killed_mid_job_recovers_and_result_arrives_once(
     platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun],
     services: dict[str, Service], tmp_path: Path,
@@ -316,9 +310,9 @@ def test_agent_killed_mid_job_recovers_and_result_arrives_once(
         tarpit.close()
     # scratchfs died with the agent (PR_SET_PDEATHSIG): its keys are gone with it.
     deadline = time.monotonic() + 20
-    while _alive(scratch_pid) and time.monotonic() < deadline:
+    while procs.alive(scratch_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(scratch_pid)
+    assert not procs.alive(scratch_pid)
     leftovers = sorted(p.name for p in backing.iterdir() if p.name != ".scratchfs")
     assert leftovers, "the killed job left no blobs: the crash happened too late to test"
 

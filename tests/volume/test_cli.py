@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scratchfs.volume import api, cli
-from scratchfs.volume.system import is_mounted
+from tests.mounting import is_mounted
 from tests.volume.conftest import Volumes, loop_devices_under
 from tests.volume.test_robustness import assert_one_line_error
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from scratchfs.keyholder import procs
 from scratchfs.volume import api
 from scratchfs.volume import state as statemod
 from scratchfs.volume.errors import BadImageError, VolumeError, WrongKeyError
 from scratchfs.volume.libcryptsetup import open_loaded
-from scratchfs.volume.system import is_mounted, same_process_alive, wait_gone
+from tests.mounting import is_mounted
 from tests.volume.conftest import MiB, Volumes, cryptsetup, loop_devices_under, mounts_under, requires_cryptsetup
 
 VOLUME = [sys.executable, "-m", "scratchfs.volume"]
@@ -270,7 +271,7 @@ def test_close_after_fuse_server_was_killed(vols: Volumes, how: str) -> None:
     st = statemod.load(statemod.state_dir(vols.run_dir, vol.mountpoint))
     assert st is not None and st.server_pid and st.server_start and st.fuse_dir
     os.kill(st.server_pid, signal.SIGKILL)
-    assert wait_gone(st.server_pid, st.server_start, 10)
+    assert procs.wait_gone(st.server_pid, st.server_start, 10)
     if vol.server and vol.server.process:
         vol.server.process.wait(timeout=10)
     if how == "api":
@@ -281,6 +282,6 @@ def test_close_after_fuse_server_was_killed(vols: Volumes, how: str) -> None:
     assert not is_mounted(vol.mountpoint)
     assert not is_mounted(Path(st.fuse_dir))
     assert not loop_devices_under(vols.root) and not loop_devices_under(vols.run_dir)
-    assert not same_process_alive(st.server_pid, st.server_start)
+    assert not procs.alive(st.server_pid, st.server_start)
     # The volume itself survived (ext4 journal): it opens again.
     vols.open(image, "mnt", key).close()

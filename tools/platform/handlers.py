@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import trio
 
 from protocol import api, sealing
+from scratchfs.keyholder.wipe import wipe
 from tools.platform import ca, db, keys
 from tools.platform.http import Exchange, HttpError, Response, json_response
 
@@ -181,7 +182,7 @@ class PlatformApp:
             try:
                 return keys.wrap(self._kek, bytes(vk), appliance_id, name)
             finally:
-                keys.wipe(vk)
+                wipe(vk)
 
         try:
             grant = await self.db.run(self.db.storage.activate, ca.code_hash(code), now, x_pub, issue, wrap_new)
@@ -213,7 +214,7 @@ class PlatformApp:
         try:
             sealed = sealing.seal(app.x25519_public, vk, api.SEAL_CONTEXT_VOLUME_KEY)
         finally:
-            keys.wipe(vk)
+            wipe(vk)
         await self.db.run(self.db.storage.log_event, time.time(), "volume_key", app.id)
         log.info("volume key handed out appliance=%s", app.name)
         return json_response(200, {api.F_SEALED: base64.b64encode(sealed).decode()})

@@ -50,6 +50,3 @@ def unwrap(kek: bytes, wrapped: bytes, appliance_id: int, name: str) -> bytearra
     return out
 
 
-def wipe(buf: bytearray) -> None:
-    """Overwrite key material held in a bytearray."""
-    buf[:] = bytes(len(buf))

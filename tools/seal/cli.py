@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from protocol import api, sealing
+from scratchfs.keyholder.wipe import wipe
 
 PROG = "scanner-seal"
 EXIT_OK = 0
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sealing.SealError as e:
         return _fail(f"{e}; check the key file", EXIT_USAGE)
     finally:
-        sealing.wipe(secret)
+        wipe(secret)
     try:
         sys.stdout.buffer.write(blob)
         sys.stdout.buffer.flush()

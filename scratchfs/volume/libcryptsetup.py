@@ -33,6 +33,7 @@ from scratchfs.volume.errors import (
     VolumeError,
     WrongKeyError,
 )
+from scratchfs.volume.unlock_bounds import check_unlock_cost
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +365,12 @@ class CryptDevice:
             )
 
     def volume_key(self, passphrase: bytes | bytearray, slot: int = CRYPT_ANY_SLOT) -> tuple[int, bytearray]:
-        """Unlock with *passphrase*: (keyslot, volume key). The caller zeroes the key."""
+        """Unlock with *passphrase*: (keyslot, volume key). The caller zeroes the key.
+
+        Refuses (BadImageError) a header whose keyslots would make the derivation unbounded,
+        before deriving anything (scratchfs.volume.unlock_bounds).
+        """
+        check_unlock_cost(self.image, self.dump_json())
         size = self.volume_key_size()
         buf = bytearray(size)
         out = (ctypes.c_char * size).from_buffer(buf)

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,7 @@ from scratchfs.volume.errors import BadImageError, VolumeError, WrongKeyError
 from scratchfs.volume.libcryptsetup import open_loaded
 from tests.mounting import is_mounted
 from tests.volume.conftest import MiB, Volumes, cryptsetup, loop_devices_under, mounts_under, requires_cryptsetup
+from tests.volume.luks2_reader import rewrite_metadata
 
 VOLUME = [sys.executable, "-m", "scratchfs.volume"]
 
@@ -285,3 +288,52 @@ def test_close_after_fuse_server_was_killed(vols: Volumes, how: str) -> None:
     assert not procs.alive(st.server_pid, st.server_start)
     # The volume itself survived (ext4 journal): it opens again.
     vols.open(image, "mnt", key).close()
+
+
+# -- hostile KDF parameters ---------------------------------------------------------------------
+HOSTILE_HEADERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "pbkdf2 2^32-1 iterations": lambda ks: ks["kdf"].update(iterations=2**32 - 1),
+    "huge keyslot key size": lambda ks: ks.update(key_size=1 << 24),
+    "huge area key size": lambda ks: ks["area"].update(key_size=1 << 24),
+    "argon2 time 2^32-1": lambda ks: ks.update(kdf={"type": "argon2id", "time": 2**32 - 1, "memory": 1024,
+                                                  "cpus": 1, "salt": ks["kdf"]["salt"]}),
+    "argon2 memory 4 GiB": lambda ks: ks.update(kdf={"type": "argon2id", "time": 4, "memory": 4 << 20,
+                                                   "cpus": 1, "salt": ks["kdf"]["salt"]}),
+}
+
+
+@requires_cryptsetup
+def test_hostile_kdf_parameters_are_refused_before_any_derivation(vols: Volumes) -> None:
+    """A header crafted to make unlock run for hours is refused within seconds, exit 11, one line."""
+    key = vols.key()
+    good = vols.path("kdf.img")
+    subprocess.run(["truncate", "-s", str(4 * MiB), str(good)], check=True)
+    cryptsetup("luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+               str(good), key=key)
+    mnt = str(vols.mountpoint("mnt"))
+    for name, mutate in HOSTILE_HEADERS.items():
+        image = vols.path(f"kdf-{sorted(HOSTILE_HEADERS).index(name)}.img")
+        image.write_bytes(good.read_bytes())
+
+        def craft(meta: dict[str, Any], mutate: Callable[[dict[str, Any]], None] = mutate) -> None:
+            for ks in meta["keyslots"].values():
+                mutate(ks)
+
+        rewrite_metadata(image, craft)
+        t0 = time.monotonic()
+        r = run_cli("open", str(image), mnt, "--key-fd", "0", key=key, run_dir=vols.run_dir)
+        elapsed = time.monotonic() - t0
+        assert_one_line_error(r, 11)
+        assert "keyslot 0" in r.stderr and "more than" in r.stderr, (name, r.stderr)
+        assert elapsed < 10, f"{name}: refusal took {elapsed:.1f}s"
+        with pytest.raises(BadImageError):
+            volume_key_of_strict(image, key)
+    # Control: the untouched image still unlocks with the same code path.
+    assert volume_key_of(good, key) is not None
+    assert not is_mounted(Path(mnt))
+
+
+def volume_key_of_strict(image: Path, key: bytes) -> None:
+    with open_loaded(image) as dev:
+        _slot, vk = dev.volume_key(key)
+        vk[:] = bytes(len(vk))

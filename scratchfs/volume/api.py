@@ -323,11 +323,22 @@ def change_key(image: Path, old_key: bytes | bytearray, new_key: bytes | bytearr
     log.info("event=key_changed image=%s old_slot=%d new_slot=%d", image, old_slot, new_slot)
 
 
-def _keyslot_summary(slot: str, ks: dict[str, Any]) -> dict[str, Any]:
+def _bound_keyslots(meta: dict[str, Any]) -> set[str]:
+    """Keyslots whose digest covers a data segment. An unbound keyslot (cryptsetup luksAddKey
+    --unbound) holds a key that opens no segment, so cryptsetup's luksDump marks it "(unbound)"."""
+    bound: set[str] = set()
+    for digest in meta.get("digests", {}).values():
+        if digest.get("segments"):
+            bound.update(str(k) for k in digest.get("keyslots", []))
+    return bound
+
+
+def _keyslot_summary(slot: str, ks: dict[str, Any], bound: set[str]) -> dict[str, Any]:
     kdf = ks.get("kdf", {})
     out: dict[str, Any] = {
         "slot": int(slot),
         "type": ks.get("type"),
+        "unbound": slot not in bound,
         "key_bits": int(ks.get("key_size", 0)) * 8,
         "kdf": kdf.get("type"),
     }
@@ -355,7 +366,9 @@ def dump_volume(image: Path) -> dict[str, Any]:
         data_size: int | None = userspace.segment_size(image, seg)
     except BadImageError:
         data_size = None
-    keyslots = [_keyslot_summary(k, v) for k, v in sorted(meta.get("keyslots", {}).items())]
+    bound = _bound_keyslots(meta)
+    slots = sorted(meta.get("keyslots", {}).items(), key=lambda item: int(item[0]))  # "10" after "9"
+    keyslots = [_keyslot_summary(k, v, bound) for k, v in slots]
     return {
         "image": str(image),
         "image_size": os.stat(image).st_size,

@@ -149,8 +149,10 @@ def format_dump(info: dict[str, Any]) -> str:
     ]
     lines.append(f"keyslots: {len(info['keyslots'])}")
     for ks in info["keyslots"]:
-        extra = " ".join(f"{k}={v}" for k, v in ks.items() if k != "slot")
-        lines.append(f"  {ks['slot']}: {extra}")
+        # As cryptsetup luksDump: "1: luks2 (unbound)" for a keyslot that opens no segment.
+        kind = f"{ks['type']} (unbound)" if ks["unbound"] else str(ks["type"])
+        extra = " ".join(f"{k}={v}" for k, v in ks.items() if k not in ("slot", "type", "unbound"))
+        lines.append(f"  {ks['slot']}: {kind} {extra}")
     return "\n".join(lines)
 
 

@@ -103,6 +103,7 @@ def open_volume(image: Path, mountpoint: Path, key: bytes | bytearray) -> Volume
     name = mapping_name(mountpoint)
     device = activate(image, name, key)
     try:
+        ext4.require_filesystem(device, image)
         run(ext4.mount_command(device, mountpoint), what=f"mounting the volume on {mountpoint}")
     except BaseException:
         deactivate(name)

@@ -213,14 +213,8 @@ def open_volume(
         undo.callback(loop.detach, device)
         st.loop_device = device
         save(sdir, st)
-        try:
-            run(ext4.mount_command(device, mountpoint), what=f"mounting the volume on {mountpoint}")
-        except ToolError as e:
-            if "wrong fs type" in str(e) or "bad superblock" in str(e):
-                raise BadImageError(
-                    f"{image} holds no ext4 filesystem; format it with 'scratchfs volume format'"
-                ) from None
-            raise
+        ext4.require_filesystem(device, image)
+        run(ext4.mount_command(device, mountpoint), what=f"mounting the volume on {mountpoint}")
         undo.pop_all()
     return st, server
 

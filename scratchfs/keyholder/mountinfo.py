@@ -94,9 +94,14 @@ def under(prefix: str | os.PathLike[str], include_self: bool = True) -> list[Mou
 
 
 def is_stale(path: str | os.PathLike[str]) -> bool:
-    """True if *path* is a mount whose (FUSE) server is gone: stat fails with ENOTCONN/ECONNABORTED."""
+    """True if *path* is a mount whose (FUSE) server is gone: statfs fails with ENOTCONN/ECONNABORTED.
+
+    statfs, not stat: the kernel answers stat from cached attributes for up to the attribute
+    timeout without asking the server, so a mount whose server was just killed still stats
+    fine; statfs always goes to the server.
+    """
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as e:
         return e.errno in STALE_ERRNOS
     return False

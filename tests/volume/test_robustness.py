@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from scratchfs.keyholder import procs
+from scratchfs.keyholder import mountinfo, procs
 from scratchfs.volume import api
 from scratchfs.volume import state as statemod
 from scratchfs.volume.errors import BadImageError, VolumeError, WrongKeyError
@@ -265,16 +265,25 @@ def test_wrong_key_is_refused_and_changes_nothing(vols: Volumes) -> None:
 
 # -- close after the FUSE server was killed ------------------------------------------------
 
-@pytest.mark.parametrize("how", ["api", "cli"])
-def test_close_after_fuse_server_was_killed(vols: Volumes, how: str) -> None:
+# The kernel writes space, tab, newline and backslash in mountinfo as \ooo escapes and other
+# bytes (UTF-8) raw: a path with both must still be found mounted, then stale, then closed.
+ODD_NAME = "mnt ü\\ß x"
+
+
+@pytest.mark.parametrize(("how", "name"), [("api", "mnt"), ("cli", "mnt"), ("cli", ODD_NAME)])
+def test_close_after_fuse_server_was_killed(vols: Volumes, how: str, name: str) -> None:
     key = vols.key()
+    if name != "mnt":
+        vols.run_dir = vols.root / f"run {name}"  # the FUSE mount point gets the odd name too
     image = vols.format("k.img", key, size=16 * MiB)
-    vol = vols.open(image, "mnt", key)
+    vol = vols.open(image, name, key)
     (vol.mountpoint / "f").write_bytes(b"x" * 10000)
     st = statemod.load(statemod.state_dir(vols.run_dir, vol.mountpoint))
     assert st is not None and st.server_pid and st.server_start and st.fuse_dir
+    assert is_mounted(vol.mountpoint) and is_mounted(Path(st.fuse_dir))
     os.kill(st.server_pid, signal.SIGKILL)
     assert procs.wait_gone(st.server_pid, st.server_start, 10)
+    assert mountinfo.is_stale(st.fuse_dir)
     if vol.server and vol.server.process:
         vol.server.process.wait(timeout=10)
     if how == "api":
@@ -287,7 +296,7 @@ def test_close_after_fuse_server_was_killed(vols: Volumes, how: str) -> None:
     assert not loop_devices_under(vols.root) and not loop_devices_under(vols.run_dir)
     assert not procs.alive(st.server_pid, st.server_start)
     # The volume itself survived (ext4 journal): it opens again.
-    vols.open(image, "mnt", key).close()
+    vols.open(image, name, key).close()
 
 
 # -- hostile KDF parameters ---------------------------------------------------------------------

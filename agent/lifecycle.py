@@ -29,7 +29,7 @@ from agent.errors import (
 )
 from agent.jobs import JobRunner, JobSettings
 from agent.scan.model import ScanOptions
-from agent.scratch import ScratchMount, clear_stale, mount_entry
+from agent.scratch import ScratchMount, clear_stale
 from agent.state import AgentState, ensure_run_dir
 from agent.syslog import SyslogForwarder
 from agent.tls import client_context
@@ -41,6 +41,7 @@ from protocol.client import (
     PlatformTLSError,
 )
 from protocol.sealing import SealError, open_sealed
+from scratchfs.keyholder import mountinfo
 from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api as volume_api
 from scratchfs.volume.errors import NotOpenError, VolumeError
@@ -117,7 +118,7 @@ class Agent:
         self.volume_mnt.mkdir(mode=0o700, exist_ok=True)
         if clear_stale(self.scratch_mnt, self.scratch_pid):
             log.warning("event=recovered_stale_scratch")
-        if mount_entry(self.volume_mnt) is not None or self.volume_run.exists():
+        if mountinfo.find(self.volume_mnt) is not None or self.volume_run.exists():
             try:
                 await trio.to_thread.run_sync(
                     lambda: volume_api.close_volume(self.volume_mnt, run_dir=self.volume_run)

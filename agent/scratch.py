@@ -28,11 +28,6 @@ READY_TIMEOUT = 60.0
 UMOUNT_TIMEOUT = 60.0
 
 
-def mount_entry(path: Path) -> mountinfo.MountEntry | None:
-    """The visible mount exactly at *path*, or None."""
-    return mountinfo.find(path)
-
-
 def clear_stale(mountpoint: Path, pid_file: Path) -> bool:
     """Stop a scratchfs left by a previous run and detach its mount; True if one was found.
 
@@ -56,7 +51,7 @@ def clear_stale(mountpoint: Path, pid_file: Path) -> bool:
             procs.wait_gone(pid, started, 10)
             found = True
     pid_file.unlink(missing_ok=True)
-    if mount_entry(mountpoint) is not None:
+    if mountinfo.find(mountpoint) is not None:
         log.warning("event=stale_scratch_mount mountpoint=%s action=lazy_unmount", mountpoint)
         r = subprocess.run(
             ["umount", "-l", str(mountpoint)], capture_output=True, text=True, check=False
@@ -145,7 +140,7 @@ class ScratchMount:
         self.stopping = True
         if self.proc is None:
             return
-        if self.proc.poll() is None and mount_entry(self.mountpoint) is not None:
+        if self.proc.poll() is None and mountinfo.find(self.mountpoint) is not None:
             r = await trio.run_process(
                 [sys.executable, "-m", "scratchfs", "umount", str(self.mountpoint)],
                 capture_stdout=True, capture_stderr=True, check=False,
@@ -164,7 +159,7 @@ class ScratchMount:
             self.proc.kill()
             await trio.to_thread.run_sync(self.proc.wait)
         self._close_pidfd()
-        if mount_entry(self.mountpoint) is not None:
+        if mountinfo.find(self.mountpoint) is not None:
             subprocess.run(["umount", "-l", str(self.mountpoint)], check=False)
         self.pid_file.unlink(missing_ok=True)
         log.info("event=scratch_unmounted mountpoint=%s", self.mountpoint)

@@ -1,4 +1,4 @@
-"""The agent's life: boot -> time sync -> mTLS -> volume key -> volume -> scratchfs -> jobs
+"""The agent's life: boot -> time sync -> mTLS -> keyslot passphrase -> volume -> scratchfs -> jobs
 -> shutdown (DESIGN.md §4). Deactivation erases the volume's keyslots and stops.
 
 Run directory (``STATE_DIR/run``, 0700)::
@@ -168,37 +168,37 @@ class Agent:
             logging.getLogger(name).addHandler(self._forward_handler)
         log.info("event=syslog_forwarding target=%s:%d", target.host, target.port)
 
-    # -- step 3: volume key, volume, scratchfs --
+    # -- step 3: keyslot passphrase, volume, scratchfs --
 
     async def open_volume(self, client: PlatformClient) -> None:
-        """Fetch and unseal the volume key, open (first boot: format) the volume."""
+        """Fetch and unseal the keyslot passphrase, open (first boot: format) the volume."""
         try:
-            sealed = await client.volume_key()
+            sealed = await client.keyslot_passphrase()
         except PlatformError as e:
-            raise platform_error(e, "fetching the volume key") from None
+            raise platform_error(e, "fetching the keyslot passphrase") from None
         try:
-            key = open_sealed(self.state.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+            passphrase = open_sealed(self.state.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
         except SealError as e:
-            raise PlatformUnavailable(f"the volume key does not unseal ({e})") from None
+            raise PlatformUnavailable(f"the keyslot passphrase does not unseal ({e})") from None
         image = self.state.volume_image
         try:
             if not image.exists():
                 log.info("event=first_boot_format size=%d", self.settings.volume_size)
                 await trio.to_thread.run_sync(
                     lambda: volume_api.format_volume(
-                        image, self.settings.volume_size, key,
+                        image, self.settings.volume_size, passphrase,
                         backend=self.settings.backend, run_dir=self.volume_run,
                     )
                 )
             self.volume = await trio.to_thread.run_sync(
                 lambda: volume_api.open_volume(
-                    image, self.volume_mnt, key, self.settings.backend, run_dir=self.volume_run
+                    image, self.volume_mnt, passphrase, self.settings.backend, run_dir=self.volume_run
                 )
             )
         except VolumeError as e:
             raise VolumeFailure(f"volume {image}: {e}") from None
         finally:
-            wipe(key)  # unlocked: the platform key is not needed again in this run
+            wipe(passphrase)  # unlocked: not needed again in this run
         log.info("event=volume_open mountpoint=%s", self.volume_mnt)
 
     async def mount_scratch(self) -> ScratchMount:

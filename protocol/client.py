@@ -11,7 +11,7 @@ Typical use by the agent::
     ctx = agent.tls.client_context(ca_pem, clock, cert_path, key_path)  # the one TLS client policy
     client = PlatformClient("https://platform.example:8443", ctx)
     now = await client.time()
-    sealed = await client.volume_key()           # open with sealing.open_sealed(..., b"volume-key")
+    sealed = await client.keyslot_passphrase()   # open with sealing.open_sealed(..., b"volume-key")
     job = await client.next_job(wait=30)         # None when no job arrived within `wait`
     digest = await client.upload_result(job.id, body)
 
@@ -257,10 +257,11 @@ class PlatformClient:
             syslog=_syslog_from(data.get(api.F_SYSLOG)),
         )
 
-    async def volume_key(self) -> bytes:
-        """This appliance's volume key, sealed to its X25519 key (context b"volume-key")."""
+    async def keyslot_passphrase(self) -> bytes:
+        """This appliance's keyslot passphrase (the 32 bytes that unlock its LUKS2 keyslot; the
+        wire calls it the volume key), sealed to its X25519 key (context b"volume-key")."""
         data = await self._json("GET", api.PATH_VOLUME_KEY)
-        return _b64decode(data.get(api.F_SEALED), "sealed volume key")
+        return _b64decode(data.get(api.F_SEALED), "sealed keyslot passphrase")
 
     async def config(self) -> PlatformConfig:
         """The account's configuration (remote syslog target or None)."""

@@ -6,7 +6,7 @@ encryption sectors of the image (read-modify-write at unaligned edges). The open
 ``data`` to a loop device and mounts it as ext4, the way dislocker serves BitLocker volumes.
 
 This runs as its own process (pyfuse3 keeps global state: one process, one mount). The
-volume key arrives on an inherited pipe (``--key-fd``), never argv, environment or a file.
+volume master key arrives on an inherited pipe (``--key-fd``), never argv, environment or a file.
 Readiness ("ok") or a one-line failure is written to ``--status-fd`` (scratchfs.keyholder.ready).
 """
 

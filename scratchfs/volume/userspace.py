@@ -1,6 +1,6 @@
-"""The userspace backend: libcryptsetup for the key, our FUSE server for the data path.
+"""The userspace backend: libcryptsetup for the volume master key, our FUSE server for the data path.
 
-open:  unlock with libcryptsetup -> start the FUSE server (volume key over a pipe) ->
+open:  unlock with libcryptsetup -> start the FUSE server (volume master key over a pipe) ->
        losetup the served ``data`` file -> mount ext4 from the loop device.
 close: unmount ext4 -> detach the loop device -> unmount the FUSE mount -> the server exits
        (stopped by pid if it does not). Works too when the server was killed (the FUSE mount
@@ -60,7 +60,7 @@ def segment_size(image: Path, seg: SegmentInfo) -> int:
 def iv_scheme(seg: SegmentInfo, image: Path) -> str:
     """Check that we can serve this segment; return its IV scheme."""
     try:
-        return check_cipher(seg.cipher, seg.cipher_mode, seg.volume_key_size, seg.sector_size)
+        return check_cipher(seg.cipher, seg.cipher_mode, seg.master_key_size, seg.sector_size)
     except UnsupportedCipherError as e:
         raise BadImageError(f"{image}: {e}; use --backend dmcrypt or reformat") from None
 
@@ -68,7 +68,7 @@ def iv_scheme(seg: SegmentInfo, image: Path) -> str:
 def start_server(
     image: Path,
     seg: SegmentInfo,
-    volume_key: bytearray,
+    master_key: bytearray,
     fuse_dir: Path,
     log_path: Path,
     debug: bool = False,
@@ -91,7 +91,7 @@ def start_server(
         "--key-fd",
         str(key_r),
         "--key-size",
-        str(len(volume_key)),
+        str(len(master_key)),
         "--status-fd",
         str(st_w),
         "--data-offset",
@@ -124,8 +124,8 @@ def start_server(
     os.close(key_r)
     os.close(st_w)
     try:
-        # The key is far smaller than PIPE_BUF: one write, never blocks.
-        os.write(key_w, volume_key)
+        # The volume master key is far smaller than PIPE_BUF: one write, never blocks.
+        os.write(key_w, master_key)
     finally:
         os.close(key_w)
     start = procs.start_time(proc.pid) or 0
@@ -162,12 +162,12 @@ def stop_server(fuse_dir: Path, pid: int | None, start_time: int | None) -> None
         stop_process(pid, start_time)
 
 
-def make_filesystem(image: Path, seg: SegmentInfo, volume_key: bytearray, workdir: Path) -> None:
+def make_filesystem(image: Path, seg: SegmentInfo, master_key: bytearray, workdir: Path) -> None:
     """mkfs.ext4 on the served plaintext of a freshly formatted *image*.
 
     The server dies with us (PR_SET_PDEATHSIG): a killed format leaves no mount behind.
     """
-    server = start_server(image, seg, volume_key, workdir / "fuse", workdir / "server.log", die_with_parent=True)
+    server = start_server(image, seg, master_key, workdir / "fuse", workdir / "server.log", die_with_parent=True)
     save(
         workdir,
         VolumeState(
@@ -191,14 +191,14 @@ def open_volume(
     image: Path,
     mountpoint: Path,
     seg: SegmentInfo,
-    volume_key: bytearray,
+    master_key: bytearray,
     sdir: Path,
     debug: bool = False,
 ) -> tuple[VolumeState, Server]:
     """Serve, attach and mount; every step is undone if a later one fails."""
     fuse_dir = sdir / "fuse"
     with ExitStack() as undo:
-        server = start_server(image, seg, volume_key, fuse_dir, sdir / "server.log", debug)
+        server = start_server(image, seg, master_key, fuse_dir, sdir / "server.log", debug)
         undo.callback(stop_server, fuse_dir, server.pid, server.start_time)
         st = VolumeState(
             "userspace",

@@ -178,7 +178,7 @@ def appliance_client(state_dir: Path) -> tuple[statemod.AgentState, PlatformClie
 def backing_of_closed_volume(state_dir: Path, where: Path) -> list[str]:
     """Open the agent's volume with its own key (as the agent would) and list the backing."""
     st, client = appliance_client(state_dir)
-    sealed = trio.run(client.volume_key)
+    sealed = trio.run(client.keyslot_passphrase)
     key = open_sealed(st.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
     where.mkdir(exist_ok=True)
     try:

@@ -63,7 +63,7 @@ async def test_mtls_endpoints_refuse_missing_client_cert(platform: Platform) -> 
     job_id = platform.storage.add_job("alpha", ["127.0.0.1"], "22", "builtin", None, time.time())
     anon = platform.anon_client()
     calls = [
-        anon.volume_key(),
+        anon.keyslot_passphrase(),
         anon.config(),
         anon.next_job(wait=0),
         anon.upload_result(str(job_id), b"{}"),
@@ -81,7 +81,7 @@ async def test_certificate_from_another_ca_fails_tls(platform: Platform, tmp_pat
     await platform.activate("alpha")
     foreign = client.PlatformClient(platform.url, other_ca_client_ctx(platform, tmp_path))
     with pytest.raises(client.PlatformTLSError):
-        await foreign.volume_key()
+        await foreign.keyslot_passphrase()
     with pytest.raises(client.PlatformTLSError):
         await foreign.time()
 
@@ -94,7 +94,7 @@ async def test_unknown_certificate_of_our_ca_refused(platform: Platform) -> None
     cert = ca.issue_client_cert(authority, ca.check_csr(csr_pem), "ghost")
     ghost = client.PlatformClient(platform.url, tls_client(platform.ca_pem, cert.pem, key_pem))
     with pytest.raises(client.PlatformError) as ei:
-        await ghost.volume_key()
+        await ghost.keyslot_passphrase()
     assert (ei.value.status, ei.value.reason) == (403, api.REASON_UNKNOWN_CERTIFICATE)
 
 
@@ -154,7 +154,7 @@ async def test_deactivated_appliance_gets_403_everywhere(platform: Platform) -> 
     platform.storage.deactivate("victim", time.time())
     calls = [
         a.client.time(),
-        a.client.volume_key(),
+        a.client.keyslot_passphrase(),
         a.client.config(),
         a.client.next_job(wait=0),
         a.client.upload_result(str(job_id), b"{}"),
@@ -171,7 +171,7 @@ async def test_deactivated_appliance_gets_403_everywhere(platform: Platform) -> 
             assert wrapped not in p.read_bytes(), p.name
     # Revocation is on the list; the other appliance is unaffected.
     assert row.cert_serial in dict(platform.storage.revoked())
-    assert len(await b.client.volume_key()) > 32
+    assert len(await b.client.keyslot_passphrase()) > 32
 
 
 async def test_revoked_certificate_is_deactivated(platform: Platform) -> None:
@@ -182,7 +182,7 @@ async def test_revoked_certificate_is_deactivated(platform: Platform) -> None:
         (row.cert_serial, row.cert_fingerprint, row.id, time.time()),
     )
     with pytest.raises(client.DeactivatedError):
-        await a.client.volume_key()
+        await a.client.keyslot_passphrase()
 
 
 async def test_other_appliances_job_is_not_found(platform: Platform) -> None:

@@ -117,7 +117,7 @@ def af_merge(material: bytes, key_size: int, stripes: int, hash_name: str) -> by
 
 
 def unlock(blob: bytes, passphrase: bytes) -> tuple[bytes, Header]:
-    """Volume key of the first keyslot that *passphrase* opens (digest verified)."""
+    """Volume master key of the first keyslot that *passphrase* opens (digest verified)."""
     hdr = read_header(blob)
     for _slot, ks in sorted(hdr.meta["keyslots"].items()):
         kdf, af, area = ks["kdf"], ks["af"], ks["area"]
@@ -142,14 +142,14 @@ def unlock(blob: bytes, passphrase: bytes) -> tuple[bytes, Header]:
 
 def decrypt_segment(blob: bytes, passphrase: bytes) -> bytes:
     """The plaintext of the (single) data segment."""
-    volume_key, hdr = unlock(blob, passphrase)
+    master_key, hdr = unlock(blob, passphrase)
     (seg,) = hdr.meta["segments"].values()
     assert seg["encryption"] == "aes-xts-plain64", seg
     offset = int(seg["offset"])
     size = len(blob) - offset if seg["size"] == "dynamic" else int(seg["size"])
     sector = int(seg["sector_size"])
     size -= size % sector
-    return xts_plain64(volume_key, blob[offset:offset + size], sector, int(seg["iv_tweak"]), sector // 512, True)
+    return xts_plain64(master_key, blob[offset:offset + size], sector, int(seg["iv_tweak"]), sector // 512, True)
 
 
 def rewrite_metadata(path: Path, mutate: Callable[[dict[str, Any]], None]) -> None:

@@ -107,7 +107,7 @@ def test_key_input_errors(vols: Volumes) -> None:
     assert_one_line_error_b(run(["format", str(image), "--size", "32M", "--key-fd", "0"], key=b"short"), 16)
     assert_one_line_error_b(run(["format", str(image), "--size", "32M", "--key-fd", "0"], key=b""), 16)
     assert_one_line_error_b(run(["format", str(image), "--size", "32M", "--key-fd", "0"],
-                                key=os.urandom(api.MAX_KEY_SIZE + 1)), 16)
+                                key=os.urandom(api.MAX_PASSPHRASE_SIZE + 1)), 16)
     # A closed descriptor.
     assert_one_line_error_b(run(["format", str(image), "--size", "32M", "--key-fd", "55"]), 16)
     assert not image.exists()

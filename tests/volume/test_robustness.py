@@ -28,15 +28,15 @@ from tests.volume.luks2_reader import rewrite_metadata
 VOLUME = [sys.executable, "-m", "scratchfs.volume"]
 
 
-def volume_key_of(image: Path, key: bytes) -> bytes | None:
-    """The volume key if *key* opens *image*, None if it does not."""
+def master_key_of(image: Path, key: bytes) -> bytes | None:
+    """The volume master key if the keyslot passphrase *key* opens *image*, None if it does not."""
     try:
         with open_loaded(image) as dev:
-            _slot, vk = dev.volume_key(key)
+            _slot, master_key = dev.master_key(key)
     except (WrongKeyError, VolumeError):
         return None
-    out = bytes(vk)
-    vk[:] = bytes(len(vk))
+    out = bytes(master_key)
+    master_key[:] = bytes(len(master_key))
     return out
 
 
@@ -70,8 +70,8 @@ keys = sys.stdin.buffer.read(64)
 a, b = keys[:32], keys[32:]
 print("started", flush=True)
 while True:
-    api.change_key(Path(sys.argv[1]), a, b)
-    api.change_key(Path(sys.argv[1]), b, a)
+    api.change_passphrase(Path(sys.argv[1]), a, b)
+    api.change_passphrase(Path(sys.argv[1]), b, a)
 """
 
 _ERASE_LOOP = """
@@ -79,13 +79,13 @@ import sys
 from pathlib import Path
 from scratchfs.volume.libcryptsetup import open_loaded
 keys = sys.stdin.buffer.read(128)
-a, b, vk = keys[:32], keys[32:64], keys[64:]
+a, b, master_key = keys[:32], keys[32:64], keys[64:]
 print("started", flush=True)
 while True:
     with open_loaded(Path(sys.argv[1])) as dev:
         for k in (a, b):
             if not dev.active_keyslots() or len(dev.active_keyslots()) < 2:
-                dev.add_keyslot(k, vk)
+                dev.add_keyslot(k, master_key)
         for slot in dev.active_keyslots():
             dev.destroy_keyslot(slot)
 """
@@ -108,15 +108,15 @@ def test_rekey_killed_at_random_moments_always_opens_with_old_or_new_key(vols: V
     rng = random.Random(0x5EED)
     a, b = vols.key(), vols.key()
     image = vols.format("k.img", a, size=16 * MiB)
-    original = volume_key_of(image, a)
+    original = master_key_of(image, a)
     assert original is not None
     for _ in range(12):
         _kill_at_random(_REKEY_LOOP, image, a + b, rng)
-        opened = [vk for vk in (volume_key_of(image, a), volume_key_of(image, b)) if vk is not None]
+        opened = [mk for mk in (master_key_of(image, a), master_key_of(image, b)) if mk is not None]
         assert opened, "after a kill during rekey the volume opened with neither key"
-        assert all(hmac.compare_digest(vk, original) for vk in opened)
+        assert all(hmac.compare_digest(master_key, original) for master_key in opened)
     # The volume is still a whole volume: it mounts with a key that opens it.
-    key = a if volume_key_of(image, a) else b
+    key = a if master_key_of(image, a) else b
     vols.open(image, "mnt", key).close()
 
 
@@ -124,7 +124,7 @@ def test_erase_killed_at_random_moments_leaves_a_valid_header(vols: Volumes) -> 
     rng = random.Random(0xE7A5E)
     a, b = vols.key(), vols.key()
     image = vols.format("e.img", a, size=16 * MiB)
-    original = volume_key_of(image, a)
+    original = master_key_of(image, a)
     assert original is not None
     for _ in range(12):
         # The child holds the volume key itself (handed over on stdin), so it can put keyslots
@@ -134,12 +134,12 @@ def test_erase_killed_at_random_moments_leaves_a_valid_header(vols: Volumes) -> 
         # always loads: never a volume that is neither.
         info = api.dump_volume(image)
         for k in (a, b):
-            vk = volume_key_of(image, k)
-            assert vk is None or hmac.compare_digest(vk, original)
+            master_key = master_key_of(image, k)
+            assert master_key is None or hmac.compare_digest(master_key, original)
         assert len(info["keyslots"]) <= 2
     api.erase_volume(image)
     assert api.dump_volume(image)["keyslots"] == []
-    assert volume_key_of(image, a) is None and volume_key_of(image, b) is None
+    assert master_key_of(image, a) is None and master_key_of(image, b) is None
 
 
 def test_format_killed_at_random_moments_leaves_no_image_or_a_whole_one(vols: Volumes) -> None:
@@ -169,7 +169,7 @@ def test_format_killed_at_random_moments_leaves_no_image_or_a_whole_one(vols: Vo
         assert not loop_devices_under(vols.root)
         if image.exists():
             outcomes.add("complete")
-            assert volume_key_of(image, key) is not None
+            assert master_key_of(image, key) is not None
             vols.open(image, "mnt", key).close()
         else:
             outcomes.add("absent")
@@ -336,13 +336,13 @@ def test_hostile_kdf_parameters_are_refused_before_any_derivation(vols: Volumes)
         assert "keyslot 0" in r.stderr and "more than" in r.stderr, (name, r.stderr)
         assert elapsed < 10, f"{name}: refusal took {elapsed:.1f}s"
         with pytest.raises(BadImageError):
-            volume_key_of_strict(image, key)
+            master_key_of_strict(image, key)
     # Control: the untouched image still unlocks with the same code path.
-    assert volume_key_of(good, key) is not None
+    assert master_key_of(good, key) is not None
     assert not is_mounted(Path(mnt))
 
 
-def volume_key_of_strict(image: Path, key: bytes) -> None:
+def master_key_of_strict(image: Path, key: bytes) -> None:
     with open_loaded(image) as dev:
-        _slot, vk = dev.volume_key(key)
-        vk[:] = bytes(len(vk))
+        _slot, master_key = dev.master_key(key)
+        master_key[:] = bytes(len(master_key))

@@ -200,7 +200,8 @@ def cmd_appliance_deactivate(args: argparse.Namespace) -> int:
         app = storage.deactivate(args.name, time.time())
     finally:
         storage.close()
-    print(f"appliance {app.name} deactivated: volume key destroyed, certificate {app.cert_serial or '-'} revoked")
+    serial = app.cert_serial or "-"
+    print(f"appliance {app.name} deactivated: keyslot passphrase destroyed, certificate {serial} revoked")
     return EXIT_OK
 
 
@@ -509,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp = leaf(asub, "pubkey", cmd_appliance_pubkey, "print the appliance's X25519 key (PEM)")
     sp.add_argument("name", type=_name)
-    sp = leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the volume key, revoke the certificate")
+    sp = leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the keyslot passphrase, revoke the certificate")
     sp.add_argument("name", type=_name)
     sp = leaf(asub, "list", cmd_appliance_list, "list appliances")
     sp.add_argument("--json", action="store_true")

@@ -178,11 +178,11 @@ class PlatformApp:
             return cert.pem, cert.serial, cert.fingerprint
 
         def wrap_new(appliance_id: int, name: str) -> bytes:
-            vk = bytearray(keys.new_key())
+            passphrase = bytearray(keys.new_key())
             try:
-                return keys.wrap(self._kek, bytes(vk), appliance_id, name)
+                return keys.wrap(self._kek, bytes(passphrase), appliance_id, name)
             finally:
-                wipe(vk)
+                wipe(passphrase)
 
         try:
             grant = await self.db.run(self.db.storage.activate, ca.code_hash(code), now, x_pub, issue, wrap_new)
@@ -205,18 +205,18 @@ class PlatformApp:
         )
 
     async def get_volume_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
-        """GET /v1/volume-key: the caller's own volume key, sealed to its X25519 key."""
+        """GET /v1/volume-key: the caller's own keyslot passphrase, sealed to its X25519 key."""
         app = await self._required(peer_der)
         wrapped = await self.db.run(self.db.storage.wrapped_volume_key, app.id)
         if wrapped is None or app.x25519_public is None:
-            raise HttpError(503, api.REASON_UNAVAILABLE, "no volume key on record")
-        vk = keys.unwrap(self._kek, wrapped, app.id, app.name)
+            raise HttpError(503, api.REASON_UNAVAILABLE, "no keyslot passphrase on record")
+        passphrase = keys.unwrap(self._kek, wrapped, app.id, app.name)
         try:
-            sealed = sealing.seal(app.x25519_public, vk, api.SEAL_CONTEXT_VOLUME_KEY)
+            sealed = sealing.seal(app.x25519_public, passphrase, api.SEAL_CONTEXT_VOLUME_KEY)
         finally:
-            wipe(vk)
+            wipe(passphrase)
         await self.db.run(self.db.storage.log_event, time.time(), "volume_key", app.id)
-        log.info("volume key handed out appliance=%s", app.name)
+        log.info("keyslot passphrase handed out appliance=%s", app.name)
         return json_response(200, {api.F_SEALED: base64.b64encode(sealed).decode()})
 
     async def get_config(self, ex: Exchange, peer_der: bytes | None) -> Response:

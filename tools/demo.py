@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,9 @@ class Service:
     stop: threading.Event = field(default_factory=threading.Event)
     connections: int = 0
     authorized: int = 0
+    # Every byte the service received (after TLS decryption, where it speaks TLS): tests
+    # and the demo grep it for secrets that must never arrive.
+    received: bytearray = field(default_factory=bytearray)
 
     def close(self) -> None:
         """Stop accepting and join the thread."""
@@ -86,10 +90,10 @@ def _serve(svc: Service, handle: Callable[[socket.socket], None]) -> None:
                 pass
 
 
-def _listen() -> socket.socket:
+def _listen(host: str = "127.0.0.1") -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", 0))
+    s.bind((host, 0))
     s.listen(16)
     return s
 
@@ -107,26 +111,41 @@ def start_banner_service(name: str, banner: bytes) -> Service:
     return svc
 
 
-def _read_request(conn: socket.socket) -> bytes:
+def _read_request(conn: socket.socket, record: bytearray | None = None) -> bytes:
     data = b""
     while b"\r\n\r\n" not in data and len(data) < 16384:
         chunk = conn.recv(4096)
         if not chunk:
             break
         data += chunk
+        if record is not None:
+            record += chunk
     return data
 
 
-def start_http_auth_service(credential: bytes, realm: bytes, secret_page: bytes) -> Service:
-    """HTTP/1.0 with Basic auth: 401 without the credential, *secret_page* with it."""
+def start_http_auth_service(
+    credential: bytes,
+    realm: bytes,
+    secret_page: bytes,
+    host: str = "127.0.0.1",
+    tls: ssl.SSLContext | None = None,
+) -> Service:
+    """HTTP/1.0 (over TLS with *tls*) with Basic auth: 401 without the credential
+    (``user:password``), *secret_page* with it. Records every byte it receives."""
     import base64
 
-    svc = Service("http-auth", 0, _listen())
+    svc = Service("https-auth" if tls else "http-auth", 0, _listen(host))
     svc.port = svc.sock.getsockname()[1]
     expected = b"Basic " + base64.b64encode(credential)
 
-    def handle(conn: socket.socket) -> None:
-        request = _read_request(conn)
+    def handle(raw_conn: socket.socket) -> None:
+        conn = raw_conn
+        if tls is not None:
+            try:
+                conn = tls.wrap_socket(raw_conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                return  # a cleartext probe on the TLS port: nothing to serve
+        request = _read_request(conn, svc.received)
         auth = b""
         for line in request.split(b"\r\n")[1:]:
             key, _, value = line.partition(b":")
@@ -250,12 +269,13 @@ def activate(platform: Platform, name: str, state_dir: Path) -> None:
                   "--ca", str(platform.ca), "--code", "-"), input_=code.encode() + b"\n")
 
 
-def seal_credential(platform: Platform, appliance: str, secret: bytes, workdir: Path,
-                    name: str = MARKERS["credential name"].decode()) -> None:
-    """Seal *secret* to the appliance with scanner-seal and add it to the platform."""
+def seal_credential(platform: Platform, appliance: str, username: str, secret: bytes, workdir: Path,
+                    name: str, scope_args: list[str]) -> None:
+    """Seal *secret* and its scope (scanner-seal flags) to the appliance, add it to the platform."""
     pub = workdir / f"{appliance}.pub"
     pub.write_bytes(platform.cli("appliance", "pubkey", appliance).stdout)
-    sealed = run([PY, "-m", "tools.seal", "--appliance-key", str(pub)], input_=secret).stdout
+    sealed = run([PY, "-m", "tools.seal", "--appliance-key", str(pub), "--username", username,
+                  *scope_args], input_=secret).stdout
     blob = workdir / f"{name}.sealed"
     blob.write_bytes(sealed)
     platform.cli("credential", "add", name, "--appliance", appliance, "--sealed", str(blob))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol import api, client, sealing
+from protocol import api, client, credential, sealing
 from tests.platform.conftest import HOSTNAME, ServedProcess, run_cli
 from tools.platform import db
 
@@ -111,7 +111,8 @@ async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) 
 
     key_pem, csr = client.new_client_key_and_csr("edge1")
     xpriv, xpub = sealing.generate_keypair()
-    res = await client.PlatformClient(url, client.client_context(ca_pem)).activate(code, csr, xpub)
+    hpriv, hpub = sealing.generate_hybrid_keypair()
+    res = await client.PlatformClient(url, client.client_context(ca_pem)).activate(code, csr, xpub, hpub)
     assert res.appliance == "edge1" and res.ca_pem == ca_pem
     c = client.PlatformClient(url, client.client_context(ca_pem, res.certificate_pem, key_pem))
 
@@ -121,9 +122,16 @@ async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) 
     assert proc.returncode == 0
     pub_file.write_bytes(proc.stdout)
     secret = b"canary-password-4711"
+    x_file = tmp_path / "edge1-x25519.pub"
+    x_file.write_bytes(run_cli("appliance", "pubkey", "edge1", "--x25519", state_dir=root).stdout)
+    scope_flags = ["--username", "ftpuser", "--target", "127.0.0.0/8", "--target", "localhost",
+                   "--ports", "21-22", "--protocol", "ssh"]  # fmt: skip
+    one_line_error(subprocess.run([*SEAL, "--appliance-key", str(x_file), *scope_flags], input=secret,
+                                  capture_output=True, check=False), 2)  # a v1 key: upgrade first
     sealed = subprocess.run(
-        [*SEAL, "--appliance-key", str(pub_file)], input=secret, capture_output=True, check=True
+        [*SEAL, "--appliance-key", str(pub_file), *scope_flags], input=secret, capture_output=True, check=True
     ).stdout
+    assert secret not in sealed and b"127.0.0.0/8" in sealed  # the public copy of the scope
     sealed_file = tmp_path / "cred.sealed"
     sealed_file.write_bytes(sealed)
     proc = run_cli("credential", "add", "ftp", "--appliance", "edge1", "--sealed", str(sealed_file), state_dir=root)
@@ -142,6 +150,11 @@ async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) 
     )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.decode().strip()
+    # Retargeting the credential at another host is refused by the platform (exit 6).
+    proc = run_cli("job", "add", "edge1", "--targets", "192.0.2.1", "--ports", "22", "--credential", "ftp",
+                   state_dir=root)  # fmt: skip
+    one_line_error(proc, 6)
+    assert b"outside the scope" in proc.stderr
 
     ca_file = tmp_path / "syslog-ca.pem"
     ca_file.write_bytes(ca_pem)
@@ -159,7 +172,8 @@ async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) 
     assert job is not None and job.id == job_id
     assert job.targets == ("127.0.0.1", "localhost") and job.ports == "21-22,80-82"
     assert job.credential is not None
-    assert bytes(sealing.open_sealed(xpriv, job.credential, api.SEAL_CONTEXT_CREDENTIAL)) == secret
+    meta, got = credential.unpack(sealing.open_any(xpriv, hpriv, job.credential, api.SEAL_CONTEXT_CREDENTIAL))
+    assert bytes(got) == secret and meta.username == "ftpuser" and "localhost" in meta.scope.targets
     doc = {
         "job": job.id,
         "engine": "builtin",

@@ -75,6 +75,8 @@ class PortResult:
                 # What a logged-in user sees is the more telling banner; keep both.
                 doc["unauthenticated_banner"] = self.banner
                 doc[api.R_BANNER] = f"[auth {self.auth}] {self.auth_banner}"
+            else:  # refused by the scope, or no login: say so where operators look
+                doc[api.R_BANNER] = f"[auth {self.auth}] {self.banner}"
         return doc
 
 

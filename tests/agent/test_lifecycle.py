@@ -25,11 +25,11 @@ from agent.jobs import JobRunner, JobSettings
 from agent.scan.model import ScanOptions
 from agent.timesync import Clock
 from agent.tls import client_context
-from protocol import api
+from protocol import api, sealing
 from protocol.client import PlatformClient
 from protocol.sealing import wipe
 from scratchfs.volume import api as volume_api
-from tests.agent.conftest import AgentRun, Rsyslog
+from tests.agent.conftest import AgentRun, Rsyslog, run_agent_cli
 from tools.demo import (
     Platform,
     Service,
@@ -292,6 +292,48 @@ def test_platform_retargeting_gets_out_of_scope_and_zero_secret_bytes(
     finally:
         inside.close()
         outside.close()
+
+
+def test_appliance_from_before_v2_upgrades_its_sealing_key_without_reimaging(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun], tmp_path: Path,
+) -> None:
+    """New activations get a hybrid key; an appliance activated before sealing v2 (no hybrid
+    key on either side) keeps working on v1, then `scanner-agent seal-key upgrade` moves
+    it: the platform learns the key over mTLS and the same volume opens with a v2 seal."""
+    assert (activated / statemod.SEAL_KEY_HYBRID).exists()  # a new activation: hybrid
+    pubkey = platform.cli("appliance", "pubkey", "app1").stdout
+    assert b"MLKEM768X25519" in pubkey
+    # Turn it into an appliance from before v2 on both sides.
+    (activated / statemod.SEAL_KEY_HYBRID).unlink()
+    storage = db.Storage(platform.state / "platform.db")
+    try:
+        with storage._tx() as sql:
+            sql.execute("UPDATE appliances SET hybrid_public = NULL WHERE name = 'app1'")
+    finally:
+        storage.close()
+    refused = platform.cli("appliance", "pubkey", "app1", check=False)
+    assert refused.returncode == 4 and b"seal-key upgrade" in refused.stderr
+    first = agent_factory(activated, "--once")
+    job1 = add_job(platform, str(closed_port()))
+    first.proc.wait(timeout=240)
+    assert first.proc.returncode == 0, first.stderr()[-2000:]
+    assert "event=first_boot_format" in first.stderr()
+    assert [j["state"] for j in jobs(platform) if j["id"] == job1] == ["done"]
+
+    up = run_agent_cli("seal-key", "upgrade", str(activated))
+    assert up.returncode == 0 and "created and registered" in up.stdout, up.stderr
+    again = run_agent_cli("seal-key", "upgrade", str(activated))  # idempotent
+    assert again.returncode == 0 and "already present" in again.stdout, again.stderr
+    assert b"MLKEM768X25519" in platform.cli("appliance", "pubkey", "app1").stdout
+    _, client = appliance_client(activated)
+    assert sealing.check_format(trio.run(client.volume_key)) == 2
+    second = agent_factory(activated, "--once")
+    job2 = add_job(platform, str(closed_port()))
+    second.proc.wait(timeout=240)
+    log = second.stderr()
+    assert second.proc.returncode == 0, log[-2000:]
+    assert "first_boot_format" not in log and "event=volume_open" in log  # same volume, v2 seal
+    assert [j["state"] for j in jobs(platform) if j["id"] == job2] == ["done"]
 
 
 def test_deactivation_erases_keyslots_and_exits(

@@ -84,18 +84,34 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
 
 
 def test_seal_cli_errors(tmp_path: Path) -> None:
+    scope_flags = ["--username", "u", "--target", "10.0.0.1", "--ports", "22", "--protocol", "ssh"]
+
+    def seal(key_file: Path, *extra: str, secret: bytes = b"s") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*SEAL, "--appliance-key", str(key_file), *extra], input=secret,
+                              capture_output=True, check=False)  # fmt: skip
+
     key = tmp_path / "pub.pem"
     key.write_bytes(b"garbage")
-    proc = subprocess.run([*SEAL, "--appliance-key", str(key)], input=b"s", capture_output=True, check=False)
-    one_line_error(proc, 2)
-    proc = subprocess.run(
-        [*SEAL, "--appliance-key", str(tmp_path / "missing")], input=b"s", capture_output=True, check=False
-    )
-    one_line_error(proc, 2)
+    assert b"hybrid public key" in one_line_error(seal(key, *scope_flags), 2).encode()
+    one_line_error(seal(tmp_path / "missing", *scope_flags), 2)
     _, pub = sealing.generate_keypair()
     key.write_bytes(sealing.public_key_to_pem(pub))
-    proc = subprocess.run([*SEAL, "--appliance-key", str(key)], input=b"", capture_output=True, check=False)
-    one_line_error(proc, 2)
+    assert "seal-key upgrade" in one_line_error(seal(key, *scope_flags), 2)  # a v1 appliance key
+    _, hpub = sealing.generate_hybrid_keypair()
+    key.write_bytes(sealing.hybrid_public_to_pem(hpub))
+    assert "no secret" in one_line_error(seal(key, *scope_flags, secret=b"\n"), 2)
+    assert "required" in one_line_error(seal(key, "--username", "u"), 2)  # no scope: refused
+    bad = ["--username", "u", "--ports", "22", "--protocol", "ssh"]
+    assert "CIDR" in one_line_error(seal(key, *bad, "--target", "10.0.0.0/99"), 2)
+    assert "port" in one_line_error(seal(key, "--username", "u", "--target", "10.0.0.1", "--ports", "0",
+                                         "--protocol", "ssh"), 2)  # fmt: skip
+    assert "pin" in one_line_error(seal(key, *scope_flags, "--pin-tls-sha256", "abc"), 2)
+    assert "':'" in one_line_error(seal(key, "--username", "a:b", *scope_flags[2:]), 2)
+    assert "http-basic" in one_line_error(seal(key, *scope_flags, "--protocol", "http-basic", "--kind", "ssh-key"), 2)
+    good = seal(key, *scope_flags, "--expires", "2030-01-01T00:00", "--force", secret=b"pw\n")
+    assert good.returncode == 0 and sealing.check_format(good.stdout) == 2
+    header = json.loads(sealing.public_header(good.stdout))
+    assert header["expires"] == 1893456000.0 and header["targets"] == ["10.0.0.1"]
 
 
 async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) -> None:

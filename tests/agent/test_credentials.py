@@ -242,3 +242,29 @@ def test_ssh_rejected_and_unpinned_host_key(sshd: tuple[sshdmod.Sshd, bytes], tm
     doc, _ = run_child(tmp_path / "pin", ["127.0.0.1"], [server.port], bytes(plain))
     assert _ssh_result(doc, server.port)["auth"] == scope.CERT_MISMATCH
     assert other_key  # a second key pair was made: ssh-keygen works twice in one dir
+
+
+async def test_agent_does_not_open_a_v1_credential_without_scope(tmp_path: Path) -> None:
+    """A credential sealed before v2 has no scope: the agent never decrypts it and the
+    child, reading EOF, reports credential_unusable (what to do is in the agent's log)."""
+    from agent.jobs import CREDENTIAL_FILE, JobRunner, JobSettings
+    from agent.scan.model import ScanOptions
+    from protocol import sealing
+
+    _, xpub = sealing.generate_keypair()
+    jdir = tmp_path / "job"
+    jdir.mkdir()
+    (jdir / CREDENTIAL_FILE).write_bytes(sealing.seal(xpub, b"user:pw", b"credential"))
+
+    def never_open(_blob: bytes, _ctx: bytes) -> bytearray:
+        raise AssertionError("a v1 credential was opened")
+
+    runner = JobRunner(None, tmp_path, never_open, lambda: 0.0, JobSettings(ScanOptions()))  # type: ignore[arg-type]
+    req_r, req_w = os.pipe()
+    cred_r, cred_w = os.pipe()
+    os.write(req_w, b"?")
+    await runner._serve_credential(jdir, req_r, cred_w)
+    assert os.read(cred_r, 100) == b""  # EOF, nothing written
+    assert runner.credential_opens == 0
+    os.close(req_w)
+    os.close(cred_r)

@@ -40,7 +40,7 @@ from protocol.client import (
     PlatformError,
     PlatformTLSError,
 )
-from protocol.sealing import SealError, open_sealed
+from protocol.sealing import SealError
 from scratchfs.keyholder import mountinfo
 from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api as volume_api
@@ -177,7 +177,7 @@ class Agent:
         except PlatformError as e:
             raise platform_error(e, "fetching the keyslot passphrase") from None
         try:
-            passphrase = open_sealed(self.state.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+            passphrase = self.state.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
         except SealError as e:
             raise PlatformUnavailable(f"the keyslot passphrase does not unseal ({e})") from None
         image = self.state.volume_image
@@ -217,7 +217,7 @@ class Agent:
     async def job_loop(self, client: PlatformClient, scratch: Path) -> None:
         """Long-poll and run jobs; with --once, return after the first one."""
         runner = JobRunner(
-            client, scratch, self.state.seal_private, lambda: self.clock.offset,
+            client, scratch, self.state.open_sealed, lambda: self.clock.offset,
             self.settings.jobs,
         )
         delay = 1.0

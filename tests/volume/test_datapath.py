@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import userspace
 from scratchfs.volume.errors import BadImageError
 from scratchfs.volume.libcryptsetup import CryptDevice, SegmentInfo, open_loaded
@@ -182,7 +183,7 @@ def test_served_file_fuzzed_against_a_plaintext_model(vols: Volumes, sector_size
         userspace.stop_server(server.fuse_dir, server.pid, server.start_time)
         assert server.process is not None
         server.process.wait(timeout=10)
-        master_key[:] = bytes(len(master_key))
+        wipe(master_key)
     log = (work / "server.log").read_text()
     assert "Traceback" not in log and " ERROR " not in log
     os.rename(work, vols.root / "fuzz-done")  # keep the log, leave the run dir clean

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from scratchfs.keyholder import mountinfo, procs
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api
 from scratchfs.volume import state as statemod
 from scratchfs.volume.errors import BadImageError, VolumeError, WrongKeyError
@@ -36,7 +37,7 @@ def master_key_of(image: Path, key: bytes) -> bytes | None:
     except (WrongKeyError, VolumeError):
         return None
     out = bytes(master_key)
-    master_key[:] = bytes(len(master_key))
+    wipe(master_key)
     return out
 
 
@@ -345,4 +346,4 @@ def test_hostile_kdf_parameters_are_refused_before_any_derivation(vols: Volumes)
 def master_key_of_strict(image: Path, key: bytes) -> None:
     with open_loaded(image) as dev:
         _slot, master_key = dev.master_key(key)
-        master_key[:] = bytes(len(master_key))
+        wipe(master_key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api
 from scratchfs.volume.libcryptsetup import open_loaded
 from scratchfs.volume.server import SegmentFile
@@ -44,7 +45,7 @@ def test_scratchfs_inside_a_volume_leaves_no_plaintext_in_the_image(vols: Volume
         plain = SegmentFile(fd, codec, seg.data_offset, size).read(0, size)
     finally:
         os.close(fd)
-        master_key[:] = bytes(len(master_key))
+        wipe(master_key)
     assert direct in plain
     assert marker not in plain
     assert api.dump_volume(image)["keyslots"]

@@ -1,12 +1,13 @@
 """Sealing secrets to an appliance: HPKE (RFC 9180) with a hybrid post-quantum KEM, versioned.
 
-Used for credentials (sealed by the customer with `scanner-seal`) and for the volume key
-(sealed by the platform inside TLS, so it is encrypted twice on the wire). Pure module.
+Used for credentials (sealed by the customer with `scanner-seal`) and for the keyslot
+passphrase (the wire's "volume key"; sealed by the platform inside TLS, so it is encrypted
+twice on the wire). Pure module.
 
 Format, version 2 (current; all lengths in bytes)::
 
     magic "SCSL" (4) | version 0x02 (1) | header length (2, big-endian) | header (public,
-    e.g. a credential's scope as canonical JSON; empty for the volume key) |
+    e.g. a credential's scope as canonical JSON; empty for the keyslot passphrase) |
     HPKE enc (1120) | HPKE ciphertext with its 16-byte tag (len(plaintext) + 16)
 
 HPKE suite: KEM MLKEM768-X25519 (ML-KEM-768 + X25519 hybrid: safe while either holds, so a

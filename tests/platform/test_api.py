@@ -179,13 +179,13 @@ async def test_job_outside_the_public_scope_is_refused(platform: Platform) -> No
 
 async def test_v1_appliance_moves_to_the_hybrid_key_over_mtls(platform: Platform) -> None:
     a = await platform.activate("oldapp")  # an appliance from before sealing v2
-    v1 = await a.client.volume_key()
+    v1 = await a.client.keyslot_passphrase()
     assert sealing.check_format(v1) == 1
     vk = sealing.open_sealed(a.x25519_private, v1, api.SEAL_CONTEXT_VOLUME_KEY)
     hpriv, hpub = sealing.generate_hybrid_keypair()
     await a.client.upload_seal_key(hpub)
     await a.client.upload_seal_key(hpub)  # idempotent: a crashed upgrade may resend
-    v2 = await a.client.volume_key()
+    v2 = await a.client.keyslot_passphrase()
     assert sealing.check_format(v2) == 2
     assert sealing.open_any(a.x25519_private, hpriv, v2, api.SEAL_CONTEXT_VOLUME_KEY) == vk
     with pytest.raises(sealing.SealError, match="seal-key upgrade"):

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from protocol import api, client
-from tests.platform.conftest import HOSTNAME, Platform, init_state
+from tests.platform.conftest import HOSTNAME, Platform, init_state, tls_client
 from tests.platform.test_security import appliance_ctx, raw_exchange
 from tools.platform import state
 from tools.platform.handlers import AppConfig
@@ -86,7 +86,7 @@ async def test_slowloris_does_not_starve_time_or_polls(sqlite_paths: state.State
     a legitimate GET /v1/time and an appliance poll each answer within 1 s."""
     async with serving(sqlite_paths, ServerLimits()) as platform:
         appliance = await platform.activate("victim")
-        anon_ctx = client.client_context(platform.ca_pem)
+        anon_ctx = tls_client(platform.ca_pem)
         attackers: list[trio.SSLStream[trio.SocketStream]] = []
         per_ip = ServerLimits().max_per_source // 2
         with trio.fail_after(120):
@@ -152,7 +152,7 @@ async def test_global_connection_cap_stops_accepting(sqlite_paths: state.StatePa
         with trio.fail_after(30):
             while sum(platform.server.source_counts().values()) < 3:
                 await trio.sleep(0.01)
-        ctx = client.client_context(platform.ca_pem)
+        ctx = tls_client(platform.ca_pem)
         fourth = trio.SSLStream(await open_from("127.0.7.4", platform.port), ctx, server_hostname=HOSTNAME)
         done = trio.Event()
 
@@ -178,7 +178,7 @@ async def test_anonymous_budget_never_starves_appliances(sqlite_paths: state.Sta
     limits = ServerLimits(max_anonymous=2, max_anonymous_bodies=1)
     async with serving(sqlite_paths, limits) as platform:
         a = await platform.activate("steady")
-        anon_ctx = client.client_context(platform.ca_pem)
+        anon_ctx = tls_client(platform.ca_pem)
         # One slow activation holds the only body slot; a second gets 503 busy.
         slow = await tls_from("127.0.4.1", platform.port, anon_ctx)
         await slow.send_all(activation_head(1000) + b"{")
@@ -193,7 +193,7 @@ async def test_anonymous_budget_never_starves_appliances(sqlite_paths: state.Sta
         third = await tls_from("127.0.4.3", platform.port, anon_ctx)
         assert await closed_by_server(third)
         # ... while the appliance is served as usual.
-        assert len(await a.client.volume_key()) > 32
+        assert len(await a.client.keyslot_passphrase()) > 32
         assert await a.client.next_job(wait=0) is None
         for s in (slow, idle, third):
             await trio.aclose_forcefully(s)
@@ -203,7 +203,7 @@ async def test_whole_request_deadlines(sqlite_paths: state.StatePaths) -> None:
     # The idle timeout (10 s) never fires for a byte every 0.2 s: only the deadlines do.
     limits = ServerLimits(header_timeout=1.0, idle_timeout=10.0, body_timeout=1.0, min_body_rate=1e9)
     async with serving(sqlite_paths, limits) as platform:
-        anon_ctx = client.client_context(platform.ca_pem)
+        anon_ctx = tls_client(platform.ca_pem)
 
         async def trickle(stream: trio.SSLStream[trio.SocketStream], data: bytes) -> None:
             for i in range(len(data)):
@@ -287,7 +287,7 @@ async def test_long_polls_wait_without_pinning_threads_and_wake_on_jobs(platform
 
 async def test_json_depth_and_ranges_give_4xx_not_500(platform: Platform) -> None:
     a = await platform.activate("ranges")
-    anon = client.client_context(platform.ca_pem)
+    anon = tls_client(platform.ca_pem)
     mtls = appliance_ctx(platform, a)
     host = f"host: {HOSTNAME}\r\n".encode()
     for body in (b"[" * 50_000, b'{"a":' * 40 + b"1" + b"}" * 40, b'{"code": [[[[' + b"[" * 40 + b"]" * 44 + b"}"):
@@ -327,7 +327,7 @@ async def test_unexpected_error_is_a_generic_500_with_an_incident_id(
 
     monkeypatch.setitem(app._routes[api.PATH_TIME], "GET", broken)
     st, doc = await raw_exchange(
-        platform, client.client_context(platform.ca_pem), f"GET /v1/time HTTP/1.1\r\nhost: {HOSTNAME}\r\n\r\n".encode()
+        platform, tls_client(platform.ca_pem), f"GET /v1/time HTTP/1.1\r\nhost: {HOSTNAME}\r\n\r\n".encode()
     )
     assert (st, doc["reason"]) == (500, api.REASON_INTERNAL)
     incident = doc[api.F_INCIDENT]
@@ -348,7 +348,7 @@ async def test_mtls_connection_is_kept_alive_anonymous_is_not(platform: Platform
                 buf += await s.receive_some(4096)
         assert buf.startswith(b"HTTP/1.1 200") and b"connection: close" not in buf.lower()
     await trio.aclose_forcefully(s)
-    anon = await tls_from("127.0.6.1", platform.port, client.client_context(platform.ca_pem))
+    anon = await tls_from("127.0.6.1", platform.port, tls_client(platform.ca_pem))
     await anon.send_all(b"GET /v1/time HTTP/1.1\r\n" + host + b"\r\n")
     assert await closed_by_server(anon)
     # The real client reuses its connection: one TLS session for many calls.

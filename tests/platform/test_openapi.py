@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
 from protocol import api, client, sealing
-from tests.platform.conftest import HOSTNAME, PLATFORM, run_cli
+from tests.platform.conftest import HOSTNAME, PLATFORM, run_cli, tls_client
+from tools.platform import openapi
 
 SPEC = Path(__file__).resolve().parents[2] / "protocol" / "openapi.json"
 SCHEMA = schemathesis.openapi.from_path(SPEC)
@@ -30,16 +31,10 @@ EXAMPLES = 25
 
 def test_description_matches_the_wire_contract() -> None:
     doc = json.loads(SPEC.read_text())
+    assert doc == openapi.build(), "regenerate: python -m tools.platform.openapi > protocol/openapi.json"
     assert doc["openapi"].startswith("3.1")
-    expected = {
-        api.PATH_TIME,
-        api.PATH_ACTIVATE,
-        api.PATH_VOLUME_KEY,
-        api.PATH_CONFIG,
-        api.PATH_NEXT_JOB,
-        api.result_path("{id}"),
-        api.progress_path("{id}"),
-    }
+    paths = {getattr(api, n) for n in dir(api) if n.startswith("PATH_") and n != "PATH_JOB_PREFIX"}
+    expected = paths | {api.result_path("{id}"), api.progress_path("{id}")}
     assert set(doc["paths"]) == expected
     reasons = {getattr(api, n) for n in dir(api) if n.startswith("REASON_")}
     assert set(doc["components"]["schemas"]["Error"]["properties"]["reason"]["enum"]) == reasons
@@ -68,7 +63,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, reques
         ca_pem = (root / "ca.pem").read_bytes()
 
         async def activate() -> Any:
-            return await client.PlatformClient(url, client.client_context(ca_pem)).activate(code, csr, xpub)
+            return await client.PlatformClient(url, tls_client(ca_pem)).activate(code, csr, xpub)
 
         res = trio.run(activate)
         assert run_cli("job", "add", "fuzz", "--targets", "127.0.0.1", "--ports", "22", state_dir=root).returncode == 0

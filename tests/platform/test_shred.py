@@ -47,7 +47,7 @@ def test_open_reader_makes_deactivation_fail_until_proof(tmp_path: Path) -> None
     try:
         proc = run_cli("appliance", "deactivate", "victim", state_dir=paths.root)
         err = proc.stderr.decode().strip()
-        assert proc.returncode == 6, err
+        assert proc.returncode == 7, err
         assert len(err.splitlines()) == 1 and "deactivate victim' again" in err
         # The failure was real: the key is still on disk while the reader holds the WAL.
         assert db_files_holding(paths.root, wrapped)

@@ -37,6 +37,7 @@ import json
 import os
 import random
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from agent.timesync import Clock
+from agent.tls import client_context
 from protocol import api, client, sealing
 from tools.platform import ca, db, state
 from tools.platform.pgtemp import PostgresError, temp_postgres
@@ -57,6 +60,28 @@ T = TypeVar("T")
 HOSTNAME = "localhost"
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_START = 0, 1, 2, 3
 PLATFORM = [sys.executable, "-m", "tools.platform"]
+
+
+def tls(ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None) -> ssl.SSLContext:
+    """The agent's TLS client policy (agent.tls), the certificate and key from memory.
+
+    ssl loads certificates only from paths: an anonymous memfd keeps the simulated
+    appliances' keys off the disk.
+    """
+    if cert_pem is None or key_pem is None:
+        return client_context(ca_pem, Clock())
+    fds: list[int] = []
+    try:
+        paths = []
+        for name, data in (("cert", cert_pem), ("key", key_pem)):
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            fds.append(fd)
+            os.write(fd, data)
+            paths.append(Path(f"/proc/self/fd/{fd}"))
+        return client_context(ca_pem, Clock(), paths[0], paths[1])
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def appliance_address(i: int) -> str:
@@ -205,7 +230,7 @@ class Run:
         async def one(a: SimAppliance) -> None:
             async with limiter:
                 anon = client.PlatformClient(
-                    self.url(a.index), client.client_context(self.ca_pem), local_address=appliance_address(a.index)
+                    self.url(a.index), tls(self.ca_pem), local_address=appliance_address(a.index)
                 )
                 for attempt in range(50):
                     try:
@@ -215,7 +240,7 @@ class Run:
                         if e.reason not in (api.REASON_BUSY, "unavailable") or attempt == 49:
                             raise
                         await trio.sleep(0.05 * (attempt + 1))
-                ctx = client.client_context(self.ca_pem, res.certificate_pem, a.key_pem)
+                ctx = tls(self.ca_pem, res.certificate_pem, a.key_pem)
                 a.clients = [
                     client.PlatformClient(
                         self.url(a.index + w), ctx, timeout=60, local_address=appliance_address(a.index)
@@ -235,7 +260,7 @@ class Run:
             nonlocal ok
             c = a.clients[0]
             await self.stats.timed("time", c.time)
-            sealed = await self.stats.timed("volume-key", c.volume_key)
+            sealed = await self.stats.timed("volume-key", c.keyslot_passphrase)
             key = sealing.open_sealed(a.x_private, sealed, api.SEAL_CONTEXT_VOLUME_KEY)
             if len(key) == 32:
                 ok += 1
@@ -298,7 +323,7 @@ class Run:
                 continue
 
     async def slowloris(self, count: int, stop: trio.Event) -> None:
-        ctx = client.client_context(self.ca_pem)
+        ctx = tls(self.ca_pem)
         head = (
             f"POST {api.PATH_ACTIVATE} HTTP/1.1\r\nhost: {HOSTNAME}\r\ncontent-type: application/json\r\n"
             "content-length: 65536\r\n\r\n"
@@ -333,7 +358,7 @@ class Run:
                 await trio.sleep(20)
 
         async def probe() -> None:
-            anon_ctx = client.client_context(self.ca_pem)
+            anon_ctx = tls(self.ca_pem)
             fleet_client = self._probe_client
             while not stop.is_set():
                 legit = client.PlatformClient(self.url(0), anon_ctx, timeout=10)

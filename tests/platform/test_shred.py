@@ -97,3 +97,32 @@ def test_postgresql_heap_no_longer_holds_the_key(tmp_path: Path, pg_cluster: Tem
         assert heap is not None and wrapped[1:13] not in bytes(heap[0])
     finally:
         storage.close()
+
+
+def test_postgresql_without_file_access_fails_non_zero(tmp_path: Path, pg_cluster: TempPostgres) -> None:
+    # A platform role that owns its tables but may not read server files: the heap check is
+    # impossible, so deactivation must not claim destruction (exit 7), yet it is committed.
+    import psycopg
+
+    admin_url = pg_cluster.create_database()
+    dbname = admin_url.split("/")[-1].split("?")[0]
+    role = f"limited_{dbname}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        conn.execute(f'GRANT ALL ON SCHEMA public TO "{role}"')
+    url = admin_url.replace(f"//{pg_cluster.user}@", f"//{role}@")
+    paths = init_state(tmp_path / "st", database_url=url)
+    storage = state.open_storage(paths)
+    try:
+        activated(storage, paths.kek.read_bytes(), "victim")
+    finally:
+        storage.close()
+    proc = run_cli("appliance", "deactivate", "victim", state_dir=paths.root)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 7, err
+    assert len(err.splitlines()) == 1 and "pg_read_server_files" in err
+    storage = state.open_storage(paths)
+    try:
+        assert storage.appliance("victim").state == db.STATE_DEACTIVATED
+    finally:
+        storage.close()

@@ -78,9 +78,9 @@ class Platform:
         xpriv, xpub = sealing.generate_keypair()
         res = await self.anon_client().activate(code, csr, xpub)
         ctx = client.client_context(self.ca_pem, res.certificate_pem, key_pem)
-        return Appliance(
-            name, key_pem, res.certificate_pem, xpriv, xpub, client.PlatformClient(self.url, ctx, timeout=20.0)
-        )
+        c = client.PlatformClient(self.url, ctx, timeout=20.0)
+        await c.open_session(1, "file")  # its first boot: keys and jobs need a session
+        return Appliance(name, key_pem, res.certificate_pem, xpriv, xpub, c)
 
 
 def init_state(root: Path, hostname: str = HOSTNAME) -> state.StatePaths:

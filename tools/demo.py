@@ -243,11 +243,18 @@ def agent_cmd(*args: str) -> list[str]:
     return [PY, "-m", "agent.cli", *args]
 
 
-def activate(platform: Platform, name: str, state_dir: Path) -> None:
-    """Add appliance *name* and activate an agent state dir for it."""
+def activate(platform: Platform, name: str, state_dir: Path, tcti: str | None = None,
+             *extra: str) -> None:
+    """Add appliance *name* and activate an agent state dir for it.
+
+    With *tcti* the keys go into that TPM; without, into the file keystore (asked for
+    explicitly, as the agent requires).
+    """
     code = platform.cli("appliance", "add", name).stdout.decode().strip()
+    keystore = ["--tcti", tcti] if tcti else ["--keystore", "file"]
     run(agent_cmd("activate", str(state_dir), "--platform", platform.url,
-                  "--ca", str(platform.ca), "--code", "-"), input_=code.encode() + b"\n")
+                  "--ca", str(platform.ca), "--code", "-", *keystore, *extra),
+        input_=code.encode() + b"\n")
 
 
 def seal_credential(platform: Platform, appliance: str, secret: bytes, workdir: Path,

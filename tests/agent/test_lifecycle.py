@@ -165,8 +165,11 @@ class SocketSampler:
 
 def appliance_client(state_dir: Path) -> tuple[statemod.AgentState, PlatformClient]:
     st = statemod.load_state(state_dir)
-    ctx = client_context(st.ca_pem, Clock(), st.cert_path, st.key_path)
-    return st, PlatformClient(st.endpoint.url, ctx)
+    ctx = client_context(st.ca_pem, Clock(), st.cert_pem, st.tls_key_pem())
+    client = PlatformClient(st.endpoint.url, ctx)
+    # A boot of its own, as the agent would do: keys and jobs need the latest session.
+    trio.run(client.open_session, st.keystore.next_boot(), st.keystore.kind)
+    return st, client
 
 
 def backing_of_closed_volume(state_dir: Path, where: Path) -> list[str]:

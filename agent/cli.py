@@ -39,6 +39,7 @@ from agent.errors import (
     StateError,
 )
 from agent.jobs import JobSettings
+from agent.keystore.tpm import TpmKeystore, parse_pcrs
 from agent.lifecycle import Agent, RunSettings, harden_process, platform_error
 from agent.scan.model import ScanOptions
 from agent.tls import client_context
@@ -130,8 +131,6 @@ def setup_logging(debug: bool, clock: timesync.Clock) -> None:
 def choose_keystore(state_dir: Path, kind: str | None, tcti: str | None,
                     pcrs_text: str | None) -> ksmod.Keystore:
     """The keystore for a new activation: the TPM unless ``file`` is asked for explicitly."""
-    from agent.keystore.tpm import parse_pcrs
-
     pcrs = parse_pcrs(pcrs_text) if pcrs_text else ()
     if kind is None:
         kind = ksmod.KIND_TPM
@@ -259,7 +258,10 @@ async def migrate(state: statemod.AgentState, new: ksmod.Keystore, staging: Path
             state.endpoint.url,
             client_context(state.ca_pem, clock, state.cert_pem, state.tls_key_pem()),
         )
-        await client.open_session(state.keystore.next_boot(), state.keystore.kind)
+        boots = state.keystore.next_boot()
+        await client.open_session(boots, state.keystore.kind)
+        if isinstance(new, TpmKeystore):
+            new.counter_base = boots  # the TPM's counter continues where the file's stopped
         pem, csr_pem = new_client_key_and_csr("scanner-appliance")
         key_pem = bytearray(pem)
         del pem
@@ -303,8 +305,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if staging.exists():
             shutil.rmtree(staging)
         tcti = args.tcti or ksmod.default_tcti()
-        from agent.keystore.tpm import parse_pcrs
-
         pcrs = parse_pcrs(args.tpm_pcrs) if args.tpm_pcrs else ()
         new = ksmod.create_keystore(staging, ksmod.KIND_TPM, tcti, pcrs)
         try:

@@ -141,11 +141,15 @@ class TpmKeystore(Keystore):
         esapi: ESAPI,
         sealed: tuple[bytes, bytes] | None = None,
         kek: bytearray | None = None,
+        counter_base: int = 0,
     ) -> None:
         super().__init__(root)
         self.tcti = tcti
         self.pcrs = pcrs
         self.nv_index = nv_index
+        # Added to the NV counter: an appliance migrated from the file keystore has already
+        # told the platform about boots up to this number, and counters must only grow.
+        self.counter_base = counter_base
         self._esapi = esapi
         self._sealed = sealed  # (public, private) marshalled, only between create and persist
         self._kek = kek
@@ -250,18 +254,26 @@ class TpmKeystore(Keystore):
     def open(cls, root: Path, config: dict[str, Any], tcti_override: str | None) -> TpmKeystore:
         """Connect to the TPM named at activation (or *tcti_override*); nothing unsealed yet."""
         tcti, pcrs, nv_index = config.get("tcti"), config.get("pcrs", []), config.get("nv_index")
+        base = config.get("counter_base", 0)
         if (
-            not isinstance(tcti, str)
+            not isinstance(base, int)
+            or not isinstance(tcti, str)
             or not isinstance(pcrs, list)
             or not all(isinstance(p, int) for p in pcrs)
             or not isinstance(nv_index, int)
         ):
             raise StateError("state.json has a malformed tpm keystore entry", _REACTIVATE)
         use = tcti_override or tcti
-        return cls(root, use, tuple(pcrs), nv_index, _connect(use))
+        return cls(root, use, tuple(pcrs), nv_index, _connect(use), counter_base=base)
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "tcti": self.tcti, "pcrs": list(self.pcrs), "nv_index": self.nv_index}
+        return {
+            "kind": self.kind,
+            "tcti": self.tcti,
+            "pcrs": list(self.pcrs),
+            "nv_index": self.nv_index,
+            "counter_base": self.counter_base,
+        }
 
     def files(self, names: tuple[str, ...]) -> list[str]:
         return [check_name(n) + SUFFIX for n in names] + [KEK_PUB, KEK_PRIV]
@@ -359,7 +371,7 @@ class TpmKeystore(Keystore):
             raise _tpm_error(
                 f"the TPM's boot counter (NV {self.nv_index:#x}) is unusable", e, _REACTIVATE
             ) from None
-        return int.from_bytes(bytes(value), "big")
+        return self.counter_base + int.from_bytes(bytes(value), "big")
 
     def close(self) -> None:
         if self._kek is not None:

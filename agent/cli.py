@@ -42,6 +42,7 @@ from agent.jobs import JobSettings
 from agent.keystore.tpm import TpmKeystore, parse_pcrs
 from agent.lifecycle import Agent, RunSettings, harden_process, platform_error
 from agent.scan.model import ScanOptions
+from agent.scratch import mount_entry
 from agent.tls import client_context
 from protocol import api
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
@@ -296,10 +297,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 f"appliance {state.appliance} already uses the {state.keystore.kind} keystore",
                 "nothing to migrate",
             )
-        if (state.run_dir / "scratchfs.pid").exists():
+        if mount_entry(state.run_dir / "volume") is not None:
+            # A running agent would keep using the old certificate and an older session.
             raise StateError(
-                f"an agent may be running on {root} ({state.run_dir / 'scratchfs.pid'} exists)",
-                "stop the agent first",
+                f"the volume of {root} is mounted (the agent is running, or a crashed run was "
+                "not recovered yet)",
+                "stop the agent (or run it once to recover) and retry",
             )
         staging = root / ".migrate"
         if staging.exists():

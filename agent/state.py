@@ -288,6 +288,7 @@ def _load_with(root: Path, raw: bytes, doc: dict[str, Any], keystore: Keystore) 
     contents[STATE_JSON] = raw
     tls_key_pem = keystore.load(KEY_PEM)
     seal_private = keystore.load(SEAL_KEY)
+    keystore.lock()  # the wrapping key is not kept for the run: only what was unwrapped
     try:
         if len(seal_private) != 32:
             raise TamperedError(f"{SEAL_KEY} is not a 32-byte X25519 key")

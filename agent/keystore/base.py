@@ -90,6 +90,9 @@ class Keystore(abc.ABC):
     def next_boot(self) -> int:
         """Advance the monotonic boot counter and return its new value (>= 1)."""
 
+    def lock(self) -> None:  # noqa: B027 - a backend without a wrapping key has nothing to drop
+        """Forget any wrapping key held in memory; a later load() unwraps it again."""
+
     def discard(self) -> None:  # noqa: B027 - most backends own nothing outside the state dir
         """Undo create() after a failed activation (e.g. free a TPM NV index)."""
 

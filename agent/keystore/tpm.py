@@ -373,10 +373,13 @@ class TpmKeystore(Keystore):
             ) from None
         return self.counter_base + int.from_bytes(bytes(value), "big")
 
-    def close(self) -> None:
+    def lock(self) -> None:
         if self._kek is not None:
             wipe(self._kek)
             self._kek = None
+
+    def close(self) -> None:
+        self.lock()
         try:
             self._esapi.close()
         except TSS2_Exception:

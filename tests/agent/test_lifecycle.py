@@ -166,15 +166,18 @@ class SocketSampler:
 def appliance_client(state_dir: Path) -> tuple[statemod.AgentState, PlatformClient]:
     st = statemod.load_state(state_dir)
     ctx = client_context(st.ca_pem, Clock(), st.cert_pem, st.tls_key_pem())
-    client = PlatformClient(st.endpoint.url, ctx)
-    # A boot of its own, as the agent would do: keys and jobs need the latest session.
-    trio.run(client.open_session, st.keystore.next_boot(), st.keystore.kind)
-    return st, client
+    return st, PlatformClient(st.endpoint.url, ctx)
+
+
+async def open_boot(st: statemod.AgentState, client: PlatformClient) -> None:
+    """A boot of its own, as the agent's: keys and jobs need the latest session."""
+    await client.open_session(st.keystore.next_boot(), st.keystore.kind)
 
 
 def backing_of_closed_volume(state_dir: Path, where: Path) -> list[str]:
     """Open the agent's volume with its own key (as the agent would) and list the backing."""
     st, client = appliance_client(state_dir)
+    trio.run(open_boot, st, client)
     sealed = trio.run(client.volume_key)
     key = open_sealed(st.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
     where.mkdir(exist_ok=True)
@@ -346,6 +349,7 @@ async def test_upload_retried_until_acknowledged_and_kept_until_then(
 ) -> None:
     job_id = add_job(platform, str(closed_port()))
     st, client = appliance_client(activated)
+    await open_boot(st, client)
     job = await client.next_job(5)
     assert job is not None and job.id == job_id
     scratch = tmp_path / "scratch"

@@ -44,9 +44,9 @@ from agent.lifecycle import Agent, RunSettings, harden_process, platform_error
 from agent.scan.model import ScanOptions
 from agent.scratch import mount_entry
 from agent.tls import client_context
-from protocol import api
+from protocol import api, sealing
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
-from protocol.sealing import generate_keypair, wipe
+from protocol.sealing import generate_hybrid_keypair, generate_keypair, wipe
 
 PROG = "scanner-agent"
 LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TPM to use, tpm2-tools syntax (default device:/dev/tpmrm0)")
     a.add_argument("--tpm-pcrs", metavar="PCRS",
                    help="seal the keys to these SHA-256 PCRs' current values, e.g. 7 or 0,2,7")
+
+    k = sub.add_parser("seal-key", help="manage the sealing key")
+    ksub = k.add_subparsers(dest="seal_command", required=True, parser_class=_Parser)
+    u = ksub.add_parser(
+        "upgrade",
+        help="add a hybrid (ML-KEM-768 + X25519) sealing key and tell the platform (sealing v2)",
+    )
+    u.add_argument("state_dir", type=Path, metavar="STATE_DIR")
 
     r = sub.add_parser("run", help="boot, unlock, run jobs, shut down")
     r.add_argument("state_dir", type=Path, metavar="STATE_DIR")
@@ -168,7 +176,10 @@ async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str,
         private, seal_public = generate_keypair()
         seal_private = bytearray(private)
         del private
-        result = await anon.activate(code, csr_pem, seal_public)
+        hybrid, hybrid_public = generate_hybrid_keypair()
+        hybrid_private = bytearray(hybrid)
+        del hybrid
+        result = await anon.activate(code, csr_pem, seal_public, hybrid_public)
     except PlatformError as e:
         if e.reason in (api.REASON_INVALID_CODE, api.REASON_CODE_EXPIRED):
             raise ActivationError(
@@ -178,11 +189,12 @@ async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str,
     try:
         statemod.write_state(
             state_dir, endpoint, result.appliance, ca_pem, result.certificate_pem, key_pem,
-            seal_private, clock.now(), keystore,
+            seal_private, clock.now(), keystore, hybrid_private,
         )
     finally:
         wipe(key_pem)
         wipe(seal_private)
+        wipe(hybrid_private)
     statemod.load_state(state_dir).forget()  # prove the state we wrote verifies
     return result.appliance
 
@@ -219,6 +231,48 @@ def cmd_activate(args: argparse.Namespace) -> int:
         raise
     keystore.close()
     print(f"activated appliance {name} with the {keystore.kind} keystore; state in {args.state_dir}")
+    return EXIT_OK
+
+
+async def upgrade_seal_key(state_dir: Path) -> str:
+    """Give an appliance activated before sealing v2 its hybrid key; return what was done.
+
+    Order matters for crash safety: the key is stored locally first, then sent; re-running
+    after a crash resends the same public key (the platform accepts it again).
+    """
+    st = statemod.load_state(state_dir)
+    try:
+        hybrid = statemod.load_hybrid_key(st.keystore)
+        created = hybrid is None
+        if hybrid is None:
+            fresh, _ = generate_hybrid_keypair()
+            hybrid = bytearray(fresh)
+            del fresh
+            statemod.store_hybrid_key(st.keystore, hybrid)  # TPM-wrapped with the tpm keystore
+        try:
+            public = sealing.hybrid_public_from_private(hybrid)
+        finally:
+            wipe(hybrid)
+        clock = timesync.Clock()
+        client = PlatformClient(
+            st.endpoint.url, client_context(st.ca_pem, clock, st.cert_pem, st.tls_key_pem())
+        )
+    finally:
+        st.forget()
+    try:
+        await timesync.sync(client.time, clock)
+        await client.upload_seal_key(public)
+    except PlatformError as e:
+        raise platform_error(e, "sending the hybrid sealing key") from None
+    return "created and registered" if created else "already present; registered again"
+
+
+def cmd_seal_key(args: argparse.Namespace) -> int:
+    """``scanner-agent seal-key upgrade``."""
+    harden_process()  # the keys are unwrapped into memory
+    ksmod.quiet_tss_logging()
+    outcome = trio.run(upgrade_seal_key, args.state_dir.absolute())
+    print(f"hybrid sealing key {outcome}; restart the agent so that it loads the key")
     return EXIT_OK
 
 
@@ -356,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_activate(args)
         if args.command == "migrate-keystore":
             return cmd_migrate(args)
+        if args.command == "seal-key":
+            return cmd_seal_key(args)
         return cmd_run(args)
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -8,8 +8,11 @@ Layout (version 2; version 1 is the same with a file keystore and no ``keystore`
       ca.pem                 the platform's root CA (the only trust anchor)
       client-cert.pem        this appliance's TLS client certificate (issued by that CA)
       <secrets>              held by the keystore (agent.keystore), by name:
-                               client-key.pem  the P-256 TLS private key (PKCS#8 PEM)
-                               seal-key.bin    the raw 32-byte X25519 sealing private key
+                               client-key.pem       the P-256 TLS private key (PKCS#8 PEM)
+                               seal-key.bin         the raw 32-byte X25519 key (v1 sealed blobs)
+                               seal-key-hybrid.bin  the 96-byte ML-KEM-768 seed + X25519 key
+                                                    (v2 HPKE blobs); at activation, or later by
+                                                    `scanner-agent seal-key upgrade`
                              tpm keystore: NAME.tpm envelopes + tpm-kek.pub/.priv (TPM-sealed)
                              file keystore: NAME in clear, plus boot-counter
       binding.mac            hex HMAC-SHA256 over the files above (the commit marker)
@@ -17,12 +20,15 @@ Layout (version 2; version 1 is the same with a file keystore and no ``keystore`
       run/                   mount points, pid files, logs of the children (0700)
 
 Binding: ``binding.mac`` is HMAC-SHA256 under a key derived (HKDF-SHA256) from both private
-keys, over the length-prefixed names and contents of state.json, ca.pem and
-client-cert.pem. Only the holder of the appliance's private keys can produce it, so an
-edited platform URL, a swapped CA or a changed keystore entry (e.g. ``tpm`` turned into
-``file``) is refused at start. On top of that, the client certificate must be issued by the
-pinned CA and carry the public key of the TLS key. Nothing reads the platform URL or CA
-from flags, environment variables or other files.
+keys (TLS and X25519), over the length-prefixed names and contents of state.json, ca.pem and
+client-cert.pem. The hybrid key is not part of the binding so that an existing appliance can
+add it without rewriting the commit marker; swapping it can only make blobs fail to open,
+since the platform learns the hybrid public key over mutual TLS, never from this file.
+Only the holder of the appliance's private keys can produce the binding, so an edited
+platform URL, a swapped CA or a changed keystore entry (e.g. ``tpm`` turned into ``file``)
+is refused at start. On top of that, the client certificate must be issued by the pinned
+CA and carry the public key of the TLS key. Nothing reads the platform URL or CA from
+flags, environment variables or other files.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from agent.errors import StateError, TamperedError
 from agent.keystore import Keystore, open_keystore
 from agent.keystore.base import write_new
+from protocol import sealing
 from protocol.sealing import wipe
 
 STATE_VERSION: Final = 2
@@ -53,6 +60,7 @@ CA_PEM: Final = "ca.pem"
 CERT_PEM: Final = "client-cert.pem"
 KEY_PEM: Final = "client-key.pem"
 SEAL_KEY: Final = "seal-key.bin"
+SEAL_KEY_HYBRID: Final = "seal-key-hybrid.bin"
 BINDING: Final = "binding.mac"
 VOLUME_IMAGE: Final = "volume.img"
 RUN_DIR: Final = "run"
@@ -99,6 +107,7 @@ class AgentState:
         keystore: Keystore,
         tls_key_pem: bytearray,
         seal_private: bytearray,
+        hybrid_private: bytearray | None = None,
     ) -> None:
         self.root = root
         self.endpoint = endpoint
@@ -108,6 +117,7 @@ class AgentState:
         self.keystore = keystore
         self._tls_key_pem = tls_key_pem
         self._seal_private = seal_private
+        self._hybrid_private = hybrid_private
 
     def __repr__(self) -> str:
         return (
@@ -141,10 +151,24 @@ class AgentState:
         """Overwrite the in-memory TLS key once OpenSSL holds its own copy."""
         wipe(self._tls_key_pem)
 
+    @property
+    def has_hybrid_key(self) -> bool:
+        """Whether this appliance holds a hybrid (sealing v2) key."""
+        return self._hybrid_private is not None
+
+    def open_sealed(self, sealed: bytes, context: bytes) -> bytearray:
+        """Open a v1 or v2 blob with whichever key it needs; the caller wipes the result.
+
+        Raise sealing.SealError (one line, says what to do) when it does not open.
+        """
+        return sealing.open_any(self.seal_private(), self._hybrid_private, sealed, context)
+
     def forget(self) -> None:
         """Overwrite the in-memory keys and let the keystore forget its wrapping key."""
         wipe(self._seal_private)
         wipe(self._tls_key_pem)
+        if self._hybrid_private is not None:
+            wipe(self._hybrid_private)
         self.keystore.close()
 
 
@@ -180,6 +204,7 @@ def write_state(
     seal_private: bytes | bytearray,
     activated_at: float,
     keystore: Keystore,
+    hybrid_private: bytes | bytearray | None = None,
 ) -> None:
     """Create the state directory (must be absent or empty) and bind it; binding.mac last.
 
@@ -209,6 +234,8 @@ def write_state(
     keystore.persist()
     keystore.store(KEY_PEM, tls_key_pem)
     keystore.store(SEAL_KEY, seal_private)
+    if hybrid_private is not None:
+        keystore.store(SEAL_KEY_HYBRID, hybrid_private)
     mac = _binding_mac(_binding_key(tls_key_pem, seal_private), contents)
     write_new(root / BINDING, (mac + "\n").encode())
     dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -288,7 +315,6 @@ def _load_with(root: Path, raw: bytes, doc: dict[str, Any], keystore: Keystore) 
     contents[STATE_JSON] = raw
     tls_key_pem = keystore.load(KEY_PEM)
     seal_private = keystore.load(SEAL_KEY)
-    keystore.lock()  # the wrapping key is not kept for the run: only what was unwrapped
     try:
         if len(seal_private) != 32:
             raise TamperedError(f"{SEAL_KEY} is not a 32-byte X25519 key")
@@ -308,13 +334,41 @@ def _load_with(root: Path, raw: bytes, doc: dict[str, Any], keystore: Keystore) 
         except (ValueError, KeyError, TypeError) as e:
             raise TamperedError(f"{STATE_JSON} is malformed ({e})") from None
         _check_certificate(contents[CA_PEM], contents[CERT_PEM], tls_key_pem)
+        hybrid = load_hybrid_key(keystore)
     except BaseException:
         wipe(tls_key_pem)
         wipe(seal_private)
         raise
+    keystore.lock()  # the wrapping key is not kept for the run: only what was unwrapped
     return AgentState(
-        root, endpoint, appliance, contents[CA_PEM], contents[CERT_PEM], keystore, tls_key_pem, seal_private
+        root, endpoint, appliance, contents[CA_PEM], contents[CERT_PEM], keystore, tls_key_pem,
+        seal_private, hybrid,
     )
+
+
+def load_hybrid_key(keystore: Keystore) -> bytearray | None:
+    """The hybrid sealing private key, or None for an appliance not upgraded yet."""
+    if not keystore.exists(SEAL_KEY_HYBRID):
+        return None
+    for name in keystore.files((SEAL_KEY_HYBRID,)):
+        _check_mode(keystore.root / name, 0o600, is_dir=False)
+    key = keystore.load(SEAL_KEY_HYBRID)
+    if len(key) != sealing.HYBRID_PRIVATE_LEN:
+        wipe(key)
+        raise TamperedError(
+            f"{SEAL_KEY_HYBRID} is not a {sealing.HYBRID_PRIVATE_LEN}-byte hybrid key"
+        )
+    return key
+
+
+def store_hybrid_key(keystore: Keystore, private: bytes | bytearray) -> None:
+    """Add the hybrid key to an activated state dir, through its keystore (atomic).
+
+    Refuses to replace an existing one: blobs sealed to it would become unreadable.
+    """
+    if keystore.exists(SEAL_KEY_HYBRID):
+        raise StateError(f"{SEAL_KEY_HYBRID} exists already", "keep it; nothing to upgrade")
+    keystore.store(SEAL_KEY_HYBRID, private)
 
 
 def _check_certificate(ca_pem: bytes, cert_pem: bytes, tls_key_pem: bytes | bytearray) -> None:

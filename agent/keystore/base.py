@@ -34,6 +34,28 @@ def write_new(path: Path, data: bytes | bytearray) -> None:
         os.close(fd)
 
 
+def store_atomically(path: Path, data: bytes | bytearray) -> None:
+    """Create *path* (0600) with *data* all at once, never replacing an existing file.
+
+    Written to a temporary name, fsynced, then hard-linked into place: link() fails with
+    EEXIST instead of overwriting, and a crash leaves either no file or the whole file.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    write_new(tmp, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise StateError(f"{path} exists already", "keep it; secrets are never replaced") from None
+    finally:
+        tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def read_into(path: Path, limit: int = 1024 * 1024) -> bytearray:
     """Read a whole file into a bytearray (wipeable, unlike bytes)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -76,7 +98,11 @@ class Keystore(abc.ABC):
 
     @abc.abstractmethod
     def store(self, name: str, data: bytes | bytearray) -> None:
-        """Store secret *name* (new; never overwrites)."""
+        """Store secret *name* atomically (new; never overwrites)."""
+
+    def exists(self, name: str) -> bool:
+        """Whether secret *name* is stored (optional secrets, e.g. a key added later)."""
+        return (self.root / self.files((name,))[0]).exists()
 
     @abc.abstractmethod
     def load(self, name: str) -> bytearray:
@@ -84,7 +110,7 @@ class Keystore(abc.ABC):
 
     @abc.abstractmethod
     def files(self, names: tuple[str, ...]) -> list[str]:
-        """The state-dir files (0600) holding *names* and the keystore's own data."""
+        """The state-dir files (0600) holding *names* (first, in order) and the keystore's own."""
 
     @abc.abstractmethod
     def next_boot(self) -> int:

@@ -12,7 +12,7 @@ import os
 from typing import Any, ClassVar
 
 from agent.errors import StateError
-from agent.keystore.base import BOOT_COUNTER_FILE, Keystore, check_name, read_into, write_new
+from agent.keystore.base import BOOT_COUNTER_FILE, Keystore, check_name, read_into, store_atomically, write_new
 
 
 class FileKeystore(Keystore):
@@ -27,7 +27,7 @@ class FileKeystore(Keystore):
         """Nothing of its own to write."""
 
     def store(self, name: str, data: bytes | bytearray) -> None:
-        write_new(self.root / check_name(name), data)
+        store_atomically(self.root / check_name(name), data)
 
     def load(self, name: str) -> bytearray:
         path = self.root / check_name(name)

@@ -67,7 +67,7 @@ from tpm2_pytss.types import (
 )
 
 from agent.errors import KeystoreError, PcrMismatchError, StateError
-from agent.keystore.base import Keystore, check_name, read_into, write_new
+from agent.keystore.base import Keystore, check_name, read_into, store_atomically, write_new
 from protocol.sealing import wipe
 
 KEK_PUB: Final = "tpm-kek.pub"
@@ -336,7 +336,7 @@ class TpmKeystore(Keystore):
     def store(self, name: str, data: bytes | bytearray) -> None:
         nonce = os.urandom(_NONCE)
         sealed = AESGCM(self._key()).encrypt(nonce, bytes(data), _AAD + check_name(name).encode())
-        write_new(self.root / (name + SUFFIX), _MAGIC + nonce + sealed)
+        store_atomically(self.root / (name + SUFFIX), _MAGIC + nonce + sealed)
 
     def load(self, name: str) -> bytearray:
         path = self.root / (check_name(name) + SUFFIX)

@@ -176,9 +176,7 @@ async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str,
         private, seal_public = generate_keypair()
         seal_private = bytearray(private)
         del private
-        hybrid, hybrid_public = generate_hybrid_keypair()
-        hybrid_private = bytearray(hybrid)
-        del hybrid
+        hybrid_private, hybrid_public = generate_hybrid_keypair()  # already a bytearray
         result = await anon.activate(code, csr_pem, seal_public, hybrid_public)
     except PlatformError as e:
         if e.reason in (api.REASON_INVALID_CODE, api.REASON_CODE_EXPIRED):
@@ -245,9 +243,7 @@ async def upgrade_seal_key(state_dir: Path) -> str:
         hybrid = statemod.load_hybrid_key(st.keystore)
         created = hybrid is None
         if hybrid is None:
-            fresh, _ = generate_hybrid_keypair()
-            hybrid = bytearray(fresh)
-            del fresh
+            hybrid, _ = generate_hybrid_keypair()
             statemod.store_hybrid_key(st.keystore, hybrid)  # TPM-wrapped with the tpm keystore
         try:
             public = sealing.hybrid_public_from_private(hybrid)
@@ -324,10 +320,15 @@ async def migrate(state: statemod.AgentState, new: ksmod.Keystore, staging: Path
             cert_pem = await client.renew_certificate(csr_pem)
             doc = (state.root / statemod.STATE_JSON).read_bytes()
             activated_at = float(json.loads(doc).get("activated_at", clock.now()))
-            statemod.write_state(
-                staging, state.endpoint, state.appliance, state.ca_pem, cert_pem, key_pem,
-                state.seal_private(), activated_at, new,
-            )
+            hybrid = statemod.load_hybrid_key(state.keystore)  # moves too, when there is one
+            try:
+                statemod.write_state(
+                    staging, state.endpoint, state.appliance, state.ca_pem, cert_pem, key_pem,
+                    state.seal_private(), activated_at, new, hybrid,
+                )
+            finally:
+                if hybrid is not None:
+                    wipe(hybrid)
         finally:
             wipe(key_pem)
     except PlatformError as e:
@@ -372,7 +373,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         new.close()
-        old_secrets = state.keystore.files(statemod.SECRET_NAMES)
+        old_secrets = state.keystore.files((*statemod.SECRET_NAMES, statemod.SEAL_KEY_HYBRID))
     finally:
         state.forget()
     staged = sorted(p.name for p in staging.iterdir())

@@ -415,17 +415,19 @@ def private_key_forms(agent_state: Path, tcti: str) -> dict[str, bytes]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from agent import state as statemod
+    from protocol import sealing
 
     st = statemod.load_state(agent_state, tcti)
     try:
         pem = bytes(st.tls_key_pem())
         seal = bytes(st.seal_private())
+        hybrid = bytes(statemod.load_hybrid_key(st.keystore) or b"")
     finally:
         st.forget()
     key = serialization.load_pem_private_key(pem, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     none = serialization.NoEncryption()
-    return {
+    forms = {
         "TLS key PEM": pem,
         "TLS key PKCS#8 DER": key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, none),
         "TLS key SEC1 DER": key.private_bytes(
@@ -433,8 +435,12 @@ def private_key_forms(agent_state: Path, tcti: str) -> dict[str, bytes]:
         ),
         "TLS key raw scalar": key.private_numbers().private_value.to_bytes(32, "big"),
         "sealing key raw": seal,
+        "hybrid sealing key raw": hybrid,
+        "hybrid ML-KEM-768 seed": hybrid[: sealing.MLKEM_SEED_LEN],
+        "hybrid X25519 key": hybrid[sealing.MLKEM_SEED_LEN :],
         "any PEM private key": b"PRIVATE KEY",
     }
+    return {name: form for name, form in forms.items() if form}  # no hybrid key: nothing to find
 
 
 def demo(work: Path) -> int:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import state as statemod
 from agent.errors import EXIT_KEYSTORE, EXIT_PCR, EXIT_QUARANTINED, EXIT_TAMPERED
 from agent.keystore.tpm import KEK_PRIV, TpmKeystore
+from protocol import sealing
 from tests.agent.conftest import AgentRun, run_agent_cli
 from tools.demo import Platform, activate
 from tools.swtpm import Swtpm
@@ -61,6 +62,7 @@ def key_forms(state_dir: Path, tcti: str | None = None) -> dict[str, bytes]:
     try:
         pem = bytes(st.tls_key_pem())
         seal = bytes(st.seal_private())
+        hybrid = statemod.load_hybrid_key(st.keystore)
     finally:
         st.forget()
     key = serialization.load_pem_private_key(pem, password=None)
@@ -75,6 +77,10 @@ def key_forms(state_dir: Path, tcti: str | None = None) -> dict[str, bytes]:
         "tls raw scalar": key.private_numbers().private_value.to_bytes(32, "big"),
         "seal raw": seal,
     }
+    if hybrid is not None:  # the hybrid (ML-KEM-768 seed + X25519) sealing key, whole and halves
+        forms["hybrid raw"] = bytes(hybrid)
+        forms["hybrid mlkem seed"] = bytes(hybrid[: sealing.MLKEM_SEED_LEN])
+        forms["hybrid x25519"] = bytes(hybrid[sealing.MLKEM_SEED_LEN :])
     if tcti is not None:
         ks = TpmKeystore.open(state_dir, json.loads((state_dir / "state.json").read_text())["keystore"], tcti)
         try:
@@ -112,7 +118,8 @@ def test_tpm_keystore_full_run_leaves_no_private_key_on_disk(
     assert job_state(platform, job) == "done"
     assert (state / "volume.img").stat().st_size >= 32 * 1024 * 1024
     forms = key_forms(state, swtpm.tcti)
-    assert all(len(v) >= 32 for v in forms.values())
+    assert all(len(v) >= 32 for v in forms.values()) and "hybrid raw" in forms
+    assert (state / "seal-key-hybrid.bin.tpm").exists() and not (state / statemod.SEAL_KEY_HYBRID).exists()
     assert grep_state(state, forms) == []
     # The platform saw the TPM-backed boot.
     row = appliance_row(platform)
@@ -258,6 +265,7 @@ def test_file_appliance_keeps_booting_then_migrates_into_the_tpm(
         assert not (state / gone).exists(), gone
     after = key_forms(state, swtpm.tcti)
     assert after["seal raw"] == before["seal raw"]  # re-wrapped, not regenerated
+    assert after["hybrid raw"] == before["hybrid raw"]  # the hybrid sealing key too
     assert after["tls raw scalar"] != before["tls raw scalar"]  # a new TLS key...
     assert (state / "client-cert.pem").read_bytes() != old_cert  # ...with a new certificate
     row = appliance_row(platform)

@@ -331,7 +331,8 @@ def test_appliance_from_before_v2_upgrades_its_sealing_key_without_reimaging(
     again = run_agent_cli("seal-key", "upgrade", str(activated))  # idempotent
     assert again.returncode == 0 and "already present" in again.stdout, again.stderr
     assert b"MLKEM768X25519" in platform.cli("appliance", "pubkey", "app1").stdout
-    _, client = appliance_client(activated)
+    st, client = appliance_client(activated)
+    trio.run(open_boot, st, client)
     assert sealing.check_format(trio.run(client.volume_key)) == 2
     second = agent_factory(activated, "--once")
     job2 = add_job(platform, str(closed_port()))

@@ -190,11 +190,11 @@ def test_hybrid_key_is_optional_stored_once_and_checked(state_dir: Path) -> None
     blob = sealing.seal_v2(pub, b"vk" * 16, api.SEAL_CONTEXT_VOLUME_KEY)
     with pytest.raises(sealing.SealError, match="seal-key upgrade"):
         st.open_sealed(blob, api.SEAL_CONTEXT_VOLUME_KEY)
-    statemod.store_hybrid_key(state_dir, priv)
+    statemod.store_hybrid_key(FileKeystore(state_dir), priv)
     path = state_dir / statemod.SEAL_KEY_HYBRID
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     with pytest.raises(StateError):
-        statemod.store_hybrid_key(state_dir, priv)
+        statemod.store_hybrid_key(FileKeystore(state_dir), priv)
     st = statemod.load_state(state_dir)
     assert st.has_hybrid_key
     assert st.open_sealed(blob, api.SEAL_CONTEXT_VOLUME_KEY) == bytearray(b"vk" * 16)

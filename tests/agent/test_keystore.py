@@ -50,8 +50,11 @@ def appliance_row(platform: Platform, name: str = "app1") -> dict[str, object]:
 
 
 def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The error line; anything else on stderr must be the agent's own log lines (no
+    libtss2 chatter, no traceback)."""
     lines = proc.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("scanner-agent: "), proc.stderr
+    assert all(" INFO " in ln or " WARNING " in ln for ln in lines[:-1]), proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[-1]
 

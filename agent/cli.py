@@ -40,13 +40,15 @@ from agent.errors import (
 )
 from agent.jobs import JobSettings
 from agent.keystore.tpm import TpmKeystore, parse_pcrs
-from agent.lifecycle import Agent, RunSettings, harden_process, platform_error
+from agent.lifecycle import Agent, RunSettings, platform_error
 from agent.scan.model import ScanOptions
-from agent.scratch import mount_entry
 from agent.tls import client_context
 from protocol import api, sealing
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
-from protocol.sealing import generate_hybrid_keypair, generate_keypair, wipe
+from protocol.sealing import generate_hybrid_keypair, generate_keypair
+from scratchfs.keyholder import mountinfo
+from scratchfs.keyholder.hardening import harden_process
+from scratchfs.keyholder.wipe import wipe
 
 PROG = "scanner-agent"
 LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
@@ -282,7 +284,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise UsageError(f"{e}; fix the option") from None
-    harden_process()  # before any secret is unwrapped into memory
+    # Before the first key (TLS client key, sealing keys, keyslot passphrase) enters this
+    # process: with the tpm keystore, load_state unwraps them into memory.
+    harden_process()
     ksmod.quiet_tss_logging()
     state = statemod.load_state(args.state_dir.absolute(), args.tcti)
     settings = RunSettings(
@@ -352,7 +356,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 f"appliance {state.appliance} already uses the {state.keystore.kind} keystore",
                 "nothing to migrate",
             )
-        if mount_entry(state.run_dir / "volume") is not None:
+        if mountinfo.find(state.run_dir / "volume") is not None:
             # A running agent would keep using the old certificate and an older session.
             raise StateError(
                 f"the volume of {root} is mounted (the agent is running, or a crashed run was "

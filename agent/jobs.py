@@ -41,7 +41,8 @@ from protocol.client import (
     PlatformUnavailableError,
     QuarantinedError,
 )
-from protocol.sealing import SealError, check_format, wipe
+from protocol.sealing import SealError, check_format
+from scratchfs.keyholder.wipe import wipe
 
 log = logging.getLogger("agent.jobs")
 scan_log = logging.getLogger("agent.scan")

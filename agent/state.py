@@ -51,7 +51,7 @@ from agent.errors import StateError, TamperedError
 from agent.keystore import Keystore, open_keystore
 from agent.keystore.base import write_new
 from protocol import sealing
-from protocol.sealing import wipe
+from scratchfs.keyholder.wipe import wipe
 
 STATE_VERSION: Final = 2
 LEGACY_VERSION: Final = 1  # before keystores: secrets in clear files, no "keystore" entry

@@ -18,7 +18,6 @@ from typing import Any
 from cryptography import x509
 
 from agent.timesync import Clock
-from protocol.client import memfd_path
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME (x509_vfy.h); Python's ssl module has no name for it.
 X509_V_FLAG_NO_CHECK_TIME = 0x200000
@@ -71,6 +70,20 @@ def _sslobject_class(clock: Clock, ca: list[x509.Certificate]) -> type[ssl.SSLOb
     return ClockCheckedSSLObject
 
 
+def _memfd_path(name: str, data: bytes | bytearray) -> tuple[int, str]:
+    # ssl loads certificates and keys from paths only: an anonymous in-memory file keeps the
+    # private key off every disk. The caller closes the fd as soon as ssl has read it.
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, f"/proc/self/fd/{fd}"
+
+
 def client_context(
     ca_pem: bytes,
     clock: Clock,
@@ -90,9 +103,9 @@ def client_context(
     ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
     ctx.verify_flags = ssl.VerifyFlags(int(ctx.verify_flags) | X509_V_FLAG_NO_CHECK_TIME)
     if cert_pem is not None and key_pem is not None:
-        cfd, cpath = memfd_path("client-cert", cert_pem)
+        cfd, cpath = _memfd_path("client-cert", cert_pem)
         try:
-            kfd, kpath = memfd_path("client-key", key_pem)
+            kfd, kpath = _memfd_path("client-key", key_pem)
             try:
                 ctx.load_cert_chain(cpath, kpath)
             finally:

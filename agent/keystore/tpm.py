@@ -68,7 +68,7 @@ from tpm2_pytss.types import (
 
 from agent.errors import KeystoreError, PcrMismatchError, StateError
 from agent.keystore.base import Keystore, check_name, read_into, store_atomically, write_new
-from protocol.sealing import wipe
+from scratchfs.keyholder.wipe import wipe
 
 KEK_PUB: Final = "tpm-kek.pub"
 KEK_PRIV: Final = "tpm-kek.priv"

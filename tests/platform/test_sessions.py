@@ -8,14 +8,13 @@ import time
 import pytest
 
 from protocol import api, client
-from tests.platform.conftest import Appliance, Platform, run_cli
+from tests.platform.conftest import Appliance, Platform, run_cli, tls_client
 from tools.platform import db
 
 
 def twin(platform: Platform, a: Appliance) -> client.PlatformClient:
     """A second instance holding the same certificate and key: what a disk copy is."""
-    ctx = client.client_context(platform.ca_pem, a.cert_pem, a.key_pem)
-    return client.PlatformClient(platform.url, ctx, timeout=20.0)
+    return client.PlatformClient(platform.url, tls_client(platform.ca_pem, a.cert_pem, a.key_pem), timeout=20.0)
 
 
 def quarantined(platform: Platform, name: str) -> bool:
@@ -27,17 +26,17 @@ def quarantined(platform: Platform, name: str) -> bool:
 async def test_keys_and_jobs_need_a_session_config_does_not(platform: Platform) -> None:
     a = await platform.activate("s1")
     bare = twin(platform, a)
-    for call in (bare.volume_key(), bare.next_job(wait=0)):
+    for call in (bare.keyslot_passphrase(), bare.next_job(wait=0)):
         with pytest.raises(client.PlatformError) as ei:
             await call
         assert (ei.value.status, ei.value.reason) == (428, api.REASON_SESSION_REQUIRED)
     bare.session = "made-up-token"
     with pytest.raises(client.PlatformError) as ei:
-        await bare.volume_key()
+        await bare.keyslot_passphrase()
     assert ei.value.reason == api.REASON_SESSION_REQUIRED
     assert (await bare.config()).syslog is None
     assert not quarantined(platform, "s1")
-    assert len(await a.client.volume_key()) > 32
+    assert len(await a.client.keyslot_passphrase()) > 32
 
 
 async def test_boot_counter_going_back_quarantines(platform: Platform) -> None:
@@ -49,14 +48,14 @@ async def test_boot_counter_going_back_quarantines(platform: Platform) -> None:
     events = [e for e in platform.storage.events(db.EVENT_CLONE_SUSPECTED)]
     assert len(events) == 1 and "boot counter 1 is not above 1" in events[0][4]
     # Quarantine stops everything that matters, for every session, until cleared.
-    for call in (a.client.volume_key(), a.client.next_job(wait=0)):
+    for call in (a.client.keyslot_passphrase(), a.client.next_job(wait=0)):
         with pytest.raises(client.QuarantinedError):
             await call
     with pytest.raises(client.QuarantinedError):
         await copy.open_session(7, "file")
     platform.storage.clear_quarantine("c1", time.time())
     assert not quarantined(platform, "c1")
-    assert len(await a.client.volume_key()) > 32
+    assert len(await a.client.keyslot_passphrase()) > 32
     with pytest.raises(db.Conflict):
         platform.storage.clear_quarantine("c1", time.time())
 
@@ -72,7 +71,7 @@ async def test_interleaving_sessions_quarantine(platform: Platform) -> None:
     assert "superseded session (boot 1) while boot 2 is live" in event[4]
     assert platform.storage.events("quarantined")
     with pytest.raises(client.QuarantinedError):
-        await other.volume_key()
+        await other.keyslot_passphrase()
 
 
 async def test_policy_off_records_but_does_not_quarantine(platform: Platform) -> None:
@@ -100,10 +99,10 @@ async def test_certificate_renewal_revokes_the_old_certificate(platform: Platfor
     key_pem, csr = client.new_client_key_and_csr("r1")
     cert = await a.client.renew_certificate(csr)
     with pytest.raises(client.DeactivatedError):
-        await a.client.volume_key()  # the old certificate is revoked at once
-    renewed = client.PlatformClient(platform.url, client.client_context(platform.ca_pem, cert, key_pem))
+        await a.client.keyslot_passphrase()  # the old certificate is revoked at once
+    renewed = client.PlatformClient(platform.url, tls_client(platform.ca_pem, cert, key_pem))
     await renewed.open_session(2, "tpm")
-    assert len(await renewed.volume_key()) > 32
+    assert len(await renewed.keyslot_passphrase()) > 32
     kinds = [e[3] for e in platform.storage.events() if e[3] == "certificate_renewed"]
     assert kinds == ["certificate_renewed"]
     assert len(platform.storage.revoked()) == 1

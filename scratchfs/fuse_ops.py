@@ -23,7 +23,7 @@ import trio
 
 from scratchfs.content import FileContent
 from scratchfs.errors import FsError, IntegrityError
-from scratchfs.locks import RWLock
+from scratchfs.openfiles import OpenFileTable
 from scratchfs.store import BlobStore
 from scratchfs.tree import (
     ROOT_INO,
@@ -87,16 +87,6 @@ def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
     return wrapper
 
 
-class Handle:
-    """An open file: the inode it refers to and its open flags."""
-
-    __slots__ = ("flags", "node")
-
-    def __init__(self, node: Inode, flags: int) -> None:
-        self.node = node
-        self.flags = flags
-
-
 class ScratchOps(pyfuse3.Operations):
     """The scratchfs FUSE filesystem."""
 
@@ -130,9 +120,7 @@ class ScratchOps(pyfuse3.Operations):
             root_uid=os.getuid() if root_uid is None else root_uid,
             root_gid=os.getgid() if root_gid is None else root_gid,
         )
-        self._handles: dict[int, Handle] = {}
-        self._next_fh = 1
-        self._locks: dict[int, RWLock] = {}
+        self.files = OpenFileTable()
         self._limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -166,18 +154,6 @@ class ScratchOps(pyfuse3.Operations):
         a.st_ctime_ns = node.ctime_ns
         return a
 
-    def _lock(self, node: Inode) -> RWLock:
-        lock = self._locks.get(node.ino)
-        if lock is None:
-            lock = self._locks[node.ino] = RWLock()
-        return lock
-
-    def _handle(self, fh: int) -> Handle:
-        h = self._handles.get(fh)
-        if h is None:
-            raise FsError(errno.EBADF)
-        return h
-
     def _content(self, node: Inode) -> FileContent:
         """The file's content engine, made on first use (empty files cost no engine, no blob)."""
         content: FileContent | None = node.content
@@ -210,7 +186,7 @@ class ScratchOps(pyfuse3.Operations):
 
     async def _truncate(self, node: Inode, size: int) -> None:
         content = self._content(node)
-        lock = self._lock(node)
+        lock = self.files.lock(node)
         await lock.acquire_write()
         try:
             self._ready(node, content)
@@ -240,9 +216,7 @@ class ScratchOps(pyfuse3.Operations):
                     "event=shred_incomplete ino=%d errno=%s", node.ino, errno.errorcode.get(e.errno or 0, e.errno)
                 )
             node.content = None
-        lock = self._locks.get(node.ino)
-        if lock is not None and lock.idle:
-            del self._locks[node.ino]
+        self.files.forget_lock(node)
 
     def destroy_all(self) -> int:
         """Unmount: drop every key and remove every blob; returns the number of files shredded."""
@@ -252,7 +226,7 @@ class ScratchOps(pyfuse3.Operations):
                 node.content.destroy()
                 node.content = None
                 count += 1
-        self._handles.clear()
+        self.files.clear()
         self.store.wipe_all()
         return count
 
@@ -379,10 +353,7 @@ class ScratchOps(pyfuse3.Operations):
 
     # --- files -----------------------------------------------------------------------------------
     def _open_handle(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
-        node.opens += 1
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = Handle(node, flags)
+        fh = self.files.open(node, flags)
         # keep_cache off: a fresh open re-reads (and re-authenticates) from the blob.
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=self.direct_io)
 
@@ -408,9 +379,9 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._handle(fh).node
+        node = self.files.get(fh).node
         content = self._content(node)
-        lock = self._lock(node)
+        lock = self.files.lock(node)
         await lock.acquire_read()
         try:
             self._ready(node, content)
@@ -425,9 +396,9 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        node = self._handle(fh).node
+        node = self.files.get(fh).node
         content = self._content(node)
-        lock = self._lock(node)
+        lock = self.files.lock(node)
         await lock.acquire_write()
         try:
             try:
@@ -442,26 +413,20 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def flush(self, fh: int) -> None:
-        self._handle(fh)
+        self.files.get(fh)
 
     @handler
     async def release(self, fh: int) -> None:
-        h = self._handles.pop(fh, None)
-        if h is None:
+        node = self.files.close(fh)
+        if node is None:
             return
-        node = h.node
-        node.opens -= 1
-        if node.opens == 0 and node.content is not None:
-            lock = self._locks.get(node.ino)
-            if lock is None or lock.idle:
-                node.content.close_fd()
         self._release(self.ns.release_if_unused(node))
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        node = self._handle(fh).node
+        node = self.files.get(fh).node
         content = self._content(node)
-        lock = self._lock(node)
+        lock = self.files.lock(node)
         await lock.acquire_read()
         try:
             self._ready(node, content)

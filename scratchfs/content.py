@@ -6,6 +6,11 @@ inode's lock (reads shared, writes exclusive), so a reader never sees half a wri
 
 What memory knows and the blob must agree with: the plaintext size, each block's version (0 for
 a hole), and the blob's length. Any disagreement is an IntegrityError, never data.
+
+Memory is proportional to what is stored, never to offsets: block versions live in a dense
+array for the contiguous prefix (8 bytes per block, the hot path) and in a dict for blocks far
+beyond it, so a 1-byte write at 2^62 costs one dict entry, not an array of 2^48 slots. Both are
+charged to the mount's memory budget (limits.py) before they grow.
 """
 
 from __future__ import annotations
@@ -16,7 +21,13 @@ from array import array
 from scratchfs import blocks
 from scratchfs.crypto import FileKey
 from scratchfs.errors import IntegrityError
+from scratchfs.limits import CONTENT_COST, DENSE_VERSION_COST, FAR_VERSION_COST, MemoryBudget
 from scratchfs.store import BlobStore
+
+# A block at most this many slots past the dense array's end extends the array (so a file
+# written with small gaps stays on the fast path); anything farther goes to the dict. The
+# array's memory is then at most DENSE_SLACK * 8 bytes per stored block.
+DENSE_SLACK = 64
 
 
 class FileContent:
@@ -27,6 +38,9 @@ class FileContent:
         "blob_id",
         "blob_len",
         "block_size",
+        "budget",
+        "charged",
+        "far",
         "fd",
         "key",
         "next_version",
@@ -35,11 +49,15 @@ class FileContent:
         "versions",
     )
 
-    def __init__(self, store: BlobStore, block_size: int) -> None:
+    def __init__(self, store: BlobStore, block_size: int, budget: MemoryBudget | None = None) -> None:
         self.store = store
         self.block_size = block_size
+        self.budget = budget if budget is not None else MemoryBudget(1 << 62)
+        self.charged = 0  # bytes of version map charged to the budget
         self.size = 0
+        # Block versions: dense prefix, and far blocks (never a 0 value: absent means hole).
         self.versions = array("Q")
+        self.far: dict[int, int] = {}
         self.next_version = 1
         self.blob_id: bytes | None = None
         self.key: FileKey | None = None
@@ -48,13 +66,18 @@ class FileContent:
         self.allocated = 0  # blocks that are not holes
 
     def __repr__(self) -> str:
-        return f"<FileContent size={self.size} blocks={len(self.versions)}>"
+        return f"<FileContent size={self.size} blocks={self.allocated}>"
 
     # --- blob and fd management ------------------------------------------------------------
     def ensure_blob(self) -> int:
         """Create the blob and key on first write, or reopen the blob's fd; returns the fd."""
         if self.blob_id is None:
-            self.blob_id, self.fd = self.store.new_blob()
+            self.budget.reserve(CONTENT_COST)
+            try:
+                self.blob_id, self.fd = self.store.new_blob()
+            except OSError:
+                self.budget.adjust(-CONTENT_COST)
+                raise
             self.key = FileKey.new()
         elif self.fd < 0:
             self.fd = self.store.open_blob(self.blob_id)
@@ -80,9 +103,12 @@ class FileContent:
         if self.blob_id is not None:
             self.store.remove_blob(self.blob_id)
             self.blob_id = None
+            self.budget.adjust(-CONTENT_COST)
         self.versions = array("Q")
+        self.far = {}
         self.size = 0
         self.allocated = 0
+        self._settle()
 
     def sync(self, datasync: bool) -> None:
         """fsync/fdatasync the blob (durable for the life of the mount, nothing more)."""
@@ -102,18 +128,58 @@ class FileContent:
 
     # --- helpers -----------------------------------------------------------------------------
     def _version(self, index: int) -> int:
-        return self.versions[index] if index < len(self.versions) else 0
+        return self.versions[index] if index < len(self.versions) else self.far.get(index, 0)
 
     def _set_version(self, index: int, version: int) -> None:
         versions = self.versions
-        if index >= len(versions):
-            versions.extend(array("Q", bytes(8 * (index + 1 - len(versions)))))
-        old = versions[index]
+        far = self.far
+        n = len(versions)
+        if index < n:
+            old = versions[index]
+            versions[index] = version
+        elif index <= n + DENSE_SLACK:
+            versions.extend(array("Q", bytes(8 * (index + 1 - n))))
+            if far:  # far blocks now inside the array move into it
+                for i in range(n, index + 1):
+                    moved = far.pop(i, 0)
+                    if moved:
+                        versions[i] = moved
+            old = versions[index]
+            versions[index] = version
+        else:
+            old = far.get(index, 0)
+            if version:
+                far[index] = version
+            elif old:
+                del far[index]
         if old == 0 and version != 0:
             self.allocated += 1
         elif old != 0 and version == 0:
             self.allocated -= 1
-        versions[index] = version
+
+    def _check_growth(self, first: int, last: int) -> bool:
+        """ENOSPC before a write if recording versions for blocks first..last could exceed the budget.
+
+        An upper bound (the real cost is settled afterwards by _settle): near the array's end the
+        array grows to last + 1; elsewhere each block may need a dict entry. Returns whether the
+        map may grow (False on the hot path: overwriting inside the array).
+        """
+        n = len(self.versions)
+        if last < n:
+            return False
+        if first <= n + DENSE_SLACK:
+            need = (last + 1 - n) * DENSE_VERSION_COST
+        else:
+            need = (last + 1 - first) * FAR_VERSION_COST
+        self.budget.check(need)
+        return True
+
+    def _settle(self) -> None:
+        """Charge the budget with what the version map costs now (the array's capacity counts)."""
+        cost = len(self.versions) * DENSE_VERSION_COST + len(self.far) * FAR_VERSION_COST
+        if cost != self.charged:
+            self.budget.adjust(cost - self.charged)
+            self.charged = cost
 
     def _take_version(self) -> int:
         version = self.next_version
@@ -147,7 +213,9 @@ class FileContent:
         base = blocks.record_offset(first, bs)
         end = blocks.record_offset(last, bs) + blocks.block_length(last, size, bs) + blocks.OVERHEAD
         self._check_blob_len(fd, first, last)
-        raw = os.pread(fd, end - base, base)
+        # Past the blob's length there is nothing this process wrote (only holes, checked
+        # below); no pread there, which also keeps offsets near 2^63 away from off_t's limit.
+        raw = os.pread(fd, end - base, base) if base < self.blob_len else b""
         if len(raw) < end - base:
             # Past the blob's end only holes may lie; pad so the hole check sees zeros there.
             for index in range(first, last + 1):
@@ -157,14 +225,14 @@ class FileContent:
             raw = raw + bytes(end - base - len(raw))
         view = memoryview(raw)
         out_view = memoryview(out)
-        key, blob_id, versions = self.key, self.blob_id, self.versions
+        key, blob_id, versions, far = self.key, self.blob_id, self.versions, self.far
         nversions = len(versions)
         record_size = bs + blocks.OVERHEAD
         for index in range(first, last + 1):
             plain_len = bs if (index + 1) * bs <= size else size - index * bs
             start = (index - first) * record_size
             record = view[start : start + plain_len + blocks.OVERHEAD]
-            version = versions[index] if index < nversions else 0
+            version = versions[index] if index < nversions else far.get(index, 0)
             if version == 0:
                 if not blocks.is_zero(record):
                     raise IntegrityError("data found where a hole must be", index)
@@ -207,6 +275,7 @@ class FileContent:
             runs.append(self._reseal_grown(old_last, new_size))
         first = offset // bs
         last = (end - 1) // bs
+        grows = self._check_growth(first, last)
         view = memoryview(data)
         old_plain: dict[int, bytearray] = {}
         for index in {first, last}:
@@ -243,7 +312,11 @@ class FileContent:
             )
             versions.append(version)
         runs.append((first, buf, versions))
-        self._write_runs(fd, runs)
+        try:
+            self._write_runs(fd, runs)
+        finally:
+            if grows:
+                self._settle()
         self.size = new_size
         return length
 
@@ -260,6 +333,7 @@ class FileContent:
         if new_size > old_size:
             if old_size % bs:
                 self._write_runs(fd, [self._reseal_grown((old_size - 1) // bs, new_size)])
+                self._settle()  # the re-sealed block may be a new version entry
             self.size = new_size
             return
         keep = blocks.block_count(new_size, bs)
@@ -271,6 +345,9 @@ class FileContent:
         for index in range(keep, len(self.versions)):
             self._set_version(index, 0)
         del self.versions[keep:]
+        for index in [i for i in self.far if i >= keep]:
+            self._set_version(index, 0)
+        self._settle()
         if tail:
             cut = blocks.record_offset(keep - 1, bs) + tail + blocks.OVERHEAD
         else:

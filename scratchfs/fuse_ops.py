@@ -23,6 +23,7 @@ import trio
 
 from scratchfs.content import FileContent
 from scratchfs.errors import FsError, IntegrityError
+from scratchfs.limits import Limits
 from scratchfs.openfiles import OpenFileTable
 from scratchfs.store import BlobStore
 from scratchfs.tree import (
@@ -103,6 +104,7 @@ class ScratchOps(pyfuse3.Operations):
         attr_timeout: float = 1.0,
         root_uid: int | None = None,
         root_gid: int | None = None,
+        limits: Limits | None = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -116,9 +118,11 @@ class ScratchOps(pyfuse3.Operations):
         # inode lock even against concurrent writers (the page cache copies bytes without a
         # lock and can mix two writes inside one page); costs shared mmap (ENODEV) and readahead.
         self.direct_io = False
+        self.limits = limits if limits is not None else Limits()
         self.ns = Namespace(
             root_uid=os.getuid() if root_uid is None else root_uid,
             root_gid=os.getgid() if root_gid is None else root_gid,
+            limits=self.limits,
         )
         self.files = OpenFileTable()
         self._limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
@@ -162,7 +166,7 @@ class ScratchOps(pyfuse3.Operations):
                 raise FsError(errno.EISDIR)
             if not stat.S_ISREG(node.mode):
                 raise FsError(errno.EINVAL)
-            content = node.content = FileContent(self.store, self.block_size)
+            content = node.content = FileContent(self.store, self.block_size, self.ns.budget)
         return content
 
     def _integrity(self, node: Inode, e: IntegrityError) -> FsError:
@@ -276,6 +280,8 @@ class ScratchOps(pyfuse3.Operations):
         node = self.ns.get(inode)
         t = now_ns()
         if fields.update_size:
+            if attr.st_size > self.limits.max_file_size:
+                raise FsError(errno.EFBIG)
             await self._truncate(node, attr.st_size)
             if not fields.update_mtime:
                 node.mtime_ns = t
@@ -352,8 +358,8 @@ class ScratchOps(pyfuse3.Operations):
             self._release(self.ns.release_if_unused(released))
 
     # --- files -----------------------------------------------------------------------------------
-    def _open_handle(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
-        fh = self.files.open(node, flags)
+    def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh = self.files.open(node, flags, kill_suid=ctx.uid != 0)
         # keep_cache off: a fresh open re-reads (and re-authenticates) from the blob.
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=self.direct_io)
 
@@ -368,14 +374,14 @@ class ScratchOps(pyfuse3.Operations):
             # libfuse negotiates atomic O_TRUNC: the kernel leaves the truncation to us.
             await self._truncate(node, 0)
             node.mtime_ns = node.ctime_ns = now_ns()
-        return self._open_handle(node, flags)
+        return self._open_handle(node, flags, ctx)
 
     @handler
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._new_node(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
-        return self._open_handle(node, flags), self._attrs(node)
+        return self._open_handle(node, flags, ctx), self._attrs(node)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -396,7 +402,15 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        node = self.files.get(fh).node
+        h = self.files.get(fh)
+        node = h.node
+        room = self.limits.max_file_size - off
+        if room <= 0:
+            raise FsError(errno.EFBIG)
+        if len(buf) > room:
+            buf = memoryview(buf)[:room]  # type: ignore[assignment]  # a short write up to the limit, as POSIX asks
+        if self.direct_io and h.kill_suid and node.mode & (stat.S_ISUID | stat.S_ISGID):
+            self._kill_suid(node)
         content = self._content(node)
         lock = self.files.lock(node)
         await lock.acquire_write()
@@ -410,6 +424,18 @@ class ScratchOps(pyfuse3.Operations):
             lock.release_write()
         node.mtime_ns = node.ctime_ns = now_ns()
         return written
+
+    @staticmethod
+    def _kill_suid(node: Inode) -> None:
+        """What the kernel does on a page-cache write by a process without CAP_FSETID
+        (should_remove_suid): under direct I/O it leaves it to us (FUSE_WRITE_KILL_SUIDGID,
+        which pyfuse3 3.5 does not pass on, so the opener's identity decides)."""
+        mode = node.mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            mode &= ~stat.S_ISGID
+        if mode != node.mode:
+            node.mode = mode
+            node.ctime_ns = now_ns()
 
     @handler
     async def flush(self, fh: int) -> None:
@@ -473,9 +499,9 @@ class ScratchOps(pyfuse3.Operations):
         s.f_blocks = st.f_blocks
         s.f_bfree = st.f_bfree
         s.f_bavail = st.f_bavail
-        s.f_files = max(st.f_files, len(self.ns))
-        s.f_ffree = st.f_ffree
-        s.f_favail = st.f_favail
+        # Inodes live in our memory, not the backing store: report our own limit (--max-inodes).
+        s.f_files = self.limits.max_inodes
+        s.f_ffree = s.f_favail = max(0, self.limits.max_inodes - len(self.ns))
         s.f_namemax = 255
         return s
 
@@ -494,11 +520,7 @@ class ScratchOps(pyfuse3.Operations):
         self._check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
-        node = self.ns.get(inode)
-        if node.xattrs is None:
-            node.xattrs = {}
-        node.xattrs[name] = bytes(value)
-        node.ctime_ns = now_ns()
+        self.ns.setxattr(self.ns.get(inode), name, value)
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -516,11 +538,7 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        node = self.ns.get(inode)
-        if not node.xattrs or name not in node.xattrs:
-            raise FsError(pyfuse3.ENOATTR)
-        del node.xattrs[name]
-        node.ctime_ns = now_ns()
+        self.ns.removexattr(self.ns.get(inode), name)
 
     @handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

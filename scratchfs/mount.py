@@ -27,6 +27,14 @@ from scratchfs import blocks
 from scratchfs.errors import StoreError
 from scratchfs.fuse_ops import ScratchOps
 from scratchfs.hardening import harden_process
+from scratchfs.limits import (
+    DEFAULT_MAX_INODES,
+    DEFAULT_MAX_XATTR_BYTES,
+    DEFAULT_MAX_XATTRS,
+    DEFAULT_MEMORY_BUDGET,
+    Limits,
+    max_plain_size,
+)
 from scratchfs.store import BlobStore
 
 log = logging.getLogger("scratchfs.mount")
@@ -73,7 +81,28 @@ class MountOptions:
     readahead_kb: int = 1024
     direct_io: bool = False
     pid_file: Path | None = None
+    max_file_size: int = 0  # 0: the largest the backing store can hold
+    max_inodes: int = DEFAULT_MAX_INODES
+    max_xattrs: int = DEFAULT_MAX_XATTRS
+    max_xattr_bytes: int = DEFAULT_MAX_XATTR_BYTES
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     extra: list[str] = field(default_factory=list)
+
+
+def mount_limits(opts: MountOptions, store: BlobStore) -> Limits:
+    """The mount's limits; the file size is capped by what the backing store can hold."""
+    most = max_plain_size(store.max_blob_size(), opts.block_size, blocks.OVERHEAD)
+    size = opts.max_file_size or most
+    if size > most:
+        log.warning("event=max_file_size_capped asked=%d cap=%d reason=backing_store_limit", size, most)
+        size = most
+    return Limits(
+        max_file_size=size,
+        max_inodes=opts.max_inodes,
+        max_xattrs=opts.max_xattrs,
+        max_xattr_bytes=opts.max_xattr_bytes,
+        memory_budget=opts.memory_budget,
+    )
 
 
 @dataclass
@@ -206,7 +235,10 @@ async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0) -> None:
 def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled; always shred keys and blobs afterwards."""
     harden_process(lock_memory=opts.lock_memory)
-    ops = ScratchOps(store, opts.block_size, debug=opts.debug, strict=opts.strict, attr_timeout=opts.attr_timeout)
+    limits = mount_limits(opts, store)
+    ops = ScratchOps(
+        store, opts.block_size, debug=opts.debug, strict=opts.strict, attr_timeout=opts.attr_timeout, limits=limits
+    )
     ops.enable_writeback_cache = opts.writeback
     ops.mountpoint = opts.mountpoint
     ops.direct_io = opts.direct_io
@@ -218,11 +250,15 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
             EXIT_DAEMON, f"the kernel refused the mount ({e}); check /dev/fuse permissions and mount options"
         ) from None
     log.info(
-        "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d",
+        "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d max_file_size=%d max_inodes=%d "
+        "memory_budget=%d",
         opts.mountpoint,
         opts.backing,
         opts.block_size,
         os.getpid(),
+        limits.max_file_size,
+        limits.max_inodes,
+        limits.memory_budget,
     )
     try:
         if opts.pid_file is not None:

@@ -23,13 +23,15 @@ __all__ = ["Handle", "OpenFileTable"]
 
 
 class Handle:
-    """An open file: the inode it refers to and its open flags."""
+    """An open file: the inode it refers to, its open flags, and whether writes through it must
+    clear setuid/setgid (opened by a process without privilege)."""
 
-    __slots__ = ("flags", "node")
+    __slots__ = ("flags", "kill_suid", "node")
 
-    def __init__(self, node: Inode, flags: int) -> None:
+    def __init__(self, node: Inode, flags: int, kill_suid: bool = False) -> None:
         self.node = node
         self.flags = flags
+        self.kill_suid = kill_suid
 
 
 class OpenFileTable:
@@ -50,12 +52,12 @@ class OpenFileTable:
     def __len__(self) -> int:
         return len(self._handles)
 
-    def open(self, node: Inode, flags: int) -> int:
+    def open(self, node: Inode, flags: int, kill_suid: bool = False) -> int:
         """Register a new handle on *node*; returns its number."""
         node.opens += 1
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(node, flags)
+        self._handles[fh] = Handle(node, flags, kill_suid)
         return fh
 
     def get(self, fh: int) -> Handle:

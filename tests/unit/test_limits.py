@@ -1,0 +1,174 @@
+"""Bounds on what a writer can make the daemon allocate (no mount): sparse block versions,
+inode and xattr limits, the memory budget and its accounting."""
+
+from __future__ import annotations
+
+import errno
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scratchfs import blocks
+from scratchfs.content import DENSE_SLACK, FileContent
+from scratchfs.errors import FsError
+from scratchfs.limits import (
+    CONTENT_COST,
+    FAR_VERSION_COST,
+    MAX_LFS_FILESIZE,
+    Limits,
+    MemoryBudget,
+    max_plain_size,
+)
+from scratchfs.store import BlobStore
+from scratchfs.tree import ROOT_INO, Namespace
+
+BS = 16384
+
+
+@pytest.fixture
+def store() -> Iterator[BlobStore]:
+    """A store on tmpfs: its blobs may be as large as the kernel allows (sparse), like the mount's."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        s = BlobStore.open(Path(d))
+        yield s
+        s.close()
+
+
+@pytest.mark.parametrize("offset", [1 << 40, 1 << 50, (1 << 62) - 1])
+def test_far_write_costs_one_entry_and_reads_back(store: BlobStore, offset: int) -> None:
+    budget = MemoryBudget(1 << 30)
+    c = FileContent(store, BS, budget)
+    c.write(0, b"head")
+    c.write(offset, b"x")
+    assert c.size == offset + 1
+    assert len(c.versions) == 1 and len(c.far) == 1, "a far block must not grow the dense array"
+    assert budget.used <= CONTENT_COST + 8 * 16 + FAR_VERSION_COST
+    assert bytes(c.read(offset, 1)) == b"x"
+    assert bytes(c.read(0, 4)) == b"head"
+    # holes anywhere read as zeros, including the far block's own hole part and just below it
+    assert bytes(c.read(offset - 5, 6)) == bytes(5) + b"x"
+    assert bytes(c.read(offset // 2, 1 << 20)) == bytes(1 << 20)
+    assert bytes(c.read(1 << 20, 100)) == bytes(100)
+    assert c.st_blocks == (2 * BS) // 512
+    c.truncate(5)
+    assert len(c.far) == 0 and c.allocated == 1
+    assert bytes(c.read(0, 10)) == b"head\0"
+    c.destroy()
+    assert budget.used == 0
+
+
+def test_read_near_the_kernel_limit_is_zeros(store: BlobStore) -> None:
+    c = FileContent(store, BS)
+    c.write(0, b"a")
+    c.truncate(MAX_LFS_FILESIZE)  # a size only: no version, no blob growth
+    assert len(c.far) == 0
+    assert bytes(c.read(MAX_LFS_FILESIZE - 4096, 8192)) == bytes(4096)
+    c.destroy()
+
+
+def test_near_blocks_stay_in_the_dense_array_and_far_ones_move_in(store: BlobStore) -> None:
+    c = FileContent(store, 512)
+    c.write(0, b"a" * 512)
+    c.write(512 * (1 + DENSE_SLACK), b"b")  # within the slack: array grows
+    assert not c.far
+    far = 512 * (3 * DENSE_SLACK)
+    c.write(far, b"c")
+    assert list(c.far) == [3 * DENSE_SLACK]
+    for i in range(2 + DENSE_SLACK, 3 * DENSE_SLACK + DENSE_SLACK // 2, DENSE_SLACK // 2):  # across it
+        c.write(512 * i, b"d")
+    assert not c.far, "a far block the array reaches moves into it"
+    assert bytes(c.read(far, 1)) == b"c"
+    c.destroy()
+
+
+def test_budget_refuses_before_anything_changes(store: BlobStore) -> None:
+    budget = MemoryBudget(CONTENT_COST + 200)
+    c = FileContent(store, 512, budget)
+    c.write(0, b"a")
+    with pytest.raises(FsError) as e:
+        c.write(512 * 10_000, b"z" * 512 * 4)  # 4 far blocks: 4 x 104 bytes > what is left
+    assert e.value.errno == errno.ENOSPC
+    assert c.size == 1 and not c.far
+    c.write(512 * 10_000, b"z")  # one entry fits
+    assert bytes(c.read(512 * 10_000, 1)) == b"z"
+    c.destroy()
+    assert budget.used == 0
+
+
+def _blob_len(size: int, bs: int) -> int:
+    full, rest = divmod(size, bs)
+    return full * (bs + blocks.OVERHEAD) + (rest + blocks.OVERHEAD if rest else 0)
+
+
+def test_max_plain_size_fits_exactly() -> None:
+    for bs in (512, 4096, BS):
+        for most in ((1 << 44) - 4096, (1 << 63) - 1, 10 * (bs + 28) + 5, 10 * (bs + 28) + 100):
+            size = max_plain_size(most, bs, blocks.OVERHEAD)
+            assert _blob_len(size, bs) <= most
+            assert _blob_len(size + 1, bs) > most
+
+
+def test_inode_limit_gives_enospc_and_frees_on_unlink() -> None:
+    ns = Namespace(limits=Limits(max_inodes=4))
+    for i in range(3):
+        ns.create(ROOT_INO, b"f%d" % i, stat.S_IFREG | 0o644, 0, 0)
+    with pytest.raises(FsError) as e:
+        ns.create(ROOT_INO, b"one-too-many", stat.S_IFREG | 0o644, 0, 0)
+    assert e.value.errno == errno.ENOSPC
+    node = ns.unlink(ROOT_INO, b"f0")
+    assert ns.release_if_unused(node) is node
+    ns.create(ROOT_INO, b"again", stat.S_IFREG | 0o644, 0, 0)
+
+
+def test_budget_accounting_returns_to_idle() -> None:
+    ns = Namespace()
+    idle = ns.budget.used
+    d = ns.create(ROOT_INO, b"dir", stat.S_IFDIR | 0o755, 0, 0)
+    f = ns.create(d.ino, b"file", stat.S_IFREG | 0o644, 0, 0)
+    ns.link(f.ino, ROOT_INO, b"a-longer-second-name")
+    ns.create(ROOT_INO, b"sym", stat.S_IFLNK | 0o777, 0, 0, target=b"/somewhere/else")
+    ns.setxattr(f, b"user.a", b"v" * 1000)
+    ns.setxattr(f, b"user.a", b"v" * 10)
+    ns.rename(ROOT_INO, b"a-longer-second-name", d.ino, b"n", 0)
+    ns.rename(ROOT_INO, b"sym", d.ino, b"file", 0)  # replaces one of f's names
+    assert ns.budget.used > idle
+    for parent, name in ((d.ino, b"n"), (d.ino, b"file")):
+        node = ns.unlink(parent, name)
+        ns.release_if_unused(node)
+    ns.release_if_unused(ns.rmdir(ROOT_INO, b"dir"))
+    assert ns.budget.used == idle
+
+
+def test_memory_budget_caps_inodes() -> None:
+    ns = Namespace(limits=Limits(memory_budget=20_000))
+    made = 0
+    with pytest.raises(FsError) as e:
+        for i in range(1000):
+            ns.create(ROOT_INO, b"f%d" % i, stat.S_IFREG | 0o644, 0, 0)
+            made += 1
+    assert e.value.errno == errno.ENOSPC
+    assert 10 < made < 40
+    assert ns.budget.used <= 20_000
+
+
+def test_xattr_count_and_bytes_limits() -> None:
+    ns = Namespace(limits=Limits(max_xattrs=3, max_xattr_bytes=1000))
+    f = ns.create(ROOT_INO, b"f", stat.S_IFREG | 0o644, 0, 0)
+    for i in range(3):
+        ns.setxattr(f, b"user.%d" % i, b"v")
+    with pytest.raises(FsError) as e:
+        ns.setxattr(f, b"user.3", b"v")
+    assert e.value.errno == errno.ENOSPC
+    ns.setxattr(f, b"user.0", b"w" * 900)  # replacing a value is not a new xattr
+    with pytest.raises(FsError) as e:
+        ns.setxattr(f, b"user.1", b"w" * 100)  # 900 + 100 + names > 1000
+    assert e.value.errno == errno.ENOSPC
+    ns.removexattr(f, b"user.0")
+    ns.setxattr(f, b"user.1", b"w" * 100)
+    assert f.xattrs is not None and f.xattrs[b"user.1"] == b"w" * 100
+    with pytest.raises(FsError) as e:
+        ns.removexattr(f, b"user.0")
+    assert e.value.errno == errno.ENODATA

@@ -125,6 +125,11 @@ class ScratchOps(pyfuse3.Operations):
             limits=self.limits,
         )
         self.files = OpenFileTable()
+        # Inodes whose cached writes the kernel could not hand us (past --max-file-size with the
+        # writeback cache; FUSE cannot tell the kernel a size limit, so it took them into its page
+        # cache and only learns at writeback). Reads past our size fail instead of showing the
+        # kernel's zeros. Bounded by the inode table; cleared by truncate and inode release.
+        self._lost_writes: set[int] = set()
         self._limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -221,6 +226,7 @@ class ScratchOps(pyfuse3.Operations):
                 )
             node.content = None
         self.files.forget_lock(node)
+        self._lost_writes.discard(node.ino)
 
     def destroy_all(self) -> int:
         """Unmount: drop every key and remove every blob; returns the number of files shredded."""
@@ -283,6 +289,7 @@ class ScratchOps(pyfuse3.Operations):
             if attr.st_size > self.limits.max_file_size:
                 raise FsError(errno.EFBIG)
             await self._truncate(node, attr.st_size)
+            self._lost_writes.discard(node.ino)
             if not fields.update_mtime:
                 node.mtime_ns = t
         if fields.update_mode:
@@ -387,6 +394,8 @@ class ScratchOps(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self.files.get(fh).node
         content = self._content(node)
+        if node.ino in self._lost_writes and off + size > content.size:
+            raise FsError(errno.EIO)  # the kernel thinks data is there that we could never store
         lock = self.files.lock(node)
         await lock.acquire_read()
         try:
@@ -405,9 +414,11 @@ class ScratchOps(pyfuse3.Operations):
         h = self.files.get(fh)
         node = h.node
         room = self.limits.max_file_size - off
-        if room <= 0:
-            raise FsError(errno.EFBIG)
-        if len(buf) > room:
+        if room < len(buf):
+            if self.enable_writeback_cache:
+                self._lose_writes(node, off)
+            if room <= 0:
+                raise FsError(errno.EFBIG)
             buf = memoryview(buf)[:room]  # type: ignore[assignment]  # a short write up to the limit, as POSIX asks
         if self.direct_io and h.kill_suid and node.mode & (stat.S_ISUID | stat.S_ISGID):
             self._kill_suid(node)
@@ -424,6 +435,17 @@ class ScratchOps(pyfuse3.Operations):
             lock.release_write()
         node.mtime_ns = node.ctime_ns = now_ns()
         return written
+
+    def _lose_writes(self, node: Inode, off: int) -> None:
+        if node.ino not in self._lost_writes:
+            self._lost_writes.add(node.ino)
+            log.warning(
+                "event=cached_write_refused path=%s ino=%d offset=%d max_file_size=%d",
+                self.ns.path_of(node),
+                node.ino,
+                off,
+                self.limits.max_file_size,
+            )
 
     @staticmethod
     def _kill_suid(node: Inode) -> None:

@@ -278,7 +278,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     entry = find_mount(path)
     if entry is None or entry.fstype != FSTYPE:
         raise MountError(EXIT_NOT_MOUNTED, f"{path} is not a scratchfs mount; give the mountpoint of a live scratchfs")
-    return verify_tree(path, sys.stdout)
+    return verify_tree(path, sys.stdout, progress_out=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

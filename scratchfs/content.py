@@ -15,8 +15,12 @@ charged to the mount's memory budget (limits.py) before they grow.
 
 from __future__ import annotations
 
+import errno
+import heapq
+import itertools
 import os
 from array import array
+from collections.abc import Iterator
 
 from scratchfs import blocks
 from scratchfs.crypto import FileKey
@@ -241,6 +245,66 @@ class FileContent:
             pstart = (index - first) * bs
             blocks.open_block_into(key, blob_id, index, version, record, out_view[pstart : pstart + plain_len])
         return out
+
+    # --- what `scratchfs verify` must read --------------------------------------------------------
+    def check_runs(self, start: int) -> Iterator[tuple[int, int]]:
+        """Runs (first, last) of block indices >= *start* that a full check must read, in order.
+
+        That is every block this process wrote, and every block whose record area holds data
+        in the backing store (SEEK_DATA on the blob): ciphertext put into a hole must be read
+        to be caught. Everything else is a hole on both sides and reads as zeros by
+        construction, so `verify` skips it. Needs the blob's fd open (ready()).
+        """
+        last_block = (self.size - 1) // self.block_size
+        merged = heapq.merge(self._written_runs(start), self._backing_runs(start))
+        current: tuple[int, int] | None = None
+        for first, last in merged:
+            first, last = max(first, start), min(last, last_block)
+            if first > last:
+                continue
+            if current is not None and first <= current[1] + 1:
+                current = (current[0], max(current[1], last))
+                continue
+            if current is not None:
+                yield current
+            current = (first, last)
+        if current is not None:
+            yield current
+
+    def _written_runs(self, start: int) -> Iterator[tuple[int, int]]:
+        versions = self.versions
+        n = len(versions)
+        i = start
+        while i < n:
+            if versions[i]:
+                j = i
+                while j + 1 < n and versions[j + 1]:
+                    j += 1
+                yield i, j
+                i = j + 1
+            else:
+                i += 1
+        far = sorted(k for k in self.far if k >= start)
+        for _, group in itertools.groupby(enumerate(far), key=lambda p: p[1] - p[0]):
+            indices = [k for _, k in group]
+            yield indices[0], indices[-1]
+
+    def _backing_runs(self, start: int) -> Iterator[tuple[int, int]]:
+        if self.fd < 0:
+            return
+        record = self.block_size + blocks.OVERHEAD
+        pos = start * record
+        end = os.fstat(self.fd).st_size
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data past pos
+                    return
+                raise
+            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            yield data // record, (hole - 1) // record
+            pos = hole
 
     # --- the three content operations ------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes | memoryview:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -47,6 +48,11 @@ R = TypeVar("R")
 THREAD_MIN_BYTES = 256 * 1024
 PASS_THROUGH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE}
 DAY_NS = 86400 * 10**9
+# Read-only virtual xattrs `scratchfs verify` asks for (never listed, never stored; setting a
+# name under this prefix is refused): the block size, and the byte ranges a check must read.
+VIRTUAL_XATTR_PREFIX = b"user.scratchfs."
+CHECK_RANGES_XATTR = VIRTUAL_XATTR_PREFIX + b"check_ranges."
+CHECK_RANGES_PER_REPLY = 1024  # ~40 KiB of text: under the 64 KiB xattr size limit
 
 
 def _redact(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -540,15 +546,45 @@ class ScratchOps(pyfuse3.Operations):
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_xattr_name(name)
+        if name.startswith(VIRTUAL_XATTR_PREFIX):
+            raise FsError(errno.EPERM)  # reserved for the read-only virtual xattrs
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
         self.ns.setxattr(self.ns.get(inode), name, value)
+
+    def _virtual_xattr(self, node: Inode, name: bytes) -> bytes:
+        """`user.scratchfs.block_size`, or `user.scratchfs.check_ranges.<offset>`: the byte
+        ranges from <offset> on that `verify` must read ("first-last ...", then "next=<offset>"
+        when there are more), so that it skips holes instead of reading 2^44 bytes of zeros."""
+        if name == VIRTUAL_XATTR_PREFIX + b"block_size":
+            return b"%d" % self.block_size
+        if not name.startswith(CHECK_RANGES_XATTR) or not stat.S_ISREG(node.mode):
+            raise FsError(pyfuse3.ENOATTR)
+        tail = name[len(CHECK_RANGES_XATTR) :]
+        if not tail.isdigit():
+            raise FsError(errno.EINVAL)
+        content: FileContent | None = node.content
+        if content is None:
+            return b""
+        bs = self.block_size
+        self._ready(node, content)
+        try:
+            runs = list(itertools.islice(content.check_runs(int(tail) // bs), CHECK_RANGES_PER_REPLY + 1))
+        finally:
+            if node.opens == 0 and not self.files.busy(node):
+                content.close_fd()
+        parts = [b"%d-%d" % (first * bs, min(content.size, (last + 1) * bs) - 1) for first, last in runs]
+        if len(runs) > CHECK_RANGES_PER_REPLY:
+            parts[-1] = b"next=%d" % (runs[-1][0] * bs)
+        return b" ".join(parts)
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.ns.get(inode)
         if len(name) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE)
+        if name.startswith(VIRTUAL_XATTR_PREFIX):
+            return self._virtual_xattr(node, name)
         if not node.xattrs or name not in node.xattrs:
             raise FsError(pyfuse3.ENOATTR)
         return node.xattrs[name]

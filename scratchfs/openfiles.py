@@ -90,6 +90,11 @@ class OpenFileTable:
             lock = self._locks[node.ino] = RWLock()
         return lock
 
+    def busy(self, node: Inode) -> bool:
+        """Whether someone holds or waits for *node*'s lock (then its blob fd is in use)."""
+        lock = self._locks.get(node.ino)
+        return lock is not None and not lock.idle
+
     def forget_lock(self, node: Inode) -> None:
         """*node* left the inode table: drop its lock unless someone still holds or waits for it."""
         lock = self._locks.get(node.ino)

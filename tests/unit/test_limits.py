@@ -4,6 +4,7 @@ inode and xattr limits, the memory budget and its accounting."""
 from __future__ import annotations
 
 import errno
+import itertools
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -172,3 +173,30 @@ def test_xattr_count_and_bytes_limits() -> None:
     with pytest.raises(FsError) as e:
         ns.removexattr(f, b"user.0")
     assert e.value.errno == errno.ENODATA
+
+
+def test_check_runs_lists_written_blocks_and_backing_data(store: BlobStore) -> None:
+    c = FileContent(store, 512)
+    c.write(0, b"a" * 1024)  # blocks 0-1
+    c.write(512 * 5, b"b")  # block 5 (dense, within the slack)
+    c.write(512 * 100_000, b"c" * 1024)  # blocks 100000-100001 (far)
+    c.truncate(512 * 200_000)
+    c.ready()
+    runs = list(c.check_runs(0))
+
+    def covered(index: int, runs: list[tuple[int, int]]) -> bool:
+        return any(first <= index <= last for first, last in runs)
+
+    assert all(covered(i, runs) for i in (0, 1, 5, 100_000, 100_001))
+    # SEEK_DATA answers in 4 KiB pages (~8 records of 540 bytes): a few neighbours, never the holes
+    assert sum(last - first + 1 for first, last in runs) <= 3 * 16, runs
+    assert runs == sorted(runs) and all(a[1] + 1 < b[0] for a, b in itertools.pairwise(runs))
+    assert next(iter(c.check_runs(50)))[0] >= 100_000 - 8  # starting later skips what is before
+    # bytes planted in a hole's record area show up, so a check reads (and catches) them
+    assert c.blob_id is not None
+    path = store.root / c.blob_id.hex()
+    with open(path, "r+b") as f:
+        f.seek(blocks.record_offset(50_000, 512))
+        f.write(b"planted")
+    assert any(first <= 50_000 <= last for first, last in c.check_runs(0))
+    c.destroy()

@@ -73,7 +73,9 @@ async def test_lock_is_shared_per_inode_and_dropped_only_when_idle(tmp_path: Pat
     lock = table.lock(node)
     assert table.lock(node) is lock
     assert table.lock(other) is not lock
+    assert not table.busy(node)
     await lock.acquire_write()
+    assert table.busy(node)
     table.forget_lock(node)
     assert table.lock(node) is lock, "a held lock must survive its inode's release"
     lock.release_write()

@@ -11,6 +11,15 @@ Memory is proportional to what is stored, never to offsets: block versions live 
 array for the contiguous prefix (8 bytes per block, the hot path) and in a dict for blocks far
 beyond it, so a 1-byte write at 2^62 costs one dict entry, not an array of 2^48 slots. Both are
 charged to the mount's memory budget (limits.py) before they grow.
+
+Any offset the kernel allows (up to 2^63 - 1) can be stored, whatever the backing filesystem's
+own limit (ext4: 16 TiB): a block whose record would lie past the largest blob the backing
+store holds goes to the file's *overflow blob*, in a slot assigned at write (copy-on-write: a
+rewrite takes a fresh slot, the old one is freed once the new record landed). The slot map lives
+in memory; the associated data still binds blob id, block index and version, so a record moved
+between slots, or from the main blob, fails. The kernel's own limit (s_maxbytes, which FUSE
+fixes at 2^63 - 1) is then ours, so even with the writeback cache an oversized write fails at
+write(2), before the page cache takes it.
 """
 
 from __future__ import annotations
@@ -46,9 +55,15 @@ class FileContent:
         "charged",
         "far",
         "fd",
+        "free_slots",
+        "ident_blocks",
         "key",
+        "next_slot",
         "next_version",
+        "ovf_fd",
+        "ovf_id",
         "size",
+        "slots",
         "store",
         "versions",
     )
@@ -68,6 +83,13 @@ class FileContent:
         self.fd = -1
         self.blob_len = 0
         self.allocated = 0  # blocks that are not holes
+        # Blocks from this index on do not fit the main blob: overflow blob, slot map.
+        self.ident_blocks = store.size_limit // (block_size + blocks.OVERHEAD)
+        self.ovf_id: bytes | None = None
+        self.ovf_fd = -1
+        self.slots: dict[int, int] = {}  # block index -> slot in the overflow blob
+        self.free_slots: list[int] = []
+        self.next_slot = 0
 
     def __repr__(self) -> str:
         return f"<FileContent size={self.size} blocks={self.allocated}>"
@@ -88,15 +110,28 @@ class FileContent:
         return self.fd
 
     def ready(self) -> None:
-        """Make sure the blob's fd is open if the file has a blob (call on the trio thread)."""
+        """Make sure the blobs' fds are open if the file has blobs (call on the trio thread)."""
         if self.blob_id is not None and self.fd < 0:
             self.fd = self.store.open_blob(self.blob_id)
+        if self.ovf_id is not None and self.ovf_fd < 0:
+            self.ovf_fd = self.store.open_blob(self.ovf_id)
+
+    def _overflow_fd(self) -> int:
+        """The overflow blob's fd, creating the blob on first use."""
+        if self.ovf_id is None:
+            self.ovf_id, self.ovf_fd = self.store.new_blob()
+        elif self.ovf_fd < 0:
+            self.ovf_fd = self.store.open_blob(self.ovf_id)
+        return self.ovf_fd
 
     def close_fd(self) -> None:
-        """Close the blob's fd (reopened on next use); keeps key and data."""
+        """Close the blobs' fds (reopened on next use); keeps key and data."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.ovf_fd >= 0:
+            os.close(self.ovf_fd)
+            self.ovf_fd = -1
 
     def destroy(self) -> None:
         """Crypto-shred: drop the key, then remove the blob."""
@@ -108,8 +143,13 @@ class FileContent:
             self.store.remove_blob(self.blob_id)
             self.blob_id = None
             self.budget.adjust(-CONTENT_COST)
+        if self.ovf_id is not None:
+            self.store.remove_blob(self.ovf_id)
+            self.ovf_id = None
         self.versions = array("Q")
         self.far = {}
+        self.slots = {}
+        self.free_slots = []
         self.size = 0
         self.allocated = 0
         self._settle()
@@ -119,10 +159,12 @@ class FileContent:
         if self.blob_id is None:
             return
         fd = self.ensure_blob()
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        fds = [fd] if self.ovf_id is None else [fd, self._overflow_fd()]
+        for one in fds:
+            if datasync:
+                os.fdatasync(one)
+            else:
+                os.fsync(one)
 
     @property
     def st_blocks(self) -> int:
@@ -175,12 +217,18 @@ class FileContent:
             need = (last + 1 - n) * DENSE_VERSION_COST
         else:
             need = (last + 1 - first) * FAR_VERSION_COST
+        if last >= self.ident_blocks:  # and a slot entry each
+            need += (last + 1 - max(first, self.ident_blocks)) * FAR_VERSION_COST
         self.budget.check(need)
         return True
 
     def _settle(self) -> None:
         """Charge the budget with what the version map costs now (the array's capacity counts)."""
-        cost = len(self.versions) * DENSE_VERSION_COST + len(self.far) * FAR_VERSION_COST
+        cost = (
+            len(self.versions) * DENSE_VERSION_COST
+            + (len(self.far) + len(self.slots)) * FAR_VERSION_COST
+            + len(self.free_slots) * DENSE_VERSION_COST
+        )
         if cost != self.charged:
             self.budget.adjust(cost - self.charged)
             self.charged = cost
@@ -213,6 +261,8 @@ class FileContent:
         out = bytearray(max(0, min(size, (last + 1) * bs) - first * bs))
         if self.blob_id is None:
             return out
+        if last >= self.ident_blocks:
+            return self._read_overflow(first, last, out)
         fd = self.ensure_blob()
         base = blocks.record_offset(first, bs)
         end = blocks.record_offset(last, bs) + blocks.block_length(last, size, bs) + blocks.OVERHEAD
@@ -244,6 +294,33 @@ class FileContent:
             assert key is not None
             pstart = (index - first) * bs
             blocks.open_block_into(key, blob_id, index, version, record, out_view[pstart : pstart + plain_len])
+        return out
+
+    def _read_overflow(self, first: int, last: int, out: bytearray) -> bytearray:
+        """_read_blocks for a range reaching into the overflow blob (one pread per record)."""
+        bs = self.block_size
+        record_size = bs + blocks.OVERHEAD
+        start = first
+        if first < self.ident_blocks:
+            head = self._read_blocks(first, self.ident_blocks - 1)
+            out[: len(head)] = head
+            start = self.ident_blocks
+        out_view = memoryview(out)
+        for index in range(start, last + 1):
+            version = self._version(index)
+            if version == 0:
+                continue  # a hole: no record anywhere
+            plain_len = blocks.block_length(index, self.size, bs)
+            record = memoryview(
+                os.pread(self._overflow_fd(), plain_len + blocks.OVERHEAD, self.slots[index] * record_size)
+            )
+            if len(record) < plain_len + blocks.OVERHEAD:
+                raise IntegrityError("record missing (overflow blob truncated)", index)
+            assert self.key is not None and self.blob_id is not None
+            pstart = (index - first) * bs
+            blocks.open_block_into(
+                self.key, self.blob_id, index, version, record, out_view[pstart : pstart + plain_len]
+            )
         return out
 
     # --- what `scratchfs verify` must read --------------------------------------------------------
@@ -411,6 +488,8 @@ class FileContent:
         del self.versions[keep:]
         for index in [i for i in self.far if i >= keep]:
             self._set_version(index, 0)
+        for index in [i for i in self.slots if i >= keep]:
+            self.free_slots.append(self.slots.pop(index))
         self._settle()
         if tail:
             cut = blocks.record_offset(keep - 1, bs) + tail + blocks.OVERHEAD
@@ -440,6 +519,38 @@ class FileContent:
         plain.extend(bytes(new_len - len(plain)))
         return self._seal_one(index, plain)
 
+    def _write_overflow_run(self, fd: int, first: int, data: bytes | bytearray, versions: list[int]) -> None:
+        """A run reaching past the main blob: each overflow record to a fresh slot, then the head
+        as usual; versions and slots change only once everything landed (as for one pwrite)."""
+        record_size = self.block_size + blocks.OVERHEAD
+        head = max(0, self.ident_blocks - first)
+        ovf = self._overflow_fd()
+        view = memoryview(data)
+        taken: list[int] = []
+        try:
+            for i in range(head, len(versions)):
+                if self.free_slots:
+                    slot = self.free_slots.pop()
+                else:
+                    slot = self.next_slot
+                    self.next_slot += 1
+                taken.append(slot)
+                record = view[i * record_size : (i + 1) * record_size]
+                if os.pwrite(ovf, record, slot * record_size) != len(record):
+                    raise OSError(errno.ENOSPC, "short write to the backing store")
+            if head:
+                self._write_runs(fd, [(first, data[: head * record_size], versions[:head])])
+        except OSError:
+            self.free_slots.extend(taken)
+            raise
+        for i, slot in zip(range(head, len(versions)), taken, strict=True):
+            index = first + i
+            old = self.slots.get(index)
+            if old is not None:
+                self.free_slots.append(old)
+            self.slots[index] = slot
+            self._set_version(index, versions[i])
+
     def _write_runs(self, fd: int, runs: list[tuple[int, bytes | bytearray, list[int]]]) -> None:
         """Write runs of consecutive records; versions change only once a run has landed.
 
@@ -448,6 +559,9 @@ class FileContent:
         """
         bs = self.block_size
         for first, data, versions in runs:
+            if first + len(versions) > self.ident_blocks:
+                self._write_overflow_run(fd, first, data, versions)
+                continue
             offset = blocks.record_offset(first, bs)
             try:
                 written = os.pwrite(fd, data, offset)

@@ -6,7 +6,7 @@ it can grow is bounded here, with the errno tmpfs users know, so that nobody can
 
 | what | bound | errno |
 |---|---|---|
-| file size | `max_file_size` (default: what the backing store can hold) | EFBIG |
+| file size | `max_file_size` (default: 2^63 - 1, the kernel's own limit) | EFBIG |
 | inodes | `max_inodes` | ENOSPC (statfs f_files/f_ffree report it) |
 | xattrs per inode | `max_xattrs` names, `max_xattr_bytes` names+values | ENOSPC (a value > 64 KiB: E2BIG) |
 | metadata memory | `memory_budget` bytes, accounted below | ENOSPC + one WARNING line per doubling |
@@ -92,9 +92,3 @@ class MemoryBudget:
         """Settle a change already made (a release, or the real cost after `check`)."""
         self.used += delta
 
-
-def max_plain_size(max_blob_size: int, block_size: int, overhead: int) -> int:
-    """The largest plaintext size whose blob (records of block_size + overhead) fits *max_blob_size*."""
-    record = block_size + overhead
-    full, rest = divmod(max_blob_size, record)
-    return full * block_size + max(0, rest - overhead)

@@ -32,8 +32,8 @@ from scratchfs.limits import (
     DEFAULT_MAX_XATTR_BYTES,
     DEFAULT_MAX_XATTRS,
     DEFAULT_MEMORY_BUDGET,
+    MAX_LFS_FILESIZE,
     Limits,
-    max_plain_size,
 )
 from scratchfs.store import BlobStore
 
@@ -89,15 +89,10 @@ class MountOptions:
     extra: list[str] = field(default_factory=list)
 
 
-def mount_limits(opts: MountOptions, store: BlobStore) -> Limits:
-    """The mount's limits; the file size is capped by what the backing store can hold."""
-    most = max_plain_size(store.max_blob_size(), opts.block_size, blocks.OVERHEAD)
-    size = opts.max_file_size or most
-    if size > most:
-        log.warning("event=max_file_size_capped asked=%d cap=%d reason=backing_store_limit", size, most)
-        size = most
+def mount_limits(opts: MountOptions) -> Limits:
+    """The mount's limits (file size: the kernel's own, unless asked for less)."""
     return Limits(
-        max_file_size=size,
+        max_file_size=min(opts.max_file_size or MAX_LFS_FILESIZE, MAX_LFS_FILESIZE),
         max_inodes=opts.max_inodes,
         max_xattrs=opts.max_xattrs,
         max_xattr_bytes=opts.max_xattr_bytes,
@@ -235,7 +230,7 @@ async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0) -> None:
 def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled; always shred keys and blobs afterwards."""
     harden_process(lock_memory=opts.lock_memory)
-    limits = mount_limits(opts, store)
+    limits = mount_limits(opts)
     ops = ScratchOps(
         store, opts.block_size, debug=opts.debug, strict=opts.strict, attr_timeout=opts.attr_timeout, limits=limits
     )
@@ -251,7 +246,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         ) from None
     log.info(
         "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d max_file_size=%d max_inodes=%d "
-        "memory_budget=%d",
+        "memory_budget=%d backing_max_blob=%d",
         opts.mountpoint,
         opts.backing,
         opts.block_size,
@@ -259,6 +254,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         limits.max_file_size,
         limits.max_inodes,
         limits.memory_budget,
+        store.size_limit,  # probed now, not in the first write's request
     )
     try:
         if opts.pid_file is not None:

@@ -65,6 +65,19 @@ class BlobStore:
         self._uid = os.geteuid()
         # blob id -> (st_dev, st_ino) at creation; one entry per live file with content.
         self._pins: dict[bytes, tuple[int, int]] = {}
+        self._size_limit: int | None = None
+
+    @property
+    def size_limit(self) -> int:
+        """The largest blob the backing filesystem holds (probed once, see max_blob_size)."""
+        if self._size_limit is None:
+            self._size_limit = self.max_blob_size()
+        return self._size_limit
+
+    @size_limit.setter
+    def size_limit(self, value: int) -> None:
+        # Lowered by tests to exercise overflow blobs without writing near 16 TiB.
+        self._size_limit = value
 
     @classmethod
     def check(cls, root: Path) -> None:

@@ -1,9 +1,12 @@
 """Bugs external suites found in non-default modes (issue 11 item 4a, 4b).
 
-- The file size limit: EFBIG at write(2)/truncate(2) wherever the daemon sees the call; with the
-  writeback cache (where FUSE offers no way to tell the kernel a limit, so it accepts the bytes
-  into its page cache) the writer gets the error at fsync/close and the lost bytes never read
-  back as zeros.
+- The file size limit. By default it is the kernel's own (2^63 - 1, FUSE's fixed s_maxbytes),
+  which scratchfs can store on any backing filesystem (overflow blobs past ext4's 16 TiB), so
+  the kernel refuses an oversized write at write(2) in every mode, writeback cache included.
+  A lower --max-file-size is enforced at write(2)/truncate(2) wherever the daemon sees the
+  call; with the writeback cache (FUSE offers no way to tell the kernel a lower limit, so it
+  accepts the bytes into its page cache) the writer gets the error at fsync/close and the lost
+  bytes never read back as zeros.
 - Under --direct-io, a write by an unprivileged process clears setuid/setgid (pjdfstest
   chmod/12.t), as the kernel does itself for page-cache writes.
 """
@@ -70,6 +73,37 @@ def test_file_size_limit(limited: Mounted) -> None:
     finally:
         os.close(fd)
     assert path.read_bytes()[:4] == b"kept"
+
+
+MODES = [[], ["--direct-io"], ["--writeback-cache"]]
+
+
+@pytest.mark.parametrize("options", MODES, ids=["default", "direct-io", "writeback-cache"])
+def test_default_limit_is_the_kernels(tmp_path: Path, options: list[str]) -> None:
+    """Past the ext4 backing's 16 TiB a byte still lands (overflow blob), up to the last byte the
+    kernel allows; past it the kernel itself refuses at write(2), before any page cache."""
+    m = mount(tmp_path / "backing", tmp_path / "mnt", *options)
+    try:
+        path = m.mountpoint / "edge"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, b"first", 0)
+            for off in (1 << 45, (1 << 63) - 2):
+                assert os.pwrite(fd, b"Z", off) == 1
+            # The kernel refuses the last offset itself, as for tmpfs (pos + count would pass 2^63).
+            assert _errno(os.pwrite, fd, b"Z", (1 << 63) - 1) == "EINVAL"
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read back from the daemon
+            assert os.pread(fd, 2, (1 << 45) - 1) == b"\0Z"
+            assert os.pread(fd, 3, (1 << 63) - 4) == b"\0\0Z"
+            assert os.pread(fd, 5, 0) == b"first"
+            assert os.fstat(fd).st_size == (1 << 63) - 1
+        finally:
+            os.close(fd)
+        assert len(m.blobs()) == 2, "the main blob and one overflow blob"
+        assert "event=cached_write_refused" not in m.log_text()
+    finally:
+        unmount(m)
 
 
 def test_writeback_writer_sees_the_error_at_close(tmp_path: Path) -> None:

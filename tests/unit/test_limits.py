@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
+import random
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -14,14 +16,13 @@ import pytest
 
 from scratchfs import blocks
 from scratchfs.content import DENSE_SLACK, FileContent
-from scratchfs.errors import FsError
+from scratchfs.errors import FsError, IntegrityError
 from scratchfs.limits import (
     CONTENT_COST,
     FAR_VERSION_COST,
     MAX_LFS_FILESIZE,
     Limits,
     MemoryBudget,
-    max_plain_size,
 )
 from scratchfs.store import BlobStore
 from scratchfs.tree import ROOT_INO, Namespace
@@ -99,17 +100,60 @@ def test_budget_refuses_before_anything_changes(store: BlobStore) -> None:
     assert budget.used == 0
 
 
-def _blob_len(size: int, bs: int) -> int:
-    full, rest = divmod(size, bs)
-    return full * (bs + blocks.OVERHEAD) + (rest + blocks.OVERHEAD if rest else 0)
+@pytest.mark.parametrize("bs", [512, 4096])
+def test_overflow_blob_matches_model(store: BlobStore, bs: int) -> None:
+    """Blocks past what the backing store holds go to the overflow blob: same bytes as a model."""
+    rng = random.Random(bs)
+    store.size_limit = 6 * (bs + blocks.OVERHEAD) + 7  # the main blob holds blocks 0..5
+    c = FileContent(store, bs)
+    assert c.ident_blocks == 6
+    model = bytearray()
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.6:
+            off = rng.randrange(0, 14 * bs)
+            data = rng.randbytes(rng.randrange(1, 3 * bs))
+            c.write(off, data)
+            if off > len(model):
+                model.extend(bytes(off - len(model)))
+            model[off : off + len(data)] = data
+        elif op < 0.75:
+            size = rng.randrange(0, 16 * bs)
+            c.truncate(size)
+            if size < len(model):
+                del model[size:]
+            else:
+                model.extend(bytes(size - len(model)))
+        elif op < 0.8:
+            c.close_fd()  # reopen both blobs (pinned) on next use
+        else:
+            off = rng.randrange(0, 17 * bs)
+            n = rng.randrange(0, 4 * bs)
+            assert bytes(c.read(off, n)) == bytes(model[off : off + n])
+        assert c.size == len(model)
+        written = {i for i in range(6, 20) if c._version(i)}
+        assert set(c.slots) == written, "a slot for every overflow block, nothing else"
+        assert os.path.getsize(store.root / c.blob_id.hex()) <= store.size_limit if c.blob_id else True
+    assert bytes(c.read(0, len(model))) == bytes(model)
+    slots_used = c.next_slot
+    assert slots_used <= 8 + 3 * 400 // 5, "freed slots are reused"
+    c.destroy()
+    assert [p.name for p in store.root.iterdir()] == [".scratchfs"]
 
 
-def test_max_plain_size_fits_exactly() -> None:
-    for bs in (512, 4096, BS):
-        for most in ((1 << 44) - 4096, (1 << 63) - 1, 10 * (bs + 28) + 5, 10 * (bs + 28) + 100):
-            size = max_plain_size(most, bs, blocks.OVERHEAD)
-            assert _blob_len(size, bs) <= most
-            assert _blob_len(size + 1, bs) > most
+def test_overflow_record_moved_between_slots_is_refused(store: BlobStore) -> None:
+    store.size_limit = 2 * (512 + blocks.OVERHEAD)
+    c = FileContent(store, 512)
+    c.write(512 * 10, b"a" * 512)
+    c.write(512 * 11, b"b" * 512)
+    assert c.ovf_id is not None
+    ovf = store.root / c.ovf_id.hex()
+    raw = ovf.read_bytes()
+    rec = 512 + blocks.OVERHEAD
+    ovf.write_bytes(raw[rec : 2 * rec] + raw[:rec])  # swap the two slots (same inode: write_bytes)
+    with pytest.raises(IntegrityError):
+        c.read(512 * 10, 512)
+    c.destroy()
 
 
 def test_inode_limit_gives_enospc_and_frees_on_unlink() -> None:

@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -244,3 +245,29 @@ def test_check_runs_lists_written_blocks_and_backing_data(store: BlobStore) -> N
         f.write(b"planted")
     assert any(first <= 50_000 <= last for first, last in c.check_runs(0))
     c.destroy()
+
+
+def test_overflow_write_failing_for_space_changes_nothing(tmp_path: Path) -> None:
+    """ENOSPC half-way through a run into the overflow blob: no block takes a new version, the
+    taken slots are given back, what was there reads back unchanged (a real full tmpfs)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(where)], check=True)
+    try:
+        store = BlobStore.open(where)
+        store.size_limit = 2 * (4096 + blocks.OVERHEAD)
+        c = FileContent(store, 4096)
+        c.write(0, b"k" * 8192)
+        c.write(4096 * 10, b"o" * 4096)  # one overflow block
+        before = (dict(c.slots), dict(c.far), c.size, c.next_slot)
+        with pytest.raises(OSError) as e:
+            c.write(4096 * 10, os.urandom(4096 * 100))  # 400 KiB into a 256 KiB filesystem
+        assert e.value.errno == errno.ENOSPC
+        assert (dict(c.slots), dict(c.far), c.size) == before[:3]
+        assert bytes(c.read(4096 * 10, 4096)) == b"o" * 4096
+        assert bytes(c.read(0, 8192)) == b"k" * 8192
+        assert len(c.free_slots) == c.next_slot - 1, "every slot taken by the failed write is free again"
+        c.destroy()
+        store.close()
+    finally:
+        subprocess.run(["umount", str(where)], check=True)

@@ -39,6 +39,8 @@ from agent.errors import (
     StateError,
 )
 from agent.jobs import JobSettings
+from agent.keystore.base import BOOT_COUNTER_FILE
+from agent.keystore.file import FileKeystore
 from agent.keystore.tpm import TpmKeystore, parse_pcrs
 from agent.lifecycle import Agent, RunSettings, platform_error
 from agent.scan.model import ScanOptions
@@ -339,16 +341,28 @@ async def migrate(state: statemod.AgentState, new: ksmod.Keystore, staging: Path
         raise platform_error(e, "renewing the certificate") from None
 
 
+MIGRATE_DIR = ".migrate"
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """``scanner-agent migrate-keystore``: file keystore -> TPM, without re-imaging.
 
     The staged state dir is written completely (and verified) before anything in the live
     one changes; then its files replace the old ones, binding.mac last, and the clear key
-    files are overwritten and removed.
+    files are overwritten and removed. A staged dir that holds binding.mac is complete:
+    if a crash interrupted the swap, running the command again finishes it (the old
+    certificate is already revoked, so starting over is not an option).
     """
     harden_process()
     ksmod.quiet_tss_logging()
     root = args.state_dir.absolute()
+    staging = root / MIGRATE_DIR
+    if (staging / statemod.BINDING).exists():
+        _commit_migration(root, staging)
+        resumed = statemod.load_state(root, args.tcti)
+        resumed.forget()
+        print(f"appliance {resumed.appliance}: interrupted migration finished; keys in the TPM")
+        return EXIT_OK
     state = statemod.load_state(root)
     try:
         if state.keystore.kind != ksmod.KIND_FILE:
@@ -363,9 +377,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 "not recovered yet)",
                 "stop the agent (or run it once to recover) and retry",
             )
-        staging = root / ".migrate"
         if staging.exists():
-            shutil.rmtree(staging)
+            shutil.rmtree(staging)  # incomplete (no binding.mac): nothing was renewed with it
         tcti = args.tcti or ksmod.default_tcti()
         pcrs = parse_pcrs(args.tpm_pcrs) if args.tpm_pcrs else ()
         new = ksmod.create_keystore(staging, ksmod.KIND_TPM, tcti, pcrs)
@@ -377,18 +390,31 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         new.close()
-        old_secrets = state.keystore.files((*statemod.SECRET_NAMES, statemod.SEAL_KEY_HYBRID))
     finally:
         state.forget()
-    staged = sorted(p.name for p in staging.iterdir())
-    for name in (*[n for n in staged if n != statemod.BINDING], statemod.BINDING):
-        os.replace(staging / name, root / name)
-    for name in (*old_secrets, "boot-counter"):
-        _shred(root / name)
-    staging.rmdir()
+    _commit_migration(root, staging)
     print(f"appliance {state.appliance} now keeps its keys in the TPM ({tcti}); "
           "new TLS key and certificate, old certificate revoked")
     return EXIT_OK
+
+
+def _commit_migration(root: Path, staging: Path) -> None:
+    """Move the staged state into place (binding.mac last), then shred the clear keys.
+
+    Idempotent: after a crash part-way, what is left in *staging* is moved on the next run.
+    """
+    staged = sorted(p.name for p in staging.iterdir() if p.name != statemod.BINDING)
+    for name in (*staged, statemod.BINDING):
+        os.replace(staging / name, root / name)
+    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    old = FileKeystore(root).files((*statemod.SECRET_NAMES, statemod.SEAL_KEY_HYBRID))
+    for name in (*old, BOOT_COUNTER_FILE):
+        _shred(root / name)
+    staging.rmdir()
 
 
 def _shred(path: Path) -> None:

@@ -259,6 +259,8 @@ def test_file_appliance_keeps_booting_then_migrates_into_the_tpm(
     old_serial = appliance_row(platform)["cert_serial"]
     pubkey = platform.cli("appliance", "pubkey", "app1").stdout
 
+    before_copy = tmp_path / "before-migration"
+    shutil.copytree(state, before_copy, ignore=shutil.ignore_patterns("run", "volume.img"))
     proc = run_agent_cli("migrate-keystore", str(state), "--tcti", swtpm.tcti)
     assert proc.returncode == 0, proc.stderr
     assert "now keeps its keys in the TPM" in proc.stdout
@@ -285,6 +287,18 @@ def test_file_appliance_keeps_booting_then_migrates_into_the_tpm(
     assert job_state(platform, job) == "done"  # same volume, same volume key, new identity
     row = appliance_row(platform)  # the TPM counter continued above the file counter's boots
     assert (row["keystore"], row["boot_counter"], row["quarantined"]) == ("tpm", 3, False)
+    # A crash after the platform renewed the certificate but before the swap: the old state
+    # plus a complete .migrate dir. Running the command again finishes it, offline.
+    staged = before_copy / ".migrate"
+    staged.mkdir(mode=0o700)
+    for name in ("state.json", "client-cert.pem", "binding.mac", "client-key.pem.tpm", "seal-key.bin.tpm",
+                 "seal-key-hybrid.bin.tpm", "tpm-kek.pub", "tpm-kek.priv"):
+        shutil.copy2(state / name, staged / name)
+    (staged / "state.json").replace(before_copy / "state.json")  # and it crashed mid-swap, even
+    proc = run_agent_cli("migrate-keystore", str(before_copy), "--tcti", swtpm.tcti)
+    assert proc.returncode == 0 and "interrupted migration finished" in proc.stdout, proc.stderr
+    assert not staged.exists() and not (before_copy / statemod.KEY_PEM).exists()
+    assert key_forms(before_copy, swtpm.tcti)["tls raw scalar"] == after["tls raw scalar"]
     # Migrating twice is refused in one line.
     proc = run_agent_cli("migrate-keystore", str(state), "--tcti", swtpm.tcti)
     assert proc.returncode == EXIT_KEYSTORE and "already uses the tpm keystore" in one_line(proc)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import trio
 
-from agent.errors import Deactivated
+from agent.errors import Deactivated, Quarantined
 from agent.scan.model import ScanOptions
 from agent.scan.runner import JOB_FILE, RESULT_FILE
 from protocol import api
@@ -39,6 +39,7 @@ from protocol.client import (
     PlatformError,
     PlatformTLSError,
     PlatformUnavailableError,
+    QuarantinedError,
 )
 from protocol.sealing import SealError, check_format
 from scratchfs.keyholder.wipe import wipe
@@ -85,10 +86,10 @@ class JobRunner:
         return self.scratch / "jobs" / job_id
 
     async def progress(self, job: Job, text: str) -> None:
-        """Best-effort progress report; only deactivation is fatal."""
+        """Best-effort progress report; only deactivation and quarantine are fatal."""
         try:
             await self.client.progress(job.id, text)
-        except DeactivatedError:
+        except (DeactivatedError, QuarantinedError):
             raise
         except PlatformError as e:
             log.warning("event=progress_failed job=%s reason=%s", job.id, e.reason)
@@ -236,7 +237,7 @@ class JobRunner:
             attempt += 1
             try:
                 digest = await self.client.upload_result(job.id, body)
-            except DeactivatedError:
+            except (DeactivatedError, QuarantinedError):
                 raise
             except (PlatformUnavailableError, PlatformTLSError) as e:
                 retry = True
@@ -285,3 +286,7 @@ class JobRunner:
             self.shred(job.id)
         except DeactivatedError:
             raise Deactivated("the platform deactivated this appliance") from None
+        except QuarantinedError:
+            # The result stays on scratch until shutdown shreds it: a quarantined appliance
+            # may be the clone, and its results must not be taken.
+            raise Quarantined("the platform quarantined this appliance (suspected clone)") from None

@@ -25,6 +25,7 @@ from agent.errors import (
     AgentError,
     Deactivated,
     PlatformUnavailable,
+    Quarantined,
     VolumeFailure,
 )
 from agent.jobs import JobRunner, JobSettings
@@ -39,6 +40,7 @@ from protocol.client import (
     PlatformClient,
     PlatformError,
     PlatformTLSError,
+    QuarantinedError,
 )
 from protocol.sealing import SealError
 from scratchfs.keyholder import mountinfo
@@ -67,6 +69,8 @@ def platform_error(e: PlatformError, step: str) -> AgentError:
     """Map a protocol-client failure to the agent error (and exit code) for *step*."""
     if isinstance(e, DeactivatedError):
         return Deactivated("the platform deactivated this appliance")
+    if isinstance(e, QuarantinedError):
+        return Quarantined(f"{step}: the platform quarantined this appliance (suspected clone)")
     if isinstance(e, PlatformTLSError):
         return PlatformUnavailable(f"{step}: {e}", "check the platform's certificate and CA")
     return PlatformUnavailable(f"{step}: {e}")
@@ -145,9 +149,29 @@ class Agent:
     def platform_client(self) -> PlatformClient:
         """The mTLS client: pinned CA, our certificate, certificate times from the clock."""
         ctx = client_context(
-            self.state.ca_pem, self.clock, self.state.cert_path, self.state.key_path
+            self.state.ca_pem, self.clock, self.state.cert_pem, self.state.tls_key_pem()
         )
         return PlatformClient(self.state.endpoint.url, ctx)
+
+    async def open_session(self, client: PlatformClient) -> None:
+        """Advance the keystore's boot counter and register this boot with the platform.
+
+        Every later request carries the session; a copy of this appliance that boots
+        (or keeps running after this boot) is then visible to the platform as a counter
+        that goes back or as an older session still in use.
+        """
+        kind = self.state.keystore.kind
+        if kind == "file":
+            log.warning(
+                "event=keystore_insecure keystore=file detail=private_keys_in_clear_on_disk "
+                "action=run_scanner-agent_migrate-keystore"
+            )
+        counter = await trio.to_thread.run_sync(self.state.keystore.next_boot)
+        try:
+            await client.open_session(counter, kind)
+        except PlatformError as e:
+            raise platform_error(e, "opening the boot session") from None
+        log.info("event=session_opened boot_counter=%d keystore=%s", counter, kind)
 
     async def start_syslog(self, client: PlatformClient, nursery: trio.Nursery) -> None:
         """Ask the platform for the syslog target and start forwarding scan logs to it."""
@@ -226,6 +250,8 @@ class Agent:
                 job = await client.next_job(self.settings.poll_wait)
             except DeactivatedError:
                 raise Deactivated("the platform deactivated this appliance") from None
+            except QuarantinedError:
+                raise Quarantined("polling for jobs: the platform quarantined this appliance") from None
             except PlatformError as e:
                 log.warning("event=poll_failed reason=%s retry_in=%.1f", e.reason, delay)
                 await trio.sleep(delay)
@@ -283,7 +309,9 @@ class Agent:
         # One client for the boot session: its kept-alive mTLS connection carries the
         # config, volume key, polls, progress and uploads.
         client = self.platform_client()
+        self.state.forget_tls_key()  # OpenSSL holds the key now; our copy is not needed again
         try:
+            await self.open_session(client)
             await self.start_syslog(client, nursery)
             await self.open_volume(client)
             scratch = await self.mount_scratch()

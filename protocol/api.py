@@ -29,6 +29,13 @@ PATH_NEXT_JOB: Final = "/v1/jobs/next"  # GET ?wait=SECONDS; mutual TLS
 PATH_JOB_PREFIX: Final = "/v1/jobs/"
 RESULT_SUFFIX: Final = "/result"  # POST /v1/jobs/{id}/result; mutual TLS
 PROGRESS_SUFFIX: Final = "/progress"  # POST /v1/jobs/{id}/progress; mutual TLS
+# POST; mutual TLS. Opens this boot's session: {"boot_counter": N, "keystore": "tpm"|"file"}
+# -> {"session": TOKEN}. Every endpoint that hands out keys or jobs, or takes results, then
+# needs HEADER_SESSION with the token of the appliance's *latest* session (clone detection).
+PATH_SESSION: Final = "/v1/session"
+# POST; mutual TLS + session. {"csr": PEM} -> {"certificate": PEM}: a new client certificate
+# for a new key (keystore migration); the calling certificate is revoked in the same step.
+PATH_CERTIFICATE: Final = "/v1/appliance/certificate"
 
 
 def result_path(job_id: str) -> str:
@@ -44,6 +51,8 @@ def progress_path(job_id: str) -> str:
 # --- headers ----------------------------------------------------------------------------
 # Result upload: lowercase hex SHA-256 of the whole body, sent by the appliance.
 HEADER_CONTENT_SHA256: Final = "x-content-sha256"
+# Session token of this boot (from PATH_SESSION).
+HEADER_SESSION: Final = "x-scanner-session"
 
 # --- JSON field names -------------------------------------------------------------------
 F_TIME: Final = "time"  # float, UTC epoch seconds
@@ -70,6 +79,9 @@ F_ATTEMPT: Final = "attempt"  # int, 1 for the first hand-out of a job
 F_SHA256: Final = "sha256"  # lowercase hex
 F_TEXT: Final = "text"  # progress text
 F_REASON: Final = "reason"
+F_BOOT_COUNTER: Final = "boot_counter"  # int >= 1, monotonic per appliance (TPM NV counter)
+F_KEYSTORE: Final = "keystore"  # "tpm" or "file": where the appliance keeps its keys
+F_SESSION: Final = "session"  # opaque session token (string)
 F_ERROR: Final = "error"
 F_INCIDENT: Final = "incident"  # 500 only: id of the server's log entry (hex string)
 
@@ -100,6 +112,8 @@ REASON_TIMEOUT: Final = "timeout"  # 408: request not received in time
 REASON_UNAVAILABLE: Final = "unavailable"  # 503: no keyslot passphrase (never activated)
 REASON_BUSY: Final = "busy"  # 503 + Retry-After: the unauthenticated budget is in use; retry
 REASON_INTERNAL: Final = "internal"  # 500: generic; F_INCIDENT names the server log line
+REASON_SESSION_REQUIRED: Final = "session_required"  # 428: no or unknown session token
+REASON_QUARANTINED: Final = "quarantined"  # 403: suspected clone; operator must clear it
 REASON_KEY_CONFLICT: Final = "key_conflict"  # 409: a different hybrid key is on record
 
 # --- limits -----------------------------------------------------------------------------
@@ -111,6 +125,8 @@ MAX_WAIT_SECONDS: Final = 60.0  # long-poll wait: 0 <= wait <= this, else 400
 MAX_PROGRESS_TEXT: Final = 1000  # characters
 MAX_RESPONSE_BODY: Final = 4 * 1024 * 1024  # what the client accepts from the platform
 MAX_HEADER_BYTES: Final = 16 * 1024
+MAX_BOOT_COUNTER: Final = 2**63 - 1  # fits SQLite's INTEGER
+KEYSTORES: Final = ("tpm", "file")
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 JOB_ID_RE: Final = re.compile(r"^[1-9][0-9]{0,18}$")
 SHA256_HEX_RE: Final = re.compile(r"^[0-9a-f]{64}$")

@@ -81,6 +81,10 @@ class DeactivatedError(PlatformError):
     """The platform answered 403 ``deactivated``: this appliance must erase its keys and stop."""
 
 
+class QuarantinedError(PlatformError):
+    """The platform answered 403 ``quarantined``: it suspects a clone; an operator must clear it."""
+
+
 class PlatformTLSError(PlatformError):
     """TLS failed: untrusted server certificate, hostname mismatch, refused client cert, etc."""
 
@@ -273,6 +277,8 @@ class PlatformClient:
         self._idle: list[_Live] = []
         self._local_address = local_address
         self.base_url = base_url
+        # This boot's session token (open_session); sent with every request once set.
+        self.session: str | None = None
 
     def __repr__(self) -> str:
         return f"PlatformClient({self.base_url!r})"
@@ -308,6 +314,30 @@ class PlatformClient:
             ca_pem=ca.encode(),
             syslog=_syslog_from(data.get(api.F_SYSLOG)),
         )
+
+    async def open_session(self, boot_counter: int, keystore: str) -> str:
+        """Register this boot with the platform; later requests carry the returned token.
+
+        *boot_counter* must grow with every boot (the TPM's NV counter where there is one):
+        a counter that goes back, or requests with an older session after a newer one
+        opened, look like a cloned appliance, and the platform quarantines it.
+        """
+        data = await self._json(
+            "POST", api.PATH_SESSION, {api.F_BOOT_COUNTER: boot_counter, api.F_KEYSTORE: keystore}
+        )
+        token = data.get(api.F_SESSION)
+        if not isinstance(token, str) or not token or len(token) > 128:
+            raise PlatformError(None, "protocol", "platform response: session is malformed")
+        self.session = token
+        return token
+
+    async def renew_certificate(self, csr_pem: bytes) -> bytes:
+        """A new client certificate for the key in *csr_pem*; the current one is revoked."""
+        data = await self._json("POST", api.PATH_CERTIFICATE, {api.F_CSR: csr_pem.decode("ascii")})
+        cert = data.get(api.F_CERTIFICATE)
+        if not isinstance(cert, str) or "BEGIN CERTIFICATE" not in cert:
+            raise PlatformError(None, "protocol", "platform response: certificate is malformed")
+        return cert.encode()
 
     async def keyslot_passphrase(self) -> bytes:
         """This appliance's keyslot passphrase (the 32 bytes that unlock its LUKS2 keyslot; the
@@ -464,6 +494,8 @@ class PlatformClient:
             raise DeactivatedError(
                 resp.status, reason, "platform says this appliance is deactivated"
             )
+        if resp.status == 403 and reason == api.REASON_QUARANTINED:
+            raise QuarantinedError(resp.status, reason, message)
         if reason == api.REASON_DIGEST_MISMATCH:
             raise DigestMismatchError(resp.status, reason, message)
         raise PlatformError(resp.status, reason, message)
@@ -576,6 +608,8 @@ class PlatformClient:
             ("user-agent", _USER_AGENT),
             ("accept", "application/json"),
         ]
+        if self.session is not None:
+            hdrs.append((api.HEADER_SESSION, self.session))
         hdrs += list(extra.items())
         if body is not None:
             hdrs.append(("content-length", str(len(body))))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from scratchfs import blocks
 from scratchfs.keyholder import mountinfo, procs, ready
+from scratchfs.limits import DEFAULT_MAX_INODES, DEFAULT_MAX_XATTR_BYTES, DEFAULT_MAX_XATTRS, DEFAULT_MEMORY_BUDGET
 from scratchfs.mount import (
     EXIT_BUSY,
     EXIT_INTERNAL,
@@ -54,6 +55,22 @@ def _block_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+
+
+def _count(text: str) -> int:
+    """A positive byte count or number, with an optional K/M/G/T/P/E suffix (powers of 1024)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = t[-1:] if t[-1:] in _SUFFIXES else ""
+    try:
+        value = int(t[: len(t) - len(suffix)], 0) * _SUFFIXES[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (examples: 1000000, 512M, 16T)") from None
+    if value <= 0 or value > (1 << 63) - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 1 and 2^63-1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used for --help)."""
     p = _Parser(prog=PROG, description="Encrypted scratch filesystem with keys held only in memory.")
@@ -83,6 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--direct-io",
         action="store_true",
         help="bypass the page cache: each read/write is atomic against concurrent writers; no shared mmap",
+    )
+    m.add_argument(
+        "--max-file-size",
+        type=_count,
+        default=0,
+        help="largest file size (EFBIG beyond; default and cap: what the backing store can hold)",
+    )
+    m.add_argument(
+        "--max-inodes",
+        type=_count,
+        default=DEFAULT_MAX_INODES,
+        help="files, directories, symlinks (ENOSPC beyond; statfs reports it)",
+    )
+    m.add_argument("--max-xattrs", type=_count, default=DEFAULT_MAX_XATTRS, help="xattrs per inode (ENOSPC beyond)")
+    m.add_argument(
+        "--max-xattr-bytes",
+        type=_count,
+        default=DEFAULT_MAX_XATTR_BYTES,
+        help="xattr names+values per inode, bytes (ENOSPC beyond)",
+    )
+    m.add_argument(
+        "--memory-budget",
+        type=_count,
+        default=DEFAULT_MEMORY_BUDGET,
+        help="bytes of metadata (inodes, names, xattrs, block maps) the daemon may hold (ENOSPC beyond)",
     )
     m.add_argument("--strict", action="store_true", help="exit non-zero if any internal error happened (tests)")
     m.add_argument("--no-mlock", action="store_true", help="do not lock memory (mlockall)")
@@ -147,6 +189,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         readahead_kb=args.readahead_kb,
         direct_io=args.direct_io,
         pid_file=args.pid_file.absolute() if args.pid_file else None,
+        max_file_size=args.max_file_size,
+        max_inodes=args.max_inodes,
+        max_xattrs=args.max_xattrs,
+        max_xattr_bytes=args.max_xattr_bytes,
+        memory_budget=args.memory_budget,
     )
     if not args.foreground:
         # Check in the foreground first so the common mistakes get their own exit code at once.
@@ -217,7 +264,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     entry = find_mount(path)
     if entry is None or entry.fstype != FSTYPE:
         raise MountError(EXIT_NOT_MOUNTED, f"{path} is not a scratchfs mount; give the mountpoint of a live scratchfs")
-    return verify_tree(path, sys.stdout)
+    return verify_tree(path, sys.stdout, progress_out=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,14 @@ from scratchfs.errors import StoreError
 from scratchfs.fuse_ops import ScratchOps
 from scratchfs.keyholder import mountinfo, ready
 from scratchfs.keyholder.hardening import harden_process
+from scratchfs.limits import (
+    DEFAULT_MAX_INODES,
+    DEFAULT_MAX_XATTR_BYTES,
+    DEFAULT_MAX_XATTRS,
+    DEFAULT_MEMORY_BUDGET,
+    MAX_LFS_FILESIZE,
+    Limits,
+)
 from scratchfs.store import BlobStore
 
 log = logging.getLogger("scratchfs.mount")
@@ -68,7 +76,23 @@ class MountOptions:
     readahead_kb: int = 1024
     direct_io: bool = False
     pid_file: Path | None = None
+    max_file_size: int = 0  # 0: the largest the backing store can hold
+    max_inodes: int = DEFAULT_MAX_INODES
+    max_xattrs: int = DEFAULT_MAX_XATTRS
+    max_xattr_bytes: int = DEFAULT_MAX_XATTR_BYTES
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     extra: list[str] = field(default_factory=list)
+
+
+def mount_limits(opts: MountOptions) -> Limits:
+    """The mount's limits (file size: the kernel's own, unless asked for less)."""
+    return Limits(
+        max_file_size=min(opts.max_file_size or MAX_LFS_FILESIZE, MAX_LFS_FILESIZE),
+        max_inodes=opts.max_inodes,
+        max_xattrs=opts.max_xattrs,
+        max_xattr_bytes=opts.max_xattr_bytes,
+        memory_budget=opts.memory_budget,
+    )
 
 
 def daemon_pid(entry: mountinfo.MountEntry) -> int | None:
@@ -180,7 +204,10 @@ async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0) -> None:
 def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled; always shred keys and blobs afterwards."""
     harden_process(lock_memory=opts.lock_memory)
-    ops = ScratchOps(store, opts.block_size, debug=opts.debug, strict=opts.strict, attr_timeout=opts.attr_timeout)
+    limits = mount_limits(opts)
+    ops = ScratchOps(
+        store, opts.block_size, debug=opts.debug, strict=opts.strict, attr_timeout=opts.attr_timeout, limits=limits
+    )
     ops.enable_writeback_cache = opts.writeback
     ops.mountpoint = opts.mountpoint
     ops.direct_io = opts.direct_io
@@ -192,11 +219,16 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
             EXIT_DAEMON, f"the kernel refused the mount ({e}); check /dev/fuse permissions and mount options"
         ) from None
     log.info(
-        "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d",
+        "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d max_file_size=%d max_inodes=%d "
+        "memory_budget=%d backing_max_blob=%d",
         opts.mountpoint,
         opts.backing,
         opts.block_size,
         os.getpid(),
+        limits.max_file_size,
+        limits.max_inodes,
+        limits.memory_budget,
+        store.size_limit,  # probed now, not in the first write's request
     )
     try:
         if opts.pid_file is not None:

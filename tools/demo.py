@@ -1,13 +1,15 @@
 """``make demo``: the whole system on one machine, with embedded defaults.
 
-Steps: init a platform in a temp dir and serve it on 127.0.0.1, add an appliance, activate
-an agent, start loopback scan targets (a real OpenSSH server, an FTP banner, a web login),
+Steps: start a software TPM (swtpm, socket mode in the temp dir), init a platform in a temp
+dir and serve it on 127.0.0.1, add an appliance, activate an agent with its keys in the TPM,
+start loopback scan targets (a real OpenSSH server, an FTP banner, a web login),
 seal an SSH credential with its scope (127.0.0.1, the SSH port, ssh, the host key pinned),
 show the platform refusing a job that retargets it, queue a job, run ``scanner-agent run
 --once`` (SSH login + inventory accepted; the web login, outside the scope, refused without
 a byte of the secret sent), print the platform's results as a table, prove that neither
 the volume image nor the scratch store (sampled while the agent runs) holds any of the
-demo's plaintext markers, tear everything down.
+demo's plaintext markers and that no private key is on disk in any encoding, tear
+everything down (swtpm included, by PID).
 
 Exit code 0 only if every step held; everything is torn down even on failure. The
 loopback services and platform helpers here are also used by tests/agent.
@@ -266,11 +268,18 @@ def agent_cmd(*args: str) -> list[str]:
     return [PY, "-m", "agent.cli", *args]
 
 
-def activate(platform: Platform, name: str, state_dir: Path) -> None:
-    """Add appliance *name* and activate an agent state dir for it."""
+def activate(platform: Platform, name: str, state_dir: Path, tcti: str | None = None,
+             *extra: str) -> None:
+    """Add appliance *name* and activate an agent state dir for it.
+
+    With *tcti* the keys go into that TPM; without, into the file keystore (asked for
+    explicitly, as the agent requires).
+    """
     code = platform.cli("appliance", "add", name).stdout.decode().strip()
+    keystore = ["--tcti", tcti] if tcti else ["--keystore", "file"]
     run(agent_cmd("activate", str(state_dir), "--platform", platform.url,
-                  "--ca", str(platform.ca), "--code", "-"), input_=code.encode() + b"\n")
+                  "--ca", str(platform.ca), "--code", "-", *keystore, *extra),
+        input_=code.encode() + b"\n")
 
 
 def seal_credential(platform: Platform, appliance: str, username: str, secret: bytes, workdir: Path,
@@ -393,23 +402,66 @@ class Step:
         print("        ok", flush=True)
 
 
+def private_key_forms(agent_state: Path, tcti: str) -> dict[str, bytes]:
+    """Every encoding of the appliance's private keys, unwrapped the way the agent does."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent import state as statemod
+    from protocol import sealing
+
+    st = statemod.load_state(agent_state, tcti)
+    try:
+        pem = bytes(st.tls_key_pem())
+        seal = bytes(st.seal_private())
+        hybrid = bytes(statemod.load_hybrid_key(st.keystore) or b"")
+    finally:
+        st.forget()
+    key = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    none = serialization.NoEncryption()
+    forms = {
+        "TLS key PEM": pem,
+        "TLS key PKCS#8 DER": key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, none),
+        "TLS key SEC1 DER": key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, none
+        ),
+        "TLS key raw scalar": key.private_numbers().private_value.to_bytes(32, "big"),
+        "sealing key raw": seal,
+        "hybrid sealing key raw": hybrid,
+        "hybrid ML-KEM-768 seed": hybrid[: sealing.MLKEM_SEED_LEN],
+        "hybrid X25519 key": hybrid[sealing.MLKEM_SEED_LEN :],
+        "any PEM private key": b"PRIVATE KEY",
+    }
+    return {name: form for name, form in forms.items() if form}  # no hybrid key: nothing to find
+
+
 def demo(work: Path) -> int:
     """Run every step in *work*; return 0 only if all of them held."""
-    step = Step(13)
+    from tools.swtpm import Swtpm, start_swtpm
+
+    step = Step(15)
     services: list[Service] = []
     platform: Platform | None = None
     sshd: sshdmod.Sshd | None = None
+    tpm: Swtpm | None = None
     agent_state = work / "appliance"
     password = MARKERS["credential password"]
     try:
+        with step("start a software TPM (swtpm, socket mode) and TPM2_Startup") as notes:
+            tpm = start_swtpm(work / "tpm")
+            notes.append(f"TPM 2.0 at {tpm.tcti} (pid {tpm.proc.pid})")
+        assert tpm is not None
         with step("init the platform and serve it on 127.0.0.1") as notes:
             platform = start_platform(work / "platform")
             notes.append(f"platform at {platform.url} (CA {platform.ca})")
         assert platform is not None
-        with step("add appliance 'demo-appliance' and activate the agent") as notes:
-            activate(platform, "demo-appliance", agent_state)
+        with step("add appliance 'demo-appliance' and activate the agent (keys in the TPM)") as notes:
+            activate(platform, "demo-appliance", agent_state, tpm.tcti)
             mode = oct(agent_state.stat().st_mode & 0o777)
             notes.append(f"state dir {agent_state} ({mode}), bound to {platform.url}")
+            notes.append("state files: " + " ".join(sorted(p.name for p in agent_state.iterdir())))
+            notes.append("keys: AES-GCM envelopes (*.tpm) under a wrapping key sealed by this TPM")
         with step("start loopback scan targets") as notes:
             sshdmod.ensure_user(password)
             sshd = sshdmod.start(work / "sshd", b"")
@@ -454,7 +506,7 @@ def demo(work: Path) -> int:
             log_lines = proc.stderr.decode(errors="replace").splitlines()
             for line in log_lines:
                 if "event=" in line and any(k in line for k in (
-                    "time_sync", "volume_open", "scratch_mounted", "job_received",
+                    "time_sync", "session_opened", "volume_open", "scratch_mounted", "job_received",
                     "credential_check", "credential_refused", "upload_acknowledged",
                     "job_shredded", "shutdown",
                 )):
@@ -505,6 +557,16 @@ def demo(work: Path) -> int:
                 raise RuntimeError(f"markers found in {found_elsewhere}")
             notes.append(f"{image.stat().st_size // (1024 * 1024)} MiB image and "
                          f"{len(left)} other state files: 0 markers")
+        with step("no private key on disk in any encoding (state dir and volume image)") as notes:
+            forms = private_key_forms(agent_state, tpm.tcti)
+            files = [p for p in agent_state.rglob("*") if p.is_file()]
+            hits = [f"{p.name}: {name}" for p in files for name in file_markers(p, forms)]
+            if hits:
+                raise RuntimeError(f"private key material found: {hits}")
+            notes.append(f"{len(files)} files searched for {len(forms)} encodings of the TLS and sealing "
+                         "keys: 0 found")
+            listing = platform.cli("appliance", "list").stdout.decode().rstrip()
+            notes += ["platform: " + ln for ln in listing.splitlines()]
         with step("nothing left mounted") as notes:
             left_mounts = mounts_under(agent_state)
             if left_mounts:
@@ -523,6 +585,8 @@ def demo(work: Path) -> int:
         cleared = clear_mounts(agent_state) if agent_state.exists() else []
         if platform is not None:
             platform.stop()
+        if tpm is not None:
+            tpm.stop()
         if cleared:
             print(f"        cleared leftover mounts: {cleared}", flush=True)
             step.failed.append("leftover mounts")

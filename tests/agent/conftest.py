@@ -33,6 +33,7 @@ from tools.demo import (
     mounts_under,
     start_platform,
 )
+from tools.swtpm import Swtpm, start_swtpm
 
 # --- PKI ---------------------------------------------------------------------------------
 
@@ -306,3 +307,27 @@ def run_agent_cli(*args: str, timeout: float = 180,
         [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
         timeout=timeout, env=env, input=input_.decode() if input_ else None, check=False,
     )
+
+
+# --- software TPM --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def swtpm_factory(tmp_path: Path) -> Iterator[Callable[[str], Swtpm]]:
+    """Start swtpm instances (socket mode, state under tmp_path); stopped by PID at teardown."""
+    started: list[Swtpm] = []
+
+    def factory(name: str = "tpm") -> Swtpm:
+        tpm = start_swtpm(tmp_path / name)
+        started.append(tpm)
+        return tpm
+
+    yield factory
+    for tpm in started:
+        tpm.stop()
+
+
+@pytest.fixture
+def swtpm(swtpm_factory: Callable[[str], Swtpm]) -> Swtpm:
+    """One software TPM, started and TPM2_Startup(CLEAR)ed."""
+    return swtpm_factory("tpm")

@@ -172,13 +172,19 @@ class SocketSampler:
 
 def appliance_client(state_dir: Path) -> tuple[statemod.AgentState, PlatformClient]:
     st = statemod.load_state(state_dir)
-    ctx = client_context(st.ca_pem, Clock(), st.cert_path, st.key_path)
+    ctx = client_context(st.ca_pem, Clock(), st.cert_pem, st.tls_key_pem())
     return st, PlatformClient(st.endpoint.url, ctx)
+
+
+async def open_boot(st: statemod.AgentState, client: PlatformClient) -> None:
+    """A boot of its own, as the agent's: keys and jobs need the latest session."""
+    await client.open_session(st.keystore.next_boot(), st.keystore.kind)
 
 
 def backing_of_closed_volume(state_dir: Path, where: Path) -> list[str]:
     """Open the agent's volume with its own key (as the agent would) and list the backing."""
     st, client = appliance_client(state_dir)
+    trio.run(open_boot, st, client)
     sealed = trio.run(client.keyslot_passphrase)
     key = st.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
     where.mkdir(exist_ok=True)
@@ -330,7 +336,8 @@ def test_appliance_from_before_v2_upgrades_its_sealing_key_without_reimaging(
     again = run_agent_cli("seal-key", "upgrade", str(activated))  # idempotent
     assert again.returncode == 0 and "already present" in again.stdout, again.stderr
     assert b"MLKEM768X25519" in platform.cli("appliance", "pubkey", "app1").stdout
-    _, client = appliance_client(activated)
+    st, client = appliance_client(activated)
+    trio.run(open_boot, st, client)
     assert sealing.check_format(trio.run(client.keyslot_passphrase)) == 2
     second = agent_factory(activated, "--once")
     job2 = add_job(platform, str(closed_port()))
@@ -426,6 +433,7 @@ async def test_upload_retried_until_acknowledged_and_kept_until_then(
 ) -> None:
     job_id = add_job(platform, str(closed_port()))
     st, client = appliance_client(activated)
+    await open_boot(st, client)
     job = await client.next_job(5)
     assert job is not None and job.id == job_id
     scratch = tmp_path / "scratch"

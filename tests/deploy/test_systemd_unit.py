@@ -91,7 +91,9 @@ def test_restart_policy_matches_the_agents_exit_codes() -> None:
     assert settings["Restart"] == ["on-failure"]
     prevented = {int(code) for code in settings["RestartPreventExitStatus"][0].split()}
     # A restart cannot fix these: the operator must act (docs/agent.md exit codes).
-    assert {errors.EXIT_USAGE, errors.EXIT_STATE, errors.EXIT_TAMPERED, errors.EXIT_DEACTIVATED} <= prevented
+    assert {
+        errors.EXIT_USAGE, errors.EXIT_STATE, errors.EXIT_TAMPERED, errors.EXIT_DEACTIVATED, errors.EXIT_PCR
+    } <= prevented
     # ...and it must fix the transient ones.
     assert not {errors.EXIT_PLATFORM, errors.EXIT_TIME, errors.EXIT_SCRATCH} & prevented
 

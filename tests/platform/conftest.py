@@ -26,24 +26,9 @@ from tools.platform.server import Server, ServerLimits, build_app, server_contex
 
 
 def tls_client(ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None) -> ssl.SSLContext:
-    """The agent's TLS client policy (agent.tls, the only one) with an in-memory certificate.
-
-    ssl loads certificates only from paths: a memfd keeps the test's private key off disk.
-    """
-    if cert_pem is None or key_pem is None:
-        return client_context(ca_pem, Clock())
-    fds = []
-    try:
-        paths = []
-        for name, data in (("cert", cert_pem), ("key", key_pem)):
-            fd = os.memfd_create(name, os.MFD_CLOEXEC)
-            fds.append(fd)
-            os.write(fd, data)
-            paths.append(Path(f"/proc/self/fd/{fd}"))
-        return client_context(ca_pem, Clock(), paths[0], paths[1])
-    finally:
-        for fd in fds:
-            os.close(fd)
+    """The agent's TLS client policy (agent.tls, the only one); it takes the certificate and
+    key from memory (a memfd inside), so the test's private key stays off disk."""
+    return client_context(ca_pem, Clock(), cert_pem, key_pem)
 
 
 PLATFORM = [sys.executable, "-m", "tools.platform"]
@@ -109,10 +94,9 @@ class Platform:
         hpriv, hpub = sealing.generate_hybrid_keypair() if hybrid else (None, None)
         res = await self.anon_client().activate(code, csr, xpub, hpub)
         ctx = tls_client(self.ca_pem, res.certificate_pem, key_pem)
-        return Appliance(
-            name, key_pem, res.certificate_pem, xpriv, xpub, client.PlatformClient(self.url, ctx, timeout=20.0),
-            hpriv, hpub,
-        )
+        c = client.PlatformClient(self.url, ctx, timeout=20.0)
+        await c.open_session(1, "file")  # its first boot: keys and jobs need a session
+        return Appliance(name, key_pem, res.certificate_pem, xpriv, xpub, c, hpriv, hpub)
 
 
 def init_state(root: Path, hostname: str = HOSTNAME, database_url: str | None = None) -> state.StatePaths:

@@ -131,6 +131,7 @@ async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) 
     res = await client.PlatformClient(url, tls_client(ca_pem)).activate(code, csr, xpub, hpub)
     assert res.appliance == "edge1" and res.ca_pem == ca_pem
     c = client.PlatformClient(url, tls_client(ca_pem, res.certificate_pem, key_pem))
+    await c.open_session(1, "tpm")
 
     # Customer side: export the key, seal a credential, hand the blob to the platform.
     pub_file = tmp_path / "edge1.pub"

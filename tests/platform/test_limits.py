@@ -246,9 +246,18 @@ async def test_result_deadline_grows_with_declared_length(sqlite_paths: state.St
 
         digest = hashlib.sha256(body).hexdigest().encode()
         s = await tls_from("127.0.5.2", platform.port, appliance_ctx(platform, a))
+        assert a.client.session is not None
         await s.send_all(
-            b"POST /v1/jobs/%s/result HTTP/1.1\r\nhost: %s\r\nx-content-sha256: %s\r\ncontent-length: %d\r\n\r\n"
-            % (job.id.encode(), HOSTNAME.encode(), digest, len(body))
+            b"POST /v1/jobs/%s/result HTTP/1.1\r\nhost: %s\r\nx-content-sha256: %s\r\n%s: %s\r\n"
+            b"content-length: %d\r\n\r\n"
+            % (
+                job.id.encode(),
+                HOSTNAME.encode(),
+                digest,
+                api.HEADER_SESSION.encode(),
+                a.client.session.encode(),
+                len(body),
+            )
         )
         for off in range(0, len(body), 20 * 1024):  # ~100 KiB/s
             await s.send_all(body[off : off + 20 * 1024])
@@ -309,9 +318,10 @@ async def test_json_depth_and_ranges_give_4xx_not_500(platform: Platform) -> Non
                 + b"\r\ncontent-length: 2\r\n\r\n{}",
             )
             assert (st, doc["reason"]) == (404, api.REASON_NOT_FOUND)
+    session = f"{api.HEADER_SESSION}: {a.client.session}\r\n".encode()
     for wait in ("61", "-1", "nan", "inf", "1e400", "x" * 100):
         st, doc = await raw_exchange(
-            platform, mtls, f"GET {api.PATH_NEXT_JOB}?wait={wait} HTTP/1.1\r\n".encode() + host + b"\r\n"
+            platform, mtls, f"GET {api.PATH_NEXT_JOB}?wait={wait} HTTP/1.1\r\n".encode() + host + session + b"\r\n"
         )
         assert (st, doc["reason"]) == (400, api.REASON_BAD_REQUEST), wait
 

@@ -62,16 +62,19 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, reques
         _, xpub = sealing.generate_keypair()
         ca_pem = (root / "ca.pem").read_bytes()
 
-        async def activate() -> Any:
-            return await client.PlatformClient(url, tls_client(ca_pem)).activate(code, csr, xpub)
+        async def activate() -> tuple[Any, str]:
+            res = await client.PlatformClient(url, tls_client(ca_pem)).activate(code, csr, xpub)
+            mtls = client.PlatformClient(url, tls_client(ca_pem, res.certificate_pem, key_pem))
+            return res, await mtls.open_session(1, "file")
 
-        res = trio.run(activate)
+        res, token = trio.run(activate)
         assert run_cli("job", "add", "fuzz", "--targets", "127.0.0.1", "--ports", "22", state_dir=root).returncode == 0
         (tmp / "cert.pem").write_bytes(res.certificate_pem)
         (tmp / "key.pem").write_bytes(key_pem)
         session = requests.Session()
         session.verify = str(root / "ca.pem")
         session.cert = (str(tmp / "cert.pem"), str(tmp / "key.pem"))
+        session.headers[api.HEADER_SESSION] = token
         yield url, session
         session.close()
         assert b"Traceback" not in (tmp / "serve.log").read_bytes()
@@ -91,6 +94,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, reques
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_live_server_conforms(case: schemathesis.Case, live: tuple[str, requests.Session]) -> None:
     url, session = live
+    if case.headers and api.HEADER_SESSION in case.headers:
+        # The session header is a real token, not a generated string (else every gated
+        # operation would only ever see 428).
+        case.headers[api.HEADER_SESSION] = str(session.headers[api.HEADER_SESSION])
     wait = (case.query or {}).get(api.QUERY_WAIT)
     try:
         seconds = float(wait)  # type: ignore[arg-type]

@@ -236,7 +236,10 @@ async def test_malformed_requests_get_clear_4xx(platform: Platform) -> None:
     assert (st, doc["reason"]) == (404, api.REASON_NOT_FOUND)
     st, doc = await raw_exchange(platform, anon, b"DELETE /v1/time HTTP/1.1\r\n" + host + b"\r\n")
     assert (st, doc["reason"]) == (405, api.REASON_METHOD_NOT_ALLOWED)
-    st, doc = await raw_exchange(platform, mtls, b"GET /v1/jobs/next?wait=soon HTTP/1.1\r\n" + host + b"\r\n")
+    session = f"{api.HEADER_SESSION}: {a.client.session}\r\n".encode()
+    st, doc = await raw_exchange(
+        platform, mtls, b"GET /v1/jobs/next?wait=soon HTTP/1.1\r\n" + host + session + b"\r\n"
+    )
     assert (st, doc["reason"]) == (400, api.REASON_BAD_REQUEST)
     huge = b"x" * (api.MAX_HEADER_BYTES * 2)
     st, doc = await raw_exchange(platform, anon, b"GET /v1/time HTTP/1.1\r\n" + host + b"x-big: " + huge + b"\r\n\r\n")
@@ -257,19 +260,21 @@ async def test_wrong_digest_and_oversized_result_store_nothing(platform: Platfor
     job = await a.client.next_job(wait=5)
     assert job is not None
     ctx = appliance_ctx(platform, a)
+    session = f"{api.HEADER_SESSION}: {a.client.session}\r\n".encode()
     body = b'{"hosts": []}'
     wrong = hashlib.sha256(b"something else").hexdigest().encode()
     st, doc = await raw_exchange(
         platform,
         ctx,
-        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\nx-content-sha256: %s\r\n"
-        b"content-length: %d\r\n\r\n%s" % (job_id, HOSTNAME.encode(), wrong, len(body), body),
+        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\nx-content-sha256: %s\r\n%s"
+        b"content-length: %d\r\n\r\n%s" % (job_id, HOSTNAME.encode(), wrong, session, len(body), body),
     )
     assert (st, doc["reason"]) == (400, api.REASON_DIGEST_MISMATCH)
     st, doc = await raw_exchange(
         platform,
         ctx,
-        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\ncontent-length: 2\r\n\r\n{}" % (job_id, HOSTNAME.encode()),
+        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\n%scontent-length: 2\r\n\r\n{}"
+        % (job_id, HOSTNAME.encode(), session),
     )
     assert (st, doc["reason"]) == (400, api.REASON_BAD_REQUEST)
     big = b"z" * (platform_max(platform) + 1)
@@ -296,8 +301,12 @@ async def test_drop_mid_upload_stores_nothing(platform: Platform) -> None:
     await raw_exchange(
         platform,
         appliance_ctx(platform, a),
-        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\nx-content-sha256: %s\r\n"
-        b"content-length: %d\r\n\r\n%s" % (job_id, HOSTNAME.encode(), digest, len(body), body[: len(body) // 2]),
+        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\nx-content-sha256: %s\r\n%s: %s\r\n"
+        b"content-length: %d\r\n\r\n%s"
+        % (
+            job_id, HOSTNAME.encode(), digest, api.HEADER_SESSION.encode(), str(a.client.session).encode(),
+            len(body), body[: len(body) // 2],
+        ),
         hang_up=True,
     )
     await trio.sleep(0.3)

@@ -7,7 +7,8 @@ certificate through `protocol.client.PlatformClient` (keep-alive included). The 
 
 1. ``init`` a state directory (SQLite, or PostgreSQL: a throwaway cluster, or --database),
    start ``--nodes`` ``scanner-platform serve`` processes on it (stopped by PID at the end);
-2. add and activate every appliance (anonymous budget respected: 503 busy is retried);
+2. add and activate every appliance (anonymous budget respected: 503 busy is retried) and
+   open its boot session (shared by its workers);
 3. boot storm: every appliance asks for its time and volume key at once, and unseals it;
 4. for ``--duration`` seconds: jobs are queued (some up front, the rest trickled in to
    exercise the long-poll wake-ups), each appliance runs ``--pollers`` workers, each on a
@@ -63,25 +64,8 @@ PLATFORM = [sys.executable, "-m", "tools.platform"]
 
 
 def tls(ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None) -> ssl.SSLContext:
-    """The agent's TLS client policy (agent.tls), the certificate and key from memory.
-
-    ssl loads certificates only from paths: an anonymous memfd keeps the simulated
-    appliances' keys off the disk.
-    """
-    if cert_pem is None or key_pem is None:
-        return client_context(ca_pem, Clock())
-    fds: list[int] = []
-    try:
-        paths = []
-        for name, data in (("cert", cert_pem), ("key", key_pem)):
-            fd = os.memfd_create(name, os.MFD_CLOEXEC)
-            fds.append(fd)
-            os.write(fd, data)
-            paths.append(Path(f"/proc/self/fd/{fd}"))
-        return client_context(ca_pem, Clock(), paths[0], paths[1])
-    finally:
-        for fd in fds:
-            os.close(fd)
+    """The agent's TLS client policy (agent.tls: keys reach OpenSSL through a memfd)."""
+    return client_context(ca_pem, Clock(), cert_pem, key_pem)
 
 
 def appliance_address(i: int) -> str:
@@ -247,6 +231,12 @@ class Run:
                     )
                     for w in range(self.args.pollers)
                 ]
+                # One boot session per appliance, shared by its workers on every node: a
+                # second session would supersede the first, which the platform treats as a
+                # clone (quarantine).
+                token = await self.stats.timed("session", a.clients[0].open_session, 1, "file")
+                for c in a.clients[1:]:
+                    c.session = token
 
         async with trio.open_nursery() as nursery:
             for a in fleet:

@@ -249,10 +249,39 @@ def cmd_appliance_deactivate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_appliance_clear(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        reason = storage.clear_quarantine(args.name, time.time())
+    finally:
+        storage.close()
+    print(f"appliance {args.name} released from quarantine (was: {reason})")
+    return EXIT_OK
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        if args.value is not None:
+            storage.set_setting(db.SETTING_CLONE_QUARANTINE, args.value == "on")
+        value = storage.get_setting(db.SETTING_CLONE_QUARANTINE)
+    finally:
+        storage.close()
+    print(f"clone-quarantine {'off' if value is False else 'on'}")
+    return EXIT_OK
+
+
+def _shown_state(a: db.Appliance, clone: db.CloneState | None) -> str:
+    if clone is not None and clone.quarantined_since is not None and a.state == db.STATE_ACTIVE:
+        return "quarantined"
+    return a.state
+
+
 def cmd_appliance_list(args: argparse.Namespace) -> int:
     storage = _storage(args)
     try:
         apps = storage.appliances()
+        clones = storage.clone_states()
     finally:
         storage.close()
     if args.json:
@@ -267,6 +296,12 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
                         "deactivated_at": a.deactivated_at,
                         "code_expires": a.code_expires if a.state == db.STATE_PENDING else None,
                         "cert_serial": a.cert_serial,
+                        "quarantined": (c := clones.get(a.id)) is not None and c.quarantined_since is not None,
+                        "quarantined_since": c.quarantined_since if c else None,
+                        "quarantine_reason": c.quarantine_reason if c else None,
+                        "boot_counter": c.boot_counter if c else None,
+                        "keystore": c.keystore if c else None,
+                        "last_boot": c.last_boot if c else None,
                     }
                     for a in apps
                 ],
@@ -274,12 +309,27 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
             )
         )
         return EXIT_OK
-    rows = [["NAME", "STATE", "CREATED", "ACTIVATED", "DEACTIVATED", "CERT SERIAL"]]
-    rows += [
-        [a.name, a.state, _ts(a.created_at), _ts(a.activated_at), _ts(a.deactivated_at), a.cert_serial or "-"]
-        for a in apps
-    ]
+    rows = [["NAME", "STATE", "KEYSTORE", "BOOTS", "LAST BOOT", "ACTIVATED", "DEACTIVATED", "CERT SERIAL"]]
+    for a in apps:
+        c = clones.get(a.id)
+        rows.append(
+            [
+                a.name,
+                _shown_state(a, c),
+                (c.keystore if c else None) or "-",
+                str(c.boot_counter) if c and c.boot_counter is not None else "-",
+                _ts(c.last_boot if c else None),
+                _ts(a.activated_at),
+                _ts(a.deactivated_at),
+                a.cert_serial or "-",
+            ]
+        )
     print(_table(rows))
+    for a in apps:
+        c = clones.get(a.id)
+        if c is not None and c.quarantined_since is not None and a.state == db.STATE_ACTIVE:
+            why = _printable(c.quarantine_reason or "", 200)
+            print(f"{a.name}: quarantined since {_ts(c.quarantined_since)}: {why}")
     return EXIT_OK
 
 
@@ -578,8 +628,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--x25519", action="store_true", help="print the v1 X25519 key (PEM) instead")
     sp = leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the keyslot passphrase, revoke the certificate")
     sp.add_argument("name", type=_name)
-    sp = leaf(asub, "list", cmd_appliance_list, "list appliances")
+    sp = leaf(asub, "list", cmd_appliance_list, "list appliances (state, keystore, boots, quarantine)")
     sp.add_argument("--json", action="store_true")
+    sp = leaf(
+        asub, "clear", cmd_appliance_clear, "lift a clone quarantine (after stopping any copy of the appliance)"
+    )
+    sp.add_argument("name", type=_name)
+
+    pol = sub.add_parser("policy", help="platform policies")
+    psub = pol.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sp = leaf(
+        psub, "clone-quarantine", cmd_policy,
+        "quarantine an appliance that shows clone signs (default on); no argument shows the setting",
+    )
+    sp.add_argument("value", nargs="?", choices=["on", "off"])
 
     job = sub.add_parser("job", help="manage jobs")
     jsub = job.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)

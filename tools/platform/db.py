@@ -131,6 +131,28 @@ MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
     (
         4,
         [
+            # One row per boot of an appliance (clone detection). Only token hashes are kept.
+            """CREATE TABLE sessions (
+                id INTEGER PRIMARY KEY,
+                appliance_id INTEGER NOT NULL REFERENCES appliances(id),
+                token_hash BLOB NOT NULL UNIQUE,
+                boot_counter INTEGER NOT NULL,
+                keystore TEXT NOT NULL,
+                created_at REAL NOT NULL,
+                current INTEGER NOT NULL CHECK (current IN (0, 1))
+            )""",
+            "CREATE INDEX sessions_by_appliance ON sessions (appliance_id, id)",
+            # A row means: quarantined (no volume key, no jobs) until an operator clears it.
+            """CREATE TABLE quarantine (
+                appliance_id INTEGER PRIMARY KEY REFERENCES appliances(id),
+                since REAL NOT NULL,
+                reason TEXT NOT NULL
+            )""",
+        ],
+    ),
+    (
+        5,
+        [
             # The long-poll waker asks "which appliances have a leasable job" once per
             # sweep; without this index that is a scan of every job ever queued.
             "CREATE INDEX jobs_by_state ON jobs (state, lease_expires, appliance_id)",
@@ -143,6 +165,11 @@ SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 STATE_PENDING: Final = "pending"
 STATE_ACTIVE: Final = "active"
 STATE_DEACTIVATED: Final = "deactivated"
+# Sessions kept per appliance: enough to recognise a clone replaying a recent session, and
+# bounded so that a rebooting (or malicious) appliance cannot grow the table without limit.
+MAX_SESSIONS_PER_APPLIANCE: Final = 32
+SETTING_CLONE_QUARANTINE: Final = "clone_quarantine"  # bool, default True
+EVENT_CLONE_SUSPECTED: Final = "clone_suspected"
 
 
 class StorageError(Exception):
@@ -217,6 +244,25 @@ class Completion(Enum):
     STORED = "stored"  # first result for the job: stored, job done
     DUPLICATE = "duplicate"  # same digest as the stored result: nothing changed
     CONFLICT = "conflict"  # job already done with a different digest: refused
+
+
+class SessionVerdict(Enum):
+    """What open_session()/check_session() decided."""
+
+    OK = "ok"
+    QUARANTINED = "quarantined"  # quarantined now or before: refuse
+    UNKNOWN = "unknown"  # no such session for this appliance: open one first
+
+
+@dataclass(frozen=True)
+class CloneState:
+    """Clone-detection view of one appliance (for `appliance list`)."""
+
+    quarantined_since: float | None
+    quarantine_reason: str | None
+    boot_counter: int | None  # of the current session
+    keystore: str | None  # as reported by the current session
+    last_boot: float | None
 
 
 @dataclass(frozen=True)
@@ -535,10 +581,12 @@ class Storage:
         busy, _log, _done = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         return int(busy) == 0
 
-    def execute_for_tests(self, sql: str, args: Sequence[Any] = ()) -> None:
-        """Run one portable statement outside any method (tests plant states with it)."""
+    def execute_for_tests(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one portable statement in its own transaction; its rows, if it returns any
+        (tests plant and inspect states with it, on either backend)."""
         with self._tx() as db:
-            db.execute(sql, args)
+            cur = db.execute(sql, args)
+            return [tuple(r) for r in cur.fetchall()] if getattr(cur, "description", None) else []
 
     # --- change signals for long-polls ---
 
@@ -879,6 +927,157 @@ class Storage:
                 f"appliance {name!r} is deactivated, but its wrapped volume key is still in the appliances "
                 f"table's heap after VACUUM FULL; run 'scanner-platform appliance deactivate {name}' again"
             )
+    # --- sessions, clone detection, quarantine ---
+
+    @staticmethod
+    def _quarantine_policy(db: _Conn) -> bool:
+        row = db.execute("SELECT value FROM settings WHERE key = ?", (SETTING_CLONE_QUARANTINE,)).fetchone()
+        return True if row is None else bool(json.loads(row[0]))
+
+    @staticmethod
+    def _is_quarantined(db: _Conn, appliance_id: int) -> bool:
+        return db.execute("SELECT 1 FROM quarantine WHERE appliance_id = ?", (appliance_id,)).fetchone() is not None
+
+    def _suspect(self, db: _Conn, appliance_id: int, now: float, detail: str) -> bool:
+        """Record a clone suspicion; quarantine when the policy says so. True if quarantined."""
+        db.execute(
+            "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+            (now, appliance_id, EVENT_CLONE_SUSPECTED, detail),
+        )
+        if not self._quarantine_policy(db):
+            return False
+        db.execute(
+            "INSERT INTO quarantine (appliance_id, since, reason) VALUES (?, ?, ?) "
+            "ON CONFLICT (appliance_id) DO NOTHING",
+            (appliance_id, now, detail),
+        )
+        db.execute(
+            "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+            (now, appliance_id, "quarantined", detail),
+        )
+        return True
+
+    def open_session(
+        self, appliance_id: int, token_hash: bytes, boot_counter: int, keystore: str, now: float
+    ) -> SessionVerdict:
+        """Register a boot. A boot counter not above every earlier one is a clone sign."""
+        with self._tx() as db:
+            if self._is_quarantined(db, appliance_id):
+                return SessionVerdict.QUARANTINED
+            row = db.execute(
+                "SELECT MAX(boot_counter) FROM sessions WHERE appliance_id = ?", (appliance_id,)
+            ).fetchone()
+            last = row[0]
+            if last is not None and boot_counter <= last:
+                if self._suspect(
+                    db, appliance_id, now, f"boot counter {boot_counter} is not above {last} (a copy booting?)"
+                ):
+                    return SessionVerdict.QUARANTINED
+            db.execute("UPDATE sessions SET current = 0 WHERE appliance_id = ?", (appliance_id,))
+            db.execute(
+                "INSERT INTO sessions (appliance_id, token_hash, boot_counter, keystore, created_at, current) "
+                "VALUES (?, ?, ?, ?, ?, 1)",
+                (appliance_id, token_hash, boot_counter, keystore, now),
+            )
+            db.execute(
+                "DELETE FROM sessions WHERE appliance_id = ? AND id NOT IN "
+                "(SELECT id FROM sessions WHERE appliance_id = ? ORDER BY id DESC LIMIT ?)",
+                (appliance_id, appliance_id, MAX_SESSIONS_PER_APPLIANCE),
+            )
+            db.execute(
+                "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+                (now, appliance_id, "session_opened", f"boot_counter={boot_counter} keystore={keystore}"),
+            )
+        return SessionVerdict.OK
+
+    def check_session(self, appliance_id: int, token_hash: bytes, now: float) -> SessionVerdict:
+        """May a request carrying this session proceed? An older session of the appliance
+        being used after a newer one opened means two live instances: a clone."""
+        with self._tx() as db:
+            if self._is_quarantined(db, appliance_id):
+                return SessionVerdict.QUARANTINED
+            row = db.execute(
+                "SELECT current, boot_counter FROM sessions WHERE appliance_id = ? AND token_hash = ?",
+                (appliance_id, token_hash),
+            ).fetchone()
+            if row is None:
+                return SessionVerdict.UNKNOWN
+            if row[0]:
+                return SessionVerdict.OK
+            live = db.execute(
+                "SELECT boot_counter FROM sessions WHERE appliance_id = ? AND current = 1", (appliance_id,)
+            ).fetchone()
+            detail = f"request from superseded session (boot {row[1]}) while boot {live[0] if live else '?'} is live"
+            if self._suspect(db, appliance_id, now, detail):
+                return SessionVerdict.QUARANTINED
+        return SessionVerdict.OK
+
+    def clear_quarantine(self, name: str, now: float) -> str:
+        """Lift an appliance's quarantine (operator decision); returns the reason it had."""
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM appliances WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no appliance named {name!r}; see 'scanner-platform appliance list'")
+            q = db.execute("SELECT reason FROM quarantine WHERE appliance_id = ?", (row[0],)).fetchone()
+            if q is None:
+                raise Conflict(f"appliance {name!r} is not quarantined")
+            db.execute("DELETE FROM quarantine WHERE appliance_id = ?", (row[0],))
+            db.execute(
+                "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+                (now, row[0], "quarantine_cleared", str(q[0])),
+            )
+        return str(q[0])
+
+    def clone_states(self) -> dict[int, CloneState]:
+        """Quarantine and current-session facts of every appliance that has any."""
+        out: dict[int, CloneState] = {}
+        with self._read() as db:
+            sessions = {
+                r[0]: (r[1], r[2], r[3])
+                for r in db.execute(
+                    "SELECT appliance_id, boot_counter, keystore, created_at FROM sessions WHERE current = 1"
+                ).fetchall()
+            }
+            quarantined = {
+                r[0]: (r[1], r[2])
+                for r in db.execute("SELECT appliance_id, since, reason FROM quarantine").fetchall()
+            }
+        for app_id in set(sessions) | set(quarantined):
+            s = sessions.get(app_id)
+            q = quarantined.get(app_id)
+            out[app_id] = CloneState(
+                quarantined_since=q[0] if q else None,
+                quarantine_reason=q[1] if q else None,
+                boot_counter=s[0] if s else None,
+                keystore=s[1] if s else None,
+                last_boot=s[2] if s else None,
+            )
+        return out
+
+    def renew_certificate(
+        self, appliance_id: int, now: float, issue: Callable[[str], tuple[bytes, str, str]]
+    ) -> bytes:
+        """Issue a new client certificate and revoke the current one, atomically."""
+        with self._tx() as db:
+            row = db.execute(_APPLIANCE_SELECT + " WHERE id = ? AND state = ?", (appliance_id, STATE_ACTIVE)).fetchone()
+            if row is None:
+                raise NotFound("appliance is not active")
+            app = _appliance(row)
+            cert_pem, serial, fp = issue(app.name)
+            if app.cert_serial is not None and app.cert_fingerprint is not None:
+                db.execute(
+                    "INSERT INTO revoked (serial, fingerprint, appliance_id, revoked_at, reason) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
+                    (app.cert_serial, app.cert_fingerprint, app.id, now, "superseded"),
+                )
+            db.execute(
+                "UPDATE appliances SET cert_serial = ?, cert_fingerprint = ? WHERE id = ?", (serial, fp, app.id)
+            )
+            db.execute(
+                "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+                (now, app.id, "certificate_renewed", f"serial={serial} revoked={app.cert_serial}"),
+            )
+        return cert_pem
 
     # --- credentials ---
 

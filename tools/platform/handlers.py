@@ -10,6 +10,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,14 @@ from tools.platform.http import Exchange, HttpError, Response, json_response
 
 log = logging.getLogger("scanner-platform")
 T = TypeVar("T")
+_QUARANTINED_TEXT = (
+    "this appliance is quarantined (suspected clone); an operator must run 'scanner-platform appliance clear'"
+)
+
+
+def _token_hash(token: str) -> bytes:
+    # Only the hash is stored: a database reader cannot replay a live session token.
+    return hashlib.sha256(b"scanner-session\x00" + token.encode("utf-8", "replace")).digest()
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,8 @@ class PlatformApp:
             api.PATH_VOLUME_KEY: {"GET": self.get_volume_key},
             api.PATH_CONFIG: {"GET": self.get_config},
             api.PATH_NEXT_JOB: {"GET": self.get_next_job},
+            api.PATH_SESSION: {"POST": self.post_session},
+            api.PATH_CERTIFICATE: {"POST": self.post_certificate},
             api.PATH_SEAL_KEY: {"POST": self.post_seal_key},
         }
 
@@ -233,7 +244,66 @@ class PlatformApp:
         assert app is not None  # identify(required=True) raises instead of returning None
         return app
 
+    async def _in_session(self, ex: Exchange, peer_der: bytes | None) -> db.Appliance:
+        """The caller, which must present the token of its latest session (clone detection)."""
+        app = await self._required(peer_der)
+        token = ex.headers.get(api.HEADER_SESSION, "")
+        if not token:
+            raise HttpError(
+                428, api.REASON_SESSION_REQUIRED, f"open a session first (POST {api.PATH_SESSION})"
+            )
+        verdict = await self.db.run(self.db.storage.check_session, app.id, _token_hash(token), time.time())
+        if verdict is db.SessionVerdict.QUARANTINED:
+            log.warning("request refused appliance=%s reason=quarantined path=%s", app.name, ex.path)
+            raise HttpError(403, api.REASON_QUARANTINED, _QUARANTINED_TEXT)
+        if verdict is db.SessionVerdict.UNKNOWN:
+            raise HttpError(
+                428, api.REASON_SESSION_REQUIRED, f"unknown session; open one (POST {api.PATH_SESSION})"
+            )
+        return app
+
     # --- endpoints ---
+
+    async def post_session(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """POST /v1/session: {boot_counter, keystore} -> {session}; a stale counter quarantines."""
+        app = await self._required(peer_der)
+        doc = await ex.read_json()
+        counter = doc.get(api.F_BOOT_COUNTER)
+        keystore = doc.get(api.F_KEYSTORE)
+        if not isinstance(counter, int) or isinstance(counter, bool) or not 1 <= counter <= api.MAX_BOOT_COUNTER:
+            raise HttpError(400, api.REASON_BAD_REQUEST, f"field {api.F_BOOT_COUNTER!r} must be a positive integer")
+        if keystore not in api.KEYSTORES:
+            raise HttpError(400, api.REASON_BAD_REQUEST, f"field {api.F_KEYSTORE!r} must be one of {api.KEYSTORES}")
+        token = secrets.token_urlsafe(32)
+        verdict = await self.db.run(
+            self.db.storage.open_session, app.id, _token_hash(token), counter, keystore, time.time()
+        )
+        if verdict is db.SessionVerdict.QUARANTINED:
+            log.warning("session refused appliance=%s reason=quarantined boot_counter=%d", app.name, counter)
+            raise HttpError(403, api.REASON_QUARANTINED, _QUARANTINED_TEXT)
+        log.info("session opened appliance=%s boot_counter=%d keystore=%s", app.name, counter, keystore)
+        return json_response(200, {api.F_SESSION: token})
+
+    async def post_certificate(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """POST /v1/appliance/certificate: {csr} -> {certificate}; the caller's cert is revoked."""
+        app = await self._in_session(ex, peer_der)
+        doc = await ex.read_json()
+        csr_pem = _str_field(doc, api.F_CSR, 16 * 1024)
+        try:
+            csr = ca.check_csr(csr_pem.encode("ascii"))
+        except (ca.CAError, UnicodeEncodeError) as e:
+            raise HttpError(400, api.REASON_BAD_REQUEST, f"csr: {e}") from None
+
+        def issue(name: str) -> tuple[bytes, str, str]:
+            cert = ca.issue_client_cert(self.ca, csr, name)
+            return cert.pem, cert.serial, cert.fingerprint
+
+        try:
+            cert_pem = await self.db.run(self.db.storage.renew_certificate, app.id, time.time(), issue)
+        except db.NotFound:
+            raise HttpError(403, api.REASON_DEACTIVATED, "this appliance is deactivated") from None
+        log.info("certificate renewed appliance=%s old_serial=%s", app.name, app.cert_serial)
+        return json_response(200, {api.F_CERTIFICATE: cert_pem.decode()})
 
     async def get_time(self, ex: Exchange, peer_der: bytes | None) -> Response:
         """GET /v1/time: platform UTC epoch seconds."""
@@ -290,7 +360,7 @@ class PlatformApp:
 
     async def get_volume_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
         """GET /v1/volume-key: the caller's own keyslot passphrase, sealed to its X25519 key."""
-        app = await self._required(peer_der)
+        app = await self._in_session(ex, peer_der)
         wrapped = await self.db.run(self.db.storage.wrapped_volume_key, app.id)
         if wrapped is None or app.x25519_public is None:
             raise HttpError(503, api.REASON_UNAVAILABLE, "no keyslot passphrase on record")
@@ -334,7 +404,7 @@ class PlatformApp:
 
     async def get_next_job(self, ex: Exchange, peer_der: bytes | None) -> Response:
         """GET /v1/jobs/next?wait=S: lease the next job, long-polling up to S seconds."""
-        app = await self._required(peer_der)
+        app = await self._in_session(ex, peer_der)
         raw = ex.query.get(api.QUERY_WAIT, ["0"])[-1]
         try:
             wait = float(raw[:32])
@@ -383,7 +453,7 @@ class PlatformApp:
 
     async def post_result(self, ex: Exchange, peer_der: bytes | None, job_id: int) -> Response:
         """POST /v1/jobs/{id}/result: body + X-Content-SHA256 -> stored once, digest ack."""
-        app = await self._required(peer_der)
+        app = await self._in_session(ex, peer_der)
         claimed = ex.headers.get(api.HEADER_CONTENT_SHA256, "").strip().lower()
         if not api.SHA256_HEX_RE.match(claimed):
             raise HttpError(400, api.REASON_BAD_REQUEST, f"header {api.HEADER_CONTENT_SHA256} must be 64 hex digits")
@@ -409,7 +479,7 @@ class PlatformApp:
 
     async def post_progress(self, ex: Exchange, peer_der: bytes | None, job_id: int) -> Response:
         """POST /v1/jobs/{id}/progress: {"text": ...} -> 204."""
-        app = await self._required(peer_der)
+        app = await self._in_session(ex, peer_der)
         await self._own_job(app, job_id)
         doc = await ex.read_json()
         value = doc.get(api.F_TEXT)

@@ -45,7 +45,7 @@ def build() -> dict[str, Any]:
         "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,18}$"},
     }
 
-    spec = {
+    spec: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "scratchfs platform API",
@@ -306,6 +306,83 @@ def build() -> dict[str, Any]:
             },
         },
     }
+    paths = spec["paths"]
+    paths[api.PATH_SESSION] = {
+        "post": {
+            "operationId": "openSession",
+            "summary": "open this boot's session; a boot counter that does not grow quarantines (clone)",
+            "security": [{"mtls": []}],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SessionRequest"}}},
+            },
+            "responses": {
+                "200": _ok("the session token", "Session"),
+                **common,
+                **mtls,
+                "408": _err("request not received in time"),
+            },
+        }
+    }
+    paths[api.PATH_CERTIFICATE] = {
+        "post": {
+            "operationId": "renewCertificate",
+            "summary": "a new client certificate for a new key; the calling certificate is revoked",
+            "security": [{"mtls": []}],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CertificateRequest"}}},
+            },
+            "responses": {
+                "200": _ok("the new certificate", "Certificate"),
+                **common,
+                **mtls,
+                "408": _err("request not received in time"),
+            },
+        }
+    }
+    schemas = spec["components"]["schemas"]
+    schemas["SessionRequest"] = {
+        "type": "object",
+        "required": [api.F_BOOT_COUNTER, api.F_KEYSTORE],
+        "properties": {
+            api.F_BOOT_COUNTER: {"type": "integer", "minimum": 1, "maximum": api.MAX_BOOT_COUNTER},
+            api.F_KEYSTORE: {"type": "string", "enum": list(api.KEYSTORES)},
+        },
+    }
+    schemas["Session"] = {
+        "type": "object",
+        "required": [api.F_SESSION],
+        "properties": {api.F_SESSION: {"type": "string"}},
+    }
+    schemas["CertificateRequest"] = {
+        "type": "object",
+        "required": [api.F_CSR],
+        "properties": {api.F_CSR: {"type": "string", "minLength": 1, "maxLength": 16384}},
+    }
+    schemas["Certificate"] = {
+        "type": "object",
+        "required": [api.F_CERTIFICATE],
+        "properties": {api.F_CERTIFICATE: {"type": "string"}},
+    }
+    # Endpoints that hand out keys or jobs, or take results, need the latest session's token.
+    session_header = {
+        "name": api.HEADER_SESSION,
+        "in": "header",
+        "required": True,
+        "description": f"token from POST {api.PATH_SESSION}",
+        "schema": {"type": "string"},
+    }
+    for path, method in (
+        (api.PATH_VOLUME_KEY, "get"),
+        (api.PATH_NEXT_JOB, "get"),
+        (api.result_path("{id}"), "post"),
+        (api.progress_path("{id}"), "post"),
+        (api.PATH_CERTIFICATE, "post"),
+    ):
+        op = paths[path][method]
+        op["parameters"] = [*op.get("parameters", []), session_header]
+        op["responses"]["428"] = _err("`session_required`: no or unknown session token; open a session")
     return spec
 
 

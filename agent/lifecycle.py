@@ -29,6 +29,7 @@ from agent.errors import (
     PlatformUnavailable,
     VolumeFailure,
 )
+from agent.heartbeat import Health, Heartbeat
 from agent.jobs import JobRunner, JobSettings
 from agent.scan.model import ScanOptions
 from agent.scratch import ScratchMount, clear_stale, mount_entry
@@ -39,6 +40,7 @@ from protocol import api
 from protocol.client import (
     DeactivatedError,
     PlatformClient,
+    PlatformConfig,
     PlatformError,
     PlatformTLSError,
 )
@@ -113,7 +115,8 @@ class Agent:
         self.volume: volume_api.OpenVolume | None = None
         self.scratch: ScratchMount | None = None
         self.forwarder: SyslogForwarder | None = None
-        self.jobs_done = 0
+        self.health = Health()
+        self.heartbeat: Heartbeat | None = None
         self._forward_handler: logging.Handler | None = None
 
     def __repr__(self) -> str:
@@ -157,12 +160,29 @@ class Agent:
         )
         return PlatformClient(self.state.endpoint.url, ctx)
 
-    async def start_syslog(self, client: PlatformClient, nursery: trio.Nursery) -> None:
-        """Ask the platform for the syslog target and start forwarding scan logs to it."""
+    async def fetch_config(self, client: PlatformClient) -> PlatformConfig:
+        """The first mTLS call: syslog target and heartbeat interval."""
         try:
-            config = await client.config()
+            return await client.config()
         except PlatformError as e:
             raise platform_error(e, "fetching the configuration") from None
+
+    async def start_heartbeat(
+        self, client: PlatformClient, config: PlatformConfig, nursery: trio.Nursery
+    ) -> None:
+        """Report health from now on, for as long as the agent runs (mounted or not)."""
+
+        def mounts() -> tuple[Path | None, Path | None]:
+            scratch = self.scratch.mountpoint if self.scratch is not None else None
+            volume = self.volume_mnt if self.volume is not None else None
+            return scratch, volume
+
+        interval = config.heartbeat_interval or api.DEFAULT_HEARTBEAT_INTERVAL
+        self.heartbeat = Heartbeat(client, self.health, self.clock, mounts, interval)
+        await nursery.start(self.heartbeat.run)
+
+    async def start_syslog(self, config: PlatformConfig, nursery: trio.Nursery) -> None:
+        """Start forwarding scan logs to the syslog target the platform named."""
         if config.syslog is None:
             log.info("event=syslog_disabled")
             return
@@ -236,14 +256,18 @@ class Agent:
                 raise Deactivated("the platform deactivated this appliance") from None
             except PlatformError as e:
                 log.warning("event=poll_failed reason=%s retry_in=%.1f", e.reason, delay)
+                self.health.error(f"poll_failed reason={e.reason}")
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.settings.poll_backoff_max)
                 continue
             delay = 1.0
             if job is None:
                 continue
-            await runner.handle(job)
-            self.jobs_done += 1
+            if await runner.handle(job):
+                self.health.jobs_done += 1
+            else:
+                self.health.jobs_failed += 1
+                self.health.error(runner.last_failure or "job_failed")
             if self.settings.once:
                 return
 
@@ -270,7 +294,10 @@ class Agent:
                 for name in ("agent.scan", "agent.jobs"):
                     logging.getLogger(name).removeHandler(self._forward_handler)
             self.state.forget()
-        log.info("event=shutdown jobs_done=%d", self.jobs_done)
+        log.info(
+            "event=shutdown jobs_done=%d jobs_failed=%d",
+            self.health.jobs_done, self.health.jobs_failed,
+        )  # fmt: skip
 
     async def erase(self) -> None:
         """Deactivated: close everything and destroy every keyslot of the volume."""
@@ -289,7 +316,9 @@ class Agent:
         await self.recover()
         await self.sync_time()
         client = self.platform_client()
-        await self.start_syslog(client, nursery)
+        config = await self.fetch_config(client)
+        await self.start_heartbeat(client, config, nursery)
+        await self.start_syslog(config, nursery)
         await self.open_volume(client)
         scratch = await self.mount_scratch()
         nursery.start_soon(scratch.watch)

@@ -28,6 +28,7 @@ PATH_NEXT_JOB: Final = "/v1/jobs/next"  # GET ?wait=SECONDS; mutual TLS
 PATH_JOB_PREFIX: Final = "/v1/jobs/"
 RESULT_SUFFIX: Final = "/result"  # POST /v1/jobs/{id}/result; mutual TLS
 PROGRESS_SUFFIX: Final = "/progress"  # POST /v1/jobs/{id}/progress; mutual TLS
+PATH_HEARTBEAT: Final = "/v1/heartbeat"  # POST; mutual TLS
 
 
 def result_path(job_id: str) -> str:
@@ -69,6 +70,31 @@ F_SHA256: Final = "sha256"  # lowercase hex
 F_TEXT: Final = "text"  # progress text
 F_REASON: Final = "reason"
 F_ERROR: Final = "error"
+F_HEARTBEAT_INTERVAL: Final = "heartbeat_interval"  # float seconds (config, heartbeat answer)
+
+# Heartbeat document (POST PATH_HEARTBEAT). Health only: never scan data, targets, banners,
+# credentials or keys. The platform stores these fields and nothing else.
+HB_AGENT_VERSION: Final = "agent_version"  # str
+HB_BOOT_SESSION: Final = "boot_session"  # str or null (boot sessions not available yet)
+HB_BOOT_COUNTER: Final = "boot_counter"  # int or null
+HB_UPTIME: Final = "uptime"  # float seconds since the agent started
+HB_TIME_OFFSET: Final = "time_offset"  # float seconds, platform minus appliance clock
+HB_SCRATCH: Final = "scratch"  # {"used": int, "total": int} bytes, or null (not mounted)
+HB_VOLUME: Final = "volume"  # {"used": int, "total": int} bytes, or null (not open)
+HB_JOBS_DONE: Final = "jobs_done"  # int, since boot
+HB_JOBS_FAILED: Final = "jobs_failed"  # int, since boot
+HB_LAST_ERROR: Final = "last_error"  # str (event and reason, <= MAX_LAST_ERROR) or null
+HB_USED: Final = "used"
+HB_TOTAL: Final = "total"
+HEARTBEAT_FIELDS: Final = (
+    HB_AGENT_VERSION, HB_BOOT_SESSION, HB_BOOT_COUNTER, HB_UPTIME, HB_TIME_OFFSET,
+    HB_SCRATCH, HB_VOLUME, HB_JOBS_DONE, HB_JOBS_FAILED, HB_LAST_ERROR,
+)  # fmt: skip
+MAX_LAST_ERROR: Final = 200  # characters
+MAX_AGENT_VERSION: Final = 64  # characters
+MIN_HEARTBEAT_INTERVAL: Final = 0.1  # seconds; tests use sub-second beats
+MAX_HEARTBEAT_INTERVAL: Final = 86400.0
+DEFAULT_HEARTBEAT_INTERVAL: Final = 60.0
 
 QUERY_WAIT: Final = "wait"  # long-poll seconds for PATH_NEXT_JOB
 

@@ -113,7 +113,7 @@ def derive(health: db.Health, policy: Policy, now: float) -> Derived:
     if health.quarantined_at is not None:
         return Derived(db.HEALTH_QUARANTINED, 0)
     reference = health.last_seen if health.last_seen is not None else health.activated_at
-    missed = missed_beats(max(0.0, now - (reference or now)), policy.interval)
+    missed = 0 if reference is None else missed_beats(max(0.0, now - reference), policy.interval)
     if missed == 0:
         return Derived(db.HEALTH_OK, 0)
     if missed < policy.missing_after:

@@ -1,0 +1,122 @@
+"""Heartbeat end to end: a real agent beats at the platform's interval; stopping it turns
+its state to late then missing with the alert hook run once per transition; a restart
+brings it back to ok (and the hook runs once more)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.agent.conftest import AgentRun
+from tools.demo import Platform, start_banner_service
+from tools.platform import db
+
+INTERVAL = 0.5
+HOOK = """
+import sys
+with open(sys.argv[1], "a") as f:
+    f.write(sys.stdin.read())
+"""
+MARKER = b"HeartbeatBanner_CANARY"
+
+
+def listing(platform: Platform) -> dict[str, dict[str, object]]:
+    return {a["name"]: a for a in json.loads(platform.cli("appliance", "list", "--json").stdout)}
+
+
+def wait_health(platform: Platform, want: str, timeout: float = 60) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        app = listing(platform)["app1"]
+        if app["health"] == want or time.monotonic() > deadline:
+            return app
+        time.sleep(0.1)
+
+
+def hook_events(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def history(platform: Platform) -> list[tuple[float, dict[str, object]]]:
+    s = db.Storage(platform.state / "platform.db")
+    try:
+        return s.heartbeat_history(s.appliance("app1").id)
+    finally:
+        s.close()
+
+
+def test_heartbeat_states_and_alert_hook(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun], tmp_path: Path,
+) -> None:
+    platform.cli("heartbeat", "set", "--interval", str(INTERVAL), "--missing-after", "3")
+    svc = start_banner_service("ssh", b"SSH-2.0-" + MARKER + b"\r\n")
+    try:
+        run = agent_factory(activated)
+        assert wait_health(platform, "ok")["health"] == "ok", run.stderr()[-2000:]
+        job = platform.cli("job", "add", "app1", "--targets", "127.0.0.1",
+                           "--ports", str(svc.port)).stdout.decode().strip()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            latest = history(platform)[-1][1]
+            if latest["jobs_done"] == 1 and latest["scratch"] is not None:
+                break
+            time.sleep(0.2)
+    finally:
+        svc.close()
+    assert json.loads(platform.cli("job", "list", "--json").stdout)[0]["state"] == "done", job
+    time.sleep(6 * INTERVAL)
+    beats = history(platform)
+    latest = beats[-1][1]
+    # What a beat carries: health counters and usage, nothing of the scan.
+    assert latest["jobs_done"] == 1 and latest["jobs_failed"] == 0
+    assert latest["agent_version"] and latest["uptime"] > 0
+    for key in ("scratch", "volume"):
+        usage = latest[key]
+        assert isinstance(usage, dict) and 0 < usage["used"] <= usage["total"], latest
+    assert not any(MARKER.decode() in json.dumps(doc) for _, doc in beats)
+    # Beats arrive at the configured interval (received times on the platform).
+    times = [t for t, _ in beats[-8:]]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert 0.35 <= statistics.median(gaps) <= 0.75, gaps
+    assert max(gaps) < 1.5 * INTERVAL + 0.5, gaps
+
+    out = tmp_path / "hook.out"
+    script = tmp_path / "hook.py"
+    script.write_text(HOOK)
+    assert platform.cli("alert-hook", "set", f"{sys.executable} {script} {out}").returncode == 0
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=120) == 0, run.stderr()[-2000:]
+    assert wait_health(platform, "late", 30)["health"] == "late"
+    missing = wait_health(platform, "missing", 30)
+    assert missing["health"] == "missing" and missing["missed_beats"] >= 3
+    deadline = time.monotonic() + 20
+    while len(hook_events(out)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(4 * INTERVAL)  # more evaluation rounds: no repeated alert
+    events = hook_events(out)
+    assert [(e["event"], e["state"], e["previous"]) for e in events] == [
+        ("heartbeat_missed", "late", "ok"), ("heartbeat_missed", "missing", "late"),
+    ], events
+    assert all(e["appliance"] == "app1" for e in events)
+
+    run2 = agent_factory(activated)
+    assert wait_health(platform, "ok")["health"] == "ok", run2.stderr()[-2000:]
+    deadline = time.monotonic() + 20
+    while len(hook_events(out)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    events = hook_events(out)
+    assert [(e["event"], e["state"]) for e in events][2:] == [("heartbeat_resumed", "ok")], events
+    # A fresh boot: counters restart.
+    assert history(platform)[-1][1]["jobs_done"] == 0
+    run2.proc.send_signal(signal.SIGTERM)
+    assert run2.proc.wait(timeout=120) == 0
+    log = run.stderr() + run2.stderr()
+    assert "event=heartbeat_started interval=0.5" in log

@@ -1,6 +1,7 @@
 """``scanner-agent``: activate an appliance, or run it.
 
     scanner-agent activate STATE_DIR --platform URL --ca CA_FILE --code CODE
+                  [--proxy http://HOST:PORT [--proxy-auth-fd FD]]
     scanner-agent run STATE_DIR [--once]
 
 Exit codes (docs/agent.md): 0 ok, 2 usage, 20 state, 21 tampered state, 22 platform/TLS,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import traceback
@@ -36,6 +38,7 @@ from agent.scan.model import ScanOptions
 from agent.tls import client_context
 from protocol import api
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
+from protocol.proxy import ProxyConfig
 from protocol.sealing import generate_keypair
 
 PROG = "scanner-agent"
@@ -74,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the platform's root CA certificate (PEM)")
     a.add_argument("--code", required=True, metavar="CODE",
                    help="one-time activation code ('-' reads it from stdin)")
+    a.add_argument("--proxy", metavar="URL",
+                   help="HTTP CONNECT proxy http://HOST:PORT for every platform and syslog "
+                        "connection (fixed at activation)")
+    a.add_argument("--proxy-auth-fd", type=int, metavar="FD",
+                   help="read the proxy's user:password from this file descriptor "
+                        "(never from argv)")
 
     r = sub.add_parser("run", help="boot, unlock, run jobs, shut down")
     r.add_argument("state_dir", type=Path, metavar="STATE_DIR")
@@ -102,8 +111,13 @@ def setup_logging(debug: bool, clock: timesync.Clock) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str) -> str:
-    """Activate with the platform and write the bound state dir; return the appliance name."""
+async def activate(
+    state_dir: Path, url: str, ca_pem: bytes, code: str, proxy: ProxyConfig | None = None
+) -> str:
+    """Activate with the platform and write the bound state dir; return the appliance name.
+
+    With *proxy*, activation itself already goes through it (no direct connection).
+    """
     try:
         endpoint = statemod.PlatformEndpoint.parse(url)
     except ValueError as e:
@@ -115,7 +129,7 @@ async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str) -> str:
         )
     clock = timesync.Clock()
     try:
-        anon = PlatformClient(endpoint.url, client_context(ca_pem, clock))
+        anon = PlatformClient(endpoint.url, client_context(ca_pem, clock), proxy=proxy)
     except (ValueError, UnicodeDecodeError):
         raise UsageError(
             "the CA file does not hold a PEM certificate; give the platform's CA"
@@ -133,7 +147,7 @@ async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str) -> str:
         raise platform_error(e, "activation") from None
     statemod.write_state(
         state_dir, endpoint, result.appliance, ca_pem, result.certificate_pem, key_pem,
-        seal_private, clock.now(),
+        seal_private, clock.now(), proxy,
     )
     statemod.load_state(state_dir)  # prove the state we wrote verifies
     return result.appliance
@@ -146,6 +160,48 @@ def _read_code(value: str) -> str:
     return code
 
 
+def _read_proxy_credentials(fd: int) -> bytes:
+    """user:password from an inherited descriptor: secrets never travel in argv or env."""
+    data = b""
+    try:
+        while len(data) <= statemod.MAX_PROXY_CREDENTIALS:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        raise UsageError(
+            f"cannot read proxy credentials from fd {fd}: {e.strerror}; "
+            "pass an open descriptor to --proxy-auth-fd"
+        ) from None
+    finally:
+        if fd != 0:
+            os.close(fd)
+    if len(data) > statemod.MAX_PROXY_CREDENTIALS:
+        raise UsageError("proxy credentials are too long; give user:password on one line")
+    return data.rstrip(b"\r\n")
+
+
+def _proxy_from_args(args: argparse.Namespace) -> ProxyConfig | None:
+    if args.proxy is None:
+        if args.proxy_auth_fd is not None:
+            raise UsageError("--proxy-auth-fd needs --proxy; give the proxy URL too")
+        return None
+    credentials = None
+    if args.proxy_auth_fd is not None:
+        if args.proxy_auth_fd == 0 and args.code == "-":
+            raise UsageError(
+                "--code - and --proxy-auth-fd 0 both read stdin; pass the credentials on another fd"
+            )
+        credentials = _read_proxy_credentials(args.proxy_auth_fd)
+    try:
+        return ProxyConfig.parse(args.proxy, credentials)
+    except ValueError as e:
+        hint = "pass user:password on --proxy-auth-fd" if "credentials" in str(e) else \
+            "give --proxy http://HOST:PORT"
+        raise UsageError(f"{e}; {hint}") from None
+
+
 def cmd_activate(args: argparse.Namespace) -> int:
     """``scanner-agent activate``."""
     try:
@@ -154,8 +210,9 @@ def cmd_activate(args: argparse.Namespace) -> int:
         raise UsageError(
             f"cannot read CA file {args.ca}: {e.strerror}; give a readable PEM file"
         ) from None
+    proxy = _proxy_from_args(args)
     code = _read_code(args.code)
-    name = trio.run(activate, args.state_dir, args.platform, ca_pem, code)
+    name = trio.run(activate, args.state_dir, args.platform, ca_pem, code, proxy)
     print(f"activated appliance {name}; state in {args.state_dir}")
     return EXIT_OK
 

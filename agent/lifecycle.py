@@ -145,7 +145,7 @@ class Agent:
     async def sync_time(self) -> None:
         """Measure the clock offset against the platform (server-authenticated TLS)."""
         ctx = client_context(self.state.ca_pem, self.clock)
-        anon = PlatformClient(self.state.endpoint.url, ctx)
+        anon = PlatformClient(self.state.endpoint.url, ctx, proxy=self.state.proxy)
         try:
             await timesync.sync(anon.time, self.clock)
         except PlatformError as e:
@@ -158,7 +158,7 @@ class Agent:
         ctx = client_context(
             self.state.ca_pem, self.clock, self.state.cert_path, self.state.key_path
         )
-        return PlatformClient(self.state.endpoint.url, ctx)
+        return PlatformClient(self.state.endpoint.url, ctx, proxy=self.state.proxy)
 
     async def fetch_config(self, client: PlatformClient) -> PlatformConfig:
         """The first mTLS call: syslog target and heartbeat interval."""
@@ -188,7 +188,8 @@ class Agent:
             return
         target = config.syslog
         self.forwarder = SyslogForwarder(
-            target.host, target.port, target.ca_pem, self.clock, self.state.appliance
+            target.host, target.port, target.ca_pem, self.clock, self.state.appliance,
+            proxy=self.state.proxy,
         )
         await nursery.start(self.forwarder.run)
         self._forward_handler = self.forwarder.handler()

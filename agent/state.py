@@ -8,16 +8,24 @@ Layout (version 1)::
       client-cert.pem        this appliance's TLS client certificate (issued by that CA)
       client-key.pem         its P-256 private key (PKCS#8 PEM)
       seal-key.bin           the raw 32-byte X25519 private key that sealed blobs are opened with
+      proxy-credentials      "user:password" for the CONNECT proxy (only when it needs them)
       binding.mac            hex HMAC-SHA256 over the files above (the commit marker)
       volume.img             the LUKS2 volume (created at first boot, not bound: it changes)
       run/                   mount points, pid files, logs of the children (0700)
 
 Binding: ``binding.mac`` is HMAC-SHA256 under a key derived (HKDF-SHA256) from both private
 keys, over the length-prefixed names and contents of state.json, ca.pem and
-client-cert.pem. Only the holder of the appliance's private keys can produce it, so an
-edited platform URL or a swapped CA is refused at start. On top of that, the client
+client-cert.pem (and proxy-credentials when state.json says there are some). Only the
+holder of the appliance's private keys can produce it, so an edited platform URL, an
+edited or removed proxy, or a swapped CA is refused at start. On top of that, the client
 certificate must be issued by the pinned CA and carry the public key of client-key.pem.
 Nothing reads the platform URL or CA from flags, environment variables or other files.
+
+The outbound proxy (optional) is fixed at activation: ``state.json`` holds its URL
+(``"proxy": {"url": "http://HOST:PORT", "credentials": bool}``, absent without a proxy, so
+states activated before proxies existed verify unchanged); its credentials are an appliance
+secret kept next to the private keys and read and written only by
+`load_proxy_credentials` / `store_proxy_credentials`.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.errors import StateError, TamperedError
+from protocol.proxy import ProxyConfig, check_credentials
 
 STATE_VERSION: Final = 1
 STATE_JSON: Final = "state.json"
@@ -45,6 +54,8 @@ CERT_PEM: Final = "client-cert.pem"
 KEY_PEM: Final = "client-key.pem"
 SEAL_KEY: Final = "seal-key.bin"
 BINDING: Final = "binding.mac"
+PROXY_CREDENTIALS: Final = "proxy-credentials"
+MAX_PROXY_CREDENTIALS: Final = 1024  # bytes of "user:password"
 VOLUME_IMAGE: Final = "volume.img"
 RUN_DIR: Final = "run"
 BOUND_FILES: Final = (STATE_JSON, CA_PEM, CERT_PEM)
@@ -89,6 +100,7 @@ class AgentState:
         ca_pem: bytes,
         cert_pem: bytes,
         seal_private: bytearray,
+        proxy: ProxyConfig | None = None,
     ) -> None:
         self.root = root
         self.endpoint = endpoint
@@ -96,6 +108,7 @@ class AgentState:
         self.ca_pem = ca_pem
         self.cert_pem = cert_pem
         self._seal_private = seal_private
+        self.proxy = proxy  # every platform and syslog connection goes through it when set
 
     def __repr__(self) -> str:
         return f"<AgentState root={str(self.root)!r} appliance={self.appliance!r}>"
@@ -159,7 +172,10 @@ def _binding_key(tls_key_pem: bytes, seal_private: bytes | bytearray) -> bytes:
 
 def _binding_mac(key: bytes, contents: dict[str, bytes]) -> str:
     mac = hmac.new(key, digestmod="sha256")
-    for name in BOUND_FILES:
+    # The proxy credentials are bound only when present, so that the MAC of a state without
+    # a proxy is what it always was.
+    names = (*BOUND_FILES, PROXY_CREDENTIALS) if PROXY_CREDENTIALS in contents else BOUND_FILES
+    for name in names:
         data = contents[name]
         mac.update(len(name).to_bytes(2, "big") + name.encode())
         mac.update(len(data).to_bytes(8, "big") + data)
@@ -175,6 +191,7 @@ def write_state(
     tls_key_pem: bytes,
     seal_private: bytes | bytearray,
     activated_at: float,
+    proxy: ProxyConfig | None = None,
 ) -> None:
     """Create the state directory (must be absent or empty) and bind it; binding.mac last."""
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -189,6 +206,8 @@ def write_state(
         "appliance": appliance,
         "activated_at": activated_at,
     }
+    if proxy is not None:
+        doc["proxy"] = {"url": proxy.url, "credentials": proxy.credentials is not None}
     contents = {
         STATE_JSON: (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(),
         CA_PEM: ca_pem,
@@ -198,6 +217,9 @@ def write_state(
         _write_new(root / name, data)
     _write_new(root / KEY_PEM, tls_key_pem)
     _write_new(root / SEAL_KEY, bytes(seal_private))
+    if proxy is not None and proxy.credentials is not None:
+        store_proxy_credentials(root, proxy.credentials)
+        contents[PROXY_CREDENTIALS] = proxy.credentials
     mac = _binding_mac(_binding_key(tls_key_pem, seal_private), contents)
     _write_new(root / BINDING, (mac + "\n").encode())
     dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -205,6 +227,30 @@ def write_state(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# --- secrets beyond the private keys ------------------------------------------------------
+
+
+def store_proxy_credentials(root: Path, credentials: bytes) -> None:
+    """Keep the proxy's "user:password" like the other appliance secrets (0600, state dir)."""
+    _write_new(root / PROXY_CREDENTIALS, credentials)
+
+
+def load_proxy_credentials(root: Path) -> bytes:
+    """The proxy's "user:password"; TamperedError when missing, unsafe or malformed."""
+    path = root / PROXY_CREDENTIALS
+    if not path.exists():
+        raise TamperedError(f"state dir {root} is incomplete (missing {PROXY_CREDENTIALS})")
+    _check_mode(path, 0o600, is_dir=False)
+    data = path.read_bytes()
+    try:
+        if len(data) > MAX_PROXY_CREDENTIALS:
+            raise ValueError("too long")
+        check_credentials(data)
+    except ValueError:
+        raise TamperedError(f"{PROXY_CREDENTIALS} is malformed") from None
+    return data
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -240,6 +286,11 @@ def load_state(root: Path) -> AgentState:
     for name in ALL_FILES:
         _check_mode(root / name, 0o600, is_dir=False)
     contents = {name: (root / name).read_bytes() for name in BOUND_FILES}
+    proxy_doc = _proxy_doc(contents[STATE_JSON])
+    if proxy_doc is not None and proxy_doc.get("credentials") is True:
+        contents[PROXY_CREDENTIALS] = load_proxy_credentials(root)
+    elif (root / PROXY_CREDENTIALS).exists():
+        raise TamperedError(f"state dir {root} holds {PROXY_CREDENTIALS} but no proxy needs them")
     tls_key_pem = (root / KEY_PEM).read_bytes()
     seal_private = bytearray((root / SEAL_KEY).read_bytes())
     if len(seal_private) != 32:
@@ -260,10 +311,29 @@ def load_state(root: Path) -> AgentState:
         appliance = str(doc["appliance"])
         if doc.get("version") != STATE_VERSION:
             raise TamperedError(f"unsupported state version {doc.get('version')!r}")
+        proxy = None
+        if proxy_doc is not None:
+            proxy = ProxyConfig.parse(str(proxy_doc["url"]), contents.get(PROXY_CREDENTIALS))
     except (ValueError, KeyError, TypeError) as e:
         raise TamperedError(f"{STATE_JSON} is malformed ({e})") from None
     _check_certificate(contents[CA_PEM], contents[CERT_PEM], tls_key_pem)
-    return AgentState(root, endpoint, appliance, contents[CA_PEM], contents[CERT_PEM], seal_private)
+    return AgentState(
+        root, endpoint, appliance, contents[CA_PEM], contents[CERT_PEM], seal_private, proxy
+    )
+
+
+def _proxy_doc(state_json: bytes) -> dict[str, Any] | None:
+    """The (not yet verified) proxy entry of state.json: it decides what the MAC covers."""
+    try:
+        doc = json.loads(state_json)
+    except ValueError:
+        return None  # reported as a binding failure or malformed state below
+    value = doc.get("proxy") if isinstance(doc, dict) else None
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TamperedError(f"{STATE_JSON} has a malformed proxy entry")
+    return value
 
 
 def _check_certificate(ca_pem: bytes, cert_pem: bytes, tls_key_pem: bytes) -> None:

@@ -269,6 +269,10 @@ class Agent:
             else:
                 self.health.jobs_failed += 1
                 self.health.error(runner.last_failure or "job_failed")
+            if self.heartbeat is not None:
+                # Off the grid: the platform sees the new counters now, not an interval
+                # later (and with --once, before the agent exits).
+                await self.heartbeat.beat()
             if self.settings.once:
                 return
 

@@ -4,7 +4,8 @@ Steps: init a platform in a temp dir and serve it on 127.0.0.1, add an appliance
 an agent, start loopback TCP services as scan targets (one needs a credential), seal and
 add the credential, queue a job, run ``scanner-agent run --once``, print the platform's
 results as a table, prove that neither the volume image nor the scratch store (sampled
-while the agent runs) holds any of the demo's plaintext markers, tear everything down.
+while the agent runs) holds any of the demo's plaintext markers, print the appliance list
+with the heartbeat state the agent reported, tear everything down.
 
 Exit code 0 only if every step held; everything is torn down even on failure. The
 loopback services and platform helpers here are also used by tests/agent.
@@ -379,14 +380,16 @@ class Step:
 
 def demo(work: Path) -> int:
     """Run every step in *work*; return 0 only if all of them held."""
-    step = Step(12)
+    step = Step(13)
     services: list[Service] = []
     platform: Platform | None = None
     agent_state = work / "appliance"
     try:
         with step("init the platform and serve it on 127.0.0.1") as notes:
             platform = start_platform(work / "platform")
-            notes.append(f"platform at {platform.url} (CA {platform.ca})")
+            # A short beat so that the demo's one job shows a few heartbeats.
+            platform.cli("heartbeat", "set", "--interval", "10", "--missing-after", "3")
+            notes.append(f"platform at {platform.url} (CA {platform.ca}), heartbeat every 10 s")
         assert platform is not None
         with step("add appliance 'demo-appliance' and activate the agent") as notes:
             activate(platform, "demo-appliance", agent_state)
@@ -470,6 +473,16 @@ def demo(work: Path) -> int:
             if left_mounts:
                 raise RuntimeError(f"still mounted: {left_mounts}")
             notes.append("scratchfs unmounted, volume closed")
+        with step("the appliance list with its heartbeat state") as notes:
+            table = platform.cli("appliance", "list").stdout.decode()
+            print("\n".join("        " + ln for ln in table.rstrip().splitlines()), flush=True)
+            [app] = json.loads(platform.cli("appliance", "list", "--json").stdout)
+            beat = app["heartbeat"] or {}
+            if app["last_seen"] is None or beat.get("jobs_done") != 1:
+                raise RuntimeError(f"no heartbeat reported the finished job: {beat}")
+            notes.append(f"health {app['health']}: last heartbeat reported agent {beat['agent_version']}, "
+                         f"{beat['jobs_done']} job done, {beat['jobs_failed']} failed; "
+                         "it turns late, then missing, while no agent runs")
     except Exception as e:  # noqa: BLE001 - the step printed it; teardown must still run
         step.failed.append(f"{type(e).__name__}")
     finally:

@@ -196,6 +196,7 @@ def test_everything_goes_through_tinyproxy(
     assert connects.count(f"127.0.0.1:{platform.port}") >= 8, connects
     assert f"127.0.0.1:{rsyslog.port}" in connects
     assert set(connects) == {f"127.0.0.1:{platform.port}", f"127.0.0.1:{rsyslog.port}"}
+    assert "/v1/" not in proxy.log.read_text()  # it saw tunnels, never a request inside them
     # The platform saw every request come from the proxy's upstream address, none from
     # the agent directly: activation included.
     peers = serve_peers(platform)

@@ -38,6 +38,7 @@ from agent.syslog import SyslogForwarder
 from agent.tls import client_context
 from protocol import api
 from protocol.client import (
+    REASON_PROXY,
     DeactivatedError,
     PlatformClient,
     PlatformConfig,
@@ -79,6 +80,11 @@ def platform_error(e: PlatformError, step: str) -> AgentError:
         return Deactivated("the platform deactivated this appliance")
     if isinstance(e, PlatformTLSError):
         return PlatformUnavailable(f"{step}: {e}", "check the platform's certificate and CA")
+    if e.reason == REASON_PROXY:
+        return PlatformUnavailable(
+            f"{step}: {e}",
+            "check the proxy fixed at activation (reachable, credentials, CONNECT allowed)",
+        )
     return PlatformUnavailable(f"{step}: {e}")
 
 

@@ -51,6 +51,8 @@ _CHUNK: Final = 64 * 1024
 # How long to wait for "100 Continue" before sending a body anyway (RFC 9110 §10.1.1).
 _EXPECT_CONTINUE_WAIT: Final = 2.0
 _USER_AGENT: Final = "scratchfs-agent/1"
+# Reason of a PlatformUnavailableError raised because the CONNECT proxy failed (not the platform).
+REASON_PROXY: Final = "proxy"
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -60,7 +62,7 @@ class PlatformError(Exception):
     """The platform refused a request or could not be reached.
 
     ``status`` is the HTTP status (None when no response arrived), ``reason`` a
-    `protocol.api` REASON_* constant or one of "tls", "unavailable", "protocol".
+    `protocol.api` REASON_* constant or one of "tls", "unavailable", "proxy", "protocol".
     """
 
     def __init__(self, status: int | None, reason: str, message: str) -> None:
@@ -504,7 +506,7 @@ class PlatformClient:
         try:
             return await open_stream(self._proxy, self._host, self._port)
         except ProxyError as e:
-            raise PlatformUnavailableError(None, "unavailable", str(e)) from None
+            raise PlatformUnavailableError(None, REASON_PROXY, str(e)) from None
 
     async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
         try:

@@ -249,6 +249,6 @@ def test_unreachable_proxy_means_no_connection_at_all(platform: Platform, tmp_pa
     r = activate_via(platform, "app1", tmp_path / "st", f"http://127.0.0.1:{free_port()}", None)
     assert r.returncode == EXIT_PLATFORM
     [line] = r.stderr.strip().splitlines()
-    assert "cannot connect to proxy" in line
+    assert "cannot connect to proxy" in line and "check the proxy fixed at activation" in line
     assert serve_peers(platform) == []
 

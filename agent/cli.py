@@ -36,10 +36,10 @@ from agent.jobs import JobSettings
 from agent.lifecycle import Agent, RunSettings, harden_process, platform_error
 from agent.scan.model import ScanOptions
 from agent.tls import client_context
-from protocol import api
+from protocol import api, sealing
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
 from protocol.proxy import ProxyConfig
-from protocol.sealing import generate_keypair
+from protocol.sealing import generate_hybrid_keypair, generate_keypair
 
 PROG = "scanner-agent"
 LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--proxy-auth-fd", type=int, metavar="FD",
                    help="read the proxy's user:password from this file descriptor "
                         "(never from argv)")
+
+    k = sub.add_parser("seal-key", help="manage the sealing key")
+    ksub = k.add_subparsers(dest="seal_command", required=True, parser_class=_Parser)
+    u = ksub.add_parser(
+        "upgrade",
+        help="add a hybrid (ML-KEM-768 + X25519) sealing key and tell the platform (sealing v2)",
+    )
+    u.add_argument("state_dir", type=Path, metavar="STATE_DIR")
 
     r = sub.add_parser("run", help="boot, unlock, run jobs, shut down")
     r.add_argument("state_dir", type=Path, metavar="STATE_DIR")
@@ -138,7 +146,8 @@ async def activate(
         await timesync.sync(anon.time, clock)
         key_pem, csr_pem = new_client_key_and_csr("scanner-appliance")
         seal_private, seal_public = generate_keypair()
-        result = await anon.activate(code, csr_pem, seal_public)
+        hybrid_private, hybrid_public = generate_hybrid_keypair()
+        result = await anon.activate(code, csr_pem, seal_public, hybrid_public)
     except PlatformError as e:
         if e.reason in (api.REASON_INVALID_CODE, api.REASON_CODE_EXPIRED):
             raise ActivationError(
@@ -147,8 +156,9 @@ async def activate(
         raise platform_error(e, "activation") from None
     statemod.write_state(
         state_dir, endpoint, result.appliance, ca_pem, result.certificate_pem, key_pem,
-        seal_private, clock.now(), proxy,
+        seal_private, clock.now(), hybrid_private, proxy,
     )
+    sealing.wipe(hybrid_private)
     statemod.load_state(state_dir)  # prove the state we wrote verifies
     return result.appliance
 
@@ -217,6 +227,42 @@ def cmd_activate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def upgrade_seal_key(state_dir: Path) -> str:
+    """Give an appliance activated before sealing v2 its hybrid key; return what was done.
+
+    Order matters for crash safety: the key is stored locally first, then sent; re-running
+    after a crash resends the same public key (the platform accepts it again).
+    """
+    st = statemod.load_state(state_dir)
+    hybrid = statemod.load_hybrid_key(state_dir)
+    created = hybrid is None
+    if hybrid is None:
+        hybrid, _ = generate_hybrid_keypair()
+        statemod.store_hybrid_key(state_dir, hybrid)
+    try:
+        public = sealing.hybrid_public_from_private(hybrid)
+    finally:
+        sealing.wipe(hybrid)
+        st.forget()
+    clock = timesync.Clock()
+    client = PlatformClient(
+        st.endpoint.url, client_context(st.ca_pem, clock, st.cert_path, st.key_path)
+    )
+    try:
+        await timesync.sync(client.time, clock)
+        await client.upload_seal_key(public)
+    except PlatformError as e:
+        raise platform_error(e, "sending the hybrid sealing key") from None
+    return "created and registered" if created else "already present; registered again"
+
+
+def cmd_seal_key(args: argparse.Namespace) -> int:
+    """``scanner-agent seal-key upgrade``."""
+    outcome = trio.run(upgrade_seal_key, args.state_dir.absolute())
+    print(f"hybrid sealing key {outcome}; restart the agent so that it loads the key")
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``scanner-agent run``."""
     try:
@@ -249,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "activate":
             return cmd_activate(args)
+        if args.command == "seal-key":
+            return cmd_seal_key(args)
         return cmd_run(args)
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

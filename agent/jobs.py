@@ -31,6 +31,7 @@ from agent.errors import Deactivated
 from agent.scan.model import ScanOptions
 from agent.scan.runner import JOB_FILE, RESULT_FILE
 from protocol import api
+from protocol import credential as credmod
 from protocol.client import (
     DeactivatedError,
     Job,
@@ -39,7 +40,7 @@ from protocol.client import (
     PlatformTLSError,
     PlatformUnavailableError,
 )
-from protocol.sealing import SealError, open_sealed, wipe
+from protocol.sealing import SealError, check_format, wipe
 
 log = logging.getLogger("agent.jobs")
 scan_log = logging.getLogger("agent.scan")
@@ -65,13 +66,13 @@ class JobRunner:
         self,
         client: PlatformClient,
         scratch: Path,
-        seal_private: Callable[[], bytearray],
+        open_sealed: Callable[[bytes, bytes], bytearray],
         time_offset: Callable[[], float],
         settings: JobSettings,
     ) -> None:
         self.client = client
         self.scratch = scratch
-        self.seal_private = seal_private
+        self.open_sealed = open_sealed
         self.time_offset = time_offset
         self.settings = settings
         self.credential_opens = 0
@@ -119,16 +120,28 @@ class JobRunner:
                 return  # the child finished without needing it: never decrypted
             sealed = (jdir / CREDENTIAL_FILE).read_bytes()
             try:
-                plaintext = open_sealed(self.seal_private(), sealed, api.SEAL_CONTEXT_CREDENTIAL)
+                if check_format(sealed) == 1:
+                    # v1 blobs carry no scope: nowhere is "in scope", so the secret is not
+                    # even opened. The child reports credential_unusable for every port.
+                    log.error(
+                        "event=credential_unusable error=%s",
+                        "sealed in format v1 without a scope; re-seal it with scanner-seal",
+                    )
+                    return
+                plaintext = self.open_sealed(sealed, api.SEAL_CONTEXT_CREDENTIAL)
             except SealError as e:
                 log.error("event=credential_unusable error=%s", e)
                 return
             try:
                 self.credential_opens += 1
+                _, check = credmod.unpack(plaintext)  # refuse malformed plaintext here already
+                wipe(check)
                 if len(plaintext) <= MAX_PIPE_CREDENTIAL:
                     os.write(cred_fd, plaintext)
                 else:
                     log.error("event=credential_too_large limit=%d", MAX_PIPE_CREDENTIAL)
+            except credmod.CredentialError as e:
+                log.error("event=credential_unusable error=%s", e)
             finally:
                 wipe(plaintext)
             log.info("event=credential_opened_for_check")

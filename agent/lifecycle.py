@@ -45,7 +45,7 @@ from protocol.client import (
     PlatformError,
     PlatformTLSError,
 )
-from protocol.sealing import SealError, open_sealed, wipe
+from protocol.sealing import SealError, wipe
 from scratchfs.volume import api as volume_api
 from scratchfs.volume.errors import NotOpenError, VolumeError
 
@@ -212,7 +212,7 @@ class Agent:
         except PlatformError as e:
             raise platform_error(e, "fetching the volume key") from None
         try:
-            key = open_sealed(self.state.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+            key = self.state.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
         except SealError as e:
             raise PlatformUnavailable(f"the volume key does not unseal ({e})") from None
         image = self.state.volume_image
@@ -252,7 +252,7 @@ class Agent:
     async def job_loop(self, client: PlatformClient, scratch: Path) -> None:
         """Long-poll and run jobs; with --once, return after the first one."""
         runner = JobRunner(
-            client, scratch, self.state.seal_private, lambda: self.clock.offset,
+            client, scratch, self.state.open_sealed, lambda: self.clock.offset,
             self.settings.jobs,
         )
         delay = 1.0

@@ -7,17 +7,23 @@ Layout (version 1)::
       ca.pem                 the platform's root CA (the only trust anchor)
       client-cert.pem        this appliance's TLS client certificate (issued by that CA)
       client-key.pem         its P-256 private key (PKCS#8 PEM)
-      seal-key.bin           the raw 32-byte X25519 private key that sealed blobs are opened with
+      seal-key.bin           the raw 32-byte X25519 private key that v1 sealed blobs open with
+      seal-key-hybrid.bin    the raw 96-byte ML-KEM-768 seed + X25519 private key that v2
+                             (HPKE) blobs open with; written at activation, or later by
+                             `scanner-agent seal-key upgrade` (appliances activated before v2)
       proxy-credentials      "user:password" for the CONNECT proxy (only when it needs them)
       binding.mac            hex HMAC-SHA256 over the files above (the commit marker)
       volume.img             the LUKS2 volume (created at first boot, not bound: it changes)
       run/                   mount points, pid files, logs of the children (0700)
 
 Binding: ``binding.mac`` is HMAC-SHA256 under a key derived (HKDF-SHA256) from both private
-keys, over the length-prefixed names and contents of state.json, ca.pem and
-client-cert.pem (and proxy-credentials when state.json says there are some). Only the
-holder of the appliance's private keys can produce it, so an edited platform URL, an
-edited or removed proxy, or a swapped CA is refused at start. On top of that, the client
+keys (TLS and X25519), over the length-prefixed names and contents of state.json, ca.pem and
+client-cert.pem (and proxy-credentials when state.json says there are some). The hybrid key
+is not part of the binding so that an existing appliance can add it without rewriting the
+commit marker; swapping it can only make blobs fail to open, since the platform learns the
+hybrid public key over mutual TLS, never from this file. Only the holder of the
+appliance's private keys can produce the binding, so an edited platform URL, an edited or
+removed proxy, or a swapped CA is refused at start. On top of that, the client
 certificate must be issued by the pinned CA and carry the public key of client-key.pem.
 Nothing reads the platform URL or CA from flags, environment variables or other files.
 
@@ -45,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.errors import StateError, TamperedError
+from protocol import sealing
 from protocol.proxy import ProxyConfig, check_credentials
 
 STATE_VERSION: Final = 1
@@ -53,6 +60,7 @@ CA_PEM: Final = "ca.pem"
 CERT_PEM: Final = "client-cert.pem"
 KEY_PEM: Final = "client-key.pem"
 SEAL_KEY: Final = "seal-key.bin"
+SEAL_KEY_HYBRID: Final = "seal-key-hybrid.bin"
 BINDING: Final = "binding.mac"
 PROXY_CREDENTIALS: Final = "proxy-credentials"
 MAX_PROXY_CREDENTIALS: Final = 1024  # bytes of "user:password"
@@ -100,6 +108,7 @@ class AgentState:
         ca_pem: bytes,
         cert_pem: bytes,
         seal_private: bytearray,
+        hybrid_private: bytearray | None = None,
         proxy: ProxyConfig | None = None,
     ) -> None:
         self.root = root
@@ -108,6 +117,7 @@ class AgentState:
         self.ca_pem = ca_pem
         self.cert_pem = cert_pem
         self._seal_private = seal_private
+        self._hybrid_private = hybrid_private
         self.proxy = proxy  # every platform and syslog connection goes through it when set
 
     def __repr__(self) -> str:
@@ -139,10 +149,23 @@ class AgentState:
             raise StateError("the sealing key was already forgotten", "restart the agent")
         return self._seal_private
 
+    @property
+    def has_hybrid_key(self) -> bool:
+        """Whether this appliance holds a hybrid (sealing v2) key."""
+        return self._hybrid_private is not None
+
+    def open_sealed(self, sealed: bytes, context: bytes) -> bytearray:
+        """Open a v1 or v2 blob with whichever key it needs; the caller wipes the result.
+
+        Raise sealing.SealError (one line, says what to do) when it does not open.
+        """
+        return sealing.open_any(self.seal_private(), self._hybrid_private, sealed, context)
+
     def forget(self) -> None:
-        """Overwrite the in-memory sealing key."""
-        for i in range(len(self._seal_private)):
-            self._seal_private[i] = 0
+        """Overwrite the in-memory sealing keys."""
+        sealing.wipe(self._seal_private)
+        if self._hybrid_private is not None:
+            sealing.wipe(self._hybrid_private)
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -191,6 +214,7 @@ def write_state(
     tls_key_pem: bytes,
     seal_private: bytes | bytearray,
     activated_at: float,
+    hybrid_private: bytes | bytearray | None = None,
     proxy: ProxyConfig | None = None,
 ) -> None:
     """Create the state directory (must be absent or empty) and bind it; binding.mac last."""
@@ -217,6 +241,8 @@ def write_state(
         _write_new(root / name, data)
     _write_new(root / KEY_PEM, tls_key_pem)
     _write_new(root / SEAL_KEY, bytes(seal_private))
+    if hybrid_private is not None:
+        _write_new(root / SEAL_KEY_HYBRID, bytes(hybrid_private))
     if proxy is not None and proxy.credentials is not None:
         store_proxy_credentials(root, proxy.credentials)
         contents[PROXY_CREDENTIALS] = proxy.credentials
@@ -227,30 +253,6 @@ def write_state(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-# --- secrets beyond the private keys ------------------------------------------------------
-
-
-def store_proxy_credentials(root: Path, credentials: bytes) -> None:
-    """Keep the proxy's "user:password" like the other appliance secrets (0600, state dir)."""
-    _write_new(root / PROXY_CREDENTIALS, credentials)
-
-
-def load_proxy_credentials(root: Path) -> bytes:
-    """The proxy's "user:password"; TamperedError when missing, unsafe or malformed."""
-    path = root / PROXY_CREDENTIALS
-    if not path.exists():
-        raise TamperedError(f"state dir {root} is incomplete (missing {PROXY_CREDENTIALS})")
-    _check_mode(path, 0o600, is_dir=False)
-    data = path.read_bytes()
-    try:
-        if len(data) > MAX_PROXY_CREDENTIALS:
-            raise ValueError("too long")
-        check_credentials(data)
-    except ValueError:
-        raise TamperedError(f"{PROXY_CREDENTIALS} is malformed") from None
-    return data
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -317,8 +319,10 @@ def load_state(root: Path) -> AgentState:
     except (ValueError, KeyError, TypeError) as e:
         raise TamperedError(f"{STATE_JSON} is malformed ({e})") from None
     _check_certificate(contents[CA_PEM], contents[CERT_PEM], tls_key_pem)
+    hybrid = load_hybrid_key(root)
     return AgentState(
-        root, endpoint, appliance, contents[CA_PEM], contents[CERT_PEM], seal_private, proxy
+        root, endpoint, appliance, contents[CA_PEM], contents[CERT_PEM], seal_private, hybrid,
+        proxy,
     )
 
 
@@ -334,6 +338,61 @@ def _proxy_doc(state_json: bytes) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise TamperedError(f"{STATE_JSON} has a malformed proxy entry")
     return value
+
+
+def load_hybrid_key(root: Path) -> bytearray | None:
+    """The hybrid sealing private key, or None for an appliance not upgraded yet."""
+    path = root / SEAL_KEY_HYBRID
+    if not path.exists():
+        return None
+    _check_mode(path, 0o600, is_dir=False)
+    key = bytearray(path.read_bytes())
+    if len(key) != sealing.HYBRID_PRIVATE_LEN:
+        sealing.wipe(key)
+        raise TamperedError(
+            f"{SEAL_KEY_HYBRID} is not a {sealing.HYBRID_PRIVATE_LEN}-byte hybrid key"
+        )
+    return key
+
+
+def store_hybrid_key(root: Path, private: bytes | bytearray) -> None:
+    """Add the hybrid key to an activated state dir (atomic: temp file, fsync, rename).
+
+    Refuses to replace an existing one: blobs sealed to it would become unreadable.
+    """
+    path = root / SEAL_KEY_HYBRID
+    if path.exists():
+        raise StateError(f"{path} exists already", "keep it; nothing to upgrade")
+    tmp = root / (SEAL_KEY_HYBRID + ".tmp")
+    tmp.unlink(missing_ok=True)
+    _write_new(tmp, bytes(private))
+    os.rename(tmp, path)
+    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def store_proxy_credentials(root: Path, credentials: bytes) -> None:
+    """Keep the proxy's "user:password" like the other appliance secrets (0600, state dir)."""
+    _write_new(root / PROXY_CREDENTIALS, credentials)
+
+
+def load_proxy_credentials(root: Path) -> bytes:
+    """The proxy's "user:password"; TamperedError when missing, unsafe or malformed."""
+    path = root / PROXY_CREDENTIALS
+    if not path.exists():
+        raise TamperedError(f"state dir {root} is incomplete (missing {PROXY_CREDENTIALS})")
+    _check_mode(path, 0o600, is_dir=False)
+    data = path.read_bytes()
+    try:
+        if len(data) > MAX_PROXY_CREDENTIALS:
+            raise ValueError("too long")
+        check_credentials(data)
+    except ValueError:
+        raise TamperedError(f"{PROXY_CREDENTIALS} is malformed") from None
+    return data
 
 
 def _check_certificate(ca_pem: bytes, cert_pem: bytes, tls_key_pem: bytes) -> None:

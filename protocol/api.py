@@ -24,6 +24,7 @@ PATH_TIME: Final = "/v1/time"  # GET; client certificate optional
 PATH_ACTIVATE: Final = "/v1/activate"  # POST; no client certificate needed
 PATH_VOLUME_KEY: Final = "/v1/volume-key"  # GET; mutual TLS
 PATH_CONFIG: Final = "/v1/config"  # GET; mutual TLS
+PATH_SEAL_KEY: Final = "/v1/appliance/seal-key"  # POST {hybrid_public}; mutual TLS
 PATH_NEXT_JOB: Final = "/v1/jobs/next"  # GET ?wait=SECONDS; mutual TLS
 PATH_JOB_PREFIX: Final = "/v1/jobs/"
 RESULT_SUFFIX: Final = "/result"  # POST /v1/jobs/{id}/result; mutual TLS
@@ -50,6 +51,7 @@ F_TIME: Final = "time"  # float, UTC epoch seconds
 F_CODE: Final = "code"  # activation code (string)
 F_CSR: Final = "csr"  # PEM PKCS#10 certificate signing request (string)
 F_X25519_PUBLIC: Final = "x25519_public"  # base64 of the raw 32-byte X25519 public key
+F_HYBRID_PUBLIC: Final = "hybrid_public"  # base64 of the 1216-byte ML-KEM-768+X25519 key
 F_APPLIANCE: Final = "appliance"  # appliance name (string)
 F_CERTIFICATE: Final = "certificate"  # PEM client certificate (string)
 F_CA: Final = "ca"  # PEM CA certificate (string)
@@ -122,6 +124,7 @@ REASON_DIGEST_MISMATCH: Final = "digest_mismatch"  # 400: body does not match it
 REASON_TIMEOUT: Final = "timeout"  # 408: request not received in time
 REASON_UNAVAILABLE: Final = "unavailable"  # 503: no volume key (never activated)
 REASON_INTERNAL: Final = "internal"  # 500
+REASON_KEY_CONFLICT: Final = "key_conflict"  # 409: a different hybrid key is on record
 
 # --- limits -----------------------------------------------------------------------------
 MAX_JSON_BODY: Final = 64 * 1024  # bytes, for every JSON request body

@@ -303,17 +303,18 @@ class PlatformClient:
             raise PlatformError(None, "protocol", "platform response: time is not a number")
         return float(value)
 
-    async def activate(self, code: str, csr_pem: bytes, x25519_public: bytes) -> ActivationResult:
+    async def activate(
+        self, code: str, csr_pem: bytes, x25519_public: bytes, hybrid_public: bytes | None = None
+    ) -> ActivationResult:
         """Exchange a one-time activation code and a CSR for this appliance's certificate."""
-        data = await self._json(
-            "POST",
-            api.PATH_ACTIVATE,
-            {
-                api.F_CODE: code,
-                api.F_CSR: csr_pem.decode("ascii"),
-                api.F_X25519_PUBLIC: base64.b64encode(x25519_public).decode("ascii"),
-            },
-        )
+        payload = {
+            api.F_CODE: code,
+            api.F_CSR: csr_pem.decode("ascii"),
+            api.F_X25519_PUBLIC: base64.b64encode(x25519_public).decode("ascii"),
+        }
+        if hybrid_public is not None:
+            payload[api.F_HYBRID_PUBLIC] = base64.b64encode(hybrid_public).decode("ascii")
+        data = await self._json("POST", api.PATH_ACTIVATE, payload)
         name, cert, ca = data.get(api.F_APPLIANCE), data.get(api.F_CERTIFICATE), data.get(api.F_CA)
         if not isinstance(name, str) or not isinstance(cert, str) or not isinstance(ca, str):
             raise PlatformError(None, "protocol", "platform response: activation is malformed")
@@ -325,9 +326,17 @@ class PlatformClient:
         )
 
     async def volume_key(self) -> bytes:
-        """This appliance's volume key, sealed to its X25519 key (context b"volume-key")."""
+        """This appliance's volume key, sealed to its hybrid key (v2) or X25519 key (v1)."""
         data = await self._json("GET", api.PATH_VOLUME_KEY)
         return _b64decode(data.get(api.F_SEALED), "sealed volume key")
+
+    async def upload_seal_key(self, hybrid_public: bytes) -> None:
+        """Tell the platform this appliance's hybrid sealing key (mutual TLS; idempotent)."""
+        await self._json(
+            "POST",
+            api.PATH_SEAL_KEY,
+            {api.F_HYBRID_PUBLIC: base64.b64encode(hybrid_public).decode("ascii")},
+        )
 
     async def config(self) -> PlatformConfig:
         """The account's configuration (remote syslog target or None, heartbeat interval)."""

@@ -4,6 +4,7 @@ the client-only guarantee and upload retry."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -24,11 +25,11 @@ from agent.jobs import JobRunner, JobSettings
 from agent.scan.model import ScanOptions
 from agent.timesync import Clock
 from agent.tls import client_context
-from protocol import api
+from protocol import api, sealing
 from protocol.client import PlatformClient
-from protocol.sealing import open_sealed, wipe
+from protocol.sealing import wipe
 from scratchfs.volume import api as volume_api
-from tests.agent.conftest import AgentRun, Rsyslog
+from tests.agent.conftest import AgentRun, Rsyslog, run_agent_cli
 from tools.demo import (
     Platform,
     Service,
@@ -41,6 +42,7 @@ from tools.demo import (
     start_http_auth_service,
     start_platform,
 )
+from tools.platform import db
 
 CRED = b"lifecycle-user:pw-LIFECYCLE-CANARY"
 MARKERS = {"banner": b"LifeSSH_CANARY", "page": b"lifecycle-secret-CANARY",
@@ -173,7 +175,7 @@ def backing_of_closed_volume(state_dir: Path, where: Path) -> list[str]:
     """Open the agent's volume with its own key (as the agent would) and list the backing."""
     st, client = appliance_client(state_dir)
     sealed = trio.run(client.volume_key)
-    key = open_sealed(st.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+    key = st.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
     where.mkdir(exist_ok=True)
     try:
         vol = volume_api.open_volume(st.volume_image, where, key, run_dir=where.parent / "vr")
@@ -196,7 +198,9 @@ def test_full_run_every_step_client_only_with_syslog(
 ) -> None:
     platform.cli("syslog", "set", "--host", "127.0.0.1", "--port", str(rsyslog.port),
                  "--ca", str(rsyslog.pki.ca_path))
-    seal_credential(platform, "app1", CRED, tmp_path, name="web-login")
+    seal_credential(platform, "app1", "lifecycle-user", MARKERS["password"], tmp_path, "web-login",
+                    ["--target", "127.0.0.1", "--ports", str(services["web"].port),
+                     "--protocol", "http-basic", "--allow-cleartext"])  # fmt: skip
     closed = closed_port()
     ports = f"{services['ssh'].port},{services['web'].port},{closed}"
     job_id = add_job(platform, ports, "--credential", "web-login")
@@ -220,6 +224,7 @@ def test_full_run_every_step_client_only_with_syslog(
     by_port = {p["port"]: p for h in doc["hosts"] for p in h["ports"]}
     assert set(by_port) == {services["ssh"].port, services["web"].port}
     assert by_port[services["web"].port]["auth"] == "accepted"
+    assert by_port[services["ssh"].port]["auth"] == "credential_out_of_scope"  # not in its scope
     assert MARKERS["page"].decode() in by_port[services["web"].port]["banner"]
     assert b"LIFECYCLE-CANARY" not in raw and b"lifecycle-user" not in raw
     assert services["web"].authorized == 1
@@ -247,6 +252,87 @@ def test_full_run_every_step_client_only_with_syslog(
     log2 = run2.stderr()
     assert run2.proc.returncode == 0, log2[-2000:]
     assert "first_boot_format" not in log2 and "event=volume_open" in log2
+    assert [j["state"] for j in jobs(platform) if j["id"] == job2] == ["done"]
+
+
+def test_platform_retargeting_gets_out_of_scope_and_zero_secret_bytes(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun], tmp_path: Path,
+) -> None:
+    """A platform that points a credential at a host it controls (bypassing its own check by
+    writing its database) gets credential_out_of_scope, and the host gets nothing secret."""
+    inside = start_http_auth_service(CRED, b"realm", b"inside", "127.0.0.1")
+    outside = start_http_auth_service(CRED, b"realm", b"outside", "127.0.0.2")
+    try:
+        seal_credential(platform, "app1", "lifecycle-user", MARKERS["password"], tmp_path, "web-login",
+                        ["--target", "127.0.0.1", "--ports", f"{inside.port},{outside.port}",
+                         "--protocol", "http-basic", "--allow-cleartext"])  # fmt: skip
+        refused = platform.cli("job", "add", "app1", "--targets", "127.0.0.2", "--ports", str(outside.port),
+                               "--credential", "web-login", check=False)  # fmt: skip
+        assert refused.returncode == 6 and b"outside the scope" in refused.stderr
+        storage = db.Storage(platform.state / "platform.db")
+        try:
+            job_id = str(storage.add_job("app1", ["127.0.0.2"], str(outside.port), "builtin", None, time.time()))
+            with storage._tx() as sql:
+                sql.execute("UPDATE jobs SET credential_id = (SELECT id FROM credentials WHERE name = ?) "
+                            "WHERE id = ?", ("web-login", int(job_id)))  # fmt: skip
+        finally:
+            storage.close()
+        run = agent_factory(activated, "--once")
+        run.proc.wait(timeout=240)
+        log = run.stderr()
+        assert run.proc.returncode == 0, log[-2000:]
+        assert "event=credential_refused" in log and "reason=credential_out_of_scope" in log
+        doc = json.loads(platform.cli("results", "show", job_id, "--json").stdout)["result"]
+        [port] = [p for h in doc["hosts"] for p in h["ports"]]
+        assert port["port"] == outside.port and port["auth"] == "credential_out_of_scope"
+        assert outside.connections >= 1  # probed: it asked for authentication
+        for secret in (MARKERS["password"], base64.b64encode(CRED)):
+            assert secret not in outside.received
+        assert outside.authorized == 0 and inside.connections == 0
+    finally:
+        inside.close()
+        outside.close()
+
+
+def test_appliance_from_before_v2_upgrades_its_sealing_key_without_reimaging(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun], tmp_path: Path,
+) -> None:
+    """New activations get a hybrid key; an appliance activated before sealing v2 (no hybrid
+    key on either side) keeps working on v1, then `scanner-agent seal-key upgrade` moves
+    it: the platform learns the key over mTLS and the same volume opens with a v2 seal."""
+    assert (activated / statemod.SEAL_KEY_HYBRID).exists()  # a new activation: hybrid
+    pubkey = platform.cli("appliance", "pubkey", "app1").stdout
+    assert b"MLKEM768X25519" in pubkey
+    # Turn it into an appliance from before v2 on both sides.
+    (activated / statemod.SEAL_KEY_HYBRID).unlink()
+    storage = db.Storage(platform.state / "platform.db")
+    try:
+        with storage._tx() as sql:
+            sql.execute("UPDATE appliances SET hybrid_public = NULL WHERE name = 'app1'")
+    finally:
+        storage.close()
+    refused = platform.cli("appliance", "pubkey", "app1", check=False)
+    assert refused.returncode == 4 and b"seal-key upgrade" in refused.stderr
+    first = agent_factory(activated, "--once")
+    job1 = add_job(platform, str(closed_port()))
+    first.proc.wait(timeout=240)
+    assert first.proc.returncode == 0, first.stderr()[-2000:]
+    assert "event=first_boot_format" in first.stderr()
+    assert [j["state"] for j in jobs(platform) if j["id"] == job1] == ["done"]
+
+    up = run_agent_cli("seal-key", "upgrade", str(activated))
+    assert up.returncode == 0 and "created and registered" in up.stdout, up.stderr
+    again = run_agent_cli("seal-key", "upgrade", str(activated))  # idempotent
+    assert again.returncode == 0 and "already present" in again.stdout, again.stderr
+    assert b"MLKEM768X25519" in platform.cli("appliance", "pubkey", "app1").stdout
+    _, client = appliance_client(activated)
+    assert sealing.check_format(trio.run(client.volume_key)) == 2
+    second = agent_factory(activated, "--once")
+    job2 = add_job(platform, str(closed_port()))
+    second.proc.wait(timeout=240)
+    log = second.stderr()
+    assert second.proc.returncode == 0, log[-2000:]
+    assert "first_boot_format" not in log and "event=volume_open" in log  # same volume, v2 seal
     assert [j["state"] for j in jobs(platform) if j["id"] == job2] == ["done"]
 
 
@@ -347,7 +433,7 @@ async def test_upload_retried_until_acknowledged_and_kept_until_then(
     assert job is not None and job.id == job_id
     scratch = tmp_path / "scratch"
     runner = JobRunner(
-        client, scratch, st.seal_private, lambda: 0.0,
+        client, scratch, st.open_sealed, lambda: 0.0,
         JobSettings(ScanOptions(connect_timeout=1, banner_timeout=0.2),
                     upload_backoff_initial=0.2, upload_backoff_max=0.5),
     )

@@ -114,7 +114,7 @@ def test_proxy_is_bound_into_the_state(tmp_path: Path) -> None:
     root = tmp_path / "state"
     proxy = ProxyConfig.parse("http://127.0.0.1:3128", f"{USER}:{PASSWORD}".encode())
     statemod.write_state(root, statemod.PlatformEndpoint.parse("https://platform.example:8443"), "app1",
-                         pki.ca_pem, pki.issue_client(csr_pem), key_pem, seal_priv, 1.0, proxy)
+                         pki.ca_pem, pki.issue_client(csr_pem), key_pem, seal_priv, 1.0, proxy=proxy)
     st = statemod.load_state(root)
     assert st.proxy == proxy and st.proxy is not None and st.proxy.credentials == proxy.credentials
     assert PASSWORD.encode() not in (root / statemod.STATE_JSON).read_bytes()

@@ -136,3 +136,31 @@ def test_cli_missing_state_and_usage(tmp_path: Path) -> None:
     r = run_agent_cli("activate", str(tmp_path / "s"), "--platform", "http://x",
                       "--ca", str(tmp_path / "missing.pem"), "--code", "abc")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_hybrid_key_is_optional_stored_once_and_checked(state_dir: Path) -> None:
+    """An appliance from before sealing v2 loads without the hybrid key; the upgrade adds it
+    next to the X25519 key (0600) and never replaces it; a damaged one is refused."""
+    from protocol import api, sealing
+
+    st = statemod.load_state(state_dir)
+    assert not st.has_hybrid_key
+    priv, pub = sealing.generate_hybrid_keypair()
+    blob = sealing.seal_v2(pub, b"vk" * 16, api.SEAL_CONTEXT_VOLUME_KEY)
+    with pytest.raises(sealing.SealError, match="seal-key upgrade"):
+        st.open_sealed(blob, api.SEAL_CONTEXT_VOLUME_KEY)
+    statemod.store_hybrid_key(state_dir, priv)
+    path = state_dir / statemod.SEAL_KEY_HYBRID
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(StateError):
+        statemod.store_hybrid_key(state_dir, priv)
+    st = statemod.load_state(state_dir)
+    assert st.has_hybrid_key
+    assert st.open_sealed(blob, api.SEAL_CONTEXT_VOLUME_KEY) == bytearray(b"vk" * 16)
+    v1 = sealing.seal(sealing.public_from_private(bytes(st.seal_private())), b"x", b"credential")
+    assert st.open_sealed(v1, b"credential") == bytearray(b"x")  # v1 blobs still open
+    st.forget()
+    path.write_bytes(b"short")
+    os.chmod(path, 0o600)
+    with pytest.raises(TamperedError, match="hybrid"):
+        statemod.load_state(state_dir)

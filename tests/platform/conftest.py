@@ -45,6 +45,8 @@ class Appliance:
     x25519_private: bytes = field(repr=False)
     x25519_public: bytes
     client: client.PlatformClient
+    hybrid_private: bytearray | None = field(default=None, repr=False)
+    hybrid_public: bytes | None = None
 
 
 @dataclass
@@ -72,14 +74,17 @@ class Platform:
     def anon_client(self, timeout: float = 20.0) -> client.PlatformClient:
         return client.PlatformClient(self.url, client.client_context(self.ca_pem), timeout)
 
-    async def activate(self, name: str) -> Appliance:
+    async def activate(self, name: str, hybrid: bool = False) -> Appliance:
+        """Activate like an agent; hybrid=False is an agent from before sealing v2."""
         code = self.add_appliance(name)
         key_pem, csr = client.new_client_key_and_csr(name)
         xpriv, xpub = sealing.generate_keypair()
-        res = await self.anon_client().activate(code, csr, xpub)
+        hpriv, hpub = sealing.generate_hybrid_keypair() if hybrid else (None, None)
+        res = await self.anon_client().activate(code, csr, xpub, hpub)
         ctx = client.client_context(self.ca_pem, res.certificate_pem, key_pem)
         return Appliance(
-            name, key_pem, res.certificate_pem, xpriv, xpub, client.PlatformClient(self.url, ctx, timeout=20.0)
+            name, key_pem, res.certificate_pem, xpriv, xpub, client.PlatformClient(self.url, ctx, timeout=20.0),
+            hpriv, hpub,
         )
 
 

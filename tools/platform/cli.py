@@ -3,8 +3,9 @@
 Exit codes: 0 success; 1 runtime failure (e.g. cannot listen); 2 usage error (bad flags,
 names or specs); 3 not found (appliance, job, credential, result); 4 conflict (exists
 already, deactivated, not active); 5 state directory problem (not initialised, unsafe
-permissions, database from a newer version). Errors are one line on stderr; --debug adds
-the traceback.
+permissions, database from a newer version); 6 a job's targets lie outside its
+credential's scope (or the credential has none). Errors are one line on stderr; --debug
+adds the traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_CONFLICT = 4
 EXIT_STATE = 5
+EXIT_SCOPE = 6
 STATE_ENV = "SCANNER_PLATFORM_STATE"
 DEFAULT_CODE_TTL = 24 * 3600.0
 
@@ -240,7 +242,16 @@ def cmd_appliance_pubkey(args: argparse.Namespace) -> int:
             f"appliance {args.name!r} is {app.state} and has no sealing key; activate it first",
             EXIT_CONFLICT,
         )
-    sys.stdout.write(sealing.public_key_to_pem(app.x25519_public).decode())
+    if args.x25519:
+        sys.stdout.write(sealing.public_key_to_pem(app.x25519_public).decode())
+        return EXIT_OK
+    if app.hybrid_public is None:
+        raise CliError(
+            f"appliance {args.name!r} has no hybrid sealing key yet; run "
+            "'scanner-agent seal-key upgrade STATE_DIR' on it, then ask again",
+            EXIT_CONFLICT,
+        )
+    sys.stdout.write(sealing.hybrid_public_to_pem(app.hybrid_public).decode())
     return EXIT_OK
 
 
@@ -387,8 +398,11 @@ def cmd_credential_add(args: argparse.Namespace) -> int:
         raise CliError(f"cannot read {args.sealed}: {e.strerror}; check the path", EXIT_USAGE) from None
     try:
         sealing.check_format(blob)
+        db.credential_scope(blob)
     except sealing.SealError as e:
         raise CliError(f"{args.sealed}: {e}; produce it with scanner-seal", EXIT_USAGE) from None
+    except db.StorageError as e:
+        raise CliError(f"{args.sealed}: {e}", EXIT_USAGE) from None
     storage = _storage(args)
     try:
         storage.add_credential(args.appliance, args.name, blob, time.time())
@@ -672,8 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="activation code lifetime (default 86400)",
     )
-    sp = leaf(asub, "pubkey", cmd_appliance_pubkey, "print the appliance's X25519 key (PEM)")
+    sp = leaf(asub, "pubkey", cmd_appliance_pubkey, "print the appliance's hybrid sealing key (for scanner-seal)")
     sp.add_argument("name", type=_name)
+    sp.add_argument("--x25519", action="store_true", help="print the v1 X25519 key (PEM) instead")
     sp = leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the volume key, revoke the certificate")
     sp.add_argument("name", type=_name)
     sp = leaf(asub, "list", cmd_appliance_list, "list appliances with their heartbeat state")
@@ -751,6 +766,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, str(e), EXIT_NOT_FOUND)
     except db.Conflict as e:
         return _fail(args, str(e), EXIT_CONFLICT)
+    except db.OutOfScope as e:
+        return _fail(args, str(e), EXIT_SCOPE)
     except (state.StateError, db.StorageError, ca.CAError) as e:
         return _fail(args, str(e), EXIT_STATE)
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ written by a newer platform is refused instead of being silently misread.
 
 from __future__ import annotations
 
+import hmac
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Final
+
+from protocol import sealing
+from protocol.scope import Scope, ScopeError
 
 MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
     (
@@ -94,6 +98,15 @@ MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
     (
         3,
         [
+            # Sealing format v2: the appliance's hybrid (ML-KEM-768 + X25519) public key,
+            # set at activation or later over mutual TLS (POST /v1/appliance/seal-key).
+            # NULL = the appliance still has only its X25519 key (volume key sealed v1).
+            "ALTER TABLE appliances ADD COLUMN hybrid_public BLOB",
+        ],
+    ),
+    (
+        4,
+        [
             # Heartbeats: the latest status per appliance, the health state last recorded
             # by the evaluator (its compare-and-set makes each transition happen once),
             # and a bounded history (HEARTBEAT_HISTORY rows per appliance).
@@ -159,6 +172,7 @@ class Appliance:
     x25519_public: bytes | None
     cert_serial: str | None
     cert_fingerprint: str | None
+    hybrid_public: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -226,7 +240,7 @@ class ActivationGrant:
 
 _APPLIANCE_SELECT = (
     "SELECT id, name, state, created_at, code_expires, activated_at, deactivated_at, "
-    "x25519_public, cert_serial, cert_fingerprint FROM appliances"
+    "x25519_public, cert_serial, cert_fingerprint, hybrid_public FROM appliances"
 )
 _JOB_SELECT = """
     SELECT j.id, a.name, j.appliance_id, j.targets, j.ports, j.engine, j.state, j.created_at,
@@ -259,6 +273,42 @@ def _job(row: tuple[Any, ...]) -> JobRow:
         credential_sealed=row[13],
         result_sha256=row[14],
     )
+
+
+class OutOfScope(StorageError):
+    """A job's targets lie outside its credential's (public) scope."""
+
+
+def credential_scope(sealed: bytes) -> Scope:
+    """The public scope of a stored credential; StorageError when it has none or is bad."""
+    try:
+        header = sealing.public_header(sealed)
+        if not header:
+            raise StorageError(
+                "it was sealed in format v1 and has no scope; re-seal it with scanner-seal "
+                "(--target/--ports/--protocol) and add it under a new name"
+            )
+        return Scope.from_bytes(header)
+    except (sealing.SealError, ScopeError) as e:
+        raise StorageError(f"its public scope is unreadable ({e}); re-seal it with scanner-seal") from None
+
+
+def check_job_scope(name: str, sealed: bytes, targets: list[str]) -> None:
+    """Refuse a job whose targets lie outside the credential's public scope.
+
+    Convenience for the operator and a first line of defence: the appliance enforces the
+    sealed copy of the scope whatever the platform (or its database) says.
+    """
+    try:
+        sc = credential_scope(sealed)
+    except StorageError as e:
+        raise OutOfScope(f"credential {name!r} cannot be used: {e}") from None
+    outside = [t for t in targets if not sc.covers_job_target(t)]
+    if outside:
+        raise OutOfScope(
+            f"targets {', '.join(outside[:5])} lie outside the scope of credential {name!r} "
+            f"({', '.join(sc.targets[:5])}); drop them or re-seal the credential with a wider scope"
+        )
 
 
 class Storage:
@@ -426,6 +476,7 @@ class Storage:
         x25519_public: bytes,
         issue: Callable[[str], tuple[bytes, str, str]],
         wrap_new_volume_key: Callable[[int, str], bytes],
+        hybrid_public: bytes | None = None,
     ) -> ActivationGrant:
         """Redeem an activation code atomically.
 
@@ -447,9 +498,9 @@ class Storage:
             wrapped = wrap_new_volume_key(app.id, app.name)
             db.execute(
                 "UPDATE appliances SET state = ?, code_hash = NULL, activated_at = ?, "
-                "x25519_public = ?, cert_serial = ?, cert_fingerprint = ?, wrapped_volume_key = ? "
-                "WHERE id = ?",
-                (STATE_ACTIVE, now, x25519_public, serial, fp, wrapped, app.id),
+                "x25519_public = ?, cert_serial = ?, cert_fingerprint = ?, wrapped_volume_key = ?, "
+                "hybrid_public = ? WHERE id = ?",
+                (STATE_ACTIVE, now, x25519_public, serial, fp, wrapped, hybrid_public, app.id),
             )
             db.execute(
                 "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
@@ -457,6 +508,30 @@ class Storage:
             )
             new = _appliance(db.execute(_APPLIANCE_SELECT + " WHERE id = ?", (app.id,)).fetchone())
         return ActivationGrant(appliance=new, cert_pem=cert_pem)
+
+    def set_hybrid_public(self, appliance_id: int, public: bytes, now: float) -> bool:
+        """Record an active appliance's hybrid key; False if it already has the same one.
+
+        Raise Conflict when it has a different one: blobs sealed to the first would become
+        unreadable on the appliance, so replacing it is not a thing this endpoint does.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT hybrid_public FROM appliances WHERE id = ? AND state = ?",
+                (appliance_id, STATE_ACTIVE),
+            ).fetchone()
+            if row is None:
+                raise NotFound("no such active appliance")
+            if row[0] is not None:
+                if hmac.compare_digest(bytes(row[0]), public):
+                    return False
+                raise Conflict("appliance has a different hybrid key on record")
+            db.execute("UPDATE appliances SET hybrid_public = ? WHERE id = ?", (public, appliance_id))
+            db.execute(
+                "INSERT INTO events (at, appliance_id, kind) VALUES (?, ?, ?)",
+                (now, appliance_id, "seal_key_upgraded"),
+            )
+        return True
 
     def wrapped_volume_key(self, appliance_id: int) -> bytes | None:
         """The wrapped volume key of an active appliance, or None (never activated/shredded)."""
@@ -550,12 +625,13 @@ class Storage:
             cred_id = None
             if credential is not None:
                 crow = db.execute(
-                    "SELECT id FROM credentials WHERE appliance_id = ? AND name = ?",
+                    "SELECT id, sealed FROM credentials WHERE appliance_id = ? AND name = ?",
                     (row[0], credential),
                 ).fetchone()
                 if crow is None:
                     raise NotFound(f"appliance {appliance!r} has no credential {credential!r}")
                 cred_id = crow[0]
+                check_job_scope(credential, bytes(crow[1]), targets)
             cur = db.execute(
                 "INSERT INTO jobs (appliance_id, targets, ports, engine, credential_id, state, "
                 "created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",

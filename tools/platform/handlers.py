@@ -122,6 +122,15 @@ def _heartbeat_status(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _hybrid_field(doc: dict[str, Any]) -> bytes:
+    raw = _b64_field(doc, api.F_HYBRID_PUBLIC, sealing.HYBRID_PUBLIC_LEN)
+    try:
+        sealing.load_hybrid_public_key(raw)  # refuse a key nothing could be sealed to
+    except sealing.SealError:
+        raise HttpError(400, api.REASON_BAD_REQUEST, "hybrid_public is not a usable ML-KEM-768 + X25519 key") from None
+    return raw
+
+
 def _str_field(doc: dict[str, Any], key: str, max_len: int) -> str:
     value = doc.get(key)
     if not isinstance(value, str) or not value or len(value) > max_len:
@@ -145,6 +154,7 @@ class PlatformApp:
             api.PATH_CONFIG: {"GET": self.get_config},
             api.PATH_NEXT_JOB: {"GET": self.get_next_job},
             api.PATH_HEARTBEAT: {"POST": self.post_heartbeat},
+            api.PATH_SEAL_KEY: {"POST": self.post_seal_key},
         }
 
     def __repr__(self) -> str:
@@ -224,6 +234,8 @@ class PlatformApp:
         code = _str_field(doc, api.F_CODE, 64)
         csr_pem = _str_field(doc, api.F_CSR, 16 * 1024)
         x_pub = _b64_field(doc, api.F_X25519_PUBLIC, sealing.KEY_LEN)
+        # Optional so that agents from before sealing v2 can still activate (v1 only).
+        hybrid = _hybrid_field(doc) if api.F_HYBRID_PUBLIC in doc else None
         try:
             csr = ca.check_csr(csr_pem.encode("ascii"))
         except (ca.CAError, UnicodeEncodeError) as e:
@@ -242,7 +254,9 @@ class PlatformApp:
                 keys.wipe(vk)
 
         try:
-            grant = await self.db.run(self.db.storage.activate, ca.code_hash(code), now, x_pub, issue, wrap_new)
+            grant = await self.db.run(
+                self.db.storage.activate, ca.code_hash(code), now, x_pub, issue, wrap_new, hybrid
+            )
         except db.NotFound:
             log.info("activation refused reason=invalid_code")
             raise HttpError(403, api.REASON_INVALID_CODE, "activation code is unknown or was used already") from None
@@ -269,12 +283,33 @@ class PlatformApp:
             raise HttpError(503, api.REASON_UNAVAILABLE, "no volume key on record")
         vk = keys.unwrap(self._kek, wrapped, app.id, app.name)
         try:
-            sealed = sealing.seal(app.x25519_public, vk, api.SEAL_CONTEXT_VOLUME_KEY)
+            # v2 (hybrid HPKE) once the appliance has told us its hybrid key, else v1.
+            sealed = sealing.seal_for(app.x25519_public, app.hybrid_public, vk, api.SEAL_CONTEXT_VOLUME_KEY)
         finally:
             keys.wipe(vk)
         await self.db.run(self.db.storage.log_event, time.time(), "volume_key", app.id)
         log.info("volume key handed out appliance=%s", app.name)
         return json_response(200, {api.F_SEALED: base64.b64encode(sealed).decode()})
+
+    async def post_seal_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """POST /v1/appliance/seal-key: the caller's hybrid public key (sealing v2).
+
+        Authenticated by the client certificate, so only the appliance itself can set it;
+        idempotent for the same key (an upgrade that crashed after sending may resend).
+        """
+        app = await self._required(peer_der)
+        doc = await ex.read_json()
+        public = _hybrid_field(doc)
+        try:
+            changed = await self.db.run(self.db.storage.set_hybrid_public, app.id, public, time.time())
+        except db.Conflict:
+            raise HttpError(
+                409, api.REASON_KEY_CONFLICT, "a different hybrid key is on record for this appliance"
+            ) from None
+        except db.NotFound:
+            raise HttpError(403, api.REASON_UNKNOWN_CERTIFICATE, "appliance is not active") from None
+        log.info("seal key upgraded appliance=%s changed=%s", app.name, changed)
+        return json_response(200, {api.F_APPLIANCE: app.name})
 
     async def get_config(self, ex: Exchange, peer_der: bytes | None) -> Response:
         """GET /v1/config: syslog target and heartbeat interval."""

@@ -33,7 +33,13 @@ from agent.errors import (
     StateError,
 )
 from agent.jobs import JobSettings
-from agent.lifecycle import Agent, RunSettings, harden_process, platform_error
+from agent.lifecycle import (
+    Agent,
+    RunSettings,
+    harden_process,
+    platform_client_for,
+    platform_error,
+)
 from agent.scan.model import ScanOptions
 from agent.tls import client_context
 from protocol import api, sealing
@@ -245,9 +251,7 @@ async def upgrade_seal_key(state_dir: Path) -> str:
         sealing.wipe(hybrid)
         st.forget()
     clock = timesync.Clock()
-    client = PlatformClient(
-        st.endpoint.url, client_context(st.ca_pem, clock, st.cert_path, st.key_path)
-    )
+    client = platform_client_for(st, clock, mutual=True)
     try:
         await timesync.sync(client.time, clock)
         await client.upload_seal_key(public)

@@ -88,6 +88,17 @@ def platform_error(e: PlatformError, step: str) -> AgentError:
     return PlatformUnavailable(f"{step}: {e}")
 
 
+def platform_client_for(state: AgentState, clock: timesync.Clock, *, mutual: bool) -> PlatformClient:
+    """The one way an activated agent builds a platform client: the pinned CA, certificate
+    times from the synced clock, our certificate when *mutual*, and the proxy bound at
+    activation (so no caller can forget it and connect directly)."""
+    if mutual:
+        ctx = client_context(state.ca_pem, clock, state.cert_path, state.key_path)
+    else:
+        ctx = client_context(state.ca_pem, clock)
+    return PlatformClient(state.endpoint.url, ctx, proxy=state.proxy)
+
+
 def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one meaningful error of a nursery's exception group (agent errors first)."""
     leaves: list[BaseException] = []
@@ -150,8 +161,7 @@ class Agent:
 
     async def sync_time(self) -> None:
         """Measure the clock offset against the platform (server-authenticated TLS)."""
-        ctx = client_context(self.state.ca_pem, self.clock)
-        anon = PlatformClient(self.state.endpoint.url, ctx, proxy=self.state.proxy)
+        anon = platform_client_for(self.state, self.clock, mutual=False)
         try:
             await timesync.sync(anon.time, self.clock)
         except PlatformError as e:
@@ -161,10 +171,7 @@ class Agent:
 
     def platform_client(self) -> PlatformClient:
         """The mTLS client: pinned CA, our certificate, certificate times from the clock."""
-        ctx = client_context(
-            self.state.ca_pem, self.clock, self.state.cert_path, self.state.key_path
-        )
-        return PlatformClient(self.state.endpoint.url, ctx, proxy=self.state.proxy)
+        return platform_client_for(self.state, self.clock, mutual=True)
 
     async def fetch_config(self, client: PlatformClient) -> PlatformConfig:
         """The first mTLS call: syslog target and heartbeat interval."""

@@ -185,6 +185,8 @@ def test_everything_goes_through_tinyproxy(
         log = run.stderr()
         assert run.proc.returncode == 0, log[-2000:]
         lines = rsyslog.wait_for(lambda got: any("event=upload_acknowledged" in ln for ln in got))
+        upgrade = run_agent_cli("seal-key", "upgrade", str(state))
+        assert upgrade.returncode == 0, upgrade.stderr
     finally:
         svc.close()
         proxy.stop()
@@ -202,7 +204,7 @@ def test_everything_goes_through_tinyproxy(
     peers = serve_peers(platform)
     app_paths = {path for _peer, path in peers}
     for path in ("/v1/time", "/v1/activate", "/v1/config", "/v1/volume-key", "/v1/jobs/next",
-                 f"/v1/jobs/{job}/result", "/v1/heartbeat"):
+                 f"/v1/jobs/{job}/result", "/v1/heartbeat", "/v1/appliance/seal-key"):
         assert path in app_paths, (path, app_paths)
     assert {peer for peer, _path in peers} == {proxy.outgoing}, peers
     # And the agent itself only ever connected to the proxy and the scan target.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -207,3 +208,36 @@ def test_cli_list_heartbeat_and_hook_commands(tmp_path: Path) -> None:
     # A bad hook at init creates nothing.
     r = run_cli("init", str(tmp_path / "q"), "--hostname", "localhost", "--alert-hook", "/nonexistent/hook")
     assert r.returncode == 2 and not (tmp_path / "q").exists()
+
+
+async def test_agent_heartbeat_follows_the_interval_and_stops_on_deactivation(platform: Platform) -> None:
+    from agent.errors import Deactivated
+    from agent.heartbeat import Health, Heartbeat
+    from agent.timesync import Clock
+
+    platform.storage.set_setting(health.SETTING_HEARTBEAT, health.Policy(0.2, 3).to_setting())
+    a = await platform.activate("beater")
+    app = platform.storage.appliance("beater")
+    counters = Health(jobs_done=2, jobs_failed=1)
+    counters.error("poll_failed reason=unavailable")
+    hb = Heartbeat(a.client, counters, Clock(offset=1.5), lambda: (None, None), 0.2)
+    with pytest.raises(ExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hb.run)
+            with trio.fail_after(20):
+                while hb.sent < 4:
+                    await trio.sleep(0.05)
+                # The operator changes the interval: the next answer carries it.
+                platform.storage.set_setting(health.SETTING_HEARTBEAT, health.Policy(0.5, 3).to_setting())
+                while hb.interval != 0.5:
+                    await trio.sleep(0.05)
+                platform.storage.deactivate("beater", time.time())
+                await trio.sleep_forever()  # the next beat's 403 deactivated ends the task
+    assert raised.group_contains(Deactivated)
+    hist = platform.storage.heartbeat_history(app.id)
+    assert len(hist) >= 5
+    latest = hist[-1][1]
+    assert latest["jobs_done"] == 2 and latest["jobs_failed"] == 1 and latest["time_offset"] == 1.5
+    assert latest["last_error"] == "poll_failed reason=unavailable" and latest["scratch"] is None
+    gaps = [b[0] - a_[0] for a_, b in itertools.pairwise(hist[:4])]  # the 0.2 s beats
+    assert all(0.1 < g < 0.6 for g in gaps), gaps

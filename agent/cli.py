@@ -33,19 +33,15 @@ from agent.errors import (
     StateError,
 )
 from agent.jobs import JobSettings
-from agent.lifecycle import (
-    Agent,
-    RunSettings,
-    harden_process,
-    platform_client_for,
-    platform_error,
-)
+from agent.lifecycle import Agent, RunSettings, platform_client_for, platform_error
 from agent.scan.model import ScanOptions
 from agent.tls import client_context
 from protocol import api, sealing
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
 from protocol.proxy import ProxyConfig
 from protocol.sealing import generate_hybrid_keypair, generate_keypair
+from scratchfs.keyholder.hardening import harden_process
+from scratchfs.keyholder.wipe import wipe
 
 PROG = "scanner-agent"
 LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
@@ -164,7 +160,7 @@ async def activate(
         state_dir, endpoint, result.appliance, ca_pem, result.certificate_pem, key_pem,
         seal_private, clock.now(), hybrid_private, proxy,
     )
-    sealing.wipe(hybrid_private)
+    wipe(hybrid_private)
     statemod.load_state(state_dir)  # prove the state we wrote verifies
     return result.appliance
 
@@ -248,7 +244,7 @@ async def upgrade_seal_key(state_dir: Path) -> str:
     try:
         public = sealing.hybrid_public_from_private(hybrid)
     finally:
-        sealing.wipe(hybrid)
+        wipe(hybrid)
         st.forget()
     clock = timesync.Clock()
     client = platform_client_for(st, clock, mutual=True)
@@ -278,6 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"{e}; fix the option") from None
     state = statemod.load_state(args.state_dir.absolute())
+    # Before the first key (TLS client key, volume keyslot passphrase) enters this process.
     harden_process()
     settings = RunSettings(
         once=args.once,

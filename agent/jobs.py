@@ -40,7 +40,8 @@ from protocol.client import (
     PlatformTLSError,
     PlatformUnavailableError,
 )
-from protocol.sealing import SealError, check_format, wipe
+from protocol.sealing import SealError, check_format
+from scratchfs.keyholder.wipe import wipe
 
 log = logging.getLogger("agent.jobs")
 scan_log = logging.getLogger("agent.scan")

@@ -1,4 +1,4 @@
-"""The agent's life: boot -> time sync -> mTLS -> volume key -> volume -> scratchfs -> jobs
+"""The agent's life: boot -> time sync -> mTLS -> keyslot passphrase -> volume -> scratchfs -> jobs
 -> shutdown (DESIGN.md §4). Deactivation erases the volume's keyslots and stops.
 
 Run directory (``STATE_DIR/run``, 0700)::
@@ -13,9 +13,7 @@ Run directory (``STATE_DIR/run``, 0700)::
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import resource
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from agent.errors import (
 from agent.heartbeat import Health, Heartbeat
 from agent.jobs import JobRunner, JobSettings
 from agent.scan.model import ScanOptions
-from agent.scratch import ScratchMount, clear_stale, mount_entry
+from agent.scratch import ScratchMount, clear_stale
 from agent.state import AgentState, ensure_run_dir
 from agent.syslog import SyslogForwarder
 from agent.tls import client_context
@@ -45,13 +43,14 @@ from protocol.client import (
     PlatformError,
     PlatformTLSError,
 )
-from protocol.sealing import SealError, wipe
+from protocol.sealing import SealError
+from scratchfs.keyholder import mountinfo
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api as volume_api
 from scratchfs.volume.errors import NotOpenError, VolumeError
 
 log = logging.getLogger("agent.lifecycle")
 
-PR_SET_DUMPABLE = 4
 MiB = 1024 * 1024
 
 
@@ -65,13 +64,6 @@ class RunSettings:
     backend: str = "auto"
     poll_backoff_max: float = 30.0
     jobs: JobSettings = field(default_factory=lambda: JobSettings(ScanOptions()))
-
-
-def harden_process() -> None:
-    """No core dumps, not ptrace-attachable by other users: the agent holds keys."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def platform_error(e: PlatformError, step: str) -> AgentError:
@@ -146,7 +138,7 @@ class Agent:
         self.volume_mnt.mkdir(mode=0o700, exist_ok=True)
         if clear_stale(self.scratch_mnt, self.scratch_pid):
             log.warning("event=recovered_stale_scratch")
-        if mount_entry(self.volume_mnt) is not None or self.volume_run.exists():
+        if mountinfo.find(self.volume_mnt) is not None or self.volume_run.exists():
             try:
                 await trio.to_thread.run_sync(
                     lambda: volume_api.close_volume(self.volume_mnt, run_dir=self.volume_run)
@@ -210,37 +202,37 @@ class Agent:
             logging.getLogger(name).addHandler(self._forward_handler)
         log.info("event=syslog_forwarding target=%s:%d", target.host, target.port)
 
-    # -- step 3: volume key, volume, scratchfs --
+    # -- step 3: keyslot passphrase, volume, scratchfs --
 
     async def open_volume(self, client: PlatformClient) -> None:
-        """Fetch and unseal the volume key, open (first boot: format) the volume."""
+        """Fetch and unseal the keyslot passphrase, open (first boot: format) the volume."""
         try:
-            sealed = await client.volume_key()
+            sealed = await client.keyslot_passphrase()
         except PlatformError as e:
-            raise platform_error(e, "fetching the volume key") from None
+            raise platform_error(e, "fetching the keyslot passphrase") from None
         try:
-            key = self.state.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+            passphrase = self.state.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
         except SealError as e:
-            raise PlatformUnavailable(f"the volume key does not unseal ({e})") from None
+            raise PlatformUnavailable(f"the keyslot passphrase does not unseal ({e})") from None
         image = self.state.volume_image
         try:
             if not image.exists():
                 log.info("event=first_boot_format size=%d", self.settings.volume_size)
                 await trio.to_thread.run_sync(
                     lambda: volume_api.format_volume(
-                        image, self.settings.volume_size, key,
+                        image, self.settings.volume_size, passphrase,
                         backend=self.settings.backend, run_dir=self.volume_run,
                     )
                 )
             self.volume = await trio.to_thread.run_sync(
                 lambda: volume_api.open_volume(
-                    image, self.volume_mnt, key, self.settings.backend, run_dir=self.volume_run
+                    image, self.volume_mnt, passphrase, self.settings.backend, run_dir=self.volume_run
                 )
             )
         except VolumeError as e:
             raise VolumeFailure(f"volume {image}: {e}") from None
         finally:
-            wipe(key)  # unlocked: the platform key is not needed again in this run
+            wipe(passphrase)  # unlocked: not needed again in this run
         log.info("event=volume_open mountpoint=%s", self.volume_mnt)
 
     async def mount_scratch(self) -> ScratchMount:

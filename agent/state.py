@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from agent.errors import StateError, TamperedError
 from protocol import sealing
 from protocol.proxy import ProxyConfig, check_credentials
+from scratchfs.keyholder.wipe import wipe
 
 STATE_VERSION: Final = 1
 STATE_JSON: Final = "state.json"
@@ -163,9 +164,9 @@ class AgentState:
 
     def forget(self) -> None:
         """Overwrite the in-memory sealing keys."""
-        sealing.wipe(self._seal_private)
+        wipe(self._seal_private)
         if self._hybrid_private is not None:
-            sealing.wipe(self._hybrid_private)
+            wipe(self._hybrid_private)
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def load_hybrid_key(root: Path) -> bytearray | None:
     _check_mode(path, 0o600, is_dir=False)
     key = bytearray(path.read_bytes())
     if len(key) != sealing.HYBRID_PRIVATE_LEN:
-        sealing.wipe(key)
+        wipe(key)
         raise TamperedError(
             f"{SEAL_KEY_HYBRID} is not a {sealing.HYBRID_PRIVATE_LEN}-byte hybrid key"
         )

@@ -122,7 +122,7 @@ REASON_LENGTH_REQUIRED: Final = "length_required"  # 411
 REASON_TOO_LARGE: Final = "too_large"  # 413: body over the configured limit
 REASON_DIGEST_MISMATCH: Final = "digest_mismatch"  # 400: body does not match its SHA-256
 REASON_TIMEOUT: Final = "timeout"  # 408: request not received in time
-REASON_UNAVAILABLE: Final = "unavailable"  # 503: no volume key (never activated)
+REASON_UNAVAILABLE: Final = "unavailable"  # 503: no keyslot passphrase (never activated)
 REASON_INTERNAL: Final = "internal"  # 500
 REASON_KEY_CONFLICT: Final = "key_conflict"  # 409: a different hybrid key is on record
 

@@ -1,16 +1,17 @@
 """Appliance-side HTTPS client for the platform API (trio + SSLStream + h11).
 
 One TLS connection per request (the reference platform answers with ``Connection: close``),
-so a broken connection never poisons a later request. The TLS context trusts only the
-platform CA given at activation, never the system store; hostnames are checked; TLS 1.2 is
-the minimum.
+so a broken connection never poisons a later request. The caller brings the TLS context:
+the agent's ``agent.tls.client_context``, the one TLS client policy (the platform CA given at
+activation as the only anchor, hostnames checked, TLS 1.2 minimum, certificate times checked
+against the platform-synced clock).
 
 Typical use by the agent::
 
-    ctx = client_context(ca_pem, cert_pem, key_pem)
+    ctx = agent.tls.client_context(ca_pem, clock, cert_path, key_path)  # the one TLS client policy
     client = PlatformClient("https://platform.example:8443", ctx)
     now = await client.time()
-    sealed = await client.volume_key()           # open with sealing.open_sealed(..., b"volume-key")
+    sealed = await client.keyslot_passphrase()   # open with sealing.open_sealed(..., b"volume-key")
     job = await client.next_job(wait=30)         # None when no job arrived within `wait`
     digest = await client.upload_result(job.id, body)
 
@@ -29,7 +30,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -134,53 +134,7 @@ class Job:
     attempt: int  # 1 on first hand-out, more when re-offered after a lease expired
 
 
-# --- TLS context & key helpers -----------------------------------------------------------
-
-
-def _memfd_path(name: str, data: bytes) -> tuple[int, str]:
-    # ssl can only load certificates/keys from paths: hand it an anonymous in-memory file
-    # so that the private key never touches a disk here.
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    try:
-        os.write(fd, data)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, f"/proc/self/fd/{fd}"
-
-
-def client_context(
-    ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None
-) -> ssl.SSLContext:
-    """TLS client context that trusts ONLY *ca_pem*; TLS 1.2+; hostname checked.
-
-    With *cert_pem* and *key_pem* (PEM, key unencrypted) it presents that client
-    certificate (mutual TLS). Without them it can still call the time and activation
-    endpoints. Raises ValueError when the PEM data does not load.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no system CAs are loaded by this class
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    try:
-        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
-    except (ssl.SSLError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"platform CA certificate does not load: {type(e).__name__}") from None
-    if (cert_pem is None) != (key_pem is None):
-        raise ValueError("client certificate and key must be given together")
-    if cert_pem is not None and key_pem is not None:
-        cfd, cpath = _memfd_path("client-cert", cert_pem)
-        try:
-            kfd, kpath = _memfd_path("client-key", key_pem)
-            try:
-                ctx.load_cert_chain(cpath, kpath)
-            except ssl.SSLError:
-                raise ValueError("client certificate or key does not load or match") from None
-            finally:
-                os.close(kfd)
-        finally:
-            os.close(cfd)
-    return ctx
+# --- TLS key helpers -----------------------------------------------------------
 
 
 def new_client_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
@@ -325,10 +279,11 @@ class PlatformClient:
             syslog=_syslog_from(data.get(api.F_SYSLOG)),
         )
 
-    async def volume_key(self) -> bytes:
-        """This appliance's volume key, sealed to its hybrid key (v2) or X25519 key (v1)."""
+    async def keyslot_passphrase(self) -> bytes:
+        """This appliance's keyslot passphrase (the 32 bytes that unlock its LUKS2 keyslot; the
+        wire calls it the volume key), sealed to its hybrid key (v2) or X25519 key (v1)."""
         data = await self._json("GET", api.PATH_VOLUME_KEY)
-        return _b64decode(data.get(api.F_SEALED), "sealed volume key")
+        return _b64decode(data.get(api.F_SEALED), "sealed keyslot passphrase")
 
     async def upload_seal_key(self, hybrid_public: bytes) -> None:
         """Tell the platform this appliance's hybrid sealing key (mutual TLS; idempotent)."""

@@ -1,12 +1,13 @@
 """Sealing secrets to an appliance: HPKE (RFC 9180) with a hybrid post-quantum KEM, versioned.
 
-Used for credentials (sealed by the customer with `scanner-seal`) and for the volume key
-(sealed by the platform inside TLS, so it is encrypted twice on the wire). Pure module.
+Used for credentials (sealed by the customer with `scanner-seal`) and for the keyslot
+passphrase (the wire's "volume key"; sealed by the platform inside TLS, so it is encrypted
+twice on the wire). Pure module.
 
 Format, version 2 (current; all lengths in bytes)::
 
     magic "SCSL" (4) | version 0x02 (1) | header length (2, big-endian) | header (public,
-    e.g. a credential's scope as canonical JSON; empty for the volume key) |
+    e.g. a credential's scope as canonical JSON; empty for the keyslot passphrase) |
     HPKE enc (1120) | HPKE ciphertext with its 16-byte tag (len(plaintext) + 16)
 
 HPKE suite: KEM MLKEM768-X25519 (ML-KEM-768 + X25519 hybrid: safe while either holds, so a
@@ -54,6 +55,8 @@ from cryptography.hazmat.primitives.asymmetric import mlkem
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from scratchfs.keyholder.wipe import wipe
 
 MAGIC: Final = b"SCSL"
 VERSION: Final = 1  # the X25519 format; VERSION_2 is the hybrid HPKE format
@@ -351,12 +354,6 @@ def seal_for(
     if x25519_public is None:
         raise SealError("recipient has no sealing key")
     return seal(x25519_public, plaintext, context)
-
-
-def wipe(buf: bytearray) -> None:
-    """Overwrite a plaintext buffer returned by open_sealed()."""
-    for i in range(len(buf)):
-        buf[i] = 0
 
 
 # --- public key files -------------------------------------------------------------------

@@ -12,10 +12,10 @@ import logging.handlers
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from scratchfs import blocks
+from scratchfs.keyholder import mountinfo, procs, ready
 from scratchfs.mount import (
     EXIT_BUSY,
     EXIT_INTERNAL,
@@ -23,10 +23,10 @@ from scratchfs.mount import (
     EXIT_OK,
     EXIT_USAGE,
     FSTYPE,
-    STALE_ERRNOS,
     MountError,
     MountOptions,
     check,
+    daemon_pid,
     find_mount,
     prepare,
     serve,
@@ -162,27 +162,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
     daemonized = args.ready_fd is not None
     _setup_logging(logging.DEBUG if opts.debug else logging.INFO, args.log_file, daemonized)
 
-    def ready() -> None:
+    def say_ok() -> None:
         if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ok\n")
-            os.close(args.ready_fd)
+            ready.write_ok(args.ready_fd)
 
     try:
         store = prepare(opts)
-        return serve(opts, store, ready)
+        return serve(opts, store, say_ok)
     except MountError as e:
         if args.ready_fd is not None:
-            os.write(args.ready_fd, f"err {e.code} {e}\n".encode())
-            os.close(args.ready_fd)
+            ready.write_error(args.ready_fd, e.code, str(e))
         raise
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -193,11 +183,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise MountError(EXIT_NOT_MOUNTED, f"{path} is not mounted; nothing to do")
     if not entry.fstype.startswith("fuse"):
         raise MountError(EXIT_NOT_MOUNTED, f"{path} is a {entry.fstype} mount, not scratchfs; use umount(8)")
-    stale = False
-    try:
-        os.stat(path)
-    except OSError as e:
-        stale = e.errno in STALE_ERRNOS
+    pid = daemon_pid(entry)
+    # Pinned before unmounting: once the daemon exits its pid may be reused, and we must not
+    # wait for a stranger.
+    started = procs.start_time(pid) if pid is not None else None
+    stale = mountinfo.is_stale(path)
     cmd = ["fusermount3", "-u", "-q", str(path)] if not stale else ["fusermount3", "-u", "-z", "-q", str(path)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0 and os.geteuid() == 0:
@@ -210,12 +200,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if "busy" in detail.lower():
             raise MountError(EXIT_BUSY, f"{path} is busy (files open or a process inside it); close them and retry")
         raise MountError(EXIT_INTERNAL, f"cannot unmount {path}: {detail}")
-    pid = entry.daemon_pid
-    if pid is not None and entry.fstype == FSTYPE:
-        deadline = time.monotonic() + args.timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _pid_alive(pid):
+    if pid is not None and started is not None:
+        if not procs.wait_gone(pid, started, args.timeout):
             raise MountError(
                 EXIT_BUSY,
                 f"unmounted {path} but daemon {pid} is still shredding after {args.timeout:.0f}s; wait and check",

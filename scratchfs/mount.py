@@ -7,15 +7,12 @@ is not), so `scratchfs mount` returns only once the mount can be used.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +23,8 @@ import trio
 from scratchfs import blocks
 from scratchfs.errors import StoreError
 from scratchfs.fuse_ops import ScratchOps
-from scratchfs.hardening import harden_process
+from scratchfs.keyholder import mountinfo, ready
+from scratchfs.keyholder.hardening import harden_process
 from scratchfs.store import BlobStore
 
 log = logging.getLogger("scratchfs.mount")
@@ -44,9 +42,6 @@ EXIT_CORRUPT = 8
 EXIT_BUSY = 9
 
 FSTYPE = "fuse.scratchfs"
-# What the kernel answers on a FUSE mount whose daemon died (ECONNABORTED on first access after
-# the connection was aborted, ENOTCONN afterwards).
-STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 class MountError(Exception):
@@ -76,38 +71,17 @@ class MountOptions:
     extra: list[str] = field(default_factory=list)
 
 
-@dataclass
-class MountEntry:
-    """One line of /proc/self/mountinfo that matters to us."""
-
-    mountpoint: str
-    fstype: str
-    source: str
-
-    @property
-    def daemon_pid(self) -> int | None:
-        """The serving daemon's PID, which we put in the mount's source name."""
-        prefix = "scratchfs-"
-        if self.fstype == FSTYPE and self.source.startswith(prefix) and self.source[len(prefix) :].isdigit():
-            return int(self.source[len(prefix) :])
-        return None
+def daemon_pid(entry: mountinfo.MountEntry) -> int | None:
+    """The serving daemon's PID of a scratchfs mount, which we put in the mount's source name."""
+    prefix = "scratchfs-"
+    if entry.fstype == FSTYPE and entry.source.startswith(prefix) and entry.source[len(prefix) :].isdigit():
+        return int(entry.source[len(prefix) :])
+    return None
 
 
-def _unescape(field_text: str) -> str:
-    return field_text.encode().decode("unicode_escape")
-
-
-def find_mount(path: Path) -> MountEntry | None:
-    """The mount whose mount point is exactly *path*, if any (last one wins, as the kernel does)."""
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            if _unescape(parts[4]) == target:
-                found = MountEntry(target, parts[sep + 1], _unescape(parts[sep + 2]))
-    return found
+def find_mount(path: Path) -> mountinfo.MountEntry | None:
+    """The visible mount whose mount point is exactly *path*, if any."""
+    return mountinfo.find(path)
 
 
 def check_fuse_available() -> None:
@@ -129,7 +103,7 @@ def check_mountpoint(path: Path) -> None:
     except NotADirectoryError:
         raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is not a directory; give an empty directory") from None
     except OSError as e:
-        if e.errno in STALE_ERRNOS:
+        if e.errno in mountinfo.STALE_ERRNOS:
             raise MountError(
                 EXIT_MOUNTPOINT, f"{path} is a stale mount of a daemon that died; run 'scratchfs umount {path}' first"
             ) from None
@@ -245,8 +219,8 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
 def spawn_daemon(argv: list[str], log_file: Path | None, timeout: float = 30.0) -> tuple[int, str]:
     """Start `python -m scratchfs mount ... --foreground --ready-fd N` detached; wait for its word.
 
-    Returns (exit code, message). The daemon writes "ok" once the mount is live or
-    "err CODE MESSAGE" if it cannot mount; silence until EOF means it died.
+    Returns (exit code, message), from the daemon's word on the readiness pipe
+    (scratchfs.keyholder.ready); silence until EOF means it died.
     """
     read_fd, write_fd = os.pipe()
     if log_file is not None:
@@ -267,29 +241,15 @@ def spawn_daemon(argv: list[str], log_file: Path | None, timeout: float = 30.0) 
         os.close(write_fd)
         if log_file is not None:
             os.close(stderr)
-    deadline = time.monotonic() + timeout
-    chunks = b""
     try:
-        while not chunks.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            # select: a daemon that hangs before answering must not hang `scratchfs mount`.
-            if remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]:
-                break
-            chunk = os.read(read_fd, 4096)
-            if not chunk:
-                break
-            chunks += chunk
-    except OSError:
-        pass
+        word = ready.read_word(read_fd, timeout)
     finally:
         os.close(read_fd)
-    word = chunks.decode(errors="replace").strip()
-    if word == "ok":
+    if word.ok:
         return EXIT_OK, ""
-    if word.startswith("err "):
-        _, code, message = word.split(" ", 2)
+    if word.code is not None:
         proc.wait(timeout=10)
-        return int(code), message
+        return word.code, word.message
     try:
         rc = proc.wait(timeout=5)
     except subprocess.TimeoutExpired:

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scratchfs.keyholder import mountinfo
 from tools import sshd as sshdmod
 
 PY = sys.executable
@@ -287,15 +288,7 @@ def seal_credential(platform: Platform, appliance: str, username: str, secret: b
 
 def mounts_under(prefix: Path) -> list[tuple[str, str]]:
     """(mountpoint, fstype) of every mount below *prefix*, deepest first."""
-    out = []
-    root = os.path.realpath(prefix)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[4].encode().decode("unicode_escape")
-            if mnt.startswith(root + "/"):
-                out.append((mnt, fields[fields.index("-") + 1]))
-    return sorted(out, key=lambda m: -len(m[0]))
+    return [(e.mountpoint, e.fstype) for e in mountinfo.under(prefix, include_self=False)]
 
 
 def clear_mounts(agent_state: Path) -> list[str]:

@@ -33,6 +33,7 @@ from agent.scan.model import AUTH_ACCEPTED, AUTH_FAILED, AUTH_REJECTED, HostResu
 from agent.scan.services import clean_banner, http_status
 from protocol import credential as credmod
 from protocol import scope as scopemod
+from scratchfs.keyholder.wipe import wipe
 
 log = logging.getLogger("agent.scan")
 
@@ -44,12 +45,6 @@ CredentialSource = Callable[[], Awaitable[bytearray | None]]
 UNUSABLE = "credential_unusable"
 
 _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-
-def wipe(buf: bytearray) -> None:
-    """Overwrite a secret buffer in place."""
-    for i in range(len(buf)):
-        buf[i] = 0
 
 
 def b64_into(src: bytearray, out: bytearray) -> None:

@@ -26,10 +26,10 @@ from typing import Any
 import trio
 
 from agent.scan import nmap, tcp
-from agent.scan.credcheck import wipe
 from agent.scan.model import HostResult, ScanOptions, result_document
 from agent.scan.targets import TargetError, resolve
 from protocol import api
+from scratchfs.keyholder.wipe import wipe
 
 log = logging.getLogger("agent.scan")
 

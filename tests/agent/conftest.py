@@ -263,13 +263,14 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentRun]]:
     runs: list[AgentRun] = []
     states: set[Path] = set()
 
-    def factory(state_dir: Path, *args: str) -> AgentRun:
+    def factory(state_dir: Path, *args: str, prefix: tuple[str, ...] = ()) -> AgentRun:
         n = len(runs)
         err = tmp_path / f"agent-{n}.log"
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        cmd = agent_cmd("run", str(state_dir), "--volume-size", "32M", "--poll-wait", "2",
+                        "--connect-timeout", "1", "--banner-timeout", "0.3", *args)
         proc = subprocess.Popen(
-            agent_cmd("run", str(state_dir), "--volume-size", "32M", "--poll-wait", "2",
-                      "--connect-timeout", "1", "--banner-timeout", "0.3", *args),
+            [*prefix, *cmd],
             stdout=subprocess.DEVNULL, stderr=open(err, "wb"), env=env,
         )
         run = AgentRun(proc, err)

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,13 +24,17 @@ from agent import state as statemod
 from agent.errors import EXIT_DEACTIVATED
 from agent.jobs import JobRunner, JobSettings
 from agent.scan.model import ScanOptions
+from agent.scratch import clear_stale
 from agent.timesync import Clock
 from agent.tls import client_context
 from protocol import api, sealing
 from protocol.client import PlatformClient
-from protocol.sealing import wipe
+from scratchfs.keyholder import mountinfo, procs
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api as volume_api
+from scratchfs.volume import state as volume_statemod
 from tests.agent.conftest import AgentRun, Rsyslog, run_agent_cli
+from tests.mounting import is_mounted, mount
 from tools.demo import (
     Platform,
     Service,
@@ -174,7 +179,7 @@ def appliance_client(state_dir: Path) -> tuple[statemod.AgentState, PlatformClie
 def backing_of_closed_volume(state_dir: Path, where: Path) -> list[str]:
     """Open the agent's volume with its own key (as the agent would) and list the backing."""
     st, client = appliance_client(state_dir)
-    sealed = trio.run(client.volume_key)
+    sealed = trio.run(client.keyslot_passphrase)
     key = st.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
     where.mkdir(exist_ok=True)
     try:
@@ -326,7 +331,7 @@ def test_appliance_from_before_v2_upgrades_its_sealing_key_without_reimaging(
     assert again.returncode == 0 and "already present" in again.stdout, again.stderr
     assert b"MLKEM768X25519" in platform.cli("appliance", "pubkey", "app1").stdout
     _, client = appliance_client(activated)
-    assert sealing.check_format(trio.run(client.volume_key)) == 2
+    assert sealing.check_format(trio.run(client.keyslot_passphrase)) == 2
     second = agent_factory(activated, "--once")
     job2 = add_job(platform, str(closed_port()))
     second.proc.wait(timeout=240)
@@ -373,14 +378,6 @@ def start_tarpit() -> Service:
     return svc
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_agent_killed_mid_job_recovers_and_result_arrives_once(
     platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun],
     services: dict[str, Service], tmp_path: Path,
@@ -402,9 +399,9 @@ def test_agent_killed_mid_job_recovers_and_result_arrives_once(
         tarpit.close()
     # scratchfs died with the agent (PR_SET_PDEATHSIG): its keys are gone with it.
     deadline = time.monotonic() + 20
-    while _alive(scratch_pid) and time.monotonic() < deadline:
+    while procs.alive(scratch_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(scratch_pid)
+    assert not procs.alive(scratch_pid)
     leftovers = sorted(p.name for p in backing.iterdir() if p.name != ".scratchfs")
     assert leftovers, "the killed job left no blobs: the crash happened too late to test"
 
@@ -486,3 +483,81 @@ def test_signal_and_supervision_shut_down_cleanly(
     assert "event=shutdown" in log
     assert mounts_under(activated) == []
     assert volume_api.dump_volume(activated / "volume.img")["keyslots"]  # not erased
+
+
+PROBE_GID = 4321
+
+
+def _hardening_seen_from_proc(pid: int) -> dict[str, object]:
+    """What /proc says about *pid*: its gid, the owner group of its /proc files, core limit, VmLck.
+
+    The kernel gives /proc/PID/* of a dumpable task the task's uid:gid and of a non-dumpable
+    one root:root, so with the process running under PROBE_GID a group of 0 on
+    /proc/PID/environ shows that PR_SET_DUMPABLE 0 is in effect, without ptrace.
+    """
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    core = next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines() if ln.startswith("Max core"))
+    return {
+        "gid": int(fields["Gid"].split()[0]),
+        "proc_files_gid": os.stat(f"/proc/{pid}/environ").st_gid,
+        "core": core.split()[4:6],
+        "vmlck_kb": int(fields["VmLck"].split()[0]),
+    }
+
+
+def test_every_key_holder_is_hardened(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun],
+) -> None:
+    """The agent, the userspace volume server and scratchfs, checked from /proc while they hold
+    keys: non-dumpable, core limit 0, memory locked (root has CAP_IPC_LOCK). All three run
+    under PROBE_GID (inherited from the agent) so that the /proc owner probe can tell."""
+    drop = ("setpriv", f"--regid={PROBE_GID}", "--clear-groups")
+    run = agent_factory(activated, "--poll-wait", "1", prefix=drop)
+    assert run.wait_log("event=scratch_mounted"), run.stderr()[-2000:]
+    holders = {"agent": run.proc.pid, "scratchfs": int((activated / "run" / "scratchfs.pid").read_text())}
+    servers = [st.server_pid for _d, st in volume_statemod.all_states(activated / "run" / "volume-run")]
+    if volume_api.pick_backend("auto") == "userspace":
+        assert len(servers) == 1 and servers[0] is not None, servers
+        holders["volume server"] = servers[0]
+    for name, pid in holders.items():
+        seen = _hardening_seen_from_proc(pid)
+        assert seen["gid"] == PROBE_GID, f"probe setup: {name} should run with the probe gid ({seen})"
+        assert seen["proc_files_gid"] == 0, f"{name} is dumpable ({seen})"
+        assert seen["core"] == ["0", "0"], f"{name} may dump core ({seen})"
+        assert seen["vmlck_kb"] > 0, f"{name} has no locked memory ({seen})"
+    # Control: a process started the same way but not hardened shows its own gid: the probe can fail.
+    control = subprocess.Popen([*drop, "sleep", "30"])
+    try:
+        for _ in range(1000):  # setpriv execs sleep in place; probe once it has
+            if Path(f"/proc/{control.pid}/comm").read_text().strip() == "sleep":
+                break
+            time.sleep(0.01)
+        assert _hardening_seen_from_proc(control.pid)["proc_files_gid"] == PROBE_GID
+    finally:
+        control.kill()
+        control.wait()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=120) == 0, run.stderr()[-2000:]
+
+
+def test_clear_stale_handles_odd_mountpoint_names(tmp_path: Path) -> None:
+    """The agent's boot-time clearing finds a scratchfs left at a mount point whose name needs
+    mountinfo escapes (space, backslash) and is not ASCII: alive (killed, then unmounted) and
+    stale after a kill (unmounted)."""
+    backing, mnt = tmp_path / "backing", tmp_path / "scratch ü\\ß x"
+    pid_file = tmp_path / f"{mnt.name}.pid"  # where tests.mounting.mount puts it
+    try:
+        live = mount(backing, mnt)
+        assert clear_stale(mnt, pid_file)
+        assert not is_mounted(mnt) and not procs.alive(live.pid)
+        dead = mount(backing, mnt)
+        os.kill(dead.pid, signal.SIGKILL)
+        assert procs.wait_gone(dead.pid, None, 10)
+        assert is_mounted(mnt) and mountinfo.is_stale(mnt)
+        assert clear_stale(mnt, pid_file)
+        assert not is_mounted(mnt) and not pid_file.exists()
+        assert not clear_stale(mnt, pid_file)  # nothing left: nothing found
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from hypothesis import strategies as st
 
 from agent.scan import nmap, tcp
 from agent.scan.credcheck import b64_into, basic_auth_request
-from agent.scan.model import ScanOptions, result_document
+from agent.scan.model import MAX_HOSTS, ScanOptions, result_document
 from agent.scan.runner import RESULT_FILE
 from agent.scan.services import clean_banner, guess_service
-from agent.scan.targets import Address, TargetError, expand_literal, resolve
+from agent.scan.targets import Address, TargetError, count_hosts, expand_literal, resolve
 from protocol import credential, scope
 from tools.demo import (
     ROOT,
@@ -64,6 +65,26 @@ def test_expand_literal() -> None:
         expand_literal("10.0.0.0/33")
     with pytest.raises(TargetError):
         expand_literal("10.0.0.0/8")  # more than MAX_HOSTS addresses
+
+
+def test_count_hosts_is_the_one_cap() -> None:
+    assert count_hosts(["127.0.0.1", "10.0.0.0/24", "localhost"]) == 1 + 256 + 1
+    assert count_hosts(["10.0.0.0/16"]) == MAX_HOSTS
+    for too_many in (["0.0.0.0/0"], ["10.0.0.0/16", "10.1.0.1"], ["::/0"], ["10.0.0.0/17"] * 3):
+        with pytest.raises(TargetError, match=f"more than {MAX_HOSTS} addresses"):
+            count_hosts(too_many)
+    for nmap_range in ("10.0.0-255.0-255", "0-255.0-255.0-255.0-255", "10.0.*.1", "10.1,2.0.1"):
+        with pytest.raises(TargetError, match="octet range"):
+            count_hosts([nmap_range])
+
+
+@pytest.mark.parametrize("targets", [["0.0.0.0/0"], ["10.0.0-255.0-255"], ["10.0.0.0/16", "127.0.0.1"]])
+async def test_nmap_engine_refuses_more_than_the_cap(targets: list[str], tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(nmap.NmapError, match=r"more than|octet range"):
+        await nmap.run_nmap(targets, "22", tmp_path, 120)
+    assert time.monotonic() - t0 < 5
+    assert not (tmp_path / "nmap.xml").exists(), "nmap ran although the job was over the cap"
 
 
 async def test_resolve_hostnames_and_errors() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -15,10 +16,34 @@ from pathlib import Path
 import pytest
 import trio
 
+from agent.timesync import Clock
+from agent.tls import client_context
 from protocol import client, sealing
 from tools.platform import ca, db, state
 from tools.platform.handlers import AppConfig
 from tools.platform.server import Server, ServerLimits, build_app, server_context
+
+
+def tls_client(ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None) -> ssl.SSLContext:
+    """The agent's TLS client policy (agent.tls, the only one) with an in-memory certificate.
+
+    ssl loads certificates only from paths: a memfd keeps the test's private key off disk.
+    """
+    if cert_pem is None or key_pem is None:
+        return client_context(ca_pem, Clock())
+    fds = []
+    try:
+        paths = []
+        for name, data in (("cert", cert_pem), ("key", key_pem)):
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            fds.append(fd)
+            os.write(fd, data)
+            paths.append(Path(f"/proc/self/fd/{fd}"))
+        return client_context(ca_pem, Clock(), paths[0], paths[1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
 
 PLATFORM = [sys.executable, "-m", "tools.platform"]
 HOSTNAME = "localhost"
@@ -72,7 +97,7 @@ class Platform:
         return code
 
     def anon_client(self, timeout: float = 20.0) -> client.PlatformClient:
-        return client.PlatformClient(self.url, client.client_context(self.ca_pem), timeout)
+        return client.PlatformClient(self.url, tls_client(self.ca_pem), timeout)
 
     async def activate(self, name: str, hybrid: bool = False) -> Appliance:
         """Activate like an agent; hybrid=False is an agent from before sealing v2."""
@@ -81,7 +106,7 @@ class Platform:
         xpriv, xpub = sealing.generate_keypair()
         hpriv, hpub = sealing.generate_hybrid_keypair() if hybrid else (None, None)
         res = await self.anon_client().activate(code, csr, xpub, hpub)
-        ctx = client.client_context(self.ca_pem, res.certificate_pem, key_pem)
+        ctx = tls_client(self.ca_pem, res.certificate_pem, key_pem)
         return Appliance(
             name, key_pem, res.certificate_pem, xpriv, xpub, client.PlatformClient(self.url, ctx, timeout=20.0),
             hpriv, hpub,

@@ -24,7 +24,7 @@ async def test_activation_flow_and_volume_key(platform: Platform) -> None:
     row = platform.storage.appliance("alpha")
     assert row.state == "active"
     assert row.x25519_public == a.x25519_public
-    sealed = await a.client.volume_key()
+    sealed = await a.client.keyslot_passphrase()
     vk = sealing.open_sealed(a.x25519_private, sealed, api.SEAL_CONTEXT_VOLUME_KEY)
     assert len(vk) == 32
     # It is the key stored (wrapped) for this appliance, and the access was logged.
@@ -35,7 +35,7 @@ async def test_activation_flow_and_volume_key(platform: Platform) -> None:
     assert bytes(vk) not in wrapped
     assert [e for e in platform.storage.events("volume_key") if e[1] == row.id]
     # Sealed freshly each time (new ephemeral key), same key inside.
-    sealed2 = await a.client.volume_key()
+    sealed2 = await a.client.keyslot_passphrase()
     assert sealed2 != sealed
     assert sealing.open_sealed(a.x25519_private, sealed2, api.SEAL_CONTEXT_VOLUME_KEY) == vk
     # The blob is not a credential: context binding.
@@ -46,8 +46,8 @@ async def test_activation_flow_and_volume_key(platform: Platform) -> None:
 async def test_each_appliance_gets_only_its_own_key(platform: Platform) -> None:
     a = await platform.activate("a1")
     b = await platform.activate("b1")
-    ka = sealing.open_sealed(a.x25519_private, await a.client.volume_key(), b"volume-key")
-    sealed_b = await b.client.volume_key()
+    ka = sealing.open_sealed(a.x25519_private, await a.client.keyslot_passphrase(), b"volume-key")
+    sealed_b = await b.client.keyslot_passphrase()
     kb = sealing.open_sealed(b.x25519_private, sealed_b, b"volume-key")
     assert ka != kb
     with pytest.raises(sealing.SealError):
@@ -179,13 +179,13 @@ async def test_job_outside_the_public_scope_is_refused(platform: Platform) -> No
 
 async def test_v1_appliance_moves_to_the_hybrid_key_over_mtls(platform: Platform) -> None:
     a = await platform.activate("oldapp")  # an appliance from before sealing v2
-    v1 = await a.client.volume_key()
+    v1 = await a.client.keyslot_passphrase()
     assert sealing.check_format(v1) == 1
     vk = sealing.open_sealed(a.x25519_private, v1, api.SEAL_CONTEXT_VOLUME_KEY)
     hpriv, hpub = sealing.generate_hybrid_keypair()
     await a.client.upload_seal_key(hpub)
     await a.client.upload_seal_key(hpub)  # idempotent: a crashed upgrade may resend
-    v2 = await a.client.volume_key()
+    v2 = await a.client.keyslot_passphrase()
     assert sealing.check_format(v2) == 2
     assert sealing.open_any(a.x25519_private, hpriv, v2, api.SEAL_CONTEXT_VOLUME_KEY) == vk
     with pytest.raises(sealing.SealError, match="seal-key upgrade"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from protocol import api, client, credential, sealing
-from tests.platform.conftest import HOSTNAME, ServedProcess, run_cli
+from tests.platform.conftest import HOSTNAME, ServedProcess, run_cli, tls_client
 from tools.platform import db
 
 SEAL = [sys.executable, "-m", "tools.seal"]
@@ -128,9 +128,9 @@ async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) 
     key_pem, csr = client.new_client_key_and_csr("edge1")
     xpriv, xpub = sealing.generate_keypair()
     hpriv, hpub = sealing.generate_hybrid_keypair()
-    res = await client.PlatformClient(url, client.client_context(ca_pem)).activate(code, csr, xpub, hpub)
+    res = await client.PlatformClient(url, tls_client(ca_pem)).activate(code, csr, xpub, hpub)
     assert res.appliance == "edge1" and res.ca_pem == ca_pem
-    c = client.PlatformClient(url, client.client_context(ca_pem, res.certificate_pem, key_pem))
+    c = client.PlatformClient(url, tls_client(ca_pem, res.certificate_pem, key_pem))
 
     # Customer side: export the key, seal a credential, hand the blob to the platform.
     pub_file = tmp_path / "edge1.pub"

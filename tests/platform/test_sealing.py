@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import sealing
+from scratchfs.keyholder.wipe import wipe
 
 
 def test_round_trip_and_fresh_blobs() -> None:
@@ -21,7 +22,7 @@ def test_round_trip_and_fresh_blobs() -> None:
     assert len(a) == sealing.HEADER_LEN + len(b"secret") + sealing.TAG_LEN
     out = sealing.open_sealed(priv, a, b"credential")
     assert isinstance(out, bytearray) and out == b"secret"
-    sealing.wipe(out)
+    wipe(out)
     assert out == bytearray(6)
 
 

@@ -261,7 +261,8 @@ def cmd_appliance_deactivate(args: argparse.Namespace) -> int:
         app = storage.deactivate(args.name, time.time())
     finally:
         storage.close()
-    print(f"appliance {app.name} deactivated: volume key destroyed, certificate {app.cert_serial or '-'} revoked")
+    serial = app.cert_serial or "-"
+    print(f"appliance {app.name} deactivated: keyslot passphrase destroyed, certificate {serial} revoked")
     return EXIT_OK
 
 
@@ -689,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = leaf(asub, "pubkey", cmd_appliance_pubkey, "print the appliance's hybrid sealing key (for scanner-seal)")
     sp.add_argument("name", type=_name)
     sp.add_argument("--x25519", action="store_true", help="print the v1 X25519 key (PEM) instead")
-    sp = leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the volume key, revoke the certificate")
+    sp = leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the keyslot passphrase, revoke the certificate")
     sp.add_argument("name", type=_name)
     sp = leaf(asub, "list", cmd_appliance_list, "list appliances with their heartbeat state")
     sp.add_argument("--json", action="store_true")

@@ -100,7 +100,7 @@ MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
         [
             # Sealing format v2: the appliance's hybrid (ML-KEM-768 + X25519) public key,
             # set at activation or later over mutual TLS (POST /v1/appliance/seal-key).
-            # NULL = the appliance still has only its X25519 key (volume key sealed v1).
+            # NULL = the appliance still has only its X25519 key (keyslot passphrase sealed v1).
             "ALTER TABLE appliances ADD COLUMN hybrid_public BLOB",
         ],
     ),
@@ -321,7 +321,7 @@ class Storage:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA foreign_keys = ON")
-            # Deleted rows (wrapped volume keys) are overwritten with zeros, not left in
+            # Deleted rows (wrapped keyslot passphrases) are overwritten with zeros, not left in
             # free pages: deactivation must really shred.
             self._db.execute("PRAGMA secure_delete = ON")
             self._db.execute("PRAGMA synchronous = FULL")
@@ -481,7 +481,7 @@ class Storage:
         """Redeem an activation code atomically.
 
         *issue(name)* returns (cert PEM, hex serial, fingerprint); *wrap_new_volume_key(id,
-        name)* returns a freshly generated volume key wrapped under the KEK. Raises
+        name)* returns a freshly generated keyslot passphrase wrapped under the KEK. Raises
         NotFound (unknown or used code) or Conflict("expired").
         """
         with self._tx() as db:
@@ -534,7 +534,7 @@ class Storage:
         return True
 
     def wrapped_volume_key(self, appliance_id: int) -> bytes | None:
-        """The wrapped volume key of an active appliance, or None (never activated/shredded)."""
+        """The wrapped keyslot passphrase of an active appliance, or None (never activated/shredded)."""
         row = self._db.execute(
             "SELECT wrapped_volume_key FROM appliances WHERE id = ? AND state = ?",
             (appliance_id, STATE_ACTIVE),
@@ -542,7 +542,7 @@ class Storage:
         return None if row is None or row[0] is None else bytes(row[0])
 
     def deactivate(self, name: str, now: float) -> Appliance:
-        """Shred the wrapped volume key, revoke the certificate, drop credentials, cancel jobs."""
+        """Shred the wrapped keyslot passphrase, revoke the certificate, drop credentials, cancel jobs."""
         with self._tx() as db:
             row = db.execute(_APPLIANCE_SELECT + " WHERE name = ?", (name,)).fetchone()
             if row is None:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import trio
 
 from protocol import api, sealing
+from scratchfs.keyholder.wipe import wipe
 from tools.platform import ca, db, health, keys
 from tools.platform.http import Exchange, HttpError, Response, json_response
 
@@ -247,11 +248,11 @@ class PlatformApp:
             return cert.pem, cert.serial, cert.fingerprint
 
         def wrap_new(appliance_id: int, name: str) -> bytes:
-            vk = bytearray(keys.new_key())
+            passphrase = bytearray(keys.new_key())
             try:
-                return keys.wrap(self._kek, bytes(vk), appliance_id, name)
+                return keys.wrap(self._kek, bytes(passphrase), appliance_id, name)
             finally:
-                keys.wipe(vk)
+                wipe(passphrase)
 
         try:
             grant = await self.db.run(
@@ -276,19 +277,21 @@ class PlatformApp:
         )
 
     async def get_volume_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
-        """GET /v1/volume-key: the caller's own volume key, sealed to its X25519 key."""
+        """GET /v1/volume-key: the caller's own keyslot passphrase, sealed to its X25519 key."""
         app = await self._required(peer_der)
         wrapped = await self.db.run(self.db.storage.wrapped_volume_key, app.id)
         if wrapped is None or app.x25519_public is None:
-            raise HttpError(503, api.REASON_UNAVAILABLE, "no volume key on record")
-        vk = keys.unwrap(self._kek, wrapped, app.id, app.name)
+            raise HttpError(503, api.REASON_UNAVAILABLE, "no keyslot passphrase on record")
+        passphrase = keys.unwrap(self._kek, wrapped, app.id, app.name)
         try:
             # v2 (hybrid HPKE) once the appliance has told us its hybrid key, else v1.
-            sealed = sealing.seal_for(app.x25519_public, app.hybrid_public, vk, api.SEAL_CONTEXT_VOLUME_KEY)
+            sealed = sealing.seal_for(
+                app.x25519_public, app.hybrid_public, passphrase, api.SEAL_CONTEXT_VOLUME_KEY
+            )
         finally:
-            keys.wipe(vk)
+            wipe(passphrase)
         await self.db.run(self.db.storage.log_event, time.time(), "volume_key", app.id)
-        log.info("volume key handed out appliance=%s", app.name)
+        log.info("keyslot passphrase handed out appliance=%s", app.name)
         return json_response(200, {api.F_SEALED: base64.b64encode(sealed).decode()})
 
     async def post_seal_key(self, ex: Exchange, peer_der: bytes | None) -> Response:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from protocol import api, credential, scope, sealing
+from scratchfs.keyholder.wipe import wipe
 
 PROG = "scanner-seal"
 EXIT_OK = 0
@@ -121,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sealing.SealError as e:
         return _fail(f"{e}; check the key file", EXIT_USAGE)
     finally:
-        sealing.wipe(secret)
-        sealing.wipe(plaintext)
+        wipe(secret)
+        wipe(plaintext)
     try:
         sys.stdout.buffer.write(blob)
         sys.stdout.buffer.flush()

@@ -44,12 +44,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from protocol import api
+from protocol.proxy import ProxyConfig, ProxyError, open_stream
 
 DEFAULT_TIMEOUT: Final = 30.0
 _CHUNK: Final = 64 * 1024
 # How long to wait for "100 Continue" before sending a body anyway (RFC 9110 §10.1.1).
 _EXPECT_CONTINUE_WAIT: Final = 2.0
 _USER_AGENT: Final = "scratchfs-agent/1"
+# Reason of a PlatformUnavailableError raised because the CONNECT proxy failed (not the platform).
+REASON_PROXY: Final = "proxy"
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -59,7 +62,7 @@ class PlatformError(Exception):
     """The platform refused a request or could not be reached.
 
     ``status`` is the HTTP status (None when no response arrived), ``reason`` a
-    `protocol.api` REASON_* constant or one of "tls", "unavailable", "protocol".
+    `protocol.api` REASON_* constant or one of "tls", "unavailable", "proxy", "protocol".
     """
 
     def __init__(self, status: int | None, reason: str, message: str) -> None:
@@ -118,6 +121,7 @@ class PlatformConfig:
     """Per-account configuration the appliance is told about."""
 
     syslog: SyslogTarget | None
+    heartbeat_interval: float | None = None  # seconds; None: the platform sets none
 
 
 @dataclass(frozen=True)
@@ -206,13 +210,29 @@ def _syslog_from(value: object) -> SyslogTarget | None:
     return SyslogTarget(host=host, port=port, ca_pem=ca.encode())
 
 
+def _interval_from(value: object) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise PlatformError(None, "protocol", "platform response: heartbeat_interval is not a number")
+    return min(max(float(value), api.MIN_HEARTBEAT_INTERVAL), api.MAX_HEARTBEAT_INTERVAL)
+
+
 class PlatformClient:
     """Async client for one platform. Safe to use from several trio tasks at once."""
 
     def __init__(
-        self, base_url: str, ssl_context: ssl.SSLContext, timeout: float = DEFAULT_TIMEOUT
+        self,
+        base_url: str,
+        ssl_context: ssl.SSLContext,
+        timeout: float = DEFAULT_TIMEOUT,
+        proxy: ProxyConfig | None = None,
     ) -> None:
-        """*base_url* like "https://platform.example:8443" (https only, optional path prefix)."""
+        """*base_url* like "https://platform.example:8443" (https only, optional path prefix).
+
+        With *proxy*, every connection is an HTTP CONNECT tunnel through it (TLS inside the
+        tunnel, same context); no direct connection is ever attempted.
+        """
         parts = urlsplit(base_url)
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError("platform URL must look like https://HOST[:PORT]")
@@ -225,6 +245,7 @@ class PlatformClient:
         self._host_header = host_header if self._port == 443 else f"{host_header}:{self._port}"
         self._ctx = ssl_context
         self._timeout = timeout
+        self._proxy = proxy
         self.base_url = base_url
         # This boot's session token (open_session); sent with every request once set.
         self.session: str | None = None
@@ -303,9 +324,17 @@ class PlatformClient:
         )
 
     async def config(self) -> PlatformConfig:
-        """The account's configuration (remote syslog target or None)."""
+        """The account's configuration (remote syslog target or None, heartbeat interval)."""
         data = await self._json("GET", api.PATH_CONFIG)
-        return PlatformConfig(syslog=_syslog_from(data.get(api.F_SYSLOG)))
+        return PlatformConfig(
+            syslog=_syslog_from(data.get(api.F_SYSLOG)),
+            heartbeat_interval=_interval_from(data.get(api.F_HEARTBEAT_INTERVAL)),
+        )
+
+    async def heartbeat(self, status: Mapping[str, Any]) -> float | None:
+        """Report health (the api.HB_* fields); return the interval the platform wants now."""
+        data = await self._json("POST", api.PATH_HEARTBEAT, status)
+        return _interval_from(data.get(api.F_HEARTBEAT_INTERVAL))
 
     async def next_job(self, wait: float) -> Job | None:
         """Long-poll up to *wait* seconds (clamped to api.MAX_WAIT_SECONDS) for a job.
@@ -464,9 +493,20 @@ class PlatformClient:
             self._raise_for(resp)
         return resp
 
+    async def _open_tcp(self) -> trio.SocketStream:
+        """The one place that opens the TCP connection to the platform.
+
+        Through the configured CONNECT proxy when there is one (never directly then),
+        otherwise directly. TLS is layered on top by the caller either way.
+        """
+        try:
+            return await open_stream(self._proxy, self._host, self._port)
+        except ProxyError as e:
+            raise PlatformUnavailableError(None, REASON_PROXY, str(e)) from None
+
     async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
         try:
-            tcp = await trio.open_tcp_stream(self._host, self._port)
+            tcp = await self._open_tcp()
         except OSError as e:
             raise PlatformUnavailableError(
                 None,

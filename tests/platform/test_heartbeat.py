@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -299,3 +300,30 @@ async def test_clone_quarantine_is_the_quarantined_health_state(platform: Platfo
     assert health.derive(h, policy, time.time()).state == db.HEALTH_OK
     await a.client.heartbeat(status())
     assert len(st.heartbeat_history(app.id)) == beats + 1
+
+
+def test_migration_5_on_a_database_with_a_quarantine(tmp_path: Path) -> None:
+    """A platform at schema 4 (sessions, quarantine) upgrades to 5 (heartbeats); an appliance
+    quarantined before the upgrade shows health `quarantined` with no other flag to set."""
+    path = tmp_path / "m.db"
+    s = db.Storage.__new__(db.Storage)
+    s.path = path
+    s._db = sqlite3.connect(path, isolation_level=None)
+    s.migrate(upto=4)
+    s._db.execute(
+        "INSERT INTO appliances (name, state, created_at, code_hash, code_expires, activated_at) "
+        "VALUES ('old', 'active', 0, ?, 0, 1)", (b"h" * 32,)
+    )
+    s._db.execute("INSERT INTO quarantine (appliance_id, since, reason) VALUES (1, 5.0, 'test')")
+    s.close()
+    s2 = db.Storage(path)
+    try:
+        assert s2.schema_version() == db.SCHEMA_VERSION == 5
+        columns = [r[1] for r in s2._db.execute("PRAGMA table_info(appliances)")]
+        assert "quarantined_at" not in columns
+        assert s2.quarantined_at(1) == 5.0
+        [h] = s2.health()
+        assert h.quarantined_at == 5.0
+        assert health.derive(h, health.Policy(), 1e9).state == db.HEALTH_QUARANTINED
+    finally:
+        s2.close()

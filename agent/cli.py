@@ -2,6 +2,7 @@
 
     scanner-agent activate STATE_DIR --platform URL --ca CA_FILE --code CODE
                   [--keystore tpm|file] [--tcti TCTI] [--tpm-pcrs 7[,..]]
+                  [--proxy http://HOST:PORT [--proxy-auth-fd FD]]
     scanner-agent run STATE_DIR [--once] [--tcti TCTI]
     scanner-agent migrate-keystore STATE_DIR [--tcti TCTI] [--tpm-pcrs 7[,..]]
 
@@ -42,11 +43,12 @@ from agent.jobs import JobSettings
 from agent.keystore.base import BOOT_COUNTER_FILE
 from agent.keystore.file import FileKeystore
 from agent.keystore.tpm import TpmKeystore, parse_pcrs
-from agent.lifecycle import Agent, RunSettings, platform_error
+from agent.lifecycle import Agent, RunSettings, platform_client_for, platform_error
 from agent.scan.model import ScanOptions
 from agent.tls import client_context
 from protocol import api, sealing
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
+from protocol.proxy import ProxyConfig
 from protocol.sealing import generate_hybrid_keypair, generate_keypair
 from scratchfs.keyholder import mountinfo
 from scratchfs.keyholder.hardening import harden_process
@@ -95,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TPM to use, tpm2-tools syntax (default device:/dev/tpmrm0)")
     a.add_argument("--tpm-pcrs", metavar="PCRS",
                    help="seal the keys to these SHA-256 PCRs' current values, e.g. 7 or 0,2,7")
+    a.add_argument("--proxy", metavar="URL",
+                   help="HTTP CONNECT proxy http://HOST:PORT for every platform and syslog "
+                        "connection (fixed at activation)")
+    a.add_argument("--proxy-auth-fd", type=int, metavar="FD",
+                   help="read the proxy's user:password from this file descriptor "
+                        "(never from argv); kept in the keystore like the private keys")
 
     k = sub.add_parser("seal-key", help="manage the sealing key")
     ksub = k.add_subparsers(dest="seal_command", required=True, parser_class=_Parser)
@@ -159,15 +167,18 @@ def choose_keystore(state_dir: Path, kind: str | None, tcti: str | None,
 
 
 async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str,
-                   keystore: ksmod.Keystore) -> str:
-    """Activate with the platform and write the bound state dir; return the appliance name."""
+                   keystore: ksmod.Keystore, proxy: ProxyConfig | None = None) -> str:
+    """Activate with the platform and write the bound state dir; return the appliance name.
+
+    With *proxy*, activation itself already goes through it (no direct connection).
+    """
     try:
         endpoint = statemod.PlatformEndpoint.parse(url)
     except ValueError as e:
         raise UsageError(f"{e}; give --platform https://HOST[:PORT]") from None
     clock = timesync.Clock()
     try:
-        anon = PlatformClient(endpoint.url, client_context(ca_pem, clock))
+        anon = PlatformClient(endpoint.url, client_context(ca_pem, clock), proxy=proxy)
     except (ValueError, UnicodeDecodeError):
         raise UsageError(
             "the CA file does not hold a PEM certificate; give the platform's CA"
@@ -191,7 +202,7 @@ async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str,
     try:
         statemod.write_state(
             state_dir, endpoint, result.appliance, ca_pem, result.certificate_pem, key_pem,
-            seal_private, clock.now(), keystore, hybrid_private,
+            seal_private, clock.now(), keystore, hybrid_private, proxy,
         )
     finally:
         wipe(key_pem)
@@ -208,6 +219,61 @@ def _read_code(value: str) -> str:
     return code
 
 
+def _read_proxy_credentials(fd: int) -> bytearray:
+    """user:password from an inherited descriptor: secrets never travel in argv or env.
+
+    Read straight into one bytearray (readv), so no unwipeable copy of the password is made.
+    """
+    buf = bytearray(statemod.MAX_PROXY_CREDENTIALS + 1)
+    got = 0
+    try:
+        with memoryview(buf) as view:
+            while got < len(buf):
+                n = os.readv(fd, [view[got:]])
+                if n == 0:
+                    break
+                got += n
+    except OSError as e:
+        wipe(buf)
+        raise UsageError(
+            f"cannot read proxy credentials from fd {fd}: {e.strerror}; "
+            "pass an open descriptor to --proxy-auth-fd"
+        ) from None
+    finally:
+        if fd != 0:
+            os.close(fd)
+    if got > statemod.MAX_PROXY_CREDENTIALS:
+        wipe(buf)
+        raise UsageError("proxy credentials are too long; give user:password on one line")
+    while got and buf[got - 1] in b"\r\n":
+        got -= 1
+    buf[got:] = bytes(len(buf) - got)  # the stripped newline (and spare room), zeroed
+    del buf[got:]  # in place: a stripped copy could not be wiped
+    return buf
+
+
+def _proxy_from_args(args: argparse.Namespace) -> ProxyConfig | None:
+    if args.proxy is None:
+        if args.proxy_auth_fd is not None:
+            raise UsageError("--proxy-auth-fd needs --proxy; give the proxy URL too")
+        return None
+    credentials = None
+    if args.proxy_auth_fd is not None:
+        if args.proxy_auth_fd == 0 and args.code == "-":
+            raise UsageError(
+                "--code - and --proxy-auth-fd 0 both read stdin; pass the credentials on another fd"
+            )
+        credentials = _read_proxy_credentials(args.proxy_auth_fd)
+    try:
+        return ProxyConfig.parse(args.proxy, credentials)
+    except ValueError as e:
+        if credentials is not None:
+            wipe(credentials)
+        hint = "pass user:password on --proxy-auth-fd" if "credentials" in str(e) else \
+            "give --proxy http://HOST:PORT"
+        raise UsageError(f"{e}; {hint}") from None
+
+
 def cmd_activate(args: argparse.Namespace) -> int:
     """``scanner-agent activate``."""
     try:
@@ -216,8 +282,10 @@ def cmd_activate(args: argparse.Namespace) -> int:
         raise UsageError(
             f"cannot read CA file {args.ca}: {e.strerror}; give a readable PEM file"
         ) from None
-    code = _read_code(args.code)
+    # Hardened before the proxy's password enters this process (no core dump, locked memory).
     harden_process()
+    proxy = _proxy_from_args(args)
+    code = _read_code(args.code)
     ksmod.quiet_tss_logging()
     state_dir = args.state_dir.absolute()
     if state_dir.exists() and (not state_dir.is_dir() or any(state_dir.iterdir())):
@@ -225,13 +293,17 @@ def cmd_activate(args: argparse.Namespace) -> int:
             f"state dir {state_dir} is not empty (already activated?)",
             "activate into an empty or new directory",
         )
-    keystore = choose_keystore(state_dir, args.keystore, args.tcti, args.tpm_pcrs)
     try:
-        name = trio.run(activate, state_dir, args.platform, ca_pem, code, keystore)
-    except BaseException:
-        keystore.discard()
-        raise
-    keystore.close()
+        keystore = choose_keystore(state_dir, args.keystore, args.tcti, args.tpm_pcrs)
+        try:
+            name = trio.run(activate, state_dir, args.platform, ca_pem, code, keystore, proxy)
+        except BaseException:
+            keystore.discard()
+            raise
+        keystore.close()
+    finally:
+        if proxy is not None and isinstance(proxy.credentials, bytearray):
+            wipe(proxy.credentials)  # read into a bytearray by _read_proxy_credentials
     print(f"activated appliance {name} with the {keystore.kind} keystore; state in {args.state_dir}")
     return EXIT_OK
 
@@ -254,16 +326,17 @@ async def upgrade_seal_key(state_dir: Path) -> str:
         finally:
             wipe(hybrid)
         clock = timesync.Clock()
-        client = PlatformClient(
-            st.endpoint.url, client_context(st.ca_pem, clock, st.cert_pem, st.tls_key_pem())
-        )
+        # The factory: through the proxy bound at activation, like every other client.
+        anon = platform_client_for(st, clock, mutual=False)
+        client = platform_client_for(st, clock, mutual=True)
+        st.forget_tls_key()  # OpenSSL holds it now
+        try:
+            await timesync.sync(anon.time, clock)
+            await client.upload_seal_key(public)
+        except PlatformError as e:
+            raise platform_error(e, "sending the hybrid sealing key") from None
     finally:
-        st.forget()
-    try:
-        await timesync.sync(client.time, clock)
-        await client.upload_seal_key(public)
-    except PlatformError as e:
-        raise platform_error(e, "sending the hybrid sealing key") from None
+        st.forget()  # only now: the clients share the state's proxy credentials
     return "created and registered" if created else "already present; registered again"
 
 
@@ -308,13 +381,9 @@ async def migrate(state: statemod.AgentState, new: ksmod.Keystore, staging: Path
     new state dir: same appliance, same sealing key (wrapped by the TPM now), same volume."""
     clock = timesync.Clock()
     try:
-        await timesync.sync(
-            PlatformClient(state.endpoint.url, client_context(state.ca_pem, clock)).time, clock
-        )
-        client = PlatformClient(
-            state.endpoint.url,
-            client_context(state.ca_pem, clock, state.cert_pem, state.tls_key_pem()),
-        )
+        # Both through the factory, so a migration behind the activation's proxy works.
+        await timesync.sync(platform_client_for(state, clock, mutual=False).time, clock)
+        client = platform_client_for(state, clock, mutual=True)
         boots = state.keystore.next_boot()
         await client.open_session(boots, state.keystore.kind)
         if isinstance(new, TpmKeystore):
@@ -328,9 +397,10 @@ async def migrate(state: statemod.AgentState, new: ksmod.Keystore, staging: Path
             activated_at = float(json.loads(doc).get("activated_at", clock.now()))
             hybrid = statemod.load_hybrid_key(state.keystore)  # moves too, when there is one
             try:
+                # The proxy (URL and credentials) moves too: its credentials into the TPM.
                 statemod.write_state(
                     staging, state.endpoint, state.appliance, state.ca_pem, cert_pem, key_pem,
-                    state.seal_private(), activated_at, new, hybrid,
+                    state.seal_private(), activated_at, new, hybrid, state.proxy,
                 )
             finally:
                 if hybrid is not None:
@@ -411,7 +481,9 @@ def _commit_migration(root: Path, staging: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    old = FileKeystore(root).files((*statemod.SECRET_NAMES, statemod.SEAL_KEY_HYBRID))
+    old = FileKeystore(root).files(
+        (*statemod.SECRET_NAMES, statemod.SEAL_KEY_HYBRID, statemod.PROXY_CREDENTIALS)
+    )
     for name in (*old, BOOT_COUNTER_FILE):
         _shred(root / name)
     staging.rmdir()

@@ -78,6 +78,7 @@ class JobRunner:
         self.time_offset = time_offset
         self.settings = settings
         self.credential_opens = 0
+        self.last_failure: str | None = None  # why the last handle() failed (for heartbeats)
 
     def job_dir(self, job_id: str) -> Path:
         """Where a job's files live on scratch."""
@@ -212,6 +213,7 @@ class JobRunner:
         if proc.returncode == 0 and result.exists():
             return result.read_bytes()
         log.error("event=scan_failed job=%s rc=%s", job.id, proc.returncode)
+        self.last_failure = f"scan_failed job={job.id} rc={proc.returncode}"
         body = json.dumps(
             {
                 "job": job.id,
@@ -245,12 +247,14 @@ class JobRunner:
             except PlatformError as e:
                 if e.reason == api.REASON_ALREADY_COMPLETED:
                     log.warning("event=upload_superseded job=%s", job.id)
+                    self.last_failure = f"upload_superseded job={job.id}"
                     return None
                 retry = e.status is None or e.status >= 500 or e.status == 408
                 reason = e.reason
                 if not retry:
                     log.error("event=upload_refused job=%s status=%s reason=%s",
                               job.id, e.status, e.reason)
+                    self.last_failure = f"upload_refused job={job.id} reason={e.reason}"
                     return None
             else:
                 log.info("event=upload_acknowledged job=%s sha256=%s attempts=%d",
@@ -268,8 +272,13 @@ class JobRunner:
             shutil.rmtree(jdir)
         log.info("event=job_shredded job=%s", job_id)
 
-    async def handle(self, job: Job) -> None:
-        """Inputs -> scan -> upload -> shred after acknowledgement, with progress reports."""
+    async def handle(self, job: Job) -> bool:
+        """Inputs -> scan -> upload -> shred after acknowledgement, with progress reports.
+
+        True when the scan succeeded and the platform acknowledged its result; otherwise
+        False with the reason in ``last_failure``.
+        """
+        self.last_failure = None
         scan_log.info(
             "event=job_received job=%s attempt=%d engine=%s targets=%d",
             job.id, job.attempt, job.engine, len(job.targets),
@@ -284,6 +293,7 @@ class JobRunner:
             # the result for good (superseded, 4xx): either way nothing will take it later.
             await self.upload(job, body)
             self.shred(job.id)
+            return self.last_failure is None
         except DeactivatedError:
             raise Deactivated("the platform deactivated this appliance") from None
         except QuarantinedError:

@@ -28,6 +28,7 @@ from agent.errors import (
     Quarantined,
     VolumeFailure,
 )
+from agent.heartbeat import Health, Heartbeat
 from agent.jobs import JobRunner, JobSettings
 from agent.scan.model import ScanOptions
 from agent.scratch import ScratchMount, clear_stale
@@ -36,8 +37,10 @@ from agent.syslog import SyslogForwarder
 from agent.tls import client_context
 from protocol import api
 from protocol.client import (
+    REASON_PROXY,
     DeactivatedError,
     PlatformClient,
+    PlatformConfig,
     PlatformError,
     PlatformTLSError,
     QuarantinedError,
@@ -73,7 +76,28 @@ def platform_error(e: PlatformError, step: str) -> AgentError:
         return Quarantined(f"{step}: the platform quarantined this appliance (suspected clone)")
     if isinstance(e, PlatformTLSError):
         return PlatformUnavailable(f"{step}: {e}", "check the platform's certificate and CA")
+    if e.reason == REASON_PROXY:
+        return PlatformUnavailable(
+            f"{step}: {e}",
+            "check the proxy fixed at activation (reachable, credentials, CONNECT allowed)",
+        )
     return PlatformUnavailable(f"{step}: {e}")
+
+
+def platform_client_for(state: AgentState, clock: timesync.Clock, *, mutual: bool) -> PlatformClient:
+    """The one way an activated agent builds a platform client: the pinned CA, certificate
+    times from the synced clock, our certificate and the keystore's TLS key when *mutual*
+    (handed to OpenSSL through a memfd, never a file), and the proxy bound at activation
+    (so no caller can forget it and connect directly).
+
+    A mutual client needs the TLS key still in memory: build every one before
+    ``state.forget_tls_key()``.
+    """
+    if mutual:
+        ctx = client_context(state.ca_pem, clock, state.cert_pem, state.tls_key_pem())
+    else:
+        ctx = client_context(state.ca_pem, clock)
+    return PlatformClient(state.endpoint.url, ctx, proxy=state.proxy)
 
 
 def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -109,7 +133,8 @@ class Agent:
         self.volume: volume_api.OpenVolume | None = None
         self.scratch: ScratchMount | None = None
         self.forwarder: SyslogForwarder | None = None
-        self.jobs_done = 0
+        self.health = Health()
+        self.heartbeat: Heartbeat | None = None
         self._forward_handler: logging.Handler | None = None
 
     def __repr__(self) -> str:
@@ -137,8 +162,7 @@ class Agent:
 
     async def sync_time(self) -> None:
         """Measure the clock offset against the platform (server-authenticated TLS)."""
-        ctx = client_context(self.state.ca_pem, self.clock)
-        anon = PlatformClient(self.state.endpoint.url, ctx)
+        anon = platform_client_for(self.state, self.clock, mutual=False)
         try:
             await timesync.sync(anon.time, self.clock)
         except PlatformError as e:
@@ -148,10 +172,7 @@ class Agent:
 
     def platform_client(self) -> PlatformClient:
         """The mTLS client: pinned CA, our certificate, certificate times from the clock."""
-        ctx = client_context(
-            self.state.ca_pem, self.clock, self.state.cert_pem, self.state.tls_key_pem()
-        )
-        return PlatformClient(self.state.endpoint.url, ctx)
+        return platform_client_for(self.state, self.clock, mutual=True)
 
     async def open_session(self, client: PlatformClient) -> None:
         """Advance the keystore's boot counter and register this boot with the platform.
@@ -168,23 +189,44 @@ class Agent:
             )
         counter = await trio.to_thread.run_sync(self.state.keystore.next_boot)
         try:
-            await client.open_session(counter, kind)
+            token = await client.open_session(counter, kind)
         except PlatformError as e:
             raise platform_error(e, "opening the boot session") from None
+        # Heartbeats name the session by its public id: the token itself is a credential.
+        self.health.boot_session = api.session_id(token)
+        self.health.boot_counter = counter
         log.info("event=session_opened boot_counter=%d keystore=%s", counter, kind)
 
-    async def start_syslog(self, client: PlatformClient, nursery: trio.Nursery) -> None:
-        """Ask the platform for the syslog target and start forwarding scan logs to it."""
+    async def fetch_config(self, client: PlatformClient) -> PlatformConfig:
+        """Syslog target and heartbeat interval."""
         try:
-            config = await client.config()
+            return await client.config()
         except PlatformError as e:
             raise platform_error(e, "fetching the configuration") from None
+
+    async def start_heartbeat(
+        self, client: PlatformClient, config: PlatformConfig, nursery: trio.Nursery
+    ) -> None:
+        """Report health from now on, for as long as the agent runs (mounted or not)."""
+
+        def mounts() -> tuple[Path | None, Path | None]:
+            scratch = self.scratch.mountpoint if self.scratch is not None else None
+            volume = self.volume_mnt if self.volume is not None else None
+            return scratch, volume
+
+        interval = config.heartbeat_interval or api.DEFAULT_HEARTBEAT_INTERVAL
+        self.heartbeat = Heartbeat(client, self.health, self.clock, mounts, interval)
+        await nursery.start(self.heartbeat.run)
+
+    async def start_syslog(self, config: PlatformConfig, nursery: trio.Nursery) -> None:
+        """Start forwarding scan logs to the syslog target the platform named."""
         if config.syslog is None:
             log.info("event=syslog_disabled")
             return
         target = config.syslog
         self.forwarder = SyslogForwarder(
-            target.host, target.port, target.ca_pem, self.clock, self.state.appliance
+            target.host, target.port, target.ca_pem, self.clock, self.state.appliance,
+            proxy=self.state.proxy,
         )
         await nursery.start(self.forwarder.run)
         self._forward_handler = self.forwarder.handler()
@@ -254,14 +296,22 @@ class Agent:
                 raise Quarantined("polling for jobs: the platform quarantined this appliance") from None
             except PlatformError as e:
                 log.warning("event=poll_failed reason=%s retry_in=%.1f", e.reason, delay)
+                self.health.error(f"poll_failed reason={e.reason}")
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.settings.poll_backoff_max)
                 continue
             delay = 1.0
             if job is None:
                 continue
-            await runner.handle(job)
-            self.jobs_done += 1
+            if await runner.handle(job):
+                self.health.jobs_done += 1
+            else:
+                self.health.jobs_failed += 1
+                self.health.error(runner.last_failure or "job_failed")
+            if self.heartbeat is not None:
+                # Off the grid: the platform sees the new counters now, not an interval
+                # later (and with --once, before the agent exits).
+                await self.heartbeat.beat()
             if self.settings.once:
                 return
 
@@ -288,7 +338,10 @@ class Agent:
                 for name in ("agent.scan", "agent.jobs"):
                     logging.getLogger(name).removeHandler(self._forward_handler)
             self.state.forget()
-        log.info("event=shutdown jobs_done=%d", self.jobs_done)
+        log.info(
+            "event=shutdown jobs_done=%d jobs_failed=%d",
+            self.health.jobs_done, self.health.jobs_failed,
+        )  # fmt: skip
 
     async def erase(self) -> None:
         """Deactivated: close everything and destroy every keyslot of the volume."""
@@ -311,8 +364,10 @@ class Agent:
         client = self.platform_client()
         self.state.forget_tls_key()  # OpenSSL holds the key now; our copy is not needed again
         try:
-            await self.open_session(client)
-            await self.start_syslog(client, nursery)
+            await self.open_session(client)  # first: heartbeats and keys need the session
+            config = await self.fetch_config(client)
+            await self.start_heartbeat(client, config, nursery)
+            await self.start_syslog(config, nursery)
             await self.open_volume(client)
             scratch = await self.mount_scratch()
             nursery.start_soon(scratch.watch)

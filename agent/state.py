@@ -4,7 +4,8 @@ Layout (version 2; version 1 is the same with a file keystore and no ``keystore`
 
     STATE_DIR/               0700
       state.json             {"version": 2, "platform_url": ..., "appliance": ...,
-                              "keystore": {"kind": "tpm", "tcti": ..., "pcrs": [...], ...}}
+                              "keystore": {"kind": "tpm", "tcti": ..., "pcrs": [...], ...},
+                              "proxy": {"url": "http://HOST:PORT", "credentials": bool}}
       ca.pem                 the platform's root CA (the only trust anchor)
       client-cert.pem        this appliance's TLS client certificate (issued by that CA)
       <secrets>              held by the keystore (agent.keystore), by name:
@@ -13,6 +14,8 @@ Layout (version 2; version 1 is the same with a file keystore and no ``keystore`
                                seal-key-hybrid.bin  the 96-byte ML-KEM-768 seed + X25519 key
                                                     (v2 HPKE blobs); at activation, or later by
                                                     `scanner-agent seal-key upgrade`
+                               proxy-credentials    "user:password" for the CONNECT proxy
+                                                    (only when the proxy needs them)
                              tpm keystore: NAME.tpm envelopes + tpm-kek.pub/.priv (TPM-sealed)
                              file keystore: NAME in clear, plus boot-counter
       binding.mac            hex HMAC-SHA256 over the files above (the commit marker)
@@ -21,14 +24,24 @@ Layout (version 2; version 1 is the same with a file keystore and no ``keystore`
 
 Binding: ``binding.mac`` is HMAC-SHA256 under a key derived (HKDF-SHA256) from both private
 keys (TLS and X25519), over the length-prefixed names and contents of state.json, ca.pem and
-client-cert.pem. The hybrid key is not part of the binding so that an existing appliance can
-add it without rewriting the commit marker; swapping it can only make blobs fail to open,
-since the platform learns the hybrid public key over mutual TLS, never from this file.
-Only the holder of the appliance's private keys can produce the binding, so an edited
-platform URL, a swapped CA or a changed keystore entry (e.g. ``tpm`` turned into ``file``)
-is refused at start. On top of that, the client certificate must be issued by the pinned
-CA and carry the public key of the TLS key. Nothing reads the platform URL or CA from
-flags, environment variables or other files.
+client-cert.pem, and over the proxy credentials (as unwrapped from the keystore) when
+state.json says there are some. The hybrid key is not part of the binding so that an
+existing appliance can add it without rewriting the commit marker; swapping it can only
+make blobs fail to open, since the platform learns the hybrid public key over mutual TLS,
+never from this file. Only the holder of the appliance's private keys can produce the
+binding, so an edited platform URL, an edited or removed proxy, a swapped CA or a changed
+keystore entry (e.g. ``tpm`` turned into ``file``) is refused at start. On top of that,
+the client certificate must be issued by the pinned CA and carry the public key of the TLS
+key. Nothing reads the platform URL, the proxy or the CA from flags, environment variables
+or other files.
+
+The outbound proxy (optional) is fixed at activation: ``state.json`` holds its URL (the
+``proxy`` entry is absent without a proxy, so states activated before proxies existed
+verify unchanged); its credentials are an appliance secret like the private keys, held by
+the keystore (TPM-wrapped with the tpm keystore, never in clear on disk) and read and
+written only by `load_proxy_credentials` / `store_proxy_credentials`. A version 1 state
+dir may carry a proxy too: its file keystore keeps the credentials in the clear
+``proxy-credentials`` file, the layout such dirs were written with.
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ from agent.errors import StateError, TamperedError
 from agent.keystore import Keystore, open_keystore
 from agent.keystore.base import write_new
 from protocol import sealing
+from protocol.proxy import ProxyConfig, check_credentials
 from scratchfs.keyholder.wipe import wipe
 
 STATE_VERSION: Final = 2
@@ -62,6 +76,8 @@ KEY_PEM: Final = "client-key.pem"
 SEAL_KEY: Final = "seal-key.bin"
 SEAL_KEY_HYBRID: Final = "seal-key-hybrid.bin"
 BINDING: Final = "binding.mac"
+PROXY_CREDENTIALS: Final = "proxy-credentials"  # a keystore secret name
+MAX_PROXY_CREDENTIALS: Final = 1024  # bytes of "user:password"
 VOLUME_IMAGE: Final = "volume.img"
 RUN_DIR: Final = "run"
 BOUND_FILES: Final = (STATE_JSON, CA_PEM, CERT_PEM)
@@ -108,6 +124,7 @@ class AgentState:
         tls_key_pem: bytearray,
         seal_private: bytearray,
         hybrid_private: bytearray | None = None,
+        proxy: ProxyConfig | None = None,
     ) -> None:
         self.root = root
         self.endpoint = endpoint
@@ -118,6 +135,7 @@ class AgentState:
         self._tls_key_pem = tls_key_pem
         self._seal_private = seal_private
         self._hybrid_private = hybrid_private
+        self.proxy = proxy  # every platform and syslog connection goes through it when set
 
     def __repr__(self) -> str:
         return (
@@ -164,11 +182,17 @@ class AgentState:
         return sealing.open_any(self.seal_private(), self._hybrid_private, sealed, context)
 
     def forget(self) -> None:
-        """Overwrite the in-memory keys and let the keystore forget its wrapping key."""
+        """Overwrite the in-memory secrets and let the keystore forget its wrapping key.
+
+        Clients built from this state share its proxy credentials: call this only once
+        they are done.
+        """
         wipe(self._seal_private)
         wipe(self._tls_key_pem)
         if self._hybrid_private is not None:
             wipe(self._hybrid_private)
+        if self.proxy is not None and isinstance(self.proxy.credentials, bytearray):
+            wipe(self.proxy.credentials)
         self.keystore.close()
 
 
@@ -185,12 +209,16 @@ def _binding_key(tls_key_pem: bytes | bytearray, seal_private: bytes | bytearray
     )
 
 
-def _binding_mac(key: bytes, contents: dict[str, bytes]) -> str:
+def _binding_mac(key: bytes, contents: dict[str, bytes | bytearray]) -> str:
     mac = hmac.new(key, digestmod="sha256")
-    for name in BOUND_FILES:
+    # The proxy credentials are bound only when present, so that the MAC of a state without
+    # a proxy is what it always was.
+    names = (*BOUND_FILES, PROXY_CREDENTIALS) if PROXY_CREDENTIALS in contents else BOUND_FILES
+    for name in names:
         data = contents[name]
         mac.update(len(name).to_bytes(2, "big") + name.encode())
-        mac.update(len(data).to_bytes(8, "big") + data)
+        mac.update(len(data).to_bytes(8, "big"))
+        mac.update(data)  # separately: concatenating would copy a secret into unwipeable bytes
     return mac.hexdigest()
 
 
@@ -205,11 +233,12 @@ def write_state(
     activated_at: float,
     keystore: Keystore,
     hybrid_private: bytes | bytearray | None = None,
+    proxy: ProxyConfig | None = None,
 ) -> None:
     """Create the state directory (must be absent or empty) and bind it; binding.mac last.
 
     The secrets go through *keystore* (created for *root*): any secret stored there by name
-    is covered, whatever the backend.
+    is covered, whatever the backend; that includes *proxy*'s credentials.
     """
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if any(root.iterdir()):
@@ -224,7 +253,9 @@ def write_state(
         "activated_at": activated_at,
         "keystore": keystore.config(),
     }
-    contents = {
+    if proxy is not None:
+        doc["proxy"] = {"url": proxy.url, "credentials": proxy.credentials is not None}
+    contents: dict[str, bytes | bytearray] = {
         STATE_JSON: (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(),
         CA_PEM: ca_pem,
         CERT_PEM: cert_pem,
@@ -236,6 +267,9 @@ def write_state(
     keystore.store(SEAL_KEY, seal_private)
     if hybrid_private is not None:
         keystore.store(SEAL_KEY_HYBRID, hybrid_private)
+    if proxy is not None and proxy.credentials is not None:
+        store_proxy_credentials(keystore, proxy.credentials)
+        contents[PROXY_CREDENTIALS] = proxy.credentials
     mac = _binding_mac(_binding_key(tls_key_pem, seal_private), contents)
     write_new(root / BINDING, (mac + "\n").encode())
     dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -277,6 +311,8 @@ def _read_doc(root: Path) -> tuple[bytes, dict[str, Any]]:
         raise TamperedError(f"unsupported state version {doc.get('version')!r}")
     if doc.get("version") == LEGACY_VERSION and "keystore" in doc:
         raise TamperedError(f"{STATE_JSON} version 1 cannot name a keystore")
+    if doc.get("proxy") is not None and not isinstance(doc["proxy"], dict):
+        raise TamperedError(f"{STATE_JSON} has a malformed proxy entry")
     return raw, doc
 
 
@@ -311,11 +347,27 @@ def _load_with(root: Path, raw: bytes, doc: dict[str, Any], keystore: Keystore) 
         raise TamperedError(f"state dir {root} is incomplete (missing {', '.join(missing)})")
     for name in keystore.files(SECRET_NAMES):
         _check_mode(root / name, 0o600, is_dir=False)
-    contents = {name: (root / name).read_bytes() for name in BOUND_FILES}
-    contents[STATE_JSON] = raw
-    tls_key_pem = keystore.load(KEY_PEM)
-    seal_private = keystore.load(SEAL_KEY)
+    ca_pem = (root / CA_PEM).read_bytes()
+    cert_pem = (root / CERT_PEM).read_bytes()
+    contents: dict[str, bytes | bytearray] = {STATE_JSON: raw, CA_PEM: ca_pem, CERT_PEM: cert_pem}
+    # The (not yet verified) proxy entry decides whether the MAC covers credentials; the
+    # MAC check below then covers the entry itself.
+    proxy_doc: dict[str, Any] | None = doc.get("proxy")
+    if proxy_doc is None and keystore.exists(PROXY_CREDENTIALS):
+        raise TamperedError(f"state dir {root} holds {PROXY_CREDENTIALS} but no proxy needs them")
+    credentials: bytearray | None = None
+    tls_key_pem = bytearray()
+    seal_private = bytearray()
     try:
+        if proxy_doc is not None and proxy_doc.get("credentials") is True:
+            credentials = load_proxy_credentials(keystore)
+            contents[PROXY_CREDENTIALS] = credentials
+        elif keystore.exists(PROXY_CREDENTIALS):
+            raise TamperedError(
+                f"state dir {root} holds {PROXY_CREDENTIALS} but the proxy needs none"
+            )
+        tls_key_pem = keystore.load(KEY_PEM)
+        seal_private = keystore.load(SEAL_KEY)
         if len(seal_private) != 32:
             raise TamperedError(f"{SEAL_KEY} is not a 32-byte X25519 key")
         try:
@@ -331,18 +383,23 @@ def _load_with(root: Path, raw: bytes, doc: dict[str, Any], keystore: Keystore) 
         try:
             endpoint = PlatformEndpoint.parse(str(doc["platform_url"]))
             appliance = str(doc["appliance"])
+            proxy = None
+            if proxy_doc is not None:
+                proxy = ProxyConfig.parse(str(proxy_doc["url"]), credentials)
         except (ValueError, KeyError, TypeError) as e:
             raise TamperedError(f"{STATE_JSON} is malformed ({e})") from None
-        _check_certificate(contents[CA_PEM], contents[CERT_PEM], tls_key_pem)
+        _check_certificate(ca_pem, cert_pem, tls_key_pem)
         hybrid = load_hybrid_key(keystore)
     except BaseException:
         wipe(tls_key_pem)
         wipe(seal_private)
+        if credentials is not None:
+            wipe(credentials)
         raise
     keystore.lock()  # the wrapping key is not kept for the run: only what was unwrapped
     return AgentState(
-        root, endpoint, appliance, contents[CA_PEM], contents[CERT_PEM], keystore, tls_key_pem,
-        seal_private, hybrid,
+        root, endpoint, appliance, ca_pem, cert_pem, keystore, tls_key_pem, seal_private,
+        hybrid, proxy,
     )
 
 
@@ -369,6 +426,31 @@ def store_hybrid_key(keystore: Keystore, private: bytes | bytearray) -> None:
     if keystore.exists(SEAL_KEY_HYBRID):
         raise StateError(f"{SEAL_KEY_HYBRID} exists already", "keep it; nothing to upgrade")
     keystore.store(SEAL_KEY_HYBRID, private)
+
+
+def store_proxy_credentials(keystore: Keystore, credentials: bytes | bytearray) -> None:
+    """Keep the proxy's "user:password" like the other appliance secrets (in the keystore)."""
+    keystore.store(PROXY_CREDENTIALS, credentials)
+
+
+def load_proxy_credentials(keystore: Keystore) -> bytearray:
+    """The proxy's "user:password" (the caller wipes it); TamperedError when missing or
+    malformed, StateError when its file has unsafe permissions."""
+    if not keystore.exists(PROXY_CREDENTIALS):
+        raise TamperedError(
+            f"state dir {keystore.root} is incomplete (missing {PROXY_CREDENTIALS})"
+        )
+    for name in keystore.files((PROXY_CREDENTIALS,)):
+        _check_mode(keystore.root / name, 0o600, is_dir=False)
+    data = keystore.load(PROXY_CREDENTIALS)
+    try:
+        if len(data) > MAX_PROXY_CREDENTIALS:
+            raise ValueError("too long")
+        check_credentials(data)
+    except ValueError:
+        wipe(data)
+        raise TamperedError(f"{PROXY_CREDENTIALS} is malformed") from None
+    return data
 
 
 def _check_certificate(ca_pem: bytes, cert_pem: bytes, tls_key_pem: bytes | bytearray) -> None:

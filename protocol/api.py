@@ -14,6 +14,7 @@ Conventions:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Final
 
@@ -30,12 +31,28 @@ PATH_JOB_PREFIX: Final = "/v1/jobs/"
 RESULT_SUFFIX: Final = "/result"  # POST /v1/jobs/{id}/result; mutual TLS
 PROGRESS_SUFFIX: Final = "/progress"  # POST /v1/jobs/{id}/progress; mutual TLS
 # POST; mutual TLS. Opens this boot's session: {"boot_counter": N, "keystore": "tpm"|"file"}
-# -> {"session": TOKEN}. Every endpoint that hands out keys or jobs, or takes results, then
-# needs HEADER_SESSION with the token of the appliance's *latest* session (clone detection).
+# -> {"session": TOKEN}. Every endpoint that hands out keys or jobs, takes results or
+# heartbeats then needs HEADER_SESSION with the token of the appliance's *latest* session
+# (clone detection).
 PATH_SESSION: Final = "/v1/session"
 # POST; mutual TLS + session. {"csr": PEM} -> {"certificate": PEM}: a new client certificate
 # for a new key (keystore migration); the calling certificate is revoked in the same step.
 PATH_CERTIFICATE: Final = "/v1/appliance/certificate"
+# POST; mutual TLS + session. The heartbeat document (HB_*) -> {"heartbeat_interval": S}.
+PATH_HEARTBEAT: Final = "/v1/heartbeat"
+
+
+SESSION_ID_LEN: Final = 16  # hex digits of session_id()
+
+
+def session_id(token: str) -> str:
+    """A session's public name (heartbeats, operator views): not usable as the token.
+
+    A truncated hash under its own label, so it is unrelated to the hash the platform keeps
+    to recognise tokens, and knowing it does not let anyone present the session.
+    """
+    digest = hashlib.sha256(b"scanner-session-id\x00" + token.encode("utf-8", "replace"))
+    return digest.hexdigest()[:SESSION_ID_LEN]
 
 
 def result_path(job_id: str) -> str:
@@ -84,6 +101,34 @@ F_KEYSTORE: Final = "keystore"  # "tpm" or "file": where the appliance keeps its
 F_SESSION: Final = "session"  # opaque session token (string)
 F_ERROR: Final = "error"
 F_INCIDENT: Final = "incident"  # 500 only: id of the server's log entry (hex string)
+F_HEARTBEAT_INTERVAL: Final = "heartbeat_interval"  # float seconds (config, heartbeat answer)
+
+# Heartbeat document (POST PATH_HEARTBEAT). Health only: never scan data, targets, banners,
+# credentials or keys. The platform stores these fields and nothing else.
+HB_AGENT_VERSION: Final = "agent_version"  # str
+# The session the beat was sent in, as session_id(token) (never the token), and its boot
+# counter; null only before a session is open. The platform records the values of the
+# session that authenticated the request.
+HB_BOOT_SESSION: Final = "boot_session"  # str (SESSION_ID_LEN hex digits) or null
+HB_BOOT_COUNTER: Final = "boot_counter"  # int or null
+HB_UPTIME: Final = "uptime"  # float seconds since the agent started
+HB_TIME_OFFSET: Final = "time_offset"  # float seconds, platform minus appliance clock
+HB_SCRATCH: Final = "scratch"  # {"used": int, "total": int} bytes, or null (not mounted)
+HB_VOLUME: Final = "volume"  # {"used": int, "total": int} bytes, or null (not open)
+HB_JOBS_DONE: Final = "jobs_done"  # int, since boot
+HB_JOBS_FAILED: Final = "jobs_failed"  # int, since boot
+HB_LAST_ERROR: Final = "last_error"  # str (event and reason, <= MAX_LAST_ERROR) or null
+HB_USED: Final = "used"
+HB_TOTAL: Final = "total"
+HEARTBEAT_FIELDS: Final = (
+    HB_AGENT_VERSION, HB_BOOT_SESSION, HB_BOOT_COUNTER, HB_UPTIME, HB_TIME_OFFSET,
+    HB_SCRATCH, HB_VOLUME, HB_JOBS_DONE, HB_JOBS_FAILED, HB_LAST_ERROR,
+)  # fmt: skip
+MAX_LAST_ERROR: Final = 200  # characters
+MAX_AGENT_VERSION: Final = 64  # characters
+MIN_HEARTBEAT_INTERVAL: Final = 0.1  # seconds; tests use sub-second beats
+MAX_HEARTBEAT_INTERVAL: Final = 86400.0
+DEFAULT_HEARTBEAT_INTERVAL: Final = 60.0
 
 QUERY_WAIT: Final = "wait"  # long-poll seconds for PATH_NEXT_JOB
 

@@ -50,12 +50,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from protocol import api
+from protocol.proxy import ProxyConfig, ProxyError, open_stream
 
 DEFAULT_TIMEOUT: Final = 30.0
 _CHUNK: Final = 64 * 1024
 # How long to wait for "100 Continue" before sending a body anyway (RFC 9110 §10.1.1).
 _EXPECT_CONTINUE_WAIT: Final = 2.0
 _USER_AGENT: Final = "scratchfs-agent/1"
+# Reason of a PlatformUnavailableError raised because the CONNECT proxy failed (not the platform).
+REASON_PROXY: Final = "proxy"
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -65,7 +68,7 @@ class PlatformError(Exception):
     """The platform refused a request or could not be reached.
 
     ``status`` is the HTTP status (None when no response arrived), ``reason`` a
-    `protocol.api` REASON_* constant or one of "tls", "unavailable", "protocol".
+    `protocol.api` REASON_* constant or one of "tls", "unavailable", "proxy", "protocol".
     """
 
     def __init__(self, status: int | None, reason: str, message: str) -> None:
@@ -124,6 +127,7 @@ class PlatformConfig:
     """Per-account configuration the appliance is told about."""
 
     syslog: SyslogTarget | None
+    heartbeat_interval: float | None = None  # seconds; None: the platform sets none
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,14 @@ def _syslog_from(value: object) -> SyslogTarget | None:
     return SyslogTarget(host=host, port=port, ca_pem=ca.encode())
 
 
+def _interval_from(value: object) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise PlatformError(None, "protocol", "platform response: heartbeat_interval is not a number")
+    return min(max(float(value), api.MIN_HEARTBEAT_INTERVAL), api.MAX_HEARTBEAT_INTERVAL)
+
+
 class PlatformClient:
     """Async client for one platform. Safe to use from several trio tasks at once."""
 
@@ -254,13 +266,16 @@ class PlatformClient:
         base_url: str,
         ssl_context: ssl.SSLContext,
         timeout: float = DEFAULT_TIMEOUT,
+        proxy: ProxyConfig | None = None,
         *,
         local_address: str | None = None,
     ) -> None:
         """*base_url* like "https://platform.example:8443" (https only, optional path prefix).
 
-        *local_address* binds the client's side of its connections (the load generator
-        gives each simulated appliance its own loopback address, as a fleet has).
+        With *proxy*, every connection is an HTTP CONNECT tunnel through it (TLS inside the
+        tunnel, same context); no direct connection is ever attempted. *local_address*
+        binds the client's side of direct connections (the load generator gives each
+        simulated appliance its own loopback address, as a fleet has).
         """
         parts = urlsplit(base_url)
         if parts.scheme != "https" or not parts.hostname:
@@ -276,6 +291,7 @@ class PlatformClient:
         self._timeout = timeout
         self._idle: list[_Live] = []
         self._local_address = local_address
+        self._proxy = proxy
         self.base_url = base_url
         # This boot's session token (open_session); sent with every request once set.
         self.session: str | None = None
@@ -354,9 +370,17 @@ class PlatformClient:
         )
 
     async def config(self) -> PlatformConfig:
-        """The account's configuration (remote syslog target or None)."""
+        """The account's configuration (remote syslog target or None, heartbeat interval)."""
         data = await self._json("GET", api.PATH_CONFIG)
-        return PlatformConfig(syslog=_syslog_from(data.get(api.F_SYSLOG)))
+        return PlatformConfig(
+            syslog=_syslog_from(data.get(api.F_SYSLOG)),
+            heartbeat_interval=_interval_from(data.get(api.F_HEARTBEAT_INTERVAL)),
+        )
+
+    async def heartbeat(self, status: Mapping[str, Any]) -> float | None:
+        """Report health (the api.HB_* fields); return the interval the platform wants now."""
+        data = await self._json("POST", api.PATH_HEARTBEAT, status)
+        return _interval_from(data.get(api.F_HEARTBEAT_INTERVAL))
 
     async def next_job(self, wait: float) -> Job | None:
         """Long-poll up to *wait* seconds (clamped to api.MAX_WAIT_SECONDS) for a job.
@@ -529,9 +553,22 @@ class PlatformClient:
             self._raise_for(resp)
         return resp
 
+    async def _open_tcp(self) -> trio.SocketStream:
+        """The one place that opens the TCP connection to the platform.
+
+        Through the configured CONNECT proxy when there is one (never directly then),
+        otherwise directly. TLS is layered on top by the caller either way.
+        """
+        try:
+            if self._proxy is None and self._local_address is not None:
+                return await trio.open_tcp_stream(self._host, self._port, local_address=self._local_address)
+            return await open_stream(self._proxy, self._host, self._port)
+        except ProxyError as e:
+            raise PlatformUnavailableError(None, REASON_PROXY, str(e)) from None
+
     async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
         try:
-            tcp = await trio.open_tcp_stream(self._host, self._port, local_address=self._local_address)
+            tcp = await self._open_tcp()
         except OSError as e:
             raise PlatformUnavailableError(
                 None,

@@ -8,8 +8,9 @@ show the platform refusing a job that retargets it, queue a job, run ``scanner-a
 --once`` (SSH login + inventory accepted; the web login, outside the scope, refused without
 a byte of the secret sent), print the platform's results as a table, prove that neither
 the volume image nor the scratch store (sampled while the agent runs) holds any of the
-demo's plaintext markers and that no private key is on disk in any encoding, tear
-everything down (swtpm included, by PID).
+demo's plaintext markers and that no private key is on disk in any encoding, print the
+appliance list with the heartbeat state the agent reported in its TPM-backed boot session,
+tear everything down (swtpm included, by PID).
 
 Exit code 0 only if every step held; everything is torn down even on failure. The
 loopback services and platform helpers here are also used by tests/agent.
@@ -440,7 +441,7 @@ def demo(work: Path) -> int:
     """Run every step in *work*; return 0 only if all of them held."""
     from tools.swtpm import Swtpm, start_swtpm
 
-    step = Step(15)
+    step = Step(16)
     services: list[Service] = []
     platform: Platform | None = None
     sshd: sshdmod.Sshd | None = None
@@ -454,7 +455,9 @@ def demo(work: Path) -> int:
         assert tpm is not None
         with step("init the platform and serve it on 127.0.0.1") as notes:
             platform = start_platform(work / "platform")
-            notes.append(f"platform at {platform.url} (CA {platform.ca})")
+            # A short beat so that the demo's one job shows a few heartbeats.
+            platform.cli("heartbeat", "set", "--interval", "10", "--missing-after", "3")
+            notes.append(f"platform at {platform.url} (CA {platform.ca}), heartbeat every 10 s")
         assert platform is not None
         with step("add appliance 'demo-appliance' and activate the agent (keys in the TPM)") as notes:
             activate(platform, "demo-appliance", agent_state, tpm.tcti)
@@ -565,13 +568,24 @@ def demo(work: Path) -> int:
                 raise RuntimeError(f"private key material found: {hits}")
             notes.append(f"{len(files)} files searched for {len(forms)} encodings of the TLS and sealing "
                          "keys: 0 found")
-            listing = platform.cli("appliance", "list").stdout.decode().rstrip()
-            notes += ["platform: " + ln for ln in listing.splitlines()]
         with step("nothing left mounted") as notes:
             left_mounts = mounts_under(agent_state)
             if left_mounts:
                 raise RuntimeError(f"still mounted: {left_mounts}")
             notes.append("scratchfs unmounted, volume closed")
+        with step("the appliance list: heartbeat state and TPM-backed boot session") as notes:
+            table = platform.cli("appliance", "list").stdout.decode()
+            print("\n".join("        " + ln for ln in table.rstrip().splitlines()), flush=True)
+            [app] = json.loads(platform.cli("appliance", "list", "--json").stdout)
+            beat = app["heartbeat"] or {}
+            if app["last_seen"] is None or beat.get("jobs_done") != 1:
+                raise RuntimeError(f"no heartbeat reported the finished job: {beat}")
+            if app["keystore"] != "tpm" or beat.get("boot_counter") != app["boot_counter"]:
+                raise RuntimeError(f"heartbeat not in the TPM-backed boot session: {beat} vs {app}")
+            notes.append(f"health {app['health']}: last heartbeat reported agent {beat['agent_version']}, "
+                         f"{beat['jobs_done']} job done, {beat['jobs_failed']} failed, in boot session "
+                         f"{beat['boot_session']} (TPM boot counter {beat['boot_counter']}); "
+                         "it turns late, then missing, while no agent runs")
     except Exception as e:  # noqa: BLE001 - the step printed it; teardown must still run
         step.failed.append(f"{type(e).__name__}")
     finally:

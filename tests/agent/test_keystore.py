@@ -230,7 +230,8 @@ def test_two_agents_sharing_a_file_identity_are_quarantined_until_cleared(
     row = appliance_row(platform)
     assert row["quarantined"] is True and "superseded session (boot 1)" in str(row["quarantine_reason"])
     events = platform.cli("appliance", "list").stdout.decode()
-    assert "app1  quarantined  file" in events
+    [row] = [ln for ln in events.splitlines() if ln.startswith("app1 ")]
+    assert row.split()[:3] == ["app1", "active", "quarantined"] and " file " in row, events
     shutil.copyfile(clone / "boot-counter", state / "boot-counter")
     job = queue_job(platform)
     assert run_once(state).returncode == EXIT_QUARANTINED  # still quarantined: no key, no job

@@ -12,6 +12,7 @@ from agent import state as statemod
 from agent.errors import EXIT_STATE, EXIT_TAMPERED, StateError, TamperedError
 from agent.keystore.file import FileKeystore
 from protocol.client import new_client_key_and_csr
+from protocol.proxy import ProxyConfig
 from protocol.sealing import generate_keypair
 from tests.agent.conftest import make_pki, run_agent_cli
 
@@ -59,6 +60,38 @@ def test_version_1_state_dirs_still_load_as_file_keystores(state_dir: Path) -> N
     (state_dir / statemod.STATE_JSON).write_text(json.dumps(doc))
     with pytest.raises(TamperedError):
         statemod.load_state(state_dir)
+
+
+def test_version_1_state_dir_with_a_proxy_still_loads(tmp_path: Path) -> None:
+    """A v1 dir written with a proxy (clear proxy-credentials file, in the MAC) boots with it."""
+    key_pem, csr_pem = new_client_key_and_csr("t")
+    seal_priv, _ = generate_keypair()
+    pki = make_pki(tmp_path / "pki")
+    root = tmp_path / "state"
+    proxy = ProxyConfig.parse("http://127.0.0.1:3128", b"user:pw-v1")
+    statemod.write_state(
+        root, statemod.PlatformEndpoint.parse("https://platform.example:8443"), "app1",
+        pki.ca_pem, pki.issue_client(csr_pem), key_pem, seal_priv, 1.0, FileKeystore(root),
+        proxy=proxy,
+    )
+    doc = json.loads((root / statemod.STATE_JSON).read_text())
+    doc["version"] = 1
+    del doc["keystore"]
+    (root / statemod.STATE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    contents: dict[str, bytes | bytearray] = {n: (root / n).read_bytes() for n in statemod.BOUND_FILES}
+    contents[statemod.PROXY_CREDENTIALS] = (root / statemod.PROXY_CREDENTIALS).read_bytes()
+    key = statemod._binding_key(key_pem, seal_priv)
+    (root / statemod.BINDING).write_text(statemod._binding_mac(key, contents) + "\n")
+    st = statemod.load_state(root)
+    try:
+        assert st.keystore.kind == "file" and st.proxy == proxy
+    finally:
+        st.forget()
+    # Dropping the proxy from the v1 doc (a direct connection) is refused like in v2.
+    del doc["proxy"]
+    (root / statemod.STATE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(TamperedError):
+        statemod.load_state(root)
 
 
 def test_keystore_entry_is_bound(state_dir: Path) -> None:

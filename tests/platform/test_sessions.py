@@ -119,7 +119,9 @@ async def test_cli_list_clear_and_policy(platform: Platform) -> None:
     assert out.returncode == 0 and b"quarantined" not in out.stdout  # pending: shown as its state
     platform.storage.execute_for_tests("UPDATE appliances SET state = 'active' WHERE id = ?", (app.id,))
     out = run_cli("appliance", "list", state_dir=root).stdout.decode()
-    assert "q1    quarantined  file" in out and "boot counter 3 is not above 5" in out
+    [row] = [ln for ln in out.splitlines() if ln.startswith("q1 ")]
+    assert row.split()[:3] == ["q1", "active", "quarantined"] and " file " in row, out  # STATE, HEALTH
+    assert "boot counter 3 is not above 5" in out
     proc = run_cli("appliance", "clear", "q1", state_dir=root)
     assert proc.returncode == 0 and b"released" in proc.stdout
     proc = run_cli("appliance", "clear", "q1", state_dir=root)

@@ -17,6 +17,8 @@ import functools
 import json
 import logging
 import os
+import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from protocol import api, sealing
-from tools.platform import ca, db, state
+from tools.platform import ca, db, health, state
 
 PROG = "scanner-platform"
 EXIT_OK = 0
@@ -99,6 +101,47 @@ def _port(value: str) -> int:
     return p
 
 
+def _interval(value: str) -> float:
+    f = _positive(value)
+    if not api.MIN_HEARTBEAT_INTERVAL <= f <= api.MAX_HEARTBEAT_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} must be between {api.MIN_HEARTBEAT_INTERVAL:g} and {api.MAX_HEARTBEAT_INTERVAL:g} seconds"
+        )
+    return f
+
+
+def _missing_after(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of beats") from None
+    if not 1 <= n <= health.MAX_MISSING_AFTER:
+        raise argparse.ArgumentTypeError(f"{value!r} must be between 1 and {health.MAX_MISSING_AFTER}")
+    return n
+
+
+def _hook_timeout(value: str) -> float:
+    f = _positive(value)
+    if f > health.MAX_HOOK_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at most {health.MAX_HOOK_TIMEOUT:g} seconds")
+    return f
+
+
+def _hook_argv(command: str) -> list[str]:
+    """Split the hook command into argv (shell-like quoting, but it never runs in a shell)."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        raise CliError(f"cannot parse the alert hook command ({e}); check its quoting", EXIT_USAGE) from None
+    if not argv:
+        raise CliError("the alert hook command is empty; give a program and its arguments", EXIT_USAGE)
+    program = argv[0]
+    found = shutil.which(program) if "/" not in program else (program if os.access(program, os.X_OK) else None)
+    if found is None:
+        raise CliError(f"alert hook program {program!r} is not an executable file; give its path", EXIT_USAGE)
+    return argv
+
+
 def _listen(value: str) -> tuple[str, int]:
     host, sep, port_s = value.rpartition(":")
     if not sep or not host:
@@ -155,10 +198,17 @@ def _storage(args: argparse.Namespace) -> db.Storage:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    # Check the hook before creating anything: a typo must not leave a half-made platform.
+    argv = _hook_argv(args.alert_hook) if args.alert_hook else None
     paths = state.init_state(Path(args.state_dir), args.hostname, args.database)
     storage = state.open_storage(paths, pool_size=1)
     try:
         storage.set_setting("hostname", args.hostname)
+        storage.set_setting(
+            health.SETTING_HEARTBEAT, health.Policy(args.heartbeat_interval, args.missing_after).to_setting()
+        )
+        if argv is not None:
+            storage.set_setting(health.SETTING_ALERT_HOOK, health.Hook(tuple(argv), args.alert_timeout).to_setting())
     finally:
         storage.close()
     print(f"platform initialised in {paths.root} for {args.hostname}; give appliances {paths.ca_cert}")
@@ -271,10 +321,15 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _shown_state(a: db.Appliance, clone: db.CloneState | None) -> str:
-    if clone is not None and clone.quarantined_since is not None and a.state == db.STATE_ACTIVE:
-        return "quarantined"
-    return a.state
+def _age(value: float | None, now: float) -> str:
+    if value is None:
+        return "never"
+    age = max(0.0, now - value)
+    if age < 120:
+        return f"{age:.1f}s ago"
+    if age < 7200:
+        return f"{age / 60:.0f}m ago"
+    return f"{age / 3600:.0f}h ago"
 
 
 def cmd_appliance_list(args: argparse.Namespace) -> int:
@@ -282,8 +337,12 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
     try:
         apps = storage.appliances()
         clones = storage.clone_states()
+        healths = {h.name: h for h in storage.health()}
+        policy = health.Policy.load(storage)
     finally:
         storage.close()
+    now = time.time()
+    derived = {name: health.derive(h, policy, now) for name, h in healths.items()}
     if args.json:
         print(
             json.dumps(
@@ -291,6 +350,10 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
                     {
                         "name": a.name,
                         "state": a.state,
+                        "health": derived[a.name].state,
+                        "missed_beats": derived[a.name].missed,
+                        "last_seen": healths[a.name].last_seen,
+                        "heartbeat": healths[a.name].status,
                         "created_at": a.created_at,
                         "activated_at": a.activated_at,
                         "deactivated_at": a.deactivated_at,
@@ -309,18 +372,31 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
             )
         )
         return EXIT_OK
-    rows = [["NAME", "STATE", "KEYSTORE", "BOOTS", "LAST BOOT", "ACTIVATED", "DEACTIVATED", "CERT SERIAL"]]
+    # One view: lifecycle STATE, HEALTH (heartbeats, with quarantine and deactivation
+    # overriding them), then the heartbeat's facts and the boot sessions' (clone detection).
+    rows = [
+        [
+            "NAME", "STATE", "HEALTH", "LAST SEEN", "UPTIME", "JOBS OK/FAILED", "KEYSTORE", "BOOTS",
+            "LAST BOOT", "ACTIVATED", "CERT SERIAL",
+        ]
+    ]  # fmt: skip
     for a in apps:
         c = clones.get(a.id)
+        status = healths[a.name].status or {}
+        uptime = status.get(api.HB_UPTIME)
+        jobs = f"{status.get(api.HB_JOBS_DONE, '-')}/{status.get(api.HB_JOBS_FAILED, '-')}" if status else "-"
         rows.append(
             [
                 a.name,
-                _shown_state(a, c),
+                a.state,
+                derived[a.name].state,
+                _age(healths[a.name].last_seen, now),
+                f"{uptime:.0f}s" if isinstance(uptime, int | float) else "-",
+                jobs,
                 (c.keystore if c else None) or "-",
                 str(c.boot_counter) if c and c.boot_counter is not None else "-",
                 _ts(c.last_boot if c else None),
                 _ts(a.activated_at),
-                _ts(a.deactivated_at),
                 a.cert_serial or "-",
             ]
         )
@@ -330,6 +406,64 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
         if c is not None and c.quarantined_since is not None and a.state == db.STATE_ACTIVE:
             why = _printable(c.quarantine_reason or "", 200)
             print(f"{a.name}: quarantined since {_ts(c.quarantined_since)}: {why}")
+    return EXIT_OK
+
+
+def cmd_alert_hook_set(args: argparse.Namespace) -> int:
+    argv = _hook_argv(args.hook_command)
+    storage = _storage(args)
+    try:
+        storage.set_setting(health.SETTING_ALERT_HOOK, health.Hook(tuple(argv), args.timeout).to_setting())
+    finally:
+        storage.close()
+    print(f"alert hook set: {shlex.join(argv)} (timeout {args.timeout:g} s)")
+    return EXIT_OK
+
+
+def cmd_alert_hook_show(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        hook = health.Hook.load(storage)
+    finally:
+        storage.close()
+    print("none" if hook is None else f"{shlex.join(hook.argv)} (timeout {hook.timeout:g} s)")
+    return EXIT_OK
+
+
+def cmd_alert_hook_clear(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        storage.delete_setting(health.SETTING_ALERT_HOOK)
+    finally:
+        storage.close()
+    print("alert hook cleared")
+    return EXIT_OK
+
+
+def cmd_heartbeat_set(args: argparse.Namespace) -> int:
+    if args.interval is None and args.missing_after is None:
+        raise CliError("nothing to set; give --interval and/or --missing-after", EXIT_USAGE)
+    storage = _storage(args)
+    try:
+        old = health.Policy.load(storage)
+        new = health.Policy(
+            args.interval if args.interval is not None else old.interval,
+            args.missing_after if args.missing_after is not None else old.missing_after,
+        )
+        storage.set_setting(health.SETTING_HEARTBEAT, new.to_setting())
+    finally:
+        storage.close()
+    print(f"heartbeat interval {new.interval:g} s; missing after {new.missing_after} missed beats")
+    return EXIT_OK
+
+
+def cmd_heartbeat_show(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        policy = health.Policy.load(storage)
+    finally:
+        storage.close()
+    print(f"heartbeat interval {policy.interval:g} s; missing after {policy.missing_after} missed beats")
     return EXIT_OK
 
 
@@ -573,7 +707,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--database",
         metavar="URL",
-        help="PostgreSQL URL (postgresql://user:pass@host/db) instead of the embedded SQLite file",
+        help="PostgreSQL URL (postgresql://user@host/db; password in ~/.pgpass) instead of the embedded SQLite file",
+    )
+    sp.add_argument(
+        "--heartbeat-interval",
+        type=_interval,
+        default=api.DEFAULT_HEARTBEAT_INTERVAL,
+        metavar="SECONDS",
+        help=f"how often appliances report (default {api.DEFAULT_HEARTBEAT_INTERVAL:g})",
+    )
+    sp.add_argument(
+        "--missing-after",
+        type=_missing_after,
+        default=health.DEFAULT_MISSING_AFTER,
+        metavar="N",
+        help=f"missed beats after which an appliance is 'missing' (default {health.DEFAULT_MISSING_AFTER})",
+    )
+    sp.add_argument(
+        "--alert-hook",
+        metavar="COMMAND",
+        help="program (and arguments) run without a shell on each heartbeat state change; gets the event as JSON",
+    )
+    sp.add_argument(
+        "--alert-timeout",
+        type=_hook_timeout,
+        default=health.DEFAULT_HOOK_TIMEOUT,
+        metavar="SECONDS",
+        help="the alert hook is killed after this long",
     )
 
     sp = leaf(sub, "serve", cmd_serve, "serve the HTTPS API (mutual TLS)", state_flag=False)
@@ -628,7 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--x25519", action="store_true", help="print the v1 X25519 key (PEM) instead")
     sp = leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the keyslot passphrase, revoke the certificate")
     sp.add_argument("name", type=_name)
-    sp = leaf(asub, "list", cmd_appliance_list, "list appliances (state, keystore, boots, quarantine)")
+    sp = leaf(
+        asub, "list", cmd_appliance_list, "list appliances: state, health (heartbeats, quarantine), keystore, boots"
+    )
     sp.add_argument("--json", action="store_true")
     sp = leaf(
         asub, "clear", cmd_appliance_clear, "lift a clone quarantine (after stopping any copy of the appliance)"
@@ -642,6 +804,21 @@ def build_parser() -> argparse.ArgumentParser:
         "quarantine an appliance that shows clone signs (default on); no argument shows the setting",
     )
     sp.add_argument("value", nargs="?", choices=["on", "off"])
+
+    hb = sub.add_parser("heartbeat", help="how often appliances report, when they count as missing")
+    hsub = hb.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sp = leaf(hsub, "set", cmd_heartbeat_set, "set the heartbeat interval and/or missing threshold")
+    sp.add_argument("--interval", type=_interval, metavar="SECONDS")
+    sp.add_argument("--missing-after", type=_missing_after, metavar="N")
+    leaf(hsub, "show", cmd_heartbeat_show, "show the heartbeat policy")
+
+    ah = sub.add_parser("alert-hook", help="command run on heartbeat state changes")
+    ahsub = ah.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sp = leaf(ahsub, "set", cmd_alert_hook_set, "set the alert hook (run without a shell, event JSON on stdin)")
+    sp.add_argument("hook_command", metavar="COMMAND", help="program and arguments, one string")
+    sp.add_argument("--timeout", type=_hook_timeout, default=health.DEFAULT_HOOK_TIMEOUT, metavar="SECONDS")
+    leaf(ahsub, "show", cmd_alert_hook_show, "show the alert hook")
+    leaf(ahsub, "clear", cmd_alert_hook_clear, "remove the alert hook")
 
     job = sub.add_parser("job", help="manage jobs")
     jsub = job.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)

@@ -153,6 +153,30 @@ MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
     (
         5,
         [
+            # Heartbeats: the latest status per appliance, the health state last recorded
+            # by the evaluator (its compare-and-set makes each transition happen once),
+            # and a bounded history (HEARTBEAT_HISTORY rows per appliance).
+            """CREATE TABLE appliance_health (
+                appliance_id INTEGER PRIMARY KEY REFERENCES appliances(id),
+                last_seen REAL,
+                status TEXT,
+                health TEXT NOT NULL DEFAULT 'ok',
+                health_since REAL NOT NULL
+            )""",
+            """CREATE TABLE heartbeats (
+                id INTEGER PRIMARY KEY,
+                appliance_id INTEGER NOT NULL REFERENCES appliances(id),
+                received_at REAL NOT NULL,
+                status TEXT NOT NULL
+            )""",
+            "CREATE INDEX heartbeats_by_appliance ON heartbeats (appliance_id, id)",
+            # No quarantine column: the health state "quarantined" is derived from the
+            # quarantine table of migration 4 (Storage.quarantined_at and health()).
+        ],
+    ),
+    (
+        6,
+        [
             # The long-poll waker asks "which appliances have a leasable job" once per
             # sweep; without this index that is a scan of every job ever queued.
             "CREATE INDEX jobs_by_state ON jobs (state, lease_expires, appliance_id)",
@@ -170,6 +194,15 @@ STATE_DEACTIVATED: Final = "deactivated"
 MAX_SESSIONS_PER_APPLIANCE: Final = 32
 SETTING_CLONE_QUARANTINE: Final = "clone_quarantine"  # bool, default True
 EVENT_CLONE_SUSPECTED: Final = "clone_suspected"
+
+# Health states shown by `appliance list` (pending appliances show "pending").
+HEALTH_OK: Final = "ok"
+HEALTH_LATE: Final = "late"
+HEALTH_MISSING: Final = "missing"
+HEALTH_QUARANTINED: Final = "quarantined"
+HEALTH_DEACTIVATED: Final = "deactivated"
+HEALTH_PENDING: Final = "pending"
+HEARTBEAT_HISTORY: Final = 100  # heartbeats kept per appliance (older ones are deleted)
 
 
 class StorageError(Exception):
@@ -263,6 +296,21 @@ class CloneState:
     boot_counter: int | None  # of the current session
     keystore: str | None  # as reported by the current session
     last_boot: float | None
+
+
+@dataclass(frozen=True)
+class Health:
+    """What the platform knows about an appliance's heartbeats."""
+
+    appliance_id: int
+    name: str
+    state: str  # the appliance's lifecycle state (pending / active / deactivated)
+    activated_at: float | None
+    quarantined_at: float | None
+    last_seen: float | None
+    status: dict[str, Any] | None  # the latest heartbeat document
+    recorded: str  # health state last recorded by the evaluator
+    recorded_since: float | None
 
 
 @dataclass(frozen=True)
@@ -935,8 +983,14 @@ class Storage:
         return True if row is None else bool(json.loads(row[0]))
 
     @staticmethod
-    def _is_quarantined(db: _Conn, appliance_id: int) -> bool:
-        return db.execute("SELECT 1 FROM quarantine WHERE appliance_id = ?", (appliance_id,)).fetchone() is not None
+    def _quarantined_since(db: _Conn, appliance_id: int) -> float | None:
+        # The one per-appliance read of the quarantine table (sessions, heartbeats, health).
+        row = db.execute("SELECT since FROM quarantine WHERE appliance_id = ?", (appliance_id,)).fetchone()
+        return None if row is None else float(row[0])
+
+    @classmethod
+    def _is_quarantined(cls, db: _Conn, appliance_id: int) -> bool:
+        return cls._quarantined_since(db, appliance_id) is not None
 
     def _suspect(self, db: _Conn, appliance_id: int, now: float, detail: str) -> bool:
         """Record a clone suspicion; quarantine when the policy says so. True if quarantined."""
@@ -947,6 +1001,7 @@ class Storage:
         if not self._quarantine_policy(db):
             return False
         db.execute(
+            # Portable upsert (PostgreSQL too): the first suspicion's time and reason stay.
             "INSERT INTO quarantine (appliance_id, since, reason) VALUES (?, ?, ?) "
             "ON CONFLICT (appliance_id) DO NOTHING",
             (appliance_id, now, detail),
@@ -1255,6 +1310,106 @@ class Storage:
         if row is None:
             raise NotFound(f"job {job_id} has no result yet; see 'scanner-platform job list'")
         return Result(job_id=row[0], sha256=row[1], size=row[2], body=bytes(row[3]), received_at=row[4])
+
+    # --- heartbeats and health ---
+
+    def quarantined_at(self, appliance_id: int) -> float | None:
+        """Since when the appliance is quarantined (clone detection's quarantine table), or None."""
+        with self._read() as db:
+            return self._quarantined_since(db, appliance_id)
+
+    def session_boot_counter(self, appliance_id: int, token_hash: bytes) -> int | None:
+        """The boot counter a session of this appliance was opened with (None: unknown)."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT boot_counter FROM sessions WHERE appliance_id = ? AND token_hash = ?",
+                (appliance_id, token_hash),
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def record_heartbeat(self, appliance_id: int, status: dict[str, Any], now: float) -> None:
+        """Store the latest status and append it to the bounded history."""
+        doc = json.dumps(status, sort_keys=True, separators=(",", ":"))
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO appliance_health (appliance_id, last_seen, status, health, health_since) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (appliance_id) DO UPDATE SET "
+                "last_seen = excluded.last_seen, status = excluded.status",
+                (appliance_id, now, doc, HEALTH_OK, now),
+            )
+            db.execute(
+                "INSERT INTO heartbeats (appliance_id, received_at, status) VALUES (?, ?, ?)",
+                (appliance_id, now, doc),
+            )
+            db.execute(
+                "DELETE FROM heartbeats WHERE appliance_id = ? AND id NOT IN "
+                "(SELECT id FROM heartbeats WHERE appliance_id = ? ORDER BY id DESC LIMIT ?)",
+                (appliance_id, appliance_id, HEARTBEAT_HISTORY),
+            )
+
+    def health(self) -> list[Health]:
+        """Heartbeat knowledge of every appliance, by name."""
+        with self._read() as db:
+            rows = db.execute(
+                # Quarantine comes from clone detection's own table: one source of truth.
+                "SELECT a.id, a.name, a.state, a.activated_at, q.since, h.last_seen, h.status, "
+                "h.health, h.health_since FROM appliances a "
+                "LEFT JOIN appliance_health h ON h.appliance_id = a.id "
+                "LEFT JOIN quarantine q ON q.appliance_id = a.id ORDER BY a.name"
+            ).fetchall()
+        return [
+            Health(
+                appliance_id=r[0],
+                name=r[1],
+                state=r[2],
+                activated_at=r[3],
+                quarantined_at=r[4],
+                last_seen=r[5],
+                status=None if r[6] is None else json.loads(r[6]),
+                recorded=r[7] or HEALTH_OK,
+                recorded_since=r[8],
+            )
+            for r in rows
+        ]
+
+    def heartbeat_history(self, appliance_id: int) -> list[tuple[float, dict[str, Any]]]:
+        """(received at, status) of the kept heartbeats, oldest first."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT received_at, status FROM heartbeats WHERE appliance_id = ? ORDER BY id", (appliance_id,)
+            ).fetchall()
+        return [(float(r[0]), json.loads(r[1])) for r in rows]
+
+    def transition_health(
+        self, appliance_id: int, expected: str, new: str, now: float, event_kind: str, detail: str
+    ) -> bool:
+        """Move the recorded health from *expected* to *new* and log *event_kind* atomically.
+
+        Returns False (and changes nothing) when another evaluator already moved it: the
+        caller that gets True is the only one that may run the alert hook.
+        """
+        with self._tx() as db:
+            # A real compare-and-set on both backends: the conditional UPDATE (or the INSERT
+            # of a missing row) changes a row for exactly one of two racing evaluators.
+            # Reading first and writing after would let both PostgreSQL transactions (read
+            # committed) see the old state and both run the hook.
+            moved = db.execute(
+                "UPDATE appliance_health SET health = ?, health_since = ? WHERE appliance_id = ? AND health = ?",
+                (new, now, appliance_id, expected),
+            ).rowcount
+            if moved == 0 and expected == HEALTH_OK:
+                moved = db.execute(
+                    "INSERT INTO appliance_health (appliance_id, last_seen, status, health, health_since) "
+                    "VALUES (?, NULL, NULL, ?, ?) ON CONFLICT (appliance_id) DO NOTHING",
+                    (appliance_id, new, now),
+                ).rowcount
+            if moved != 1:
+                return False
+            db.execute(
+                "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+                (now, appliance_id, event_kind, detail),
+            )
+        return True
 
     def result_count(self, job_id: int) -> int:
         """How many results are stored for a job (0 or 1 by construction)."""

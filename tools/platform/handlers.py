@@ -21,7 +21,7 @@ import trio
 
 from protocol import api, sealing
 from scratchfs.keyholder.wipe import wipe
-from tools.platform import ca, db, keys
+from tools.platform import ca, db, health, keys
 from tools.platform.http import Exchange, HttpError, Response, json_response
 
 log = logging.getLogger("scanner-platform")
@@ -143,6 +143,63 @@ def _b64_field(doc: dict[str, Any], key: str, size: int) -> bytes:
     return raw
 
 
+def _heartbeat_status(doc: dict[str, Any]) -> dict[str, Any]:
+    """The known heartbeat fields, type-checked; anything else is dropped, never stored.
+
+    Whitelisting here is what keeps the platform's heartbeat store free of scan data or
+    secrets even if a future agent sent more than it should.
+    """
+
+    def bad(name: str, what: str) -> HttpError:
+        return HttpError(400, api.REASON_BAD_REQUEST, f"heartbeat field {name!r} must be {what}")
+
+    def number(name: str) -> float:
+        v = doc.get(name)
+        if not isinstance(v, int | float) or isinstance(v, bool) or not -1e12 < v < 1e12:
+            raise bad(name, "a number")
+        return float(v)
+
+    def count(name: str, nullable: bool = False) -> int | None:
+        v = doc.get(name)
+        if v is None and nullable:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+            raise bad(name, "a non-negative integer")
+        return v
+
+    def text(name: str, limit: int, nullable: bool = True) -> str | None:
+        v = doc.get(name)
+        if v is None and nullable:
+            return None
+        if not isinstance(v, str) or len(v) > limit:
+            raise bad(name, f"a string of at most {limit} characters")
+        return "".join(ch if ch.isprintable() else "?" for ch in v)
+
+    def usage(name: str) -> dict[str, int] | None:
+        v = doc.get(name)
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise bad(name, "an object {used, total} or null")
+        used, total = v.get(api.HB_USED), v.get(api.HB_TOTAL)
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 for x in (used, total)):
+            raise bad(name, "an object of two non-negative integers {used, total}")
+        return {api.HB_USED: int(used), api.HB_TOTAL: int(total)}  # type: ignore[arg-type]
+
+    return {
+        api.HB_AGENT_VERSION: text(api.HB_AGENT_VERSION, api.MAX_AGENT_VERSION, nullable=False),
+        api.HB_BOOT_SESSION: text(api.HB_BOOT_SESSION, 128),
+        api.HB_BOOT_COUNTER: count(api.HB_BOOT_COUNTER, nullable=True),
+        api.HB_UPTIME: number(api.HB_UPTIME),
+        api.HB_TIME_OFFSET: number(api.HB_TIME_OFFSET),
+        api.HB_SCRATCH: usage(api.HB_SCRATCH),
+        api.HB_VOLUME: usage(api.HB_VOLUME),
+        api.HB_JOBS_DONE: count(api.HB_JOBS_DONE),
+        api.HB_JOBS_FAILED: count(api.HB_JOBS_FAILED),
+        api.HB_LAST_ERROR: text(api.HB_LAST_ERROR, api.MAX_LAST_ERROR),
+    }
+
+
 def _hybrid_field(doc: dict[str, Any]) -> bytes:
     raw = _b64_field(doc, api.F_HYBRID_PUBLIC, sealing.HYBRID_PUBLIC_LEN)
     try:
@@ -177,6 +234,7 @@ class PlatformApp:
             api.PATH_NEXT_JOB: {"GET": self.get_next_job},
             api.PATH_SESSION: {"POST": self.post_session},
             api.PATH_CERTIFICATE: {"POST": self.post_certificate},
+            api.PATH_HEARTBEAT: {"POST": self.post_heartbeat},
             api.PATH_SEAL_KEY: {"POST": self.post_seal_key},
         }
 
@@ -397,10 +455,35 @@ class PlatformApp:
         return json_response(200, {api.F_APPLIANCE: app.name})
 
     async def get_config(self, ex: Exchange, peer_der: bytes | None) -> Response:
-        """GET /v1/config: syslog target."""
+        """GET /v1/config: syslog target and heartbeat interval."""
         await self._required(peer_der)
         syslog = await self.db.run(self.db.storage.get_setting, "syslog")
-        return json_response(200, {api.F_SYSLOG: _syslog_doc(syslog)})
+        policy = await self.db.run(health.Policy.load, self.db.storage)
+        return json_response(200, {api.F_SYSLOG: _syslog_doc(syslog), api.F_HEARTBEAT_INTERVAL: policy.interval})
+
+    async def post_heartbeat(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """POST /v1/heartbeat: store the caller's health; answer with the current interval.
+
+        In session like the job and key endpoints: a quarantined appliance is refused (403
+        quarantined, nothing recorded: its health shows ``quarantined``), and a beat from
+        a superseded session is a clone sign like any other request from one.
+        """
+        app = await self._in_session(ex, peer_der)
+        status = _heartbeat_status(await ex.read_json())
+        token = ex.headers.get(api.HEADER_SESSION, "")  # present and current: _in_session
+        counter = await self.db.run(self.db.storage.session_boot_counter, app.id, _token_hash(token))
+        claimed = (status[api.HB_BOOT_SESSION], status[api.HB_BOOT_COUNTER])
+        # Record the session that authenticated this beat, not what the body claims.
+        status[api.HB_BOOT_SESSION] = api.session_id(token)
+        status[api.HB_BOOT_COUNTER] = counter
+        if claimed != (status[api.HB_BOOT_SESSION], counter):
+            log.warning(
+                "heartbeat session fields differ from its session appliance=%s boot_counter=%s claimed=%s",
+                app.name, counter, claimed[1],
+            )  # fmt: skip
+        await self.db.run(self.db.storage.record_heartbeat, app.id, status, time.time())
+        policy = await self.db.run(health.Policy.load, self.db.storage)
+        return json_response(200, {api.F_HEARTBEAT_INTERVAL: policy.interval})
 
     async def get_next_job(self, ex: Exchange, peer_der: bytes | None) -> Response:
         """GET /v1/jobs/next?wait=S: lease the next job, long-polling up to S seconds."""

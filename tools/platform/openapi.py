@@ -341,7 +341,33 @@ def build() -> dict[str, Any]:
             },
         }
     }
+    paths[api.PATH_HEARTBEAT] = {
+        "post": {
+            "operationId": "heartbeat",
+            "summary": "the appliance's health (whitelisted fields only); answers the interval to keep",
+            "security": [{"mtls": []}],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Heartbeat"}}},
+            },
+            "responses": {
+                "200": _ok("recorded", "HeartbeatAck"),
+                **common,
+                **mtls,
+                "408": _err("request not received in time"),
+            },
+        }
+    }
     schemas = spec["components"]["schemas"]
+    schemas["Heartbeat"] = {
+        "type": "object",
+        "description": "fields: " + ", ".join(api.HEARTBEAT_FIELDS) + " (others are dropped, never stored)",
+    }
+    schemas["HeartbeatAck"] = {
+        "type": "object",
+        "required": [api.F_HEARTBEAT_INTERVAL],
+        "properties": {api.F_HEARTBEAT_INTERVAL: {"type": "number"}},
+    }
     schemas["SessionRequest"] = {
         "type": "object",
         "required": [api.F_BOOT_COUNTER, api.F_KEYSTORE],
@@ -379,6 +405,7 @@ def build() -> dict[str, Any]:
         (api.result_path("{id}"), "post"),
         (api.progress_path("{id}"), "post"),
         (api.PATH_CERTIFICATE, "post"),
+        (api.PATH_HEARTBEAT, "post"),
     ):
         op = paths[path][method]
         op["parameters"] = [*op.get("parameters", []), session_header]

@@ -26,7 +26,7 @@ from pathlib import Path
 import trio
 
 from protocol import api
-from tools.platform import db, state
+from tools.platform import db, health, state
 from tools.platform.handlers import AppConfig, Database, PlatformApp
 from tools.platform.http import (
     ClientGone,
@@ -323,6 +323,9 @@ async def run_server(
         listeners = await trio.open_tcp_listeners(port, host=host)
         async with trio.open_nursery() as nursery:
             bound_host, bound_port = await nursery.start(server.serve_on, listeners)
+            # Heartbeat states are evaluated here, on a timer, so that a silent appliance
+            # is flagged (and the alert hook runs) without anyone looking at the list.
+            await nursery.start(health.watch, app.db)
             addr = f"{bound_host}:{bound_port}"
             tmp = paths.addr.with_name(paths.addr.name + ".tmp")
             tmp.write_text(addr + "\n")

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --foreground: write 'ok' (or 'err CODE MESSAGE') to this inherited fd once the mount is live "
         "(for supervisors such as the agent)",
     )
+    m.add_argument(
+        "--stats-file",
+        type=Path,
+        help="write per-operation request counts (JSON) here at unmount and on SIGUSR1",
+    )
 
     u = sub.add_parser("umount", help="unmount (also clears a stale mount left by a killed daemon)")
     u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
@@ -147,6 +152,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         readahead_kb=args.readahead_kb,
         direct_io=args.direct_io,
         pid_file=args.pid_file.absolute() if args.pid_file else None,
+        stats_file=args.stats_file.absolute() if args.stats_file else None,
     )
     if not args.foreground:
         # Check in the foreground first so the common mistakes get their own exit code at once.

@@ -10,13 +10,12 @@ ERROR line (which fails strict-mode tests).
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -24,6 +23,7 @@ import trio
 from scratchfs.content import FileContent
 from scratchfs.errors import FsError, IntegrityError
 from scratchfs.locks import RWLock
+from scratchfs.stats import RequestStats
 from scratchfs.store import BlobStore
 from scratchfs.tree import (
     ROOT_INO,
@@ -57,18 +57,18 @@ def _redact(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(a for a in out if not isinstance(a, pyfuse3.RequestContext | pyfuse3.ReaddirToken))
 
 
-def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Wrap a FUSE handler: debug log, and translate exceptions to errno replies once."""
+def handler(fn: Callable[Concatenate[ScratchOps, P], Coroutine[Any, Any, R]]) -> Callable[
+    Concatenate[ScratchOps, P], Coroutine[Any, Any, R]
+]:
+    """Wrap a FUSE handler: count it, debug log, and translate exceptions to errno replies once."""
     name = fn.__name__
 
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        self = args[0]
-        assert isinstance(self, ScratchOps)
+    async def wrapper(self: ScratchOps, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        self.stats.counts[name] += 1
         if self.debug:
-            log.debug("op=%s args=%r", name, _redact(name, tuple(args[1:])))
+            log.debug("op=%s args=%r", name, _redact(name, tuple(args)))
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except FsError as e:
@@ -84,6 +84,7 @@ def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
                 self.internal_errors += 1
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    wrapper.__name__ = wrapper.__qualname__ = name  # as pyfuse3 and tracebacks know the handler
     return wrapper
 
 
@@ -113,6 +114,7 @@ class ScratchOps(pyfuse3.Operations):
         attr_timeout: float = 1.0,
         root_uid: int | None = None,
         root_gid: int | None = None,
+        stats: RequestStats | None = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -122,6 +124,7 @@ class ScratchOps(pyfuse3.Operations):
         self.strict = strict
         self.internal_errors = 0
         self.attr_timeout = attr_timeout
+        self.stats = stats if stats is not None else RequestStats()
         # direct_io: every read and write reaches us, so each request is atomic under the
         # inode lock even against concurrent writers (the page cache copies bytes without a
         # lock and can mix two writes inside one page); costs shared mmap (ENODEV) and readahead.

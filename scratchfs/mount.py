@@ -27,6 +27,7 @@ from scratchfs import blocks
 from scratchfs.errors import StoreError
 from scratchfs.fuse_ops import ScratchOps
 from scratchfs.hardening import harden_process
+from scratchfs.stats import RequestStats
 from scratchfs.store import BlobStore
 
 log = logging.getLogger("scratchfs.mount")
@@ -74,6 +75,7 @@ class MountOptions:
     direct_io: bool = False
     pid_file: Path | None = None
     extra: list[str] = field(default_factory=list)
+    stats_file: Path | None = None
 
 
 @dataclass
@@ -196,7 +198,14 @@ async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0) -> None:
                     nursery.cancel_scope.cancel()
                     return
 
+        async def on_stats_request() -> None:
+            # SIGUSR1: dump the request counters (benchmarks snapshot them around workloads).
+            with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+                async for _ in signals:
+                    ops.stats.dump()
+
         nursery.start_soon(on_signals)
+        nursery.start_soon(on_stats_request)
         if readahead_kb:
             nursery.start_soon(_tune_readahead, ops.mountpoint, readahead_kb)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -206,7 +215,14 @@ async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0) -> None:
 def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled; always shred keys and blobs afterwards."""
     harden_process(lock_memory=opts.lock_memory)
-    ops = ScratchOps(store, opts.block_size, debug=opts.debug, strict=opts.strict, attr_timeout=opts.attr_timeout)
+    ops = ScratchOps(
+        store,
+        opts.block_size,
+        debug=opts.debug,
+        strict=opts.strict,
+        attr_timeout=opts.attr_timeout,
+        stats=RequestStats(opts.stats_file),
+    )
     ops.enable_writeback_cache = opts.writeback
     ops.mountpoint = opts.mountpoint
     ops.direct_io = opts.direct_io
@@ -238,6 +254,11 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         shredded = ops.destroy_all()
         store.close()
         log.info("event=unmounted mountpoint=%s files_shredded=%d", opts.mountpoint, shredded)
+        log.info("event=request_counts %s", ops.stats.log_fields())
+        try:
+            ops.stats.dump()
+        except OSError as e:
+            log.warning("event=stats_file_unwritable errno=%s", errno.errorcode.get(e.errno or 0, e.errno))
     return EXIT_INTERNAL if ops.internal_errors else EXIT_OK
 
 

@@ -41,6 +41,14 @@ def _size(value: str) -> int:
     return n
 
 
+def _config(value: str) -> tuple[str, list[str]]:
+    """'wb=--writeback-cache,--no-xattr' -> ('wb', ['--writeback-cache', '--no-xattr'])."""
+    name, sep, rest = value.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=ARG,ARG... (got {value!r})")
+    return name, _csv(rest)
+
+
 def _sizes_list(value: str) -> list[int]:
     return [_size(v) for v in _csv(value)]
 
@@ -78,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratchfs-arg", action="append", default=[],
                    help="extra argument for 'scratchfs mount' (repeatable, e.g. "
                         "--scratchfs-arg=--debug)")
+    p.add_argument("--scratchfs-config", action="append", default=[], type=_config,
+                   metavar="NAME=ARG,ARG",
+                   help="one extra scratchfs target 'scratchfs-NAME' mounted with these "
+                        "arguments (repeatable), e.g. --scratchfs-config "
+                        "noxattr=--no-xattr: compares configurations in one interleaved run")
     p.add_argument("--fuse-arg", action="append", default=[],
                    help="extra argument for zerofs and passthrough (repeatable, e.g. "
                         "--fuse-arg=--max-tasks=1, --fuse-arg=--writeback-cache)")
@@ -119,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.targets if explicit else list(runner.BASE_TARGETS)
     try:
         targets = runner.make_targets(names, args.block_sizes, args.scratchfs_arg,
-                                      args.fuse_arg, args.passthrough_arg)
+                                      args.fuse_arg, args.passthrough_arg,
+                                      dict(args.scratchfs_config))
     except runner.BenchError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -129,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         why = t.available()
         if why is None:
             usable.append(t)
-        elif explicit or t.name.startswith("scratchfs-bs"):
+        elif explicit or t.name.startswith("scratchfs-"):
             print(f"{PROG}: target {t.name} is unavailable: {why}; or leave it out of "
                   "--targets", file=sys.stderr)
             return EXIT_USAGE

@@ -175,6 +175,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 continue
             lines.append("| " + " | ".join(
                 [m.label, m.unit, *(_fmt(med.get(t, {}).get(m.key)) for t in sweep)]) + " |")
+    lines += requests_table(doc)
     if doc["goals"]:
         lines += ["", "## Goals (issue 5)", "", "| metric | versus | want | got | met |",
                   "|---|---|---|---:|---|"]
@@ -189,6 +190,27 @@ def markdown(doc: dict[str, Any]) -> str:
     if notes:
         lines += ["", "## Notes", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+def requests_table(doc: dict[str, Any]) -> list[str]:
+    """FUSE requests per workload phase, from the daemon's own counters (medians; scratchfs
+    targets only: the other daemons keep no counts)."""
+    med: dict[str, dict[str, float]] = doc["medians"]
+    rows: list[str] = []
+    for target in doc["targets"]:
+        phases: dict[str, dict[str, float]] = {}
+        for key, value in med.get(target, {}).items():
+            if key.startswith("req."):
+                _, phase, op = key.split(".", 2)
+                phases.setdefault(phase, {})[op] = value
+        for phase, ops in phases.items():
+            detail = ", ".join(f"{op} {n:.0f}" for op, n in
+                               sorted(ops.items(), key=lambda kv: -kv[1]) if op != "total")
+            rows.append(f"| {target} | {phase} | {ops.get('total', 0):.0f} | {detail} |")
+    if not rows:
+        return []
+    return ["", "## FUSE requests per workload (daemon counters)", "",
+            "| target | phase | requests | by operation |", "|---|---|---:|---|", *rows]
 
 
 def _tool_version(argv: list[str]) -> str:

@@ -17,7 +17,7 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +103,32 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+# -- request counts -------------------------------------------------------------------------
+Counter = Callable[[], "dict[str, int] | None"]
+
+
+@contextmanager
+def counted(res: dict[str, float], phase: str, counter: Counter | None) -> Iterator[None]:
+    """Record the requests the daemon served during the block as ``req.<phase>.<op>`` and
+    ``req.<phase>.total`` (only for a daemon that counts, i.e. scratchfs). Counts are
+    deterministic where times on a shared machine are not."""
+    before = counter() if counter is not None else None
+    yield
+    if before is None or counter is None:
+        return
+    after = counter() or {}
+    total = 0
+    for op, n in after.items():
+        delta = n - before.get(op, 0)
+        if delta:
+            res[f"req.{phase}.{op}"] = float(delta)
+            total += delta
+    res[f"req.{phase}.total"] = float(total)
+
+
 # -- 1. streaming ----------------------------------------------------------------------------
-def stream(mnt: Path, sizes: Sizes, pid: int | None = None) -> dict[str, float]:
+def stream(mnt: Path, sizes: Sizes, pid: int | None = None,
+           counter: Counter | None = None) -> dict[str, float]:
     """Write stream_bytes in 1 MiB writes then fsync; drop caches; read it back, fresh open.
 
     With a daemon *pid*, also its CPU time per MiB moved (robust on a busy machine)."""
@@ -113,38 +137,42 @@ def stream(mnt: Path, sizes: Sizes, pid: int | None = None) -> dict[str, float]:
     n = max(1, sizes.stream_bytes // CHUNK)
     total = n * CHUNK
     drop_caches(mnt)
-    c0 = cpu_seconds(pid)
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(n):
-            if os.write(fd, buf) != CHUNK:
-                raise WorkloadError("stream write: short write")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    t_write = time.perf_counter() - t0
-    c_write = cpu_seconds(pid) - c0
+    counts: dict[str, float] = {}
+    with counted(counts, "stream_write", counter):
+        c0 = cpu_seconds(pid)
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for _ in range(n):
+                if os.write(fd, buf) != CHUNK:
+                    raise WorkloadError("stream write: short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        t_write = time.perf_counter() - t0
+        c_write = cpu_seconds(pid) - c0
 
     drop_caches(mnt)
     rbuf = bytearray(CHUNK)
     got = 0
-    c0 = cpu_seconds(pid)
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            k = f.readinto(rbuf)
-            if not k:
-                break
-            got += k
-    t_read = time.perf_counter() - t0
-    c_read = cpu_seconds(pid) - c0
+    with counted(counts, "stream_read", counter):
+        c0 = cpu_seconds(pid)
+        t0 = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                k = f.readinto(rbuf)
+                if not k:
+                    break
+                got += k
+        t_read = time.perf_counter() - t0
+        c_read = cpu_seconds(pid) - c0
     if got != total:
         raise WorkloadError(f"stream read: read {got} bytes, wrote {total}")
     path.unlink()
     res = {
         "stream_write": total / t_write / 1e6,
         "stream_read": total / t_read / 1e6,
+        **counts,
     }
     if pid is not None:
         res["stream_write_cpu_us_per_mib"] = c_write / (total / MIB) * 1e6
@@ -302,19 +330,26 @@ def rss_peak(pid: int | None) -> Iterator[RssPeak | None]:
         yield r
 
 
-def tree(mnt: Path, tarball: Path, pid: int | None) -> dict[str, float]:
+def tree(mnt: Path, tarball: Path, pid: int | None,
+         counter: Counter | None = None) -> dict[str, float]:
     """Extract the tarball, ``ls -lR`` it, ``rm -rf`` it: each from a cold cache."""
     dest = mnt / "tree"
     dest.mkdir()
     res: dict[str, float] = {}
     with rss_peak(pid) as peak:
         drop_caches(mnt)
-        res["tree_extract"] = timed_tool(["tar", "-xf", str(tarball), "-C", str(dest)],
-                                         "tar extract")
+        with counted(res, "tree_extract", counter):
+            # tar's own fsync-free extract; syncfs inside the count so that writes the kernel
+            # still holds (writeback cache) are counted in the phase that made them.
+            res["tree_extract"] = timed_tool(["tar", "-xf", str(tarball), "-C", str(dest)],
+                                             "tar extract")
+            syncfs(mnt)
         drop_caches(mnt)
-        res["tree_ls"] = timed_tool(["ls", "-lR", str(dest)], "ls -lR")
+        with counted(res, "tree_ls", counter):
+            res["tree_ls"] = timed_tool(["ls", "-lR", str(dest)], "ls -lR")
         drop_caches(mnt)
-        res["tree_rm"] = timed_tool(["rm", "-rf", str(dest)], "rm -rf")
+        with counted(res, "tree_rm", counter):
+            res["tree_rm"] = timed_tool(["rm", "-rf", str(dest)], "rm -rf")
     if peak is not None:
         res["rss_tree"] = peak.peak_mib()
     if dest.exists():
@@ -322,14 +357,15 @@ def tree(mnt: Path, tarball: Path, pid: int | None) -> dict[str, float]:
     return res
 
 
-def files(mnt: Path, count: int, pid: int | None) -> dict[str, float]:
+def files(mnt: Path, count: int, pid: int | None,
+          counter: Counter | None = None) -> dict[str, float]:
     """Create *count* empty files (1,000 per directory); the daemon's peak RSS meanwhile and
     with all of them present; then remove them."""
     root = mnt / "files"
     root.mkdir()
     res: dict[str, float] = {}
     per_dir = 1000
-    with rss_peak(pid) as peak:
+    with rss_peak(pid) as peak, counted(res, "files_create", counter):
         t0 = time.perf_counter()
         for d in range(0, count, per_dir):
             sub = root / f"d{d // per_dir:04d}"

@@ -1,0 +1,51 @@
+"""The daemon's own request counters (--stats-file, SIGUSR1, the unmount log line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.mounting import Mounted, unmount
+
+
+def _dump(m: Mounted, stats: Path, after: int) -> dict[str, Any]:
+    """Ask for a dump and wait (boundedly) until one newer than *after* is there."""
+    os.kill(m.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            doc: dict[str, Any] = json.loads(stats.read_text())
+        except (FileNotFoundError, ValueError):
+            doc = {}
+        if doc.get("dumps", 0) > after:
+            return doc
+        time.sleep(0.02)
+    raise AssertionError("the daemon did not dump its counters after SIGUSR1")
+
+
+def test_counts_requests_by_operation(mount_factory: Callable[..., Mounted], tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    m = mount_factory("--stats-file", str(stats))
+    first = _dump(m, stats, 0)
+    path = m.mountpoint / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    for _ in range(3):
+        os.write(fd, b"x" * 4096)
+    os.close(fd)
+    second = _dump(m, stats, first["dumps"])
+    delta = {op: n - first["requests"][op] for op, n in second["requests"].items()}
+    assert delta["create"] == 1
+    assert delta["write"] == 3  # write-through: one request per write(2)
+    assert delta["release"] == 1
+    assert second["total"] == sum(second["requests"].values())
+    # Counts only: nothing about names or contents.
+    assert "f" not in second["requests"] and set(second) == {"dumps", "pid", "requests", "total"}
+    unmount(m)
+    final = json.loads(stats.read_text())
+    assert final["dumps"] > second["dumps"], "no dump at unmount"
+    assert "event=request_counts total=" in m.log_text()

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(for supervisors such as the agent)",
     )
     m.add_argument(
+        "--no-xattr",
+        action="store_true",
+        help="no extended attributes (ENOSYS, cached by the kernel): saves a request per write and per ls -l entry",
+    )
+    m.add_argument(
         "--stats-file",
         type=Path,
         help="write per-operation request counts (JSON) here at unmount and on SIGUSR1",
@@ -152,6 +157,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         readahead_kb=args.readahead_kb,
         direct_io=args.direct_io,
         pid_file=args.pid_file.absolute() if args.pid_file else None,
+        no_xattr=args.no_xattr,
         stats_file=args.stats_file.absolute() if args.stats_file else None,
     )
     if not args.foreground:

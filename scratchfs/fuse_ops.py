@@ -115,6 +115,7 @@ class ScratchOps(pyfuse3.Operations):
         root_uid: int | None = None,
         root_gid: int | None = None,
         stats: RequestStats | None = None,
+        no_xattr: bool = False,
     ) -> None:
         super().__init__()
         self.store = store
@@ -125,6 +126,12 @@ class ScratchOps(pyfuse3.Operations):
         self.internal_errors = 0
         self.attr_timeout = attr_timeout
         self.stats = stats if stats is not None else RequestStats()
+        # no_xattr: every xattr request is answered ENOSYS, which the kernel remembers for the
+        # whole connection (fs/fuse/xattr.c: fc->no_getxattr, no_listxattr, no_setxattr,
+        # no_removexattr) and then answers EOPNOTSUPP itself. Above all this removes the
+        # GETXATTR("security.capability") the kernel sends before every buffered write
+        # (file_remove_privs), and the per-file xattr probes of `ls -l`.
+        self.no_xattr = no_xattr
         # direct_io: every read and write reaches us, so each request is atomic under the
         # inode lock even against concurrent writers (the page cache copies bytes without a
         # lock and can mix two writes inside one page); costs shared mmap (ENODEV) and readahead.
@@ -529,6 +536,8 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self.no_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         self._check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
@@ -540,6 +549,8 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.no_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.ns.get(inode)
         if len(name) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE)
@@ -549,11 +560,15 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if self.no_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.ns.get(inode)
         return list(node.xattrs) if node.xattrs else []
 
     @handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self.no_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.ns.get(inode)
         if not node.xattrs or name not in node.xattrs:
             raise FsError(pyfuse3.ENOATTR)

@@ -75,6 +75,7 @@ class MountOptions:
     direct_io: bool = False
     pid_file: Path | None = None
     extra: list[str] = field(default_factory=list)
+    no_xattr: bool = False
     stats_file: Path | None = None
 
 
@@ -222,6 +223,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         strict=opts.strict,
         attr_timeout=opts.attr_timeout,
         stats=RequestStats(opts.stats_file),
+        no_xattr=opts.no_xattr,
     )
     ops.enable_writeback_cache = opts.writeback
     ops.mountpoint = opts.mountpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -49,3 +50,34 @@ def test_counts_requests_by_operation(mount_factory: Callable[..., Mounted], tmp
     final = json.loads(stats.read_text())
     assert final["dumps"] > second["dumps"], "no dump at unmount"
     assert "event=request_counts total=" in m.log_text()
+
+
+def test_no_xattr_is_answered_once_and_cached_by_the_kernel(
+    mount_factory: Callable[..., Mounted], tmp_path: Path
+) -> None:
+    stats = tmp_path / "stats.json"
+    m = mount_factory("--no-xattr", "--stats-file", str(stats))
+    path = m.mountpoint / "f"
+    path.write_bytes(b"data")
+    for call in (
+        lambda: os.setxattr(path, "user.a", b"1"),
+        lambda: os.getxattr(path, "user.a"),
+        lambda: os.listxattr(path),
+        lambda: os.removexattr(path, "user.a"),
+    ):
+        for _ in range(2):
+            try:
+                call()
+            except OSError as e:
+                assert e.errno == errno.EOPNOTSUPP  # the kernel's answer once we said ENOSYS
+            else:
+                raise AssertionError("xattr call succeeded on a --no-xattr mount")
+    fd = os.open(path, os.O_WRONLY)
+    for _ in range(50):
+        os.write(fd, b"y" * 4096)  # each buffered write would ask for security.capability
+    os.close(fd)
+    counts = _dump(m, stats, 0)["requests"]
+    # ENOSYS is remembered for the whole connection: at most one request of each kind.
+    for op in ("getxattr", "setxattr", "listxattr", "removexattr"):
+        assert counts[op] <= 1, (op, counts[op])
+    assert path.read_bytes()[:4] == b"yyyy"

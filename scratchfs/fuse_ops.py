@@ -452,7 +452,12 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def flush(self, fh: int) -> None:
-        self._handle(fh)
+        # Nothing to do at close(2): data is in the blob when write returns, and POSIX locks
+        # are kept by the kernel (we serve no lock ops). ENOSYS makes the kernel set
+        # fc->no_flush and stop sending FLUSH for the life of the mount: one request less per
+        # close. The kernel still writes back its dirty pages and reports their errors
+        # (fuse_flush: write_inode_now + filemap_check_errors) before it would have asked us.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @handler
     async def release(self, fh: int) -> None:

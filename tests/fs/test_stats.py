@@ -81,3 +81,14 @@ def test_no_xattr_is_answered_once_and_cached_by_the_kernel(
     for op in ("getxattr", "setxattr", "listxattr", "removexattr"):
         assert counts[op] <= 1, (op, counts[op])
     assert path.read_bytes()[:4] == b"yyyy"
+
+
+def test_close_costs_no_flush_request(mount_factory: Callable[..., Mounted], tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    m = mount_factory("--writeback-cache", "--stats-file", str(stats))
+    for i in range(20):
+        (m.mountpoint / f"f{i}").write_bytes(b"z" * 10000)
+    counts = _dump(m, stats, 0)["requests"]
+    assert counts["flush"] <= 1  # ENOSYS once, then the kernel stops asking
+    assert counts["release"] == 20
+    assert all((m.mountpoint / f"f{i}").read_bytes() == b"z" * 10000 for i in range(20))

@@ -35,7 +35,7 @@ Progress = Callable[[str], None]
 MOUNT_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 STATS_TIMEOUT = 10.0
-BASE_TARGETS = ("tmpfs", "zerofs", "passthrough", "gocryptfs", "scratchfs")
+BASE_TARGETS = ("tmpfs", "zerofs", "passthrough", "gocryptfs", "scratchfs", "scratchfs-agent")
 
 
 class BenchError(RuntimeError):
@@ -392,6 +392,12 @@ def make_targets(names: list[str], block_sizes: list[int], scratchfs_args: list[
             targets.append(GocryptfsTarget("gocryptfs"))
         elif n == "scratchfs":
             targets.append(ScratchfsTarget("scratchfs", extra=list(scratchfs_args)))
+        elif n == "scratchfs-agent":
+            # scratchfs exactly as the agent mounts its scratch space (agent/scratch.py).
+            from agent.scratch import SCRATCHFS_OPTIONS
+
+            targets.append(ScratchfsTarget("scratchfs-agent",
+                                           extra=[*SCRATCHFS_OPTIONS, *scratchfs_args]))
         else:
             raise BenchError(f"unknown target {n!r}; choose from {', '.join(BASE_TARGETS)}")
     for cname, cargs in (configs or {}).items():
@@ -548,6 +554,9 @@ def _run_workloads(cfg: RunConfig, target: Target, tarball: Path, sample: Sample
     if "files" in cfg.workloads:
         progress(f"{label}: {cfg.sizes.empty_files} empty files")
         m.update(workloads.files(wd, cfg.sizes.empty_files, target.pid, counter))
+    if "scan" in cfg.workloads:
+        progress(f"{label}: scan job (scale {cfg.sizes.scan_scale:g})")
+        m.update(workloads.scan(wd, cfg.sizes, target.pid, counter))
     if target.pid is not None and not pid_alive(target.pid):
         raise WorkloadError(f"{target.name} daemon died during the workloads: "
                             f"{tail(target.log_path)}")

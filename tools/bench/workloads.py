@@ -12,7 +12,9 @@ import ctypes
 import json
 import logging
 import os
+import random
 import shutil
+import sqlite3
 import subprocess
 import tarfile
 import threading
@@ -29,7 +31,7 @@ CHUNK = MIB
 # Generous bounds: a hung filesystem must fail the measurement, not hang the harness.
 TOOL_TIMEOUT = 1800.0
 
-WORKLOADS = ("stream", "fio", "tree", "files")
+WORKLOADS = ("stream", "fio", "tree", "files", "scan")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Sizes:
     fio_runtime_s: float = 5.0
     tree_files: int = 6000
     empty_files: int = 100_000
+    scan_scale: float = 1.0  # fraction of one simulated scan job (scan workload)
 
 
 class WorkloadError(RuntimeError):
@@ -380,6 +383,85 @@ def files(mnt: Path, count: int, pid: int | None,
     t0 = time.perf_counter()
     run_tool(["rm", "-rf", str(root)], "rm -rf files")
     res["files_rm"] = time.perf_counter() - t0
+    return res
+
+
+# -- 5. the agent's real workload ------------------------------------------------------------
+SCAN_RESULT_FILES = 2000
+SCAN_STREAM_BYTES = 256 * MIB
+SCAN_INSERTS = 50_000
+SCAN_COMMIT_EVERY = 1000
+SCAN_WRITE = 4096
+
+
+def scan(mnt: Path, sizes: Sizes, pid: int | None,
+         counter: Counter | None = None) -> dict[str, float]:
+    """One simulated scan job, as the agent runs it on its scratch mount.
+
+    write: 2,000 result files of 1-64 KiB written with 4 KiB write(2) calls, one 256 MiB
+    capture streamed in 1 MiB writes, an SQLite database filled with 50,000 inserts
+    (committed every 1,000, default rollback journal), then syncfs so that data the kernel
+    still holds is paid for here; upload: every file read once (1 MiB reads, no cache drop:
+    the agent uploads what it just wrote); shred: rm -rf of the job. Everything scales with
+    ``sizes.scan_scale``. Seconds per phase and in total; same random sizes on every target."""
+    scale = sizes.scan_scale
+    nfiles = max(1, round(SCAN_RESULT_FILES * scale))
+    stream_chunks = max(1, round(SCAN_STREAM_BYTES * scale / CHUNK))
+    inserts = max(1, round(SCAN_INSERTS * scale))
+    rng = random.Random(20261201)
+    payload = os.urandom(64 * 1024)
+    job = mnt / "job"
+    res: dict[str, float] = {}
+    drop_caches(mnt)
+    t_start = time.perf_counter()
+    with counted(res, "scan_write", counter):
+        (job / "results").mkdir(parents=True)
+        for i in range(nfiles):
+            size = rng.randint(1024, 64 * 1024)
+            fd = os.open(job / "results" / f"r{i:05d}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o600)
+            try:
+                for off in range(0, size, SCAN_WRITE):
+                    os.write(fd, payload[off:min(size, off + SCAN_WRITE)])
+            finally:
+                os.close(fd)
+        fd = os.open(job / "capture.pcap", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            chunk = os.urandom(CHUNK)
+            for _ in range(stream_chunks):
+                os.write(fd, chunk)
+        finally:
+            os.close(fd)
+        db = sqlite3.connect(job / "findings.db")
+        try:
+            db.execute("CREATE TABLE finding (id INTEGER PRIMARY KEY, host TEXT, port INTEGER,"
+                       " service TEXT, banner BLOB)")
+            for i in range(inserts):
+                db.execute("INSERT INTO finding (host, port, service, banner) VALUES (?,?,?,?)",
+                           (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", rng.randint(1, 65535),
+                            "tcp", payload[:rng.randint(16, 256)]))
+                if i % SCAN_COMMIT_EVERY == SCAN_COMMIT_EVERY - 1:
+                    db.commit()
+            db.commit()
+        finally:
+            db.close()
+        syncfs(mnt)
+    t_written = time.perf_counter()
+    with counted(res, "scan_upload", counter):
+        rbuf = bytearray(CHUNK)
+        for dirpath, _, names in os.walk(job):
+            for name in names:
+                with open(os.path.join(dirpath, name), "rb", buffering=0) as f:
+                    while f.readinto(rbuf):
+                        pass
+    t_uploaded = time.perf_counter()
+    with counted(res, "scan_shred", counter):
+        run_tool(["rm", "-rf", str(job)], "rm -rf job")
+    t_end = time.perf_counter()
+    if job.exists():
+        raise WorkloadError("rm -rf left the scan job behind")
+    res.update({"scan_write": t_written - t_start, "scan_upload": t_uploaded - t_written,
+                "scan_shred": t_end - t_uploaded, "scan_total": t_end - t_start})
     return res
 
 

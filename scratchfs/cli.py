@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="no extended attributes (ENOSYS, cached by the kernel): saves a request per write and per ls -l entry",
     )
     m.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="keep the kernel's page cache of a file across opens (a file read after writing is not decrypted again)",
+    )
+    m.add_argument(
         "--stats-file",
         type=Path,
         help="write per-operation request counts (JSON) here at unmount and on SIGUSR1",
@@ -158,6 +163,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         direct_io=args.direct_io,
         pid_file=args.pid_file.absolute() if args.pid_file else None,
         no_xattr=args.no_xattr,
+        keep_cache=args.keep_cache,
         stats_file=args.stats_file.absolute() if args.stats_file else None,
     )
     if not args.foreground:

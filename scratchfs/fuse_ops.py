@@ -136,6 +136,14 @@ class ScratchOps(pyfuse3.Operations):
         # inode lock even against concurrent writers (the page cache copies bytes without a
         # lock and can mix two writes inside one page); costs shared mmap (ENODEV) and readahead.
         self.direct_io = False
+        # keep_cache: every change to a file's content passes through this one kernel mount
+        # (the blob store is ours alone, and writes, truncates and O_TRUNC opens update or
+        # drop the kernel's pages themselves), so the page cache of a file cannot go stale
+        # between opens; off, every open drops it and a file read after writing is decrypted
+        # again. What is cached is plaintext that was authenticated (or written) by us, so
+        # tampering of the blob is still detected by every read that reaches the daemon
+        # (O_DIRECT, evicted pages), just not by reads the cache answers.
+        self.keep_cache = False
         self.ns = Namespace(
             root_uid=os.getuid() if root_uid is None else root_uid,
             root_gid=os.getgid() if root_gid is None else root_gid,
@@ -393,8 +401,7 @@ class ScratchOps(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(node, flags)
-        # keep_cache off: a fresh open re-reads (and re-authenticates) from the blob.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=self.direct_io)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache, direct_io=self.direct_io)
 
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:

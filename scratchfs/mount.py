@@ -76,6 +76,7 @@ class MountOptions:
     pid_file: Path | None = None
     extra: list[str] = field(default_factory=list)
     no_xattr: bool = False
+    keep_cache: bool = False
     stats_file: Path | None = None
 
 
@@ -225,6 +226,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         stats=RequestStats(opts.stats_file),
         no_xattr=opts.no_xattr,
     )
+    ops.keep_cache = opts.keep_cache
     ops.enable_writeback_cache = opts.writeback
     ops.mountpoint = opts.mountpoint
     ops.direct_io = opts.direct_io

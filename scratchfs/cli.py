@@ -32,6 +32,7 @@ from scratchfs.mount import (
     serve,
     spawn_daemon,
 )
+from scratchfs.reaper import DEFAULT_CAPACITY
 
 PROG = "scratchfs"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -52,6 +53,16 @@ def _block_size(text: str) -> int:
         return blocks.check_block_size(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-cache",
         action="store_true",
         help="keep the kernel's page cache of a file across opens (a file read after writing is not decrypted again)",
+    )
+    m.add_argument(
+        "--removal-queue",
+        type=_non_negative,
+        default=DEFAULT_CAPACITY,
+        metavar="N",
+        help=f"blob files of shredded files waiting for removal off the request path (default {DEFAULT_CAPACITY}; "
+        "0 removes them inline); keys are always destroyed at once",
     )
     m.add_argument(
         "--stats-file",
@@ -164,6 +183,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         pid_file=args.pid_file.absolute() if args.pid_file else None,
         no_xattr=args.no_xattr,
         keep_cache=args.keep_cache,
+        removal_queue=args.removal_queue,
         stats_file=args.stats_file.absolute() if args.stats_file else None,
     )
     if not args.foreground:

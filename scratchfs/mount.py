@@ -27,6 +27,7 @@ from scratchfs import blocks
 from scratchfs.errors import StoreError
 from scratchfs.fuse_ops import ScratchOps
 from scratchfs.hardening import harden_process
+from scratchfs.reaper import DEFAULT_CAPACITY, BlobReaper
 from scratchfs.stats import RequestStats
 from scratchfs.store import BlobStore
 
@@ -78,6 +79,7 @@ class MountOptions:
     no_xattr: bool = False
     keep_cache: bool = False
     stats_file: Path | None = None
+    removal_queue: int = DEFAULT_CAPACITY
 
 
 @dataclass
@@ -189,7 +191,7 @@ async def _tune_readahead(mountpoint: Path, readahead_kb: int) -> None:
         log.info("event=readahead_unchanged reason=%s", e.strerror)
 
 
-async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0) -> None:
+async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0, reaper: BlobReaper | None = None) -> None:
     """Run the FUSE loop until the mount goes away or we are told to stop."""
     async with trio.open_nursery() as nursery:
 
@@ -207,6 +209,8 @@ async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0) -> None:
                     ops.stats.dump()
 
         nursery.start_soon(on_signals)
+        if reaper is not None:
+            nursery.start_soon(reaper.run)
         nursery.start_soon(on_stats_request)
         if readahead_kb:
             nursery.start_soon(_tune_readahead, ops.mountpoint, readahead_kb)
@@ -244,13 +248,18 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         opts.block_size,
         os.getpid(),
     )
+    reaper = BlobReaper(store.remove_now, capacity=opts.removal_queue)
     try:
         if opts.pid_file is not None:
             opts.pid_file.write_text(f"{os.getpid()}\n")
         if ready is not None:
             ready()
-        trio.run(_serve_until_done, ops, opts.readahead_kb)
+        if opts.removal_queue > 0:
+            store.defer_removal = reaper.defer
+        trio.run(_serve_until_done, ops, opts.readahead_kb, reaper)
     finally:
+        store.defer_removal = None
+        reaper.drain()
         try:
             pyfuse3.close(unmount=True)
         except Exception as e:  # noqa: BLE001 - the mount may already be gone; shredding must still run

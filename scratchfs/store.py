@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from scratchfs.errors import IntegrityError, StoreError
@@ -55,6 +56,9 @@ class BlobStore:
     def __init__(self, root: Path, dir_fd: int) -> None:
         self.root = root
         self._dir_fd = dir_fd
+        # Set by the daemon while it serves: queues a removal off the request path and returns
+        # True, or False when its queue is full (scratchfs/reaper.py). None: remove inline.
+        self.defer_removal: Callable[[str], bool] | None = None
 
     @classmethod
     def check(cls, root: Path) -> None:
@@ -164,8 +168,15 @@ class BlobStore:
         return fd
 
     def remove_blob(self, blob_id: bytes) -> None:
-        """Delete a blob (already crypto-shredded by dropping its key)."""
-        self._remove(blob_id.hex())
+        """Delete a blob (already crypto-shredded by dropping its key), possibly deferred."""
+        name = blob_id.hex()
+        if self.defer_removal is not None and self.defer_removal(name):
+            return
+        self._remove(name)
+
+    def remove_now(self, name: str) -> bool:
+        """Delete the blob called *name* now (the reaper's worker thread); never raises."""
+        return self._remove(name)
 
     def _remove(self, name: str) -> bool:
         """Remove whatever sits at a blob's name (an attacker may have put a directory there).

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from scratchfs import blocks
 from scratchfs.mount import (
+    DEFAULT_READAHEAD_KB,
     EXIT_BUSY,
     EXIT_INTERNAL,
     EXIT_NOT_MOUNTED,
@@ -88,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--writeback-cache", action="store_true", help="let the kernel batch writes in its page cache")
     m.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel may cache attributes")
     m.add_argument(
-        "--readahead-kb", type=int, default=1024, help="kernel readahead for the mount (root only; 0 keeps 128)"
+        "--readahead-kb",
+        type=int,
+        default=DEFAULT_READAHEAD_KB,
+        help="kernel readahead for the mount (root only; 0 keeps 128)",
     )
     m.add_argument(
         "--direct-io",

@@ -49,6 +49,10 @@ FSTYPE = "fuse.scratchfs"
 # What the kernel answers on a FUSE mount whose daemon died (ECONNABORTED on first access after
 # the connection was aborted, ENOTCONN afterwards).
 STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+# Requests carry at most 1 MiB (libfuse's max_pages 256); a 4 MiB readahead window keeps up to
+# four of them in flight, so worker threads decrypt one while the trio thread replies to
+# another. Measured against 1 MiB (3 interleaved runs, 512 MiB cold stream): +20 %, +47 %, +47 %.
+DEFAULT_READAHEAD_KB = 4096
 
 
 class MountError(Exception):
@@ -72,7 +76,7 @@ class MountOptions:
     attr_timeout: float = 1.0
     writeback: bool = False
     lock_memory: bool = True
-    readahead_kb: int = 1024
+    readahead_kb: int = DEFAULT_READAHEAD_KB
     direct_io: bool = False
     pid_file: Path | None = None
     extra: list[str] = field(default_factory=list)

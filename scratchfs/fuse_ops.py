@@ -451,7 +451,15 @@ class ScratchOps(pyfuse3.Operations):
                 content.ensure_blob()
             except IntegrityError as e:
                 raise self._integrity(node, e) from None
-            written = await self._run(node, len(buf), content.write, off, buf)
+            try:
+                written = await self._run(node, len(buf), content.write, off, buf)
+            except OSError as e:
+                # Deleted files' blobs may still wait in the removal queue (scratchfs/reaper.py):
+                # free that space now and retry once, so that rm then write works as anywhere.
+                # content.write leaves the old state on failure, so the retry starts clean.
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.store.free_queued():
+                    raise
+                written = await self._run(node, len(buf), content.write, off, buf)
         finally:
             lock.release_write()
         node.mtime_ns = node.ctime_ns = now_ns()

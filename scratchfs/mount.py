@@ -260,10 +260,12 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
             ready()
         if opts.removal_queue > 0:
             store.defer_removal = reaper.defer
+            store.drain_removals = reaper.drain
         trio.run(_serve_until_done, ops, opts.readahead_kb, reaper)
     finally:
-        store.defer_removal = None
+        store.defer_removal = store.drain_removals = None
         reaper.drain()
+        reaper.log_summary()
         try:
             pyfuse3.close(unmount=True)
         except Exception as e:  # noqa: BLE001 - the mount may already be gone; shredding must still run

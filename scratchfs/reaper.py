@@ -39,6 +39,7 @@ class BlobReaper:
         self._remove = remove
         self.capacity = capacity
         self._pending: deque[str] = deque()
+        self._in_flight: list[str] = []  # the batch a worker thread is removing right now
         self._wakeup = trio.Event()
         self.deferred = 0
         self.inline = 0  # removals the full queue pushed back onto the request path
@@ -72,13 +73,22 @@ class BlobReaper:
                 batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
                 # Not cancellable once started: a batch always finishes, so no name is lost
                 # between the queue and the disk.
-                await trio.to_thread.run_sync(self._remove_batch, batch)
+                self._in_flight = batch
+                try:
+                    await trio.to_thread.run_sync(self._remove_batch, batch)
+                finally:
+                    self._in_flight = []
 
     def drain(self) -> int:
-        """Remove everything still queued, inline (unmount); returns how many."""
-        names = list(self._pending)
+        """Remove everything still queued, inline (unmount, or ENOSPC); returns how many."""
+        # The batch in flight too: the space it holds may be what a write is waiting for, and
+        # removing a name twice is harmless (the second finds nothing).
+        names = [*self._in_flight, *self._pending]
         self._pending.clear()
         self._remove_batch(names)
+        return len(names)
+
+    def log_summary(self) -> None:
+        """One line at unmount: how many removals were deferred, how many the cap pushed back."""
         if self.deferred:
             log.info("event=deferred_removals deferred=%d inline=%d", self.deferred, self.inline)
-        return len(names)

@@ -59,6 +59,8 @@ class BlobStore:
         # Set by the daemon while it serves: queues a removal off the request path and returns
         # True, or False when its queue is full (scratchfs/reaper.py). None: remove inline.
         self.defer_removal: Callable[[str], bool] | None = None
+        # ... and removes everything still queued, now; returns how many (see free_queued).
+        self.drain_removals: Callable[[], int] | None = None
 
     @classmethod
     def check(cls, root: Path) -> None:
@@ -173,6 +175,13 @@ class BlobStore:
         if self.defer_removal is not None and self.defer_removal(name):
             return
         self._remove(name)
+
+    def free_queued(self) -> int:
+        """Remove the queued blobs of shredded files at once; returns how many were queued.
+
+        For ENOSPC/EDQUOT: space a deletion freed must be usable right away, as on any
+        filesystem, even while its blob still waits in the removal queue."""
+        return self.drain_removals() if self.drain_removals is not None else 0
 
     def remove_now(self, name: str) -> bool:
         """Delete the blob called *name* now (the reaper's worker thread); never raises."""

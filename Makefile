@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
 	fio gocryptfs cryptsetup-bin libcryptsetup12 e2fsprogs util-linux \
-	rsyslog rsyslog-gnutls nmap procps psmisc
+	rsyslog rsyslog-gnutls nmap procps psmisc systemd openssh-server passwd \
+	libtss2-dev swtpm swtpm-tools tpm2-tools
 PYTEST_ARGS ?=
 
 .PHONY: all setup apt venv test lint typecheck pytest demo bench clean

@@ -10,12 +10,11 @@ worker threads).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 
-PR_SET_PDEATHSIG = 1
+from scratchfs.keyholder.hardening import die_with_parent
 
 
 def main(argv: list[str]) -> int:
@@ -23,12 +22,10 @@ def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--" or not argv[0].isdigit():
         print("agent.child: usage: PARENT_PID -- ARGV...; internal use only", file=sys.stderr)
         return 2
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-        print("agent.child: prctl(PR_SET_PDEATHSIG) failed; cannot supervise", file=sys.stderr)
+    if not die_with_parent(signal.SIGKILL, int(argv[0])):
+        # prctl failed or the agent is already gone: do not start a key holder nobody supervises
+        print("agent.child: cannot arm the parent-death signal or the agent is gone; not starting", file=sys.stderr)
         return 1
-    if os.getppid() != int(argv[0]):
-        return 1  # the agent is already gone: do not start a key holder nobody supervises
     os.execv(argv[2], argv[2:])  # noqa: S606 - argv comes from the agent itself, not a shell
 
 

@@ -1,17 +1,23 @@
 """``scanner-agent``: activate an appliance, or run it.
 
     scanner-agent activate STATE_DIR --platform URL --ca CA_FILE --code CODE
-    scanner-agent run STATE_DIR [--once]
+                  [--keystore tpm|file] [--tcti TCTI] [--tpm-pcrs 7[,..]]
+    scanner-agent run STATE_DIR [--once] [--tcti TCTI]
+    scanner-agent migrate-keystore STATE_DIR [--tcti TCTI] [--tpm-pcrs 7[,..]]
 
 Exit codes (docs/agent.md): 0 ok, 2 usage, 20 state, 21 tampered state, 22 platform/TLS,
 23 activation refused, 24 deactivated (keyslots erased), 25 volume, 26 scratchfs,
-27 time sync, 28 internal error. Every error is one line on stderr; --debug adds a traceback.
+27 time sync, 28 internal error, 29 keystore/TPM, 30 PCR mismatch, 31 quarantined.
+Every error is one line on stderr; --debug adds a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shutil
 import sys
 import time
 import traceback
@@ -20,6 +26,7 @@ from typing import NoReturn
 
 import trio
 
+from agent import keystore as ksmod
 from agent import state as statemod
 from agent import timesync
 from agent.errors import (
@@ -28,15 +35,22 @@ from agent.errors import (
     EXIT_USAGE,
     ActivationError,
     AgentError,
+    KeystoreError,
     StateError,
 )
 from agent.jobs import JobSettings
-from agent.lifecycle import Agent, RunSettings, harden_process, platform_error
+from agent.keystore.base import BOOT_COUNTER_FILE
+from agent.keystore.file import FileKeystore
+from agent.keystore.tpm import TpmKeystore, parse_pcrs
+from agent.lifecycle import Agent, RunSettings, platform_error
 from agent.scan.model import ScanOptions
 from agent.tls import client_context
-from protocol import api
+from protocol import api, sealing
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
-from protocol.sealing import generate_keypair
+from protocol.sealing import generate_hybrid_keypair, generate_keypair
+from scratchfs.keyholder import mountinfo
+from scratchfs.keyholder.hardening import harden_process
+from scratchfs.keyholder.wipe import wipe
 
 PROG = "scanner-agent"
 LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
@@ -74,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the platform's root CA certificate (PEM)")
     a.add_argument("--code", required=True, metavar="CODE",
                    help="one-time activation code ('-' reads it from stdin)")
+    a.add_argument("--keystore", choices=(ksmod.KIND_TPM, ksmod.KIND_FILE), default=None,
+                   help="where the private keys live: tpm (default; needs /dev/tpmrm0 or --tcti) "
+                        "or file (clear files: a copy of the disk can act as the appliance)")
+    a.add_argument("--tcti", metavar="TCTI",
+                   help="TPM to use, tpm2-tools syntax (default device:/dev/tpmrm0)")
+    a.add_argument("--tpm-pcrs", metavar="PCRS",
+                   help="seal the keys to these SHA-256 PCRs' current values, e.g. 7 or 0,2,7")
+
+    k = sub.add_parser("seal-key", help="manage the sealing key")
+    ksub = k.add_subparsers(dest="seal_command", required=True, parser_class=_Parser)
+    u = ksub.add_parser(
+        "upgrade",
+        help="add a hybrid (ML-KEM-768 + X25519) sealing key and tell the platform (sealing v2)",
+    )
+    u.add_argument("state_dir", type=Path, metavar="STATE_DIR")
 
     r = sub.add_parser("run", help="boot, unlock, run jobs, shut down")
     r.add_argument("state_dir", type=Path, metavar="STATE_DIR")
@@ -86,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--connect-timeout", type=float, default=ScanOptions.connect_timeout)
     r.add_argument("--banner-timeout", type=float, default=ScanOptions.banner_timeout)
     r.add_argument("--upload-backoff-max", type=float, default=30.0)
+    r.add_argument("--tcti", metavar="TCTI",
+                   help="TPM to use instead of the one recorded at activation (device renamed)")
+
+    m = sub.add_parser("migrate-keystore",
+                       help="move a file-keystore appliance's keys into the TPM (agent stopped)")
+    m.add_argument("state_dir", type=Path, metavar="STATE_DIR")
+    m.add_argument("--tcti", metavar="TCTI",
+                   help="TPM to use, tpm2-tools syntax (default device:/dev/tpmrm0)")
+    m.add_argument("--tpm-pcrs", metavar="PCRS",
+                   help="seal the keys to these SHA-256 PCRs' current values, e.g. 7 or 0,2,7")
     return p
 
 
@@ -102,17 +141,30 @@ def setup_logging(debug: bool, clock: timesync.Clock) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str) -> str:
+def choose_keystore(state_dir: Path, kind: str | None, tcti: str | None,
+                    pcrs_text: str | None) -> ksmod.Keystore:
+    """The keystore for a new activation: the TPM unless ``file`` is asked for explicitly."""
+    pcrs = parse_pcrs(pcrs_text) if pcrs_text else ()
+    if kind is None:
+        kind = ksmod.KIND_TPM
+        if tcti is None and ksmod.default_tcti() is None:
+            raise KeystoreError(
+                f"no TPM found ({ksmod.DEFAULT_TPM_DEVICE} is missing) and no --tcti given",
+                "pass --tcti for the TPM, or --keystore file to accept private keys in clear "
+                "files (a copy of the disk can then act as this appliance)",
+            )
+    if kind == ksmod.KIND_FILE and tcti is not None:
+        raise UsageError("--tcti needs --keystore tpm; drop one of them")
+    return ksmod.create_keystore(state_dir, kind, tcti or ksmod.default_tcti(), pcrs)
+
+
+async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str,
+                   keystore: ksmod.Keystore) -> str:
     """Activate with the platform and write the bound state dir; return the appliance name."""
     try:
         endpoint = statemod.PlatformEndpoint.parse(url)
     except ValueError as e:
         raise UsageError(f"{e}; give --platform https://HOST[:PORT]") from None
-    if state_dir.exists() and (not state_dir.is_dir() or any(state_dir.iterdir())):
-        raise ActivationError(
-            f"state dir {state_dir} is not empty (already activated?)",
-            "activate into an empty or new directory",
-        )
     clock = timesync.Clock()
     try:
         anon = PlatformClient(endpoint.url, client_context(ca_pem, clock))
@@ -122,20 +174,30 @@ async def activate(state_dir: Path, url: str, ca_pem: bytes, code: str) -> str:
         ) from None
     try:
         await timesync.sync(anon.time, clock)
-        key_pem, csr_pem = new_client_key_and_csr("scanner-appliance")
-        seal_private, seal_public = generate_keypair()
-        result = await anon.activate(code, csr_pem, seal_public)
+        pem, csr_pem = new_client_key_and_csr("scanner-appliance")
+        key_pem = bytearray(pem)
+        del pem
+        private, seal_public = generate_keypair()
+        seal_private = bytearray(private)
+        del private
+        hybrid_private, hybrid_public = generate_hybrid_keypair()  # already a bytearray
+        result = await anon.activate(code, csr_pem, seal_public, hybrid_public)
     except PlatformError as e:
         if e.reason in (api.REASON_INVALID_CODE, api.REASON_CODE_EXPIRED):
             raise ActivationError(
                 f"the platform refused the activation code ({e.reason})"
             ) from None
         raise platform_error(e, "activation") from None
-    statemod.write_state(
-        state_dir, endpoint, result.appliance, ca_pem, result.certificate_pem, key_pem,
-        seal_private, clock.now(),
-    )
-    statemod.load_state(state_dir)  # prove the state we wrote verifies
+    try:
+        statemod.write_state(
+            state_dir, endpoint, result.appliance, ca_pem, result.certificate_pem, key_pem,
+            seal_private, clock.now(), keystore, hybrid_private,
+        )
+    finally:
+        wipe(key_pem)
+        wipe(seal_private)
+        wipe(hybrid_private)
+    statemod.load_state(state_dir).forget()  # prove the state we wrote verifies
     return result.appliance
 
 
@@ -155,8 +217,62 @@ def cmd_activate(args: argparse.Namespace) -> int:
             f"cannot read CA file {args.ca}: {e.strerror}; give a readable PEM file"
         ) from None
     code = _read_code(args.code)
-    name = trio.run(activate, args.state_dir, args.platform, ca_pem, code)
-    print(f"activated appliance {name}; state in {args.state_dir}")
+    harden_process()
+    ksmod.quiet_tss_logging()
+    state_dir = args.state_dir.absolute()
+    if state_dir.exists() and (not state_dir.is_dir() or any(state_dir.iterdir())):
+        raise ActivationError(
+            f"state dir {state_dir} is not empty (already activated?)",
+            "activate into an empty or new directory",
+        )
+    keystore = choose_keystore(state_dir, args.keystore, args.tcti, args.tpm_pcrs)
+    try:
+        name = trio.run(activate, state_dir, args.platform, ca_pem, code, keystore)
+    except BaseException:
+        keystore.discard()
+        raise
+    keystore.close()
+    print(f"activated appliance {name} with the {keystore.kind} keystore; state in {args.state_dir}")
+    return EXIT_OK
+
+
+async def upgrade_seal_key(state_dir: Path) -> str:
+    """Give an appliance activated before sealing v2 its hybrid key; return what was done.
+
+    Order matters for crash safety: the key is stored locally first, then sent; re-running
+    after a crash resends the same public key (the platform accepts it again).
+    """
+    st = statemod.load_state(state_dir)
+    try:
+        hybrid = statemod.load_hybrid_key(st.keystore)
+        created = hybrid is None
+        if hybrid is None:
+            hybrid, _ = generate_hybrid_keypair()
+            statemod.store_hybrid_key(st.keystore, hybrid)  # TPM-wrapped with the tpm keystore
+        try:
+            public = sealing.hybrid_public_from_private(hybrid)
+        finally:
+            wipe(hybrid)
+        clock = timesync.Clock()
+        client = PlatformClient(
+            st.endpoint.url, client_context(st.ca_pem, clock, st.cert_pem, st.tls_key_pem())
+        )
+    finally:
+        st.forget()
+    try:
+        await timesync.sync(client.time, clock)
+        await client.upload_seal_key(public)
+    except PlatformError as e:
+        raise platform_error(e, "sending the hybrid sealing key") from None
+    return "created and registered" if created else "already present; registered again"
+
+
+def cmd_seal_key(args: argparse.Namespace) -> int:
+    """``scanner-agent seal-key upgrade``."""
+    harden_process()  # the keys are unwrapped into memory
+    ksmod.quiet_tss_logging()
+    outcome = trio.run(upgrade_seal_key, args.state_dir.absolute())
+    print(f"hybrid sealing key {outcome}; restart the agent so that it loads the key")
     return EXIT_OK
 
 
@@ -170,8 +286,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise UsageError(f"{e}; fix the option") from None
-    state = statemod.load_state(args.state_dir.absolute())
+    # Before the first key (TLS client key, sealing keys, keyslot passphrase) enters this
+    # process: with the tpm keystore, load_state unwraps them into memory.
     harden_process()
+    ksmod.quiet_tss_logging()
+    state = statemod.load_state(args.state_dir.absolute(), args.tcti)
     settings = RunSettings(
         once=args.once,
         poll_wait=args.poll_wait,
@@ -184,6 +303,134 @@ def cmd_run(args: argparse.Namespace) -> int:
     return trio.run(agent.run)
 
 
+async def migrate(state: statemod.AgentState, new: ksmod.Keystore, staging: Path) -> None:
+    """Get a certificate for a new TPM-held TLS key (revoking the old one) and stage the
+    new state dir: same appliance, same sealing key (wrapped by the TPM now), same volume."""
+    clock = timesync.Clock()
+    try:
+        await timesync.sync(
+            PlatformClient(state.endpoint.url, client_context(state.ca_pem, clock)).time, clock
+        )
+        client = PlatformClient(
+            state.endpoint.url,
+            client_context(state.ca_pem, clock, state.cert_pem, state.tls_key_pem()),
+        )
+        boots = state.keystore.next_boot()
+        await client.open_session(boots, state.keystore.kind)
+        if isinstance(new, TpmKeystore):
+            new.counter_base = boots  # the TPM's counter continues where the file's stopped
+        pem, csr_pem = new_client_key_and_csr("scanner-appliance")
+        key_pem = bytearray(pem)
+        del pem
+        try:
+            cert_pem = await client.renew_certificate(csr_pem)
+            doc = (state.root / statemod.STATE_JSON).read_bytes()
+            activated_at = float(json.loads(doc).get("activated_at", clock.now()))
+            hybrid = statemod.load_hybrid_key(state.keystore)  # moves too, when there is one
+            try:
+                statemod.write_state(
+                    staging, state.endpoint, state.appliance, state.ca_pem, cert_pem, key_pem,
+                    state.seal_private(), activated_at, new, hybrid,
+                )
+            finally:
+                if hybrid is not None:
+                    wipe(hybrid)
+        finally:
+            wipe(key_pem)
+    except PlatformError as e:
+        raise platform_error(e, "renewing the certificate") from None
+
+
+MIGRATE_DIR = ".migrate"
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``scanner-agent migrate-keystore``: file keystore -> TPM, without re-imaging.
+
+    The staged state dir is written completely (and verified) before anything in the live
+    one changes; then its files replace the old ones, binding.mac last, and the clear key
+    files are overwritten and removed. A staged dir that holds binding.mac is complete:
+    if a crash interrupted the swap, running the command again finishes it (the old
+    certificate is already revoked, so starting over is not an option).
+    """
+    harden_process()
+    ksmod.quiet_tss_logging()
+    root = args.state_dir.absolute()
+    staging = root / MIGRATE_DIR
+    if (staging / statemod.BINDING).exists():
+        _commit_migration(root, staging)
+        resumed = statemod.load_state(root, args.tcti)
+        resumed.forget()
+        print(f"appliance {resumed.appliance}: interrupted migration finished; keys in the TPM")
+        return EXIT_OK
+    state = statemod.load_state(root)
+    try:
+        if state.keystore.kind != ksmod.KIND_FILE:
+            raise KeystoreError(
+                f"appliance {state.appliance} already uses the {state.keystore.kind} keystore",
+                "nothing to migrate",
+            )
+        if mountinfo.find(state.run_dir / "volume") is not None:
+            # A running agent would keep using the old certificate and an older session.
+            raise StateError(
+                f"the volume of {root} is mounted (the agent is running, or a crashed run was "
+                "not recovered yet)",
+                "stop the agent (or run it once to recover) and retry",
+            )
+        if staging.exists():
+            shutil.rmtree(staging)  # incomplete (no binding.mac): nothing was renewed with it
+        tcti = args.tcti or ksmod.default_tcti()
+        pcrs = parse_pcrs(args.tpm_pcrs) if args.tpm_pcrs else ()
+        new = ksmod.create_keystore(staging, ksmod.KIND_TPM, tcti, pcrs)
+        try:
+            trio.run(migrate, state, new, staging)
+            statemod.load_state(staging, tcti).forget()  # the staged state verifies
+        except BaseException:
+            new.discard()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        new.close()
+    finally:
+        state.forget()
+    _commit_migration(root, staging)
+    print(f"appliance {state.appliance} now keeps its keys in the TPM ({tcti}); "
+          "new TLS key and certificate, old certificate revoked")
+    return EXIT_OK
+
+
+def _commit_migration(root: Path, staging: Path) -> None:
+    """Move the staged state into place (binding.mac last), then shred the clear keys.
+
+    Idempotent: after a crash part-way, what is left in *staging* is moved on the next run.
+    """
+    staged = sorted(p.name for p in staging.iterdir() if p.name != statemod.BINDING)
+    for name in (*staged, statemod.BINDING):
+        os.replace(staging / name, root / name)
+    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    old = FileKeystore(root).files((*statemod.SECRET_NAMES, statemod.SEAL_KEY_HYBRID))
+    for name in (*old, BOOT_COUNTER_FILE):
+        _shred(root / name)
+    staging.rmdir()
+
+
+def _shred(path: Path) -> None:
+    """Overwrite then remove a clear key file (best effort on journaling/flash storage)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        os.write(fd, os.urandom(os.fstat(fd).st_size))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.unlink()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -192,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "activate":
             return cmd_activate(args)
+        if args.command == "migrate-keystore":
+            return cmd_migrate(args)
+        if args.command == "seal-key":
+            return cmd_seal_key(args)
         return cmd_run(args)
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

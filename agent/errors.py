@@ -19,6 +19,9 @@ EXIT_VOLUME = 25  # the encrypted volume could not be formatted, opened or close
 EXIT_SCRATCH = 26  # scratchfs could not be mounted or died while running
 EXIT_TIME = 27  # clock sync with the platform failed
 EXIT_INTERNAL = 28  # unexpected internal error (a bug): run with --debug for a traceback
+EXIT_KEYSTORE = 29  # the keystore (TPM) is unreachable or refuses the appliance's keys
+EXIT_PCR = 30  # the TPM refuses to unseal: a bound PCR changed (measured boot state changed)
+EXIT_QUARANTINED = 31  # the platform quarantined this appliance (suspected clone)
 
 
 class AgentError(Exception):
@@ -92,3 +95,30 @@ class TimeSyncError(AgentError):
 
     exit_code = EXIT_TIME
     hint = "check that the platform's time endpoint is reachable"
+
+
+class KeystoreError(AgentError):
+    """The keystore cannot hold or give back the appliance's secrets (TPM missing, refused)."""
+
+    exit_code = EXIT_KEYSTORE
+    hint = "check the TPM, or re-activate the appliance"
+
+
+class PcrMismatchError(AgentError):
+    """The TPM refuses to unseal because a bound PCR no longer has its activation value."""
+
+    exit_code = EXIT_PCR
+    hint = (
+        "if the boot change (firmware, bootloader, Secure Boot keys) was intended, re-activate "
+        "the appliance; otherwise investigate the boot chain"
+    )
+
+
+class Quarantined(AgentError):
+    """The platform quarantined this appliance because it saw signs of a clone."""
+
+    exit_code = EXIT_QUARANTINED
+    hint = (
+        "stop any copy of this appliance, then ask the platform operator to run "
+        "'scanner-platform appliance clear NAME'"
+    )

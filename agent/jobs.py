@@ -27,10 +27,11 @@ from pathlib import Path
 
 import trio
 
-from agent.errors import Deactivated
+from agent.errors import Deactivated, Quarantined
 from agent.scan.model import ScanOptions
 from agent.scan.runner import JOB_FILE, RESULT_FILE
 from protocol import api
+from protocol import credential as credmod
 from protocol.client import (
     DeactivatedError,
     Job,
@@ -38,8 +39,10 @@ from protocol.client import (
     PlatformError,
     PlatformTLSError,
     PlatformUnavailableError,
+    QuarantinedError,
 )
-from protocol.sealing import SealError, open_sealed, wipe
+from protocol.sealing import SealError, check_format
+from scratchfs.keyholder.wipe import wipe
 
 log = logging.getLogger("agent.jobs")
 scan_log = logging.getLogger("agent.scan")
@@ -65,13 +68,13 @@ class JobRunner:
         self,
         client: PlatformClient,
         scratch: Path,
-        seal_private: Callable[[], bytearray],
+        open_sealed: Callable[[bytes, bytes], bytearray],
         time_offset: Callable[[], float],
         settings: JobSettings,
     ) -> None:
         self.client = client
         self.scratch = scratch
-        self.seal_private = seal_private
+        self.open_sealed = open_sealed
         self.time_offset = time_offset
         self.settings = settings
         self.credential_opens = 0
@@ -83,10 +86,10 @@ class JobRunner:
         return self.scratch / "jobs" / job_id
 
     async def progress(self, job: Job, text: str) -> None:
-        """Best-effort progress report; only deactivation is fatal."""
+        """Best-effort progress report; only deactivation and quarantine are fatal."""
         try:
             await self.client.progress(job.id, text)
-        except DeactivatedError:
+        except (DeactivatedError, QuarantinedError):
             raise
         except PlatformError as e:
             log.warning("event=progress_failed job=%s reason=%s", job.id, e.reason)
@@ -118,16 +121,28 @@ class JobRunner:
                 return  # the child finished without needing it: never decrypted
             sealed = (jdir / CREDENTIAL_FILE).read_bytes()
             try:
-                plaintext = open_sealed(self.seal_private(), sealed, api.SEAL_CONTEXT_CREDENTIAL)
+                if check_format(sealed) == 1:
+                    # v1 blobs carry no scope: nowhere is "in scope", so the secret is not
+                    # even opened. The child reports credential_unusable for every port.
+                    log.error(
+                        "event=credential_unusable error=%s",
+                        "sealed in format v1 without a scope; re-seal it with scanner-seal",
+                    )
+                    return
+                plaintext = self.open_sealed(sealed, api.SEAL_CONTEXT_CREDENTIAL)
             except SealError as e:
                 log.error("event=credential_unusable error=%s", e)
                 return
             try:
                 self.credential_opens += 1
+                _, check = credmod.unpack(plaintext)  # refuse malformed plaintext here already
+                wipe(check)
                 if len(plaintext) <= MAX_PIPE_CREDENTIAL:
                     os.write(cred_fd, plaintext)
                 else:
                     log.error("event=credential_too_large limit=%d", MAX_PIPE_CREDENTIAL)
+            except credmod.CredentialError as e:
+                log.error("event=credential_unusable error=%s", e)
             finally:
                 wipe(plaintext)
             log.info("event=credential_opened_for_check")
@@ -222,7 +237,7 @@ class JobRunner:
             attempt += 1
             try:
                 digest = await self.client.upload_result(job.id, body)
-            except DeactivatedError:
+            except (DeactivatedError, QuarantinedError):
                 raise
             except (PlatformUnavailableError, PlatformTLSError) as e:
                 retry = True
@@ -271,3 +286,7 @@ class JobRunner:
             self.shred(job.id)
         except DeactivatedError:
             raise Deactivated("the platform deactivated this appliance") from None
+        except QuarantinedError:
+            # The result stays on scratch until shutdown shreds it: a quarantined appliance
+            # may be the clone, and its results must not be taken.
+            raise Quarantined("the platform quarantined this appliance (suspected clone)") from None

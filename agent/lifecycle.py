@@ -1,4 +1,4 @@
-"""The agent's life: boot -> time sync -> mTLS -> volume key -> volume -> scratchfs -> jobs
+"""The agent's life: boot -> time sync -> mTLS -> keyslot passphrase -> volume -> scratchfs -> jobs
 -> shutdown (DESIGN.md §4). Deactivation erases the volume's keyslots and stops.
 
 Run directory (``STATE_DIR/run``, 0700)::
@@ -13,9 +13,7 @@ Run directory (``STATE_DIR/run``, 0700)::
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import resource
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +25,12 @@ from agent.errors import (
     AgentError,
     Deactivated,
     PlatformUnavailable,
+    Quarantined,
     VolumeFailure,
 )
 from agent.jobs import JobRunner, JobSettings
 from agent.scan.model import ScanOptions
-from agent.scratch import ScratchMount, clear_stale, mount_entry
+from agent.scratch import ScratchMount, clear_stale
 from agent.state import AgentState, ensure_run_dir
 from agent.syslog import SyslogForwarder
 from agent.tls import client_context
@@ -41,14 +40,16 @@ from protocol.client import (
     PlatformClient,
     PlatformError,
     PlatformTLSError,
+    QuarantinedError,
 )
-from protocol.sealing import SealError, open_sealed, wipe
+from protocol.sealing import SealError
+from scratchfs.keyholder import mountinfo
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api as volume_api
 from scratchfs.volume.errors import NotOpenError, VolumeError
 
 log = logging.getLogger("agent.lifecycle")
 
-PR_SET_DUMPABLE = 4
 MiB = 1024 * 1024
 
 
@@ -64,17 +65,12 @@ class RunSettings:
     jobs: JobSettings = field(default_factory=lambda: JobSettings(ScanOptions()))
 
 
-def harden_process() -> None:
-    """No core dumps, not ptrace-attachable by other users: the agent holds keys."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-
-
 def platform_error(e: PlatformError, step: str) -> AgentError:
     """Map a protocol-client failure to the agent error (and exit code) for *step*."""
     if isinstance(e, DeactivatedError):
         return Deactivated("the platform deactivated this appliance")
+    if isinstance(e, QuarantinedError):
+        return Quarantined(f"{step}: the platform quarantined this appliance (suspected clone)")
     if isinstance(e, PlatformTLSError):
         return PlatformUnavailable(f"{step}: {e}", "check the platform's certificate and CA")
     return PlatformUnavailable(f"{step}: {e}")
@@ -126,7 +122,7 @@ class Agent:
         self.volume_mnt.mkdir(mode=0o700, exist_ok=True)
         if clear_stale(self.scratch_mnt, self.scratch_pid):
             log.warning("event=recovered_stale_scratch")
-        if mount_entry(self.volume_mnt) is not None or self.volume_run.exists():
+        if mountinfo.find(self.volume_mnt) is not None or self.volume_run.exists():
             try:
                 await trio.to_thread.run_sync(
                     lambda: volume_api.close_volume(self.volume_mnt, run_dir=self.volume_run)
@@ -153,9 +149,29 @@ class Agent:
     def platform_client(self) -> PlatformClient:
         """The mTLS client: pinned CA, our certificate, certificate times from the clock."""
         ctx = client_context(
-            self.state.ca_pem, self.clock, self.state.cert_path, self.state.key_path
+            self.state.ca_pem, self.clock, self.state.cert_pem, self.state.tls_key_pem()
         )
         return PlatformClient(self.state.endpoint.url, ctx)
+
+    async def open_session(self, client: PlatformClient) -> None:
+        """Advance the keystore's boot counter and register this boot with the platform.
+
+        Every later request carries the session; a copy of this appliance that boots
+        (or keeps running after this boot) is then visible to the platform as a counter
+        that goes back or as an older session still in use.
+        """
+        kind = self.state.keystore.kind
+        if kind == "file":
+            log.warning(
+                "event=keystore_insecure keystore=file detail=private_keys_in_clear_on_disk "
+                "action=run_scanner-agent_migrate-keystore"
+            )
+        counter = await trio.to_thread.run_sync(self.state.keystore.next_boot)
+        try:
+            await client.open_session(counter, kind)
+        except PlatformError as e:
+            raise platform_error(e, "opening the boot session") from None
+        log.info("event=session_opened boot_counter=%d keystore=%s", counter, kind)
 
     async def start_syslog(self, client: PlatformClient, nursery: trio.Nursery) -> None:
         """Ask the platform for the syslog target and start forwarding scan logs to it."""
@@ -176,37 +192,37 @@ class Agent:
             logging.getLogger(name).addHandler(self._forward_handler)
         log.info("event=syslog_forwarding target=%s:%d", target.host, target.port)
 
-    # -- step 3: volume key, volume, scratchfs --
+    # -- step 3: keyslot passphrase, volume, scratchfs --
 
     async def open_volume(self, client: PlatformClient) -> None:
-        """Fetch and unseal the volume key, open (first boot: format) the volume."""
+        """Fetch and unseal the keyslot passphrase, open (first boot: format) the volume."""
         try:
-            sealed = await client.volume_key()
+            sealed = await client.keyslot_passphrase()
         except PlatformError as e:
-            raise platform_error(e, "fetching the volume key") from None
+            raise platform_error(e, "fetching the keyslot passphrase") from None
         try:
-            key = open_sealed(self.state.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+            passphrase = self.state.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
         except SealError as e:
-            raise PlatformUnavailable(f"the volume key does not unseal ({e})") from None
+            raise PlatformUnavailable(f"the keyslot passphrase does not unseal ({e})") from None
         image = self.state.volume_image
         try:
             if not image.exists():
                 log.info("event=first_boot_format size=%d", self.settings.volume_size)
                 await trio.to_thread.run_sync(
                     lambda: volume_api.format_volume(
-                        image, self.settings.volume_size, key,
+                        image, self.settings.volume_size, passphrase,
                         backend=self.settings.backend, run_dir=self.volume_run,
                     )
                 )
             self.volume = await trio.to_thread.run_sync(
                 lambda: volume_api.open_volume(
-                    image, self.volume_mnt, key, self.settings.backend, run_dir=self.volume_run
+                    image, self.volume_mnt, passphrase, self.settings.backend, run_dir=self.volume_run
                 )
             )
         except VolumeError as e:
             raise VolumeFailure(f"volume {image}: {e}") from None
         finally:
-            wipe(key)  # unlocked: the platform key is not needed again in this run
+            wipe(passphrase)  # unlocked: not needed again in this run
         log.info("event=volume_open mountpoint=%s", self.volume_mnt)
 
     async def mount_scratch(self) -> ScratchMount:
@@ -225,7 +241,7 @@ class Agent:
     async def job_loop(self, client: PlatformClient, scratch: Path) -> None:
         """Long-poll and run jobs; with --once, return after the first one."""
         runner = JobRunner(
-            client, scratch, self.state.seal_private, lambda: self.clock.offset,
+            client, scratch, self.state.open_sealed, lambda: self.clock.offset,
             self.settings.jobs,
         )
         delay = 1.0
@@ -234,6 +250,8 @@ class Agent:
                 job = await client.next_job(self.settings.poll_wait)
             except DeactivatedError:
                 raise Deactivated("the platform deactivated this appliance") from None
+            except QuarantinedError:
+                raise Quarantined("polling for jobs: the platform quarantined this appliance") from None
             except PlatformError as e:
                 log.warning("event=poll_failed reason=%s retry_in=%.1f", e.reason, delay)
                 await trio.sleep(delay)
@@ -289,6 +307,8 @@ class Agent:
         await self.recover()
         await self.sync_time()
         client = self.platform_client()
+        self.state.forget_tls_key()  # OpenSSL holds the key now; our copy is not needed again
+        await self.open_session(client)
         await self.start_syslog(client, nursery)
         await self.open_volume(client)
         scratch = await self.mount_scratch()

@@ -9,19 +9,18 @@ log file on the encrypted volume (scratchfs may name files in integrity errors).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import trio
 
 from agent.errors import ScratchFailure
+from scratchfs.keyholder import mountinfo, procs, ready
 
 log = logging.getLogger("agent.scratch")
 
@@ -37,44 +36,6 @@ UMOUNT_TIMEOUT = 60.0
 SCRATCHFS_OPTIONS: tuple[str, ...] = ("--no-xattr", "--writeback-cache", "--keep-cache")
 
 
-def mount_entry(path: Path) -> tuple[str, str] | None:
-    """(fstype, source) of the mount exactly at *path*, or None."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[4].encode().decode("unicode_escape")
-            if mnt == target:
-                sep = fields.index("-")
-                return fields[sep + 1], fields[sep + 2]
-    return None
-
-
-def is_stale(path: Path) -> bool:
-    """True if *path* is a FUSE mount whose server is gone (stat gives ENOTCONN)."""
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def clear_stale(mountpoint: Path, pid_file: Path) -> bool:
     """Stop a scratchfs left by a previous run and detach its mount; True if one was found.
 
@@ -86,17 +47,19 @@ def clear_stale(mountpoint: Path, pid_file: Path) -> bool:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         pid = None
-    if pid is not None and _alive(pid):
-        cmd = _cmdline(pid)
+    started = procs.start_time(pid) if pid is not None else None
+    if pid is not None and started is not None:
+        cmd = procs.cmdline(pid)
         if "scratchfs" in cmd and str(mountpoint) in cmd:
             log.warning("event=stale_scratchfs pid=%d action=kill", pid)
-            os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            procs.wait_gone(pid, started, 10)
             found = True
     pid_file.unlink(missing_ok=True)
-    if mount_entry(mountpoint) is not None:
+    if mountinfo.find(mountpoint) is not None:
         log.warning("event=stale_scratch_mount mountpoint=%s action=lazy_unmount", mountpoint)
         r = subprocess.run(
             ["umount", "-l", str(mountpoint)], capture_output=True, text=True, check=False
@@ -151,21 +114,13 @@ class ScratchMount:
             os.close(write_fd)
             os.close(log_fd)
         self._pidfd = os.pidfd_open(self.proc.pid)
-        word = b""
         try:
-            with trio.move_on_after(READY_TIMEOUT):
-                while not word.endswith(b"\n"):
-                    await trio.lowlevel.wait_readable(read_fd)
-                    chunk = os.read(read_fd, 4096)
-                    if not chunk:
-                        break
-                    word += chunk
+            word = await ready.read_word_async(read_fd, READY_TIMEOUT)
         finally:
             os.close(read_fd)
-        text = word.decode(errors="replace").strip()
-        if text != "ok":
+        if not word.ok:
             await self._reap_failed()
-            detail = text[4:] if text.startswith("err ") else "no word on the ready pipe"
+            detail = word.message if word.code is not None else f"it {word.message}"
             raise ScratchFailure(f"scratchfs did not mount on {self.mountpoint} ({detail})")
         log.info("event=scratch_mounted mountpoint=%s pid=%d", self.mountpoint, self.proc.pid)
 
@@ -194,7 +149,7 @@ class ScratchMount:
         self.stopping = True
         if self.proc is None:
             return
-        if self.proc.poll() is None and mount_entry(self.mountpoint) is not None:
+        if self.proc.poll() is None and mountinfo.find(self.mountpoint) is not None:
             r = await trio.run_process(
                 [sys.executable, "-m", "scratchfs", "umount", str(self.mountpoint)],
                 capture_stdout=True, capture_stderr=True, check=False,
@@ -213,7 +168,7 @@ class ScratchMount:
             self.proc.kill()
             await trio.to_thread.run_sync(self.proc.wait)
         self._close_pidfd()
-        if mount_entry(self.mountpoint) is not None:
+        if mountinfo.find(self.mountpoint) is not None:
             subprocess.run(["umount", "-l", str(self.mountpoint)], check=False)
         self.pid_file.unlink(missing_ok=True)
         log.info("event=scratch_unmounted mountpoint=%s", self.mountpoint)

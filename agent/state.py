@@ -1,23 +1,34 @@
 """The appliance's activation state: a 0700 directory of 0600 files, bound to the appliance.
 
-Layout (version 1)::
+Layout (version 2; version 1 is the same with a file keystore and no ``keystore`` entry)::
 
     STATE_DIR/               0700
-      state.json             {"version": 1, "platform_url": ..., "appliance": ..., ...}
+      state.json             {"version": 2, "platform_url": ..., "appliance": ...,
+                              "keystore": {"kind": "tpm", "tcti": ..., "pcrs": [...], ...}}
       ca.pem                 the platform's root CA (the only trust anchor)
       client-cert.pem        this appliance's TLS client certificate (issued by that CA)
-      client-key.pem         its P-256 private key (PKCS#8 PEM)
-      seal-key.bin           the raw 32-byte X25519 private key that sealed blobs are opened with
+      <secrets>              held by the keystore (agent.keystore), by name:
+                               client-key.pem       the P-256 TLS private key (PKCS#8 PEM)
+                               seal-key.bin         the raw 32-byte X25519 key (v1 sealed blobs)
+                               seal-key-hybrid.bin  the 96-byte ML-KEM-768 seed + X25519 key
+                                                    (v2 HPKE blobs); at activation, or later by
+                                                    `scanner-agent seal-key upgrade`
+                             tpm keystore: NAME.tpm envelopes + tpm-kek.pub/.priv (TPM-sealed)
+                             file keystore: NAME in clear, plus boot-counter
       binding.mac            hex HMAC-SHA256 over the files above (the commit marker)
       volume.img             the LUKS2 volume (created at first boot, not bound: it changes)
       run/                   mount points, pid files, logs of the children (0700)
 
 Binding: ``binding.mac`` is HMAC-SHA256 under a key derived (HKDF-SHA256) from both private
-keys, over the length-prefixed names and contents of state.json, ca.pem and
-client-cert.pem. Only the holder of the appliance's private keys can produce it, so an
-edited platform URL or a swapped CA is refused at start. On top of that, the client
-certificate must be issued by the pinned CA and carry the public key of client-key.pem.
-Nothing reads the platform URL or CA from flags, environment variables or other files.
+keys (TLS and X25519), over the length-prefixed names and contents of state.json, ca.pem and
+client-cert.pem. The hybrid key is not part of the binding so that an existing appliance can
+add it without rewriting the commit marker; swapping it can only make blobs fail to open,
+since the platform learns the hybrid public key over mutual TLS, never from this file.
+Only the holder of the appliance's private keys can produce the binding, so an edited
+platform URL, a swapped CA or a changed keystore entry (e.g. ``tpm`` turned into ``file``)
+is refused at start. On top of that, the client certificate must be issued by the pinned
+CA and carry the public key of the TLS key. Nothing reads the platform URL or CA from
+flags, environment variables or other files.
 """
 
 from __future__ import annotations
@@ -37,19 +48,24 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.errors import StateError, TamperedError
+from agent.keystore import Keystore, open_keystore
+from agent.keystore.base import write_new
+from protocol import sealing
+from scratchfs.keyholder.wipe import wipe
 
-STATE_VERSION: Final = 1
+STATE_VERSION: Final = 2
+LEGACY_VERSION: Final = 1  # before keystores: secrets in clear files, no "keystore" entry
 STATE_JSON: Final = "state.json"
 CA_PEM: Final = "ca.pem"
 CERT_PEM: Final = "client-cert.pem"
 KEY_PEM: Final = "client-key.pem"
 SEAL_KEY: Final = "seal-key.bin"
+SEAL_KEY_HYBRID: Final = "seal-key-hybrid.bin"
 BINDING: Final = "binding.mac"
 VOLUME_IMAGE: Final = "volume.img"
 RUN_DIR: Final = "run"
 BOUND_FILES: Final = (STATE_JSON, CA_PEM, CERT_PEM)
-SECRET_FILES: Final = (KEY_PEM, SEAL_KEY)
-ALL_FILES: Final = (*BOUND_FILES, *SECRET_FILES, BINDING)
+SECRET_NAMES: Final = (KEY_PEM, SEAL_KEY)
 _BINDING_INFO: Final = b"scanner-agent/state-binding/v1"
 
 
@@ -88,27 +104,32 @@ class AgentState:
         appliance: str,
         ca_pem: bytes,
         cert_pem: bytes,
+        keystore: Keystore,
+        tls_key_pem: bytearray,
         seal_private: bytearray,
+        hybrid_private: bytearray | None = None,
     ) -> None:
         self.root = root
         self.endpoint = endpoint
         self.appliance = appliance
         self.ca_pem = ca_pem
         self.cert_pem = cert_pem
+        self.keystore = keystore
+        self._tls_key_pem = tls_key_pem
         self._seal_private = seal_private
+        self._hybrid_private = hybrid_private
 
     def __repr__(self) -> str:
-        return f"<AgentState root={str(self.root)!r} appliance={self.appliance!r}>"
+        return (
+            f"<AgentState root={str(self.root)!r} appliance={self.appliance!r} "
+            f"keystore={self.keystore.kind}>"
+        )
 
-    @property
-    def cert_path(self) -> Path:
-        """Path of the client certificate (ssl loads certificate chains from files only)."""
-        return self.root / CERT_PEM
-
-    @property
-    def key_path(self) -> Path:
-        """Path of the TLS private key (0600)."""
-        return self.root / KEY_PEM
+    def tls_key_pem(self) -> bytearray:
+        """The TLS private key (PEM), for building the mTLS context; do not keep a reference."""
+        if not any(self._tls_key_pem):
+            raise StateError("the TLS key was already forgotten", "restart the agent")
+        return self._tls_key_pem
 
     @property
     def volume_image(self) -> Path:
@@ -126,29 +147,36 @@ class AgentState:
             raise StateError("the sealing key was already forgotten", "restart the agent")
         return self._seal_private
 
+    def forget_tls_key(self) -> None:
+        """Overwrite the in-memory TLS key once OpenSSL holds its own copy."""
+        wipe(self._tls_key_pem)
+
+    @property
+    def has_hybrid_key(self) -> bool:
+        """Whether this appliance holds a hybrid (sealing v2) key."""
+        return self._hybrid_private is not None
+
+    def open_sealed(self, sealed: bytes, context: bytes) -> bytearray:
+        """Open a v1 or v2 blob with whichever key it needs; the caller wipes the result.
+
+        Raise sealing.SealError (one line, says what to do) when it does not open.
+        """
+        return sealing.open_any(self.seal_private(), self._hybrid_private, sealed, context)
+
     def forget(self) -> None:
-        """Overwrite the in-memory sealing key."""
-        for i in range(len(self._seal_private)):
-            self._seal_private[i] = 0
+        """Overwrite the in-memory keys and let the keystore forget its wrapping key."""
+        wipe(self._seal_private)
+        wipe(self._tls_key_pem)
+        if self._hybrid_private is not None:
+            wipe(self._hybrid_private)
+        self.keystore.close()
 
 
 # --- writing ---------------------------------------------------------------------------
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # umask must not widen or narrow what we meant
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _binding_key(tls_key_pem: bytes, seal_private: bytes | bytearray) -> bytes:
-    key = serialization.load_pem_private_key(tls_key_pem, password=None)
+def _binding_key(tls_key_pem: bytes | bytearray, seal_private: bytes | bytearray) -> bytes:
+    key = serialization.load_pem_private_key(bytes(tls_key_pem), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TamperedError(f"{KEY_PEM} is not an EC private key")
     scalar = key.private_numbers().private_value.to_bytes(32, "big")
@@ -172,11 +200,17 @@ def write_state(
     appliance: str,
     ca_pem: bytes,
     cert_pem: bytes,
-    tls_key_pem: bytes,
+    tls_key_pem: bytes | bytearray,
     seal_private: bytes | bytearray,
     activated_at: float,
+    keystore: Keystore,
+    hybrid_private: bytes | bytearray | None = None,
 ) -> None:
-    """Create the state directory (must be absent or empty) and bind it; binding.mac last."""
+    """Create the state directory (must be absent or empty) and bind it; binding.mac last.
+
+    The secrets go through *keystore* (created for *root*): any secret stored there by name
+    is covered, whatever the backend.
+    """
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if any(root.iterdir()):
         raise StateError(
@@ -188,6 +222,7 @@ def write_state(
         "platform_url": endpoint.url,
         "appliance": appliance,
         "activated_at": activated_at,
+        "keystore": keystore.config(),
     }
     contents = {
         STATE_JSON: (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(),
@@ -195,11 +230,14 @@ def write_state(
         CERT_PEM: cert_pem,
     }
     for name, data in contents.items():
-        _write_new(root / name, data)
-    _write_new(root / KEY_PEM, tls_key_pem)
-    _write_new(root / SEAL_KEY, bytes(seal_private))
+        write_new(root / name, data)
+    keystore.persist()
+    keystore.store(KEY_PEM, tls_key_pem)
+    keystore.store(SEAL_KEY, seal_private)
+    if hybrid_private is not None:
+        keystore.store(SEAL_KEY_HYBRID, hybrid_private)
     mac = _binding_mac(_binding_key(tls_key_pem, seal_private), contents)
-    _write_new(root / BINDING, (mac + "\n").encode())
+    write_new(root / BINDING, (mac + "\n").encode())
     dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
@@ -227,51 +265,118 @@ def _check_mode(path: Path, want: int, is_dir: bool) -> None:
         )
 
 
-def load_state(root: Path) -> AgentState:
-    """Load and verify a state dir; raise StateError or TamperedError (one-line messages)."""
+def _read_doc(root: Path) -> tuple[bytes, dict[str, Any]]:
+    raw = (root / STATE_JSON).read_bytes()
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TamperedError(f"{STATE_JSON} is malformed ({e})") from None
+    if doc.get("version") not in (STATE_VERSION, LEGACY_VERSION):
+        raise TamperedError(f"unsupported state version {doc.get('version')!r}")
+    if doc.get("version") == LEGACY_VERSION and "keystore" in doc:
+        raise TamperedError(f"{STATE_JSON} version 1 cannot name a keystore")
+    return raw, doc
+
+
+def load_state(root: Path, tcti: str | None = None) -> AgentState:
+    """Load and verify a state dir; raise StateError or TamperedError (one-line messages).
+
+    The keystore named in state.json is opened (with *tcti* instead of the recorded TCTI
+    when given) before the binding is checked: the binding key comes from the secrets it
+    holds, and the check then covers the keystore entry itself.
+    """
     if not root.is_dir():
         raise StateError(f"state dir {root} does not exist")
     if not (root / STATE_JSON).exists():
         raise StateError(f"state dir {root} holds no activation ({STATE_JSON} missing)")
     _check_mode(root, 0o700, is_dir=True)
-    missing = [n for n in ALL_FILES if not (root / n).exists()]
+    for name in (*BOUND_FILES, BINDING):
+        if not (root / name).exists():
+            raise TamperedError(f"state dir {root} is incomplete (missing {name})")
+        _check_mode(root / name, 0o600, is_dir=False)
+    raw, doc = _read_doc(root)
+    keystore = open_keystore(root, doc.get("keystore"), tcti)
+    try:
+        return _load_with(root, raw, doc, keystore)
+    except BaseException:
+        keystore.close()
+        raise
+
+
+def _load_with(root: Path, raw: bytes, doc: dict[str, Any], keystore: Keystore) -> AgentState:
+    missing = [n for n in keystore.files(SECRET_NAMES) if not (root / n).exists()]
     if missing:
         raise TamperedError(f"state dir {root} is incomplete (missing {', '.join(missing)})")
-    for name in ALL_FILES:
+    for name in keystore.files(SECRET_NAMES):
         _check_mode(root / name, 0o600, is_dir=False)
     contents = {name: (root / name).read_bytes() for name in BOUND_FILES}
-    tls_key_pem = (root / KEY_PEM).read_bytes()
-    seal_private = bytearray((root / SEAL_KEY).read_bytes())
-    if len(seal_private) != 32:
-        raise TamperedError(f"{SEAL_KEY} is not a 32-byte X25519 key")
+    contents[STATE_JSON] = raw
+    tls_key_pem = keystore.load(KEY_PEM)
+    seal_private = keystore.load(SEAL_KEY)
     try:
-        key = _binding_key(tls_key_pem, seal_private)
-    except ValueError:
-        raise TamperedError(f"{KEY_PEM} does not parse as a private key") from None
-    expected = _binding_mac(key, contents)
-    stored = (root / BINDING).read_bytes().strip().decode("ascii", errors="replace")
-    if not hmac.compare_digest(expected.encode(), stored.encode()):
+        if len(seal_private) != 32:
+            raise TamperedError(f"{SEAL_KEY} is not a 32-byte X25519 key")
+        try:
+            key = _binding_key(tls_key_pem, seal_private)
+        except ValueError:
+            raise TamperedError(f"{KEY_PEM} does not parse as a private key") from None
+        expected = _binding_mac(key, contents)
+        stored = (root / BINDING).read_bytes().strip().decode("ascii", errors="replace")
+        if not hmac.compare_digest(expected.encode(), stored.encode()):
+            raise TamperedError(
+                f"state dir {root} was modified after activation (binding check failed)"
+            )
+        try:
+            endpoint = PlatformEndpoint.parse(str(doc["platform_url"]))
+            appliance = str(doc["appliance"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise TamperedError(f"{STATE_JSON} is malformed ({e})") from None
+        _check_certificate(contents[CA_PEM], contents[CERT_PEM], tls_key_pem)
+        hybrid = load_hybrid_key(keystore)
+    except BaseException:
+        wipe(tls_key_pem)
+        wipe(seal_private)
+        raise
+    keystore.lock()  # the wrapping key is not kept for the run: only what was unwrapped
+    return AgentState(
+        root, endpoint, appliance, contents[CA_PEM], contents[CERT_PEM], keystore, tls_key_pem,
+        seal_private, hybrid,
+    )
+
+
+def load_hybrid_key(keystore: Keystore) -> bytearray | None:
+    """The hybrid sealing private key, or None for an appliance not upgraded yet."""
+    if not keystore.exists(SEAL_KEY_HYBRID):
+        return None
+    for name in keystore.files((SEAL_KEY_HYBRID,)):
+        _check_mode(keystore.root / name, 0o600, is_dir=False)
+    key = keystore.load(SEAL_KEY_HYBRID)
+    if len(key) != sealing.HYBRID_PRIVATE_LEN:
+        wipe(key)
         raise TamperedError(
-            f"state dir {root} was modified after activation (binding check failed)"
+            f"{SEAL_KEY_HYBRID} is not a {sealing.HYBRID_PRIVATE_LEN}-byte hybrid key"
         )
-    try:
-        doc = json.loads(contents[STATE_JSON])
-        endpoint = PlatformEndpoint.parse(str(doc["platform_url"]))
-        appliance = str(doc["appliance"])
-        if doc.get("version") != STATE_VERSION:
-            raise TamperedError(f"unsupported state version {doc.get('version')!r}")
-    except (ValueError, KeyError, TypeError) as e:
-        raise TamperedError(f"{STATE_JSON} is malformed ({e})") from None
-    _check_certificate(contents[CA_PEM], contents[CERT_PEM], tls_key_pem)
-    return AgentState(root, endpoint, appliance, contents[CA_PEM], contents[CERT_PEM], seal_private)
+    return key
 
 
-def _check_certificate(ca_pem: bytes, cert_pem: bytes, tls_key_pem: bytes) -> None:
+def store_hybrid_key(keystore: Keystore, private: bytes | bytearray) -> None:
+    """Add the hybrid key to an activated state dir, through its keystore (atomic).
+
+    Refuses to replace an existing one: blobs sealed to it would become unreadable.
+    """
+    if keystore.exists(SEAL_KEY_HYBRID):
+        raise StateError(f"{SEAL_KEY_HYBRID} exists already", "keep it; nothing to upgrade")
+    keystore.store(SEAL_KEY_HYBRID, private)
+
+
+def _check_certificate(ca_pem: bytes, cert_pem: bytes, tls_key_pem: bytes | bytearray) -> None:
     """The client certificate must come from the pinned CA and hold our TLS public key."""
     try:
         ca = x509.load_pem_x509_certificate(ca_pem)
         cert = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(tls_key_pem, password=None)
+        key = serialization.load_pem_private_key(bytes(tls_key_pem), password=None)
     except ValueError:
         raise TamperedError("CA, certificate or key in the state dir does not parse") from None
     try:

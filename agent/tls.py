@@ -10,9 +10,9 @@ else (signature chain to the pinned CA, hostname, key usage) stays OpenSSL's job
 
 from __future__ import annotations
 
+import os
 import ssl
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -70,13 +70,31 @@ def _sslobject_class(clock: Clock, ca: list[x509.Certificate]) -> type[ssl.SSLOb
     return ClockCheckedSSLObject
 
 
+def _memfd_path(name: str, data: bytes | bytearray) -> tuple[int, str]:
+    # ssl loads certificates and keys from paths only: an anonymous in-memory file keeps the
+    # private key off every disk. The caller closes the fd as soon as ssl has read it.
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, f"/proc/self/fd/{fd}"
+
+
 def client_context(
     ca_pem: bytes,
     clock: Clock,
-    cert_path: Path | None = None,
-    key_path: Path | None = None,
+    cert_pem: bytes | None = None,
+    key_pem: bytes | bytearray | None = None,
 ) -> ssl.SSLContext:
-    """A client context: TLS >= 1.2, *ca_pem* as the only trust anchor, clock-checked times."""
+    """A client context: TLS >= 1.2, *ca_pem* as the only trust anchor, clock-checked times.
+
+    The client key reaches OpenSSL through a memfd (``/proc/self/fd/N``), never a file on
+    disk: with the tpm keystore it exists in clear only in (locked) process memory.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -84,8 +102,16 @@ def client_context(
     # cadata, never load_default_certs(): the platform's own CA is the only anchor.
     ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
     ctx.verify_flags = ssl.VerifyFlags(int(ctx.verify_flags) | X509_V_FLAG_NO_CHECK_TIME)
-    if cert_path is not None and key_path is not None:
-        ctx.load_cert_chain(str(cert_path), str(key_path))
+    if cert_pem is not None and key_pem is not None:
+        cfd, cpath = _memfd_path("client-cert", cert_pem)
+        try:
+            kfd, kpath = _memfd_path("client-key", key_pem)
+            try:
+                ctx.load_cert_chain(cpath, kpath)
+            finally:
+                os.close(kfd)  # the only reference: the memfd's pages are freed here
+        finally:
+            os.close(cfd)
     anchors = x509.load_pem_x509_certificates(ca_pem)
     ctx.sslobject_class = _sslobject_class(clock, anchors)
     return ctx

@@ -24,10 +24,18 @@ PATH_TIME: Final = "/v1/time"  # GET; client certificate optional
 PATH_ACTIVATE: Final = "/v1/activate"  # POST; no client certificate needed
 PATH_VOLUME_KEY: Final = "/v1/volume-key"  # GET; mutual TLS
 PATH_CONFIG: Final = "/v1/config"  # GET; mutual TLS
+PATH_SEAL_KEY: Final = "/v1/appliance/seal-key"  # POST {hybrid_public}; mutual TLS
 PATH_NEXT_JOB: Final = "/v1/jobs/next"  # GET ?wait=SECONDS; mutual TLS
 PATH_JOB_PREFIX: Final = "/v1/jobs/"
 RESULT_SUFFIX: Final = "/result"  # POST /v1/jobs/{id}/result; mutual TLS
 PROGRESS_SUFFIX: Final = "/progress"  # POST /v1/jobs/{id}/progress; mutual TLS
+# POST; mutual TLS. Opens this boot's session: {"boot_counter": N, "keystore": "tpm"|"file"}
+# -> {"session": TOKEN}. Every endpoint that hands out keys or jobs, or takes results, then
+# needs HEADER_SESSION with the token of the appliance's *latest* session (clone detection).
+PATH_SESSION: Final = "/v1/session"
+# POST; mutual TLS + session. {"csr": PEM} -> {"certificate": PEM}: a new client certificate
+# for a new key (keystore migration); the calling certificate is revoked in the same step.
+PATH_CERTIFICATE: Final = "/v1/appliance/certificate"
 
 
 def result_path(job_id: str) -> str:
@@ -43,12 +51,15 @@ def progress_path(job_id: str) -> str:
 # --- headers ----------------------------------------------------------------------------
 # Result upload: lowercase hex SHA-256 of the whole body, sent by the appliance.
 HEADER_CONTENT_SHA256: Final = "x-content-sha256"
+# Session token of this boot (from PATH_SESSION).
+HEADER_SESSION: Final = "x-scanner-session"
 
 # --- JSON field names -------------------------------------------------------------------
 F_TIME: Final = "time"  # float, UTC epoch seconds
 F_CODE: Final = "code"  # activation code (string)
 F_CSR: Final = "csr"  # PEM PKCS#10 certificate signing request (string)
 F_X25519_PUBLIC: Final = "x25519_public"  # base64 of the raw 32-byte X25519 public key
+F_HYBRID_PUBLIC: Final = "hybrid_public"  # base64 of the 1216-byte ML-KEM-768+X25519 key
 F_APPLIANCE: Final = "appliance"  # appliance name (string)
 F_CERTIFICATE: Final = "certificate"  # PEM client certificate (string)
 F_CA: Final = "ca"  # PEM CA certificate (string)
@@ -68,6 +79,9 @@ F_ATTEMPT: Final = "attempt"  # int, 1 for the first hand-out of a job
 F_SHA256: Final = "sha256"  # lowercase hex
 F_TEXT: Final = "text"  # progress text
 F_REASON: Final = "reason"
+F_BOOT_COUNTER: Final = "boot_counter"  # int >= 1, monotonic per appliance (TPM NV counter)
+F_KEYSTORE: Final = "keystore"  # "tpm" or "file": where the appliance keeps its keys
+F_SESSION: Final = "session"  # opaque session token (string)
 F_ERROR: Final = "error"
 
 QUERY_WAIT: Final = "wait"  # long-poll seconds for PATH_NEXT_JOB
@@ -94,8 +108,11 @@ REASON_LENGTH_REQUIRED: Final = "length_required"  # 411
 REASON_TOO_LARGE: Final = "too_large"  # 413: body over the configured limit
 REASON_DIGEST_MISMATCH: Final = "digest_mismatch"  # 400: body does not match its SHA-256
 REASON_TIMEOUT: Final = "timeout"  # 408: request not received in time
-REASON_UNAVAILABLE: Final = "unavailable"  # 503: no volume key (never activated)
+REASON_UNAVAILABLE: Final = "unavailable"  # 503: no keyslot passphrase (never activated)
 REASON_INTERNAL: Final = "internal"  # 500
+REASON_SESSION_REQUIRED: Final = "session_required"  # 428: no or unknown session token
+REASON_QUARANTINED: Final = "quarantined"  # 403: suspected clone; operator must clear it
+REASON_KEY_CONFLICT: Final = "key_conflict"  # 409: a different hybrid key is on record
 
 # --- limits -----------------------------------------------------------------------------
 MAX_JSON_BODY: Final = 64 * 1024  # bytes, for every JSON request body
@@ -104,6 +121,8 @@ MAX_WAIT_SECONDS: Final = 60.0  # long-poll wait is clamped to this
 MAX_PROGRESS_TEXT: Final = 1000  # characters
 MAX_RESPONSE_BODY: Final = 4 * 1024 * 1024  # what the client accepts from the platform
 MAX_HEADER_BYTES: Final = 16 * 1024
+MAX_BOOT_COUNTER: Final = 2**63 - 1  # fits SQLite's INTEGER
+KEYSTORES: Final = ("tpm", "file")
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 JOB_ID_RE: Final = re.compile(r"^[1-9][0-9]{0,18}$")
 SHA256_HEX_RE: Final = re.compile(r"^[0-9a-f]{64}$")

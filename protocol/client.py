@@ -1,16 +1,17 @@
 """Appliance-side HTTPS client for the platform API (trio + SSLStream + h11).
 
 One TLS connection per request (the reference platform answers with ``Connection: close``),
-so a broken connection never poisons a later request. The TLS context trusts only the
-platform CA given at activation, never the system store; hostnames are checked; TLS 1.2 is
-the minimum.
+so a broken connection never poisons a later request. The caller brings the TLS context:
+the agent's ``agent.tls.client_context``, the one TLS client policy (the platform CA given at
+activation as the only anchor, hostnames checked, TLS 1.2 minimum, certificate times checked
+against the platform-synced clock).
 
 Typical use by the agent::
 
-    ctx = client_context(ca_pem, cert_pem, key_pem)
+    ctx = agent.tls.client_context(ca_pem, clock, cert_path, key_path)  # the one TLS client policy
     client = PlatformClient("https://platform.example:8443", ctx)
     now = await client.time()
-    sealed = await client.volume_key()           # open with sealing.open_sealed(..., b"volume-key")
+    sealed = await client.keyslot_passphrase()   # open with sealing.open_sealed(..., b"volume-key")
     job = await client.next_job(wait=30)         # None when no job arrived within `wait`
     digest = await client.upload_result(job.id, body)
 
@@ -29,7 +30,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,6 +73,10 @@ class PlatformError(Exception):
 
 class DeactivatedError(PlatformError):
     """The platform answered 403 ``deactivated``: this appliance must erase its keys and stop."""
+
+
+class QuarantinedError(PlatformError):
+    """The platform answered 403 ``quarantined``: it suspects a clone; an operator must clear it."""
 
 
 class PlatformTLSError(PlatformError):
@@ -130,53 +134,7 @@ class Job:
     attempt: int  # 1 on first hand-out, more when re-offered after a lease expired
 
 
-# --- TLS context & key helpers -----------------------------------------------------------
-
-
-def _memfd_path(name: str, data: bytes) -> tuple[int, str]:
-    # ssl can only load certificates/keys from paths: hand it an anonymous in-memory file
-    # so that the private key never touches a disk here.
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    try:
-        os.write(fd, data)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, f"/proc/self/fd/{fd}"
-
-
-def client_context(
-    ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None
-) -> ssl.SSLContext:
-    """TLS client context that trusts ONLY *ca_pem*; TLS 1.2+; hostname checked.
-
-    With *cert_pem* and *key_pem* (PEM, key unencrypted) it presents that client
-    certificate (mutual TLS). Without them it can still call the time and activation
-    endpoints. Raises ValueError when the PEM data does not load.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no system CAs are loaded by this class
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    try:
-        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
-    except (ssl.SSLError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"platform CA certificate does not load: {type(e).__name__}") from None
-    if (cert_pem is None) != (key_pem is None):
-        raise ValueError("client certificate and key must be given together")
-    if cert_pem is not None and key_pem is not None:
-        cfd, cpath = _memfd_path("client-cert", cert_pem)
-        try:
-            kfd, kpath = _memfd_path("client-key", key_pem)
-            try:
-                ctx.load_cert_chain(cpath, kpath)
-            except ssl.SSLError:
-                raise ValueError("client certificate or key does not load or match") from None
-            finally:
-                os.close(kfd)
-        finally:
-            os.close(cfd)
-    return ctx
+# --- TLS key helpers -----------------------------------------------------------
 
 
 def new_client_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
@@ -268,6 +226,8 @@ class PlatformClient:
         self._ctx = ssl_context
         self._timeout = timeout
         self.base_url = base_url
+        # This boot's session token (open_session); sent with every request once set.
+        self.session: str | None = None
 
     def __repr__(self) -> str:
         return f"PlatformClient({self.base_url!r})"
@@ -282,17 +242,18 @@ class PlatformClient:
             raise PlatformError(None, "protocol", "platform response: time is not a number")
         return float(value)
 
-    async def activate(self, code: str, csr_pem: bytes, x25519_public: bytes) -> ActivationResult:
+    async def activate(
+        self, code: str, csr_pem: bytes, x25519_public: bytes, hybrid_public: bytes | None = None
+    ) -> ActivationResult:
         """Exchange a one-time activation code and a CSR for this appliance's certificate."""
-        data = await self._json(
-            "POST",
-            api.PATH_ACTIVATE,
-            {
-                api.F_CODE: code,
-                api.F_CSR: csr_pem.decode("ascii"),
-                api.F_X25519_PUBLIC: base64.b64encode(x25519_public).decode("ascii"),
-            },
-        )
+        payload = {
+            api.F_CODE: code,
+            api.F_CSR: csr_pem.decode("ascii"),
+            api.F_X25519_PUBLIC: base64.b64encode(x25519_public).decode("ascii"),
+        }
+        if hybrid_public is not None:
+            payload[api.F_HYBRID_PUBLIC] = base64.b64encode(hybrid_public).decode("ascii")
+        data = await self._json("POST", api.PATH_ACTIVATE, payload)
         name, cert, ca = data.get(api.F_APPLIANCE), data.get(api.F_CERTIFICATE), data.get(api.F_CA)
         if not isinstance(name, str) or not isinstance(cert, str) or not isinstance(ca, str):
             raise PlatformError(None, "protocol", "platform response: activation is malformed")
@@ -303,10 +264,43 @@ class PlatformClient:
             syslog=_syslog_from(data.get(api.F_SYSLOG)),
         )
 
-    async def volume_key(self) -> bytes:
-        """This appliance's volume key, sealed to its X25519 key (context b"volume-key")."""
+    async def open_session(self, boot_counter: int, keystore: str) -> str:
+        """Register this boot with the platform; later requests carry the returned token.
+
+        *boot_counter* must grow with every boot (the TPM's NV counter where there is one):
+        a counter that goes back, or requests with an older session after a newer one
+        opened, look like a cloned appliance, and the platform quarantines it.
+        """
+        data = await self._json(
+            "POST", api.PATH_SESSION, {api.F_BOOT_COUNTER: boot_counter, api.F_KEYSTORE: keystore}
+        )
+        token = data.get(api.F_SESSION)
+        if not isinstance(token, str) or not token or len(token) > 128:
+            raise PlatformError(None, "protocol", "platform response: session is malformed")
+        self.session = token
+        return token
+
+    async def renew_certificate(self, csr_pem: bytes) -> bytes:
+        """A new client certificate for the key in *csr_pem*; the current one is revoked."""
+        data = await self._json("POST", api.PATH_CERTIFICATE, {api.F_CSR: csr_pem.decode("ascii")})
+        cert = data.get(api.F_CERTIFICATE)
+        if not isinstance(cert, str) or "BEGIN CERTIFICATE" not in cert:
+            raise PlatformError(None, "protocol", "platform response: certificate is malformed")
+        return cert.encode()
+
+    async def keyslot_passphrase(self) -> bytes:
+        """This appliance's keyslot passphrase (the 32 bytes that unlock its LUKS2 keyslot; the
+        wire calls it the volume key), sealed to its hybrid key (v2) or X25519 key (v1)."""
         data = await self._json("GET", api.PATH_VOLUME_KEY)
-        return _b64decode(data.get(api.F_SEALED), "sealed volume key")
+        return _b64decode(data.get(api.F_SEALED), "sealed keyslot passphrase")
+
+    async def upload_seal_key(self, hybrid_public: bytes) -> None:
+        """Tell the platform this appliance's hybrid sealing key (mutual TLS; idempotent)."""
+        await self._json(
+            "POST",
+            api.PATH_SEAL_KEY,
+            {api.F_HYBRID_PUBLIC: base64.b64encode(hybrid_public).decode("ascii")},
+        )
 
     async def config(self) -> PlatformConfig:
         """The account's configuration (remote syslog target or None)."""
@@ -443,6 +437,8 @@ class PlatformClient:
             raise DeactivatedError(
                 resp.status, reason, "platform says this appliance is deactivated"
             )
+        if resp.status == 403 and reason == api.REASON_QUARANTINED:
+            raise QuarantinedError(resp.status, reason, message)
         if reason == api.REASON_DIGEST_MISMATCH:
             raise DigestMismatchError(resp.status, reason, message)
         raise PlatformError(resp.status, reason, message)
@@ -517,6 +513,8 @@ class PlatformClient:
                 ("accept", "application/json"),
                 ("connection", "close"),
             ]
+            if self.session is not None:
+                hdrs.append((api.HEADER_SESSION, self.session))
             hdrs += list(extra.items())
             if body is not None:
                 hdrs.append(("content-length", str(len(body))))

@@ -12,10 +12,11 @@ import logging.handlers
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from scratchfs import blocks
+from scratchfs.keyholder import mountinfo, procs, ready
+from scratchfs.limits import DEFAULT_MAX_INODES, DEFAULT_MAX_XATTR_BYTES, DEFAULT_MAX_XATTRS, DEFAULT_MEMORY_BUDGET
 from scratchfs.mount import (
     DEFAULT_READAHEAD_KB,
     EXIT_BUSY,
@@ -24,10 +25,10 @@ from scratchfs.mount import (
     EXIT_OK,
     EXIT_USAGE,
     FSTYPE,
-    STALE_ERRNOS,
     MountError,
     MountOptions,
     check,
+    daemon_pid,
     find_mount,
     prepare,
     serve,
@@ -66,6 +67,22 @@ def _non_negative(text: str) -> int:
     return value
 
 
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+
+
+def _count(text: str) -> int:
+    """A positive byte count or number, with an optional K/M/G/T/P/E suffix (powers of 1024)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = t[-1:] if t[-1:] in _SUFFIXES else ""
+    try:
+        value = int(t[: len(t) - len(suffix)], 0) * _SUFFIXES[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (examples: 1000000, 512M, 16T)") from None
+    if value <= 0 or value > (1 << 63) - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 1 and 2^63-1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used for --help)."""
     p = _Parser(prog=PROG, description="Encrypted scratch filesystem with keys held only in memory.")
@@ -98,6 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--direct-io",
         action="store_true",
         help="bypass the page cache: each read/write is atomic against concurrent writers; no shared mmap",
+    )
+    m.add_argument(
+        "--max-file-size",
+        type=_count,
+        default=0,
+        help="largest file size (EFBIG beyond; default and cap: what the backing store can hold)",
+    )
+    m.add_argument(
+        "--max-inodes",
+        type=_count,
+        default=DEFAULT_MAX_INODES,
+        help="files, directories, symlinks (ENOSPC beyond; statfs reports it)",
+    )
+    m.add_argument("--max-xattrs", type=_count, default=DEFAULT_MAX_XATTRS, help="xattrs per inode (ENOSPC beyond)")
+    m.add_argument(
+        "--max-xattr-bytes",
+        type=_count,
+        default=DEFAULT_MAX_XATTR_BYTES,
+        help="xattr names+values per inode, bytes (ENOSPC beyond)",
+    )
+    m.add_argument(
+        "--memory-budget",
+        type=_count,
+        default=DEFAULT_MEMORY_BUDGET,
+        help="bytes of metadata (inodes, names, xattrs, block maps) the daemon may hold (ENOSPC beyond)",
     )
     m.add_argument("--strict", action="store_true", help="exit non-zero if any internal error happened (tests)")
     m.add_argument("--no-mlock", action="store_true", help="do not lock memory (mlockall)")
@@ -185,6 +227,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         readahead_kb=args.readahead_kb,
         direct_io=args.direct_io,
         pid_file=args.pid_file.absolute() if args.pid_file else None,
+        max_file_size=args.max_file_size,
+        max_inodes=args.max_inodes,
+        max_xattrs=args.max_xattrs,
+        max_xattr_bytes=args.max_xattr_bytes,
+        memory_budget=args.memory_budget,
         no_xattr=args.no_xattr,
         keep_cache=args.keep_cache,
         removal_queue=args.removal_queue,
@@ -204,27 +251,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
     daemonized = args.ready_fd is not None
     _setup_logging(logging.DEBUG if opts.debug else logging.INFO, args.log_file, daemonized)
 
-    def ready() -> None:
+    def say_ok() -> None:
         if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ok\n")
-            os.close(args.ready_fd)
+            ready.write_ok(args.ready_fd)
 
     try:
         store = prepare(opts)
-        return serve(opts, store, ready)
+        return serve(opts, store, say_ok)
     except MountError as e:
         if args.ready_fd is not None:
-            os.write(args.ready_fd, f"err {e.code} {e}\n".encode())
-            os.close(args.ready_fd)
+            ready.write_error(args.ready_fd, e.code, str(e))
         raise
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -235,11 +272,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise MountError(EXIT_NOT_MOUNTED, f"{path} is not mounted; nothing to do")
     if not entry.fstype.startswith("fuse"):
         raise MountError(EXIT_NOT_MOUNTED, f"{path} is a {entry.fstype} mount, not scratchfs; use umount(8)")
-    stale = False
-    try:
-        os.stat(path)
-    except OSError as e:
-        stale = e.errno in STALE_ERRNOS
+    pid = daemon_pid(entry)
+    # Pinned before unmounting: once the daemon exits its pid may be reused, and we must not
+    # wait for a stranger.
+    started = procs.start_time(pid) if pid is not None else None
+    stale = mountinfo.is_stale(path)
     cmd = ["fusermount3", "-u", "-q", str(path)] if not stale else ["fusermount3", "-u", "-z", "-q", str(path)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0 and os.geteuid() == 0:
@@ -252,12 +289,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if "busy" in detail.lower():
             raise MountError(EXIT_BUSY, f"{path} is busy (files open or a process inside it); close them and retry")
         raise MountError(EXIT_INTERNAL, f"cannot unmount {path}: {detail}")
-    pid = entry.daemon_pid
-    if pid is not None and entry.fstype == FSTYPE:
-        deadline = time.monotonic() + args.timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _pid_alive(pid):
+    if pid is not None and started is not None:
+        if not procs.wait_gone(pid, started, args.timeout):
             raise MountError(
                 EXIT_BUSY,
                 f"unmounted {path} but daemon {pid} is still shredding after {args.timeout:.0f}s; wait and check",
@@ -273,7 +306,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     entry = find_mount(path)
     if entry is None or entry.fstype != FSTYPE:
         raise MountError(EXIT_NOT_MOUNTED, f"{path} is not a scratchfs mount; give the mountpoint of a live scratchfs")
-    return verify_tree(path, sys.stdout)
+    return verify_tree(path, sys.stdout, progress_out=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

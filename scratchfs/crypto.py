@@ -4,7 +4,7 @@ Python cannot promise that no copy of a key survives (the AEAD object keeps its 
 inside the `cryptography` package until it is garbage-collected, and bytes objects are
 immutable). What we can do: keep our copy in a bytearray that `destroy()` overwrites, drop
 the AEAD object at the same time, keep the process non-dumpable and its memory locked (see
-hardening.py), and never let a key reach repr(), a log or an exception message.
+keyholder/hardening.py), and never let a key reach repr(), a log or an exception message.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ ERROR line (which fails strict-mode tests).
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -22,7 +23,8 @@ import trio
 
 from scratchfs.content import FileContent
 from scratchfs.errors import FsError, IntegrityError
-from scratchfs.locks import RWLock
+from scratchfs.limits import Limits
+from scratchfs.openfiles import OpenFileTable
 from scratchfs.stats import RequestStats
 from scratchfs.store import BlobStore
 from scratchfs.tree import (
@@ -46,6 +48,11 @@ R = TypeVar("R")
 THREAD_MIN_BYTES = 256 * 1024
 PASS_THROUGH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE}
 DAY_NS = 86400 * 10**9
+# Read-only virtual xattrs `scratchfs verify` asks for (never listed, never stored; setting a
+# name under this prefix is refused): the block size, and the byte ranges a check must read.
+VIRTUAL_XATTR_PREFIX = b"user.scratchfs."
+CHECK_RANGES_XATTR = VIRTUAL_XATTR_PREFIX + b"check_ranges."
+CHECK_RANGES_PER_REPLY = 1024  # ~40 KiB of text: under the 64 KiB xattr size limit
 
 
 def _redact(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -88,16 +95,6 @@ def handler(fn: Callable[Concatenate[ScratchOps, P], Coroutine[Any, Any, R]]) ->
     return wrapper
 
 
-class Handle:
-    """An open file: the inode it refers to and its open flags."""
-
-    __slots__ = ("flags", "node")
-
-    def __init__(self, node: Inode, flags: int) -> None:
-        self.node = node
-        self.flags = flags
-
-
 class ScratchOps(pyfuse3.Operations):
     """The scratchfs FUSE filesystem."""
 
@@ -114,6 +111,7 @@ class ScratchOps(pyfuse3.Operations):
         attr_timeout: float = 1.0,
         root_uid: int | None = None,
         root_gid: int | None = None,
+        limits: Limits | None = None,
         stats: RequestStats | None = None,
         no_xattr: bool = False,
     ) -> None:
@@ -144,13 +142,18 @@ class ScratchOps(pyfuse3.Operations):
         # tampering of the blob is still detected by every read that reaches the daemon
         # (O_DIRECT, evicted pages), just not by reads the cache answers.
         self.keep_cache = False
+        self.limits = limits if limits is not None else Limits()
         self.ns = Namespace(
             root_uid=os.getuid() if root_uid is None else root_uid,
             root_gid=os.getgid() if root_gid is None else root_gid,
+            limits=self.limits,
         )
-        self._handles: dict[int, Handle] = {}
-        self._next_fh = 1
-        self._locks: dict[int, RWLock] = {}
+        self.files = OpenFileTable()
+        # Inodes whose cached writes the kernel could not hand us (past --max-file-size with the
+        # writeback cache; FUSE cannot tell the kernel a size limit, so it took them into its page
+        # cache and only learns at writeback). Reads past our size fail instead of showing the
+        # kernel's zeros. Bounded by the inode table; cleared by truncate and inode release.
+        self._lost_writes: set[int] = set()
         self._limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -184,18 +187,6 @@ class ScratchOps(pyfuse3.Operations):
         a.st_ctime_ns = node.ctime_ns
         return a
 
-    def _lock(self, node: Inode) -> RWLock:
-        lock = self._locks.get(node.ino)
-        if lock is None:
-            lock = self._locks[node.ino] = RWLock()
-        return lock
-
-    def _handle(self, fh: int) -> Handle:
-        h = self._handles.get(fh)
-        if h is None:
-            raise FsError(errno.EBADF)
-        return h
-
     def _content(self, node: Inode) -> FileContent:
         """The file's content engine, made on first use (empty files cost no engine, no blob)."""
         content: FileContent | None = node.content
@@ -204,7 +195,7 @@ class ScratchOps(pyfuse3.Operations):
                 raise FsError(errno.EISDIR)
             if not stat.S_ISREG(node.mode):
                 raise FsError(errno.EINVAL)
-            content = node.content = FileContent(self.store, self.block_size)
+            content = node.content = FileContent(self.store, self.block_size, self.ns.budget)
         return content
 
     def _integrity(self, node: Inode, e: IntegrityError) -> FsError:
@@ -228,7 +219,7 @@ class ScratchOps(pyfuse3.Operations):
 
     async def _truncate(self, node: Inode, size: int) -> None:
         content = self._content(node)
-        lock = self._lock(node)
+        lock = self.files.lock(node)
         await lock.acquire_write()
         try:
             self._ready(node, content)
@@ -258,9 +249,8 @@ class ScratchOps(pyfuse3.Operations):
                     "event=shred_incomplete ino=%d errno=%s", node.ino, errno.errorcode.get(e.errno or 0, e.errno)
                 )
             node.content = None
-        lock = self._locks.get(node.ino)
-        if lock is not None and lock.idle:
-            del self._locks[node.ino]
+        self.files.forget_lock(node)
+        self._lost_writes.discard(node.ino)
 
     def destroy_all(self) -> int:
         """Unmount: drop every key and remove every blob; returns the number of files shredded."""
@@ -270,7 +260,7 @@ class ScratchOps(pyfuse3.Operations):
                 node.content.destroy()
                 node.content = None
                 count += 1
-        self._handles.clear()
+        self.files.clear()
         self.store.wipe_all()
         return count
 
@@ -320,7 +310,10 @@ class ScratchOps(pyfuse3.Operations):
         node = self.ns.get(inode)
         t = now_ns()
         if fields.update_size:
+            if attr.st_size > self.limits.max_file_size:
+                raise FsError(errno.EFBIG)
             await self._truncate(node, attr.st_size)
+            self._lost_writes.discard(node.ino)
             if not fields.update_mtime:
                 node.mtime_ns = t
         if fields.update_mode:
@@ -396,11 +389,8 @@ class ScratchOps(pyfuse3.Operations):
             self._release(self.ns.release_if_unused(released))
 
     # --- files -----------------------------------------------------------------------------------
-    def _open_handle(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
-        node.opens += 1
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = Handle(node, flags)
+    def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh = self.files.open(node, flags, kill_suid=ctx.uid != 0)
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache, direct_io=self.direct_io)
 
     @handler
@@ -414,20 +404,22 @@ class ScratchOps(pyfuse3.Operations):
             # libfuse negotiates atomic O_TRUNC: the kernel leaves the truncation to us.
             await self._truncate(node, 0)
             node.mtime_ns = node.ctime_ns = now_ns()
-        return self._open_handle(node, flags)
+        return self._open_handle(node, flags, ctx)
 
     @handler
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._new_node(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
-        return self._open_handle(node, flags), self._attrs(node)
+        return self._open_handle(node, flags, ctx), self._attrs(node)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._handle(fh).node
+        node = self.files.get(fh).node
         content = self._content(node)
-        lock = self._lock(node)
+        if node.ino in self._lost_writes and off + size > content.size:
+            raise FsError(errno.EIO)  # the kernel thinks data is there that we could never store
+        lock = self.files.lock(node)
         await lock.acquire_read()
         try:
             self._ready(node, content)
@@ -442,9 +434,19 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        node = self._handle(fh).node
+        h = self.files.get(fh)
+        node = h.node
+        room = self.limits.max_file_size - off
+        if room < len(buf):
+            if self.enable_writeback_cache:
+                self._lose_writes(node, off)
+            if room <= 0:
+                raise FsError(errno.EFBIG)
+            buf = memoryview(buf)[:room]  # type: ignore[assignment]  # a short write up to the limit, as POSIX asks
+        if self.direct_io and h.kill_suid and node.mode & (stat.S_ISUID | stat.S_ISGID):
+            self._kill_suid(node)
         content = self._content(node)
-        lock = self._lock(node)
+        lock = self.files.lock(node)
         await lock.acquire_write()
         try:
             try:
@@ -465,6 +467,29 @@ class ScratchOps(pyfuse3.Operations):
         node.mtime_ns = node.ctime_ns = now_ns()
         return written
 
+    def _lose_writes(self, node: Inode, off: int) -> None:
+        if node.ino not in self._lost_writes:
+            self._lost_writes.add(node.ino)
+            log.warning(
+                "event=cached_write_refused path=%s ino=%d offset=%d max_file_size=%d",
+                self.ns.path_of(node),
+                node.ino,
+                off,
+                self.limits.max_file_size,
+            )
+
+    @staticmethod
+    def _kill_suid(node: Inode) -> None:
+        """What the kernel does on a page-cache write by a process without CAP_FSETID
+        (should_remove_suid): under direct I/O it leaves it to us (FUSE_WRITE_KILL_SUIDGID,
+        which pyfuse3 3.5 does not pass on, so the opener's identity decides)."""
+        mode = node.mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            mode &= ~stat.S_ISGID
+        if mode != node.mode:
+            node.mode = mode
+            node.ctime_ns = now_ns()
+
     @handler
     async def flush(self, fh: int) -> None:
         # Nothing to do at close(2): data is in the blob when write returns, and POSIX locks
@@ -476,22 +501,16 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def release(self, fh: int) -> None:
-        h = self._handles.pop(fh, None)
-        if h is None:
+        node = self.files.close(fh)
+        if node is None:
             return
-        node = h.node
-        node.opens -= 1
-        if node.opens == 0 and node.content is not None:
-            lock = self._locks.get(node.ino)
-            if lock is None or lock.idle:
-                node.content.close_fd()
         self._release(self.ns.release_if_unused(node))
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        node = self._handle(fh).node
+        node = self.files.get(fh).node
         content = self._content(node)
-        lock = self._lock(node)
+        lock = self.files.lock(node)
         await lock.acquire_read()
         try:
             self._ready(node, content)
@@ -538,9 +557,9 @@ class ScratchOps(pyfuse3.Operations):
         s.f_blocks = st.f_blocks
         s.f_bfree = st.f_bfree
         s.f_bavail = st.f_bavail
-        s.f_files = max(st.f_files, len(self.ns))
-        s.f_ffree = st.f_ffree
-        s.f_favail = st.f_favail
+        # Inodes live in our memory, not the backing store: report our own limit (--max-inodes).
+        s.f_files = self.limits.max_inodes
+        s.f_ffree = s.f_favail = max(0, self.limits.max_inodes - len(self.ns))
         s.f_namemax = 255
         return s
 
@@ -559,13 +578,37 @@ class ScratchOps(pyfuse3.Operations):
         if self.no_xattr:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         self._check_xattr_name(name)
+        if name.startswith(VIRTUAL_XATTR_PREFIX):
+            raise FsError(errno.EPERM)  # reserved for the read-only virtual xattrs
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
-        node = self.ns.get(inode)
-        if node.xattrs is None:
-            node.xattrs = {}
-        node.xattrs[name] = bytes(value)
-        node.ctime_ns = now_ns()
+        self.ns.setxattr(self.ns.get(inode), name, value)
+
+    def _virtual_xattr(self, node: Inode, name: bytes) -> bytes:
+        """`user.scratchfs.block_size`, or `user.scratchfs.check_ranges.<offset>`: the byte
+        ranges from <offset> on that `verify` must read ("first-last ...", then "next=<offset>"
+        when there are more), so that it skips holes instead of reading 2^44 bytes of zeros."""
+        if name == VIRTUAL_XATTR_PREFIX + b"block_size":
+            return b"%d" % self.block_size
+        if not name.startswith(CHECK_RANGES_XATTR) or not stat.S_ISREG(node.mode):
+            raise FsError(pyfuse3.ENOATTR)
+        tail = name[len(CHECK_RANGES_XATTR) :]
+        if not tail.isdigit():
+            raise FsError(errno.EINVAL)
+        content: FileContent | None = node.content
+        if content is None:
+            return b""
+        bs = self.block_size
+        self._ready(node, content)
+        try:
+            runs = list(itertools.islice(content.check_runs(int(tail) // bs), CHECK_RANGES_PER_REPLY + 1))
+        finally:
+            if node.opens == 0 and not self.files.busy(node):
+                content.close_fd()
+        parts = [b"%d-%d" % (first * bs, min(content.size, (last + 1) * bs) - 1) for first, last in runs]
+        if len(runs) > CHECK_RANGES_PER_REPLY:
+            parts[-1] = b"next=%d" % (runs[-1][0] * bs)
+        return b" ".join(parts)
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -574,6 +617,8 @@ class ScratchOps(pyfuse3.Operations):
         node = self.ns.get(inode)
         if len(name) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE)
+        if name.startswith(VIRTUAL_XATTR_PREFIX):
+            return self._virtual_xattr(node, name)
         if not node.xattrs or name not in node.xattrs:
             raise FsError(pyfuse3.ENOATTR)
         return node.xattrs[name]
@@ -589,11 +634,7 @@ class ScratchOps(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if self.no_xattr:
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        node = self.ns.get(inode)
-        if not node.xattrs or name not in node.xattrs:
-            raise FsError(pyfuse3.ENOATTR)
-        del node.xattrs[name]
-        node.ctime_ns = now_ns()
+        self.ns.removexattr(self.ns.get(inode), name)
 
     @handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,16 @@ import trio
 from scratchfs import blocks
 from scratchfs.errors import StoreError
 from scratchfs.fuse_ops import ScratchOps
-from scratchfs.hardening import harden_process
+from scratchfs.keyholder import mountinfo, ready
+from scratchfs.keyholder.hardening import harden_process
+from scratchfs.limits import (
+    DEFAULT_MAX_INODES,
+    DEFAULT_MAX_XATTR_BYTES,
+    DEFAULT_MAX_XATTRS,
+    DEFAULT_MEMORY_BUDGET,
+    MAX_LFS_FILESIZE,
+    Limits,
+)
 from scratchfs.reaper import DEFAULT_CAPACITY, BlobReaper
 from scratchfs.stats import RequestStats
 from scratchfs.store import BlobStore
@@ -46,9 +53,6 @@ EXIT_CORRUPT = 8
 EXIT_BUSY = 9
 
 FSTYPE = "fuse.scratchfs"
-# What the kernel answers on a FUSE mount whose daemon died (ECONNABORTED on first access after
-# the connection was aborted, ENOTCONN afterwards).
-STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 # Requests carry at most 1 MiB (libfuse's max_pages 256); a 4 MiB readahead window keeps up to
 # four of them in flight, so worker threads decrypt one while the trio thread replies to
 # another. Measured against 1 MiB (3 interleaved runs, 512 MiB cold stream): +20 %, +47 %, +47 %.
@@ -79,6 +83,11 @@ class MountOptions:
     readahead_kb: int = DEFAULT_READAHEAD_KB
     direct_io: bool = False
     pid_file: Path | None = None
+    max_file_size: int = 0  # 0: the largest the backing store can hold
+    max_inodes: int = DEFAULT_MAX_INODES
+    max_xattrs: int = DEFAULT_MAX_XATTRS
+    max_xattr_bytes: int = DEFAULT_MAX_XATTR_BYTES
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     extra: list[str] = field(default_factory=list)
     no_xattr: bool = False
     keep_cache: bool = False
@@ -86,38 +95,28 @@ class MountOptions:
     removal_queue: int = DEFAULT_CAPACITY
 
 
-@dataclass
-class MountEntry:
-    """One line of /proc/self/mountinfo that matters to us."""
-
-    mountpoint: str
-    fstype: str
-    source: str
-
-    @property
-    def daemon_pid(self) -> int | None:
-        """The serving daemon's PID, which we put in the mount's source name."""
-        prefix = "scratchfs-"
-        if self.fstype == FSTYPE and self.source.startswith(prefix) and self.source[len(prefix) :].isdigit():
-            return int(self.source[len(prefix) :])
-        return None
+def mount_limits(opts: MountOptions) -> Limits:
+    """The mount's limits (file size: the kernel's own, unless asked for less)."""
+    return Limits(
+        max_file_size=min(opts.max_file_size or MAX_LFS_FILESIZE, MAX_LFS_FILESIZE),
+        max_inodes=opts.max_inodes,
+        max_xattrs=opts.max_xattrs,
+        max_xattr_bytes=opts.max_xattr_bytes,
+        memory_budget=opts.memory_budget,
+    )
 
 
-def _unescape(field_text: str) -> str:
-    return field_text.encode().decode("unicode_escape")
+def daemon_pid(entry: mountinfo.MountEntry) -> int | None:
+    """The serving daemon's PID of a scratchfs mount, which we put in the mount's source name."""
+    prefix = "scratchfs-"
+    if entry.fstype == FSTYPE and entry.source.startswith(prefix) and entry.source[len(prefix) :].isdigit():
+        return int(entry.source[len(prefix) :])
+    return None
 
 
-def find_mount(path: Path) -> MountEntry | None:
-    """The mount whose mount point is exactly *path*, if any (last one wins, as the kernel does)."""
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            if _unescape(parts[4]) == target:
-                found = MountEntry(target, parts[sep + 1], _unescape(parts[sep + 2]))
-    return found
+def find_mount(path: Path) -> mountinfo.MountEntry | None:
+    """The visible mount whose mount point is exactly *path*, if any."""
+    return mountinfo.find(path)
 
 
 def check_fuse_available() -> None:
@@ -139,7 +138,7 @@ def check_mountpoint(path: Path) -> None:
     except NotADirectoryError:
         raise MountError(EXIT_MOUNTPOINT, f"mountpoint {path} is not a directory; give an empty directory") from None
     except OSError as e:
-        if e.errno in STALE_ERRNOS:
+        if e.errno in mountinfo.STALE_ERRNOS:
             raise MountError(
                 EXIT_MOUNTPOINT, f"{path} is a stale mount of a daemon that died; run 'scratchfs umount {path}' first"
             ) from None
@@ -225,12 +224,14 @@ async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0, reaper: Blob
 def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled; always shred keys and blobs afterwards."""
     harden_process(lock_memory=opts.lock_memory)
+    limits = mount_limits(opts)
     ops = ScratchOps(
         store,
         opts.block_size,
         debug=opts.debug,
         strict=opts.strict,
         attr_timeout=opts.attr_timeout,
+        limits=limits,
         stats=RequestStats(opts.stats_file),
         no_xattr=opts.no_xattr,
     )
@@ -246,11 +247,16 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
             EXIT_DAEMON, f"the kernel refused the mount ({e}); check /dev/fuse permissions and mount options"
         ) from None
     log.info(
-        "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d",
+        "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d max_file_size=%d max_inodes=%d "
+        "memory_budget=%d backing_max_blob=%d",
         opts.mountpoint,
         opts.backing,
         opts.block_size,
         os.getpid(),
+        limits.max_file_size,
+        limits.max_inodes,
+        limits.memory_budget,
+        store.size_limit,  # probed now, not in the first write's request
     )
     reaper = BlobReaper(store.remove_now, capacity=opts.removal_queue)
     try:
@@ -285,8 +291,8 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
 def spawn_daemon(argv: list[str], log_file: Path | None, timeout: float = 30.0) -> tuple[int, str]:
     """Start `python -m scratchfs mount ... --foreground --ready-fd N` detached; wait for its word.
 
-    Returns (exit code, message). The daemon writes "ok" once the mount is live or
-    "err CODE MESSAGE" if it cannot mount; silence until EOF means it died.
+    Returns (exit code, message), from the daemon's word on the readiness pipe
+    (scratchfs.keyholder.ready); silence until EOF means it died.
     """
     read_fd, write_fd = os.pipe()
     if log_file is not None:
@@ -307,29 +313,15 @@ def spawn_daemon(argv: list[str], log_file: Path | None, timeout: float = 30.0) 
         os.close(write_fd)
         if log_file is not None:
             os.close(stderr)
-    deadline = time.monotonic() + timeout
-    chunks = b""
     try:
-        while not chunks.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            # select: a daemon that hangs before answering must not hang `scratchfs mount`.
-            if remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]:
-                break
-            chunk = os.read(read_fd, 4096)
-            if not chunk:
-                break
-            chunks += chunk
-    except OSError:
-        pass
+        word = ready.read_word(read_fd, timeout)
     finally:
         os.close(read_fd)
-    word = chunks.decode(errors="replace").strip()
-    if word == "ok":
+    if word.ok:
         return EXIT_OK, ""
-    if word.startswith("err "):
-        _, code, message = word.split(" ", 2)
+    if word.code is not None:
         proc.wait(timeout=10)
-        return int(code), message
+        return word.code, word.message
     try:
         rc = proc.wait(timeout=5)
     except subprocess.TimeoutExpired:

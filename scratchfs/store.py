@@ -2,6 +2,13 @@
 
 Blob names are 128-bit random ids in hex. The marker file identifies the directory as a
 scratchfs store so that we never wipe a directory that belongs to someone else.
+
+Blobs are pinned to what this daemon created: each blob's (st_dev, st_ino) is recorded when it
+is made, and every reopen checks the opened fd itself (fstat, so no race with the name): same
+inode, one link, owned by us, a regular file. Anything else (a hard link to someone's file
+planted at the name, another file swapped in, a FIFO, a device) is an IntegrityError before a
+single byte is read, written or truncated through it. Removal only ever unlinks the name, so a
+planted link's target is never touched.
 """
 
 from __future__ import annotations
@@ -56,11 +63,27 @@ class BlobStore:
     def __init__(self, root: Path, dir_fd: int) -> None:
         self.root = root
         self._dir_fd = dir_fd
+        self._uid = os.geteuid()
+        # blob id -> (st_dev, st_ino) at creation; one entry per live file with content.
+        self._pins: dict[bytes, tuple[int, int]] = {}
+        self._size_limit: int | None = None
         # Set by the daemon while it serves: queues a removal off the request path and returns
         # True, or False when its queue is full (scratchfs/reaper.py). None: remove inline.
         self.defer_removal: Callable[[str], bool] | None = None
         # ... and removes everything still queued, now; returns how many (see free_queued).
         self.drain_removals: Callable[[], int] | None = None
+
+    @property
+    def size_limit(self) -> int:
+        """The largest blob the backing filesystem holds (probed once, see max_blob_size)."""
+        if self._size_limit is None:
+            self._size_limit = self.max_blob_size()
+        return self._size_limit
+
+    @size_limit.setter
+    def size_limit(self, value: int) -> None:
+        # Lowered by tests to exercise overflow blobs without writing near 16 TiB.
+        self._size_limit = value
 
     @classmethod
     def check(cls, root: Path) -> None:
@@ -150,6 +173,8 @@ class BlobStore:
                 )
             except FileExistsError:
                 continue
+            st = os.fstat(fd)
+            self._pins[blob_id] = (st.st_dev, st.st_ino)
             return blob_id, fd
 
     def open_blob(self, blob_id: bytes) -> int:
@@ -163,14 +188,33 @@ class BlobStore:
             raise IntegrityError(
                 f"blob replaced by something else ({errno.errorcode.get(e.errno or 0, e.errno)})"
             ) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            self._check_pinned(blob_id, os.fstat(fd))
+        except IntegrityError:
             os.close(fd)
-            raise IntegrityError("blob replaced by a non-regular file")
+            raise
         os.set_blocking(fd, True)
         return fd
 
+    def _check_pinned(self, blob_id: bytes, st: os.stat_result) -> None:
+        """The opened object must be the very file we created for *blob_id*, and only ours."""
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError("blob replaced by a non-regular file")
+        pin = self._pins.get(blob_id)
+        if pin is None or (st.st_dev, st.st_ino) != pin:
+            raise IntegrityError("blob replaced by another file (inode changed)")
+        if st.st_nlink != 1:
+            raise IntegrityError(f"blob has {st.st_nlink} links (a hard link was planted)")
+        if st.st_uid != self._uid:
+            raise IntegrityError(f"blob owned by uid {st.st_uid}, not by the daemon")
+
     def remove_blob(self, blob_id: bytes) -> None:
-        """Delete a blob (already crypto-shredded by dropping its key), possibly deferred."""
+        """Delete a blob's name (already crypto-shredded by dropping its key), possibly deferred.
+
+        Unlink only: whatever sits at the name now (maybe a hard link an attacker planted to
+        someone's file) loses that name and nothing else.
+        """
+        self._pins.pop(blob_id, None)
         name = blob_id.hex()
         if self.defer_removal is not None and self.defer_removal(name):
             return
@@ -207,10 +251,35 @@ class BlobStore:
     def wipe_all(self) -> int:
         """Delete every blob in the store; returns how many there were."""
         count = 0
+        self._pins.clear()
         for name in os.listdir(self._dir_fd):
             if is_blob_name(name) and self._remove(name):
                 count += 1
         return count
+
+    def max_blob_size(self) -> int:
+        """The largest size the backing filesystem lets a blob have (its s_maxbytes).
+
+        Found by binary search with ftruncate on a scratch blob (sparse on every filesystem we
+        back onto: nothing is written), ~63 calls at mount; ext4 answers 2^44 - 4096, tmpfs
+        2^63 - 1. No statvfs/pathconf field says it (pathconf FILESIZEBITS is 32 on tmpfs).
+        """
+        blob_id, fd = self.new_blob()
+        try:
+            lo, hi = 0, (1 << 63) - 1  # lo: known to fit; answer in [lo, hi]
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                try:
+                    os.ftruncate(fd, mid)
+                    lo = mid
+                except OSError as e:
+                    if e.errno not in (errno.EFBIG, errno.EINVAL):
+                        raise
+                    hi = mid - 1
+            return lo
+        finally:
+            os.close(fd)
+            self.remove_blob(blob_id)
 
     def statvfs(self) -> os.statvfs_result:
         """statvfs of the backing filesystem."""

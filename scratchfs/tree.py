@@ -25,6 +25,7 @@ RENAME_EXCHANGE = 2
 CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # Linux's id; Python does not export it
 
 from scratchfs.errors import FsError  # noqa: E402
+from scratchfs.limits import ENTRY_COST, INODE_COST, XATTR_COST, Limits, MemoryBudget  # noqa: E402
 
 
 class Directory:
@@ -161,9 +162,22 @@ def check_name(name: bytes) -> None:
 
 
 class Namespace:
-    """The inode table and every namespace operation."""
+    """The inode table and every namespace operation.
 
-    def __init__(self, root_uid: int = 0, root_gid: int = 0, root_mode: int = 0o755) -> None:
+    Bounded (limits.py): at most `limits.max_inodes` inodes (ENOSPC), and every inode, directory
+    entry and xattr is charged to `budget` before it is made (ENOSPC when it is spent).
+    """
+
+    def __init__(
+        self,
+        root_uid: int = 0,
+        root_gid: int = 0,
+        root_mode: int = 0o755,
+        limits: Limits | None = None,
+        budget: MemoryBudget | None = None,
+    ) -> None:
+        self.limits = limits if limits is not None else Limits()
+        self.budget = budget if budget is not None else MemoryBudget(self.limits.memory_budget)
         self._inodes: dict[int, Inode] = {}
         self._next_ino = ROOT_INO
         root = self._new(stat.S_IFDIR | root_mode, root_uid, root_gid)
@@ -172,7 +186,11 @@ class Namespace:
         root.lookups = 1  # the kernel's reference to the root never goes away
 
     # --- inode table -------------------------------------------------------------------------
-    def _new(self, mode: int, uid: int, gid: int) -> Inode:
+    def _new(self, mode: int, uid: int, gid: int, name: bytes = b"") -> Inode:
+        """A new inode (with the cost of its first name); ENOSPC past the inode or memory limit."""
+        if len(self._inodes) >= self.limits.max_inodes:
+            raise self.budget.refuse("inodes")
+        self.budget.reserve(INODE_COST + ENTRY_COST + len(name))
         ino = self._next_ino
         self._next_ino += 1
         node = Inode(ino, mode, uid, gid, now_ns())
@@ -244,8 +262,10 @@ class Namespace:
             gid = pnode.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        node = self._new(mode, uid, gid)
+        node = self._new(mode, uid, gid, name)
         node.target = target
+        if target is not None:
+            self.budget.adjust(len(target))
         node.nlink = 2 if node.is_dir else 1
         if node.is_dir:
             pnode.nlink += 1
@@ -265,6 +285,7 @@ class Namespace:
             raise FsError(errno.EEXIST)
         if node.nlink == 0:
             raise FsError(errno.ENOENT)
+        self.budget.reserve(ENTRY_COST + len(new_name))
         d.add(new_name, node.ino)
         node.nlink += 1
         node.ctime_ns = now_ns()
@@ -281,6 +302,7 @@ class Namespace:
         if node.is_dir:
             raise FsError(errno.EISDIR)
         d.remove(name)
+        self.budget.adjust(-(ENTRY_COST + len(name)))
         self._drop_name(node, parent, name)
         self._touch_dir(pnode)
         return node
@@ -298,6 +320,7 @@ class Namespace:
         if len(node.directory):
             raise FsError(errno.ENOTEMPTY)
         d.remove(name)
+        self.budget.adjust(-(ENTRY_COST + len(name)))
         node.nlink = 0
         node.name_hint = (0, name)
         node.ctime_ns = now_ns()
@@ -383,6 +406,7 @@ class Namespace:
             released = target
         od.remove(old_name)
         nd.add(new_name, node.ino)
+        self.budget.adjust(len(new_name) - len(old_name) - (ENTRY_COST + len(new_name) if target is not None else 0))
         if node.is_dir and old_parent != new_parent:
             op_node.nlink -= 1
             np_node.nlink += 1
@@ -423,9 +447,52 @@ class Namespace:
     def release_if_unused(self, node: Inode) -> Inode | None:
         """Drop *node* from the table if nothing refers to it any more; returns it if dropped."""
         if node.ino != ROOT_INO and node.nlink == 0 and node.lookups == 0 and node.opens == 0:
-            self._inodes.pop(node.ino, None)
+            if self._inodes.pop(node.ino, None) is not None:
+                self.budget.adjust(-self._inode_cost(node))
+                node.xattrs = None
             return node
         return None
+
+    @staticmethod
+    def _inode_cost(node: Inode) -> int:
+        """What _new, create and setxattr charged for *node* itself (names are given back as they go)."""
+        cost = INODE_COST + len(node.target or b"")
+        if node.xattrs:
+            cost += sum(XATTR_COST + len(k) + len(v) for k, v in node.xattrs.items())
+        return cost
+
+    # --- xattrs --------------------------------------------------------------------------------
+    def setxattr(self, node: Inode, name: bytes, value: bytes) -> None:
+        """Set an xattr; ENOSPC past the per-inode count/bytes limits or the memory budget."""
+        xattrs = node.xattrs
+        old = xattrs.get(name) if xattrs else None
+        if old is None:
+            if xattrs and len(xattrs) >= self.limits.max_xattrs:
+                raise self.budget.refuse("xattrs_per_inode")
+            delta = XATTR_COST + len(name) + len(value)
+            grow = len(name) + len(value)
+        else:
+            delta = grow = len(value) - len(old)
+        # bounded by max_xattrs, so this sum is at most 128 short steps
+        total = sum(len(k) + len(v) for k, v in xattrs.items()) if xattrs else 0
+        if total + grow > self.limits.max_xattr_bytes:
+            raise self.budget.refuse("xattr_bytes_per_inode")
+        if delta > 0:
+            self.budget.reserve(delta)
+        else:
+            self.budget.adjust(delta)
+        if xattrs is None:
+            xattrs = node.xattrs = {}
+        xattrs[name] = bytes(value)
+        node.ctime_ns = now_ns()
+
+    def removexattr(self, node: Inode, name: bytes) -> None:
+        """Remove an xattr; ENOATTR (ENODATA) if it is not set."""
+        if not node.xattrs or name not in node.xattrs:
+            raise FsError(errno.ENODATA)
+        value = node.xattrs.pop(name)
+        self.budget.adjust(-(XATTR_COST + len(name) + len(value)))
+        node.ctime_ns = now_ns()
 
     # --- helpers -------------------------------------------------------------------------------
     def _touch_dir(self, node: Inode, t: int | None = None) -> None:

@@ -16,46 +16,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scratchfs.keyholder import mountinfo, procs
+
 SCRATCHFS = [sys.executable, "-m", "scratchfs"]
 
 
 def is_mounted(path: Path) -> bool:
-    """True if *path* is a mount point listed in /proc/self/mountinfo."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[4].encode().decode("unicode_escape")
-            if mnt == target:
-                return True
-    return False
+    """True if something is mounted exactly at *path* (the shared mountinfo parser)."""
+    return mountinfo.find(path) is not None
 
 
 def fuse_mounts_under(prefix: str) -> list[str]:
-    """Every FUSE mount point below *prefix*."""
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            fstype = fields[sep + 1]
-            mnt = fields[4]
-            if fstype.startswith("fuse") and mnt.startswith(prefix):
-                found.append(mnt)
-    return found
+    """Every FUSE mount point at or below *prefix*."""
+    return [e.mountpoint for e in mountinfo.under(prefix) if e.fstype.startswith("fuse")]
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    """True unless *pid* is gone or a zombie (zombies are dead for our purposes)."""
+    return procs.alive(pid)
 
 
 def wait_pid_gone(pid: int, timeout: float = 20.0) -> bool:

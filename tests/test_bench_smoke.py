@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from scratchfs.keyholder import mountinfo
 from tools.bench.report import METRICS, Metric, goals, ratio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,9 +30,7 @@ needs_root_fuse = pytest.mark.skipif(
 
 
 def mounts_under(prefix: Path) -> list[str]:
-    root = os.path.realpath(prefix)
-    with open("/proc/self/mountinfo") as f:
-        return [ln.split()[4] for ln in f if ln.split()[4].startswith(root)]
+    return [e.mountpoint for e in mountinfo.under(prefix)]
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -1,10 +1,15 @@
 """``make demo``: the whole system on one machine, with embedded defaults.
 
-Steps: init a platform in a temp dir and serve it on 127.0.0.1, add an appliance, activate
-an agent, start loopback TCP services as scan targets (one needs a credential), seal and
-add the credential, queue a job, run ``scanner-agent run --once``, print the platform's
-results as a table, prove that neither the volume image nor the scratch store (sampled
-while the agent runs) holds any of the demo's plaintext markers, tear everything down.
+Steps: start a software TPM (swtpm, socket mode in the temp dir), init a platform in a temp
+dir and serve it on 127.0.0.1, add an appliance, activate an agent with its keys in the TPM,
+start loopback scan targets (a real OpenSSH server, an FTP banner, a web login),
+seal an SSH credential with its scope (127.0.0.1, the SSH port, ssh, the host key pinned),
+show the platform refusing a job that retargets it, queue a job, run ``scanner-agent run
+--once`` (SSH login + inventory accepted; the web login, outside the scope, refused without
+a byte of the secret sent), print the platform's results as a table, prove that neither
+the volume image nor the scratch store (sampled while the agent runs) holds any of the
+demo's plaintext markers and that no private key is on disk in any encoding, tear
+everything down (swtpm included, by PID).
 
 Exit code 0 only if every step held; everything is torn down even on failure. The
 loopback services and platform helpers here are also used by tests/agent.
@@ -12,12 +17,14 @@ loopback services and platform helpers here are also used by tests/agent.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -29,12 +36,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scratchfs.keyholder import mountinfo
+from tools import sshd as sshdmod
+
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 
 # Plaintext markers: none may appear in the volume image or the scratch store.
 MARKERS = {
-    "ssh banner": b"DemoSSH_4f1c9e-MARKER",
     "ftp banner": b"demo-ftpd-8b2d71-MARKER",
     "http realm": b"demo-realm-51aa0c-MARKER",
     "secret page": b"ACME-secret-panel-93e7d2-MARKER",
@@ -59,6 +68,9 @@ class Service:
     stop: threading.Event = field(default_factory=threading.Event)
     connections: int = 0
     authorized: int = 0
+    # Every byte the service received (after TLS decryption, where it speaks TLS): tests
+    # and the demo grep it for secrets that must never arrive.
+    received: bytearray = field(default_factory=bytearray)
 
     def close(self) -> None:
         """Stop accepting and join the thread."""
@@ -86,10 +98,10 @@ def _serve(svc: Service, handle: Callable[[socket.socket], None]) -> None:
                 pass
 
 
-def _listen() -> socket.socket:
+def _listen(host: str = "127.0.0.1") -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", 0))
+    s.bind((host, 0))
     s.listen(16)
     return s
 
@@ -107,26 +119,39 @@ def start_banner_service(name: str, banner: bytes) -> Service:
     return svc
 
 
-def _read_request(conn: socket.socket) -> bytes:
+def _read_request(conn: socket.socket, record: bytearray | None = None) -> bytes:
     data = b""
     while b"\r\n\r\n" not in data and len(data) < 16384:
         chunk = conn.recv(4096)
         if not chunk:
             break
         data += chunk
+        if record is not None:
+            record += chunk
     return data
 
 
-def start_http_auth_service(credential: bytes, realm: bytes, secret_page: bytes) -> Service:
-    """HTTP/1.0 with Basic auth: 401 without the credential, *secret_page* with it."""
-    import base64
-
-    svc = Service("http-auth", 0, _listen())
+def start_http_auth_service(
+    credential: bytes,
+    realm: bytes,
+    secret_page: bytes,
+    host: str = "127.0.0.1",
+    tls: ssl.SSLContext | None = None,
+) -> Service:
+    """HTTP/1.0 (over TLS with *tls*) with Basic auth: 401 without the credential
+    (``user:password``), *secret_page* with it. Records every byte it receives."""
+    svc = Service("https-auth" if tls else "http-auth", 0, _listen(host))
     svc.port = svc.sock.getsockname()[1]
     expected = b"Basic " + base64.b64encode(credential)
 
-    def handle(conn: socket.socket) -> None:
-        request = _read_request(conn)
+    def handle(raw_conn: socket.socket) -> None:
+        conn = raw_conn
+        if tls is not None:
+            try:
+                conn = tls.wrap_socket(raw_conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                return  # a cleartext probe on the TLS port: nothing to serve
+        request = _read_request(conn, svc.received)
         auth = b""
         for line in request.split(b"\r\n")[1:]:
             key, _, value = line.partition(b":")
@@ -243,19 +268,27 @@ def agent_cmd(*args: str) -> list[str]:
     return [PY, "-m", "agent.cli", *args]
 
 
-def activate(platform: Platform, name: str, state_dir: Path) -> None:
-    """Add appliance *name* and activate an agent state dir for it."""
+def activate(platform: Platform, name: str, state_dir: Path, tcti: str | None = None,
+             *extra: str) -> None:
+    """Add appliance *name* and activate an agent state dir for it.
+
+    With *tcti* the keys go into that TPM; without, into the file keystore (asked for
+    explicitly, as the agent requires).
+    """
     code = platform.cli("appliance", "add", name).stdout.decode().strip()
+    keystore = ["--tcti", tcti] if tcti else ["--keystore", "file"]
     run(agent_cmd("activate", str(state_dir), "--platform", platform.url,
-                  "--ca", str(platform.ca), "--code", "-"), input_=code.encode() + b"\n")
+                  "--ca", str(platform.ca), "--code", "-", *keystore, *extra),
+        input_=code.encode() + b"\n")
 
 
-def seal_credential(platform: Platform, appliance: str, secret: bytes, workdir: Path,
-                    name: str = MARKERS["credential name"].decode()) -> None:
-    """Seal *secret* to the appliance with scanner-seal and add it to the platform."""
+def seal_credential(platform: Platform, appliance: str, username: str, secret: bytes, workdir: Path,
+                    name: str, scope_args: list[str]) -> None:
+    """Seal *secret* and its scope (scanner-seal flags) to the appliance, add it to the platform."""
     pub = workdir / f"{appliance}.pub"
     pub.write_bytes(platform.cli("appliance", "pubkey", appliance).stdout)
-    sealed = run([PY, "-m", "tools.seal", "--appliance-key", str(pub)], input_=secret).stdout
+    sealed = run([PY, "-m", "tools.seal", "--appliance-key", str(pub), "--username", username,
+                  *scope_args], input_=secret).stdout
     blob = workdir / f"{name}.sealed"
     blob.write_bytes(sealed)
     platform.cli("credential", "add", name, "--appliance", appliance, "--sealed", str(blob))
@@ -263,15 +296,7 @@ def seal_credential(platform: Platform, appliance: str, secret: bytes, workdir: 
 
 def mounts_under(prefix: Path) -> list[tuple[str, str]]:
     """(mountpoint, fstype) of every mount below *prefix*, deepest first."""
-    out = []
-    root = os.path.realpath(prefix)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[4].encode().decode("unicode_escape")
-            if mnt.startswith(root + "/"):
-                out.append((mnt, fields[fields.index("-") + 1]))
-    return sorted(out, key=lambda m: -len(m[0]))
+    return [(e.mountpoint, e.fstype) for e in mountinfo.under(prefix, include_self=False)]
 
 
 def clear_mounts(agent_state: Path) -> list[str]:
@@ -377,35 +402,94 @@ class Step:
         print("        ok", flush=True)
 
 
+def private_key_forms(agent_state: Path, tcti: str) -> dict[str, bytes]:
+    """Every encoding of the appliance's private keys, unwrapped the way the agent does."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent import state as statemod
+    from protocol import sealing
+
+    st = statemod.load_state(agent_state, tcti)
+    try:
+        pem = bytes(st.tls_key_pem())
+        seal = bytes(st.seal_private())
+        hybrid = bytes(statemod.load_hybrid_key(st.keystore) or b"")
+    finally:
+        st.forget()
+    key = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    none = serialization.NoEncryption()
+    forms = {
+        "TLS key PEM": pem,
+        "TLS key PKCS#8 DER": key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, none),
+        "TLS key SEC1 DER": key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, none
+        ),
+        "TLS key raw scalar": key.private_numbers().private_value.to_bytes(32, "big"),
+        "sealing key raw": seal,
+        "hybrid sealing key raw": hybrid,
+        "hybrid ML-KEM-768 seed": hybrid[: sealing.MLKEM_SEED_LEN],
+        "hybrid X25519 key": hybrid[sealing.MLKEM_SEED_LEN :],
+        "any PEM private key": b"PRIVATE KEY",
+    }
+    return {name: form for name, form in forms.items() if form}  # no hybrid key: nothing to find
+
+
 def demo(work: Path) -> int:
     """Run every step in *work*; return 0 only if all of them held."""
-    step = Step(12)
+    from tools.swtpm import Swtpm, start_swtpm
+
+    step = Step(15)
     services: list[Service] = []
     platform: Platform | None = None
+    sshd: sshdmod.Sshd | None = None
+    tpm: Swtpm | None = None
     agent_state = work / "appliance"
+    password = MARKERS["credential password"]
     try:
+        with step("start a software TPM (swtpm, socket mode) and TPM2_Startup") as notes:
+            tpm = start_swtpm(work / "tpm")
+            notes.append(f"TPM 2.0 at {tpm.tcti} (pid {tpm.proc.pid})")
+        assert tpm is not None
         with step("init the platform and serve it on 127.0.0.1") as notes:
             platform = start_platform(work / "platform")
             notes.append(f"platform at {platform.url} (CA {platform.ca})")
         assert platform is not None
-        with step("add appliance 'demo-appliance' and activate the agent") as notes:
-            activate(platform, "demo-appliance", agent_state)
+        with step("add appliance 'demo-appliance' and activate the agent (keys in the TPM)") as notes:
+            activate(platform, "demo-appliance", agent_state, tpm.tcti)
             mode = oct(agent_state.stat().st_mode & 0o777)
             notes.append(f"state dir {agent_state} ({mode}), bound to {platform.url}")
+            notes.append("state files: " + " ".join(sorted(p.name for p in agent_state.iterdir())))
+            notes.append("keys: AES-GCM envelopes (*.tpm) under a wrapping key sealed by this TPM")
         with step("start loopback scan targets") as notes:
-            ssh = start_banner_service("ssh", b"SSH-2.0-" + MARKERS["ssh banner"] + b"\r\n")
+            sshdmod.ensure_user(password)
+            sshd = sshdmod.start(work / "sshd", b"")
             ftp = start_banner_service("ftp", b"220 " + MARKERS["ftp banner"] + b" FTP ready\r\n")
             web = start_http_auth_service(CREDENTIAL, MARKERS["http realm"], MARKERS["secret page"])
-            services += [ssh, ftp, web]
+            services += [ftp, web]
             closed = closed_port()
+            notes.append(f"sshd      127.0.0.1:{sshd.port} (Debian OpenSSH, user {sshdmod.SSH_USER})")
             for s in services:
                 notes.append(f"{s.name:9s} 127.0.0.1:{s.port}")
             notes.append(f"closed    127.0.0.1:{closed}")
-        with step("seal the web credential to the appliance and add it") as notes:
-            seal_credential(platform, "demo-appliance", CREDENTIAL, work)
-            notes.append("sealed with scanner-seal (X25519 + HKDF + AES-GCM); platform sees ciphertext")
+        assert sshd is not None
+        with step("seal the SSH credential with its scope and add it") as notes:
+            scope_args = ["--target", "127.0.0.1", "--ports", str(sshd.port), "--protocol", "ssh",
+                          "--pin-ssh-sha256", sshd.host_key_sha256]
+            seal_credential(platform, "demo-appliance", sshdmod.SSH_USER, password, work,
+                            MARKERS["credential name"].decode(), scope_args)
+            notes.append("scope: 127.0.0.1, port " + str(sshd.port) + ", ssh, host key pinned")
+            notes.append("sealed with HPKE MLKEM768-X25519 (scanner-seal); platform sees ciphertext")
+        with step("the platform refuses to retarget the credential at 127.0.0.2") as notes:
+            proc = platform.cli("job", "add", "demo-appliance", "--targets", "127.0.0.2",
+                                "--ports", str(sshd.port), "--credential",
+                                MARKERS["credential name"].decode(), check=False)
+            if proc.returncode != 6:
+                raise RuntimeError(f"job add outside the scope exited {proc.returncode}, not 6")
+            notes.append("job add: " + proc.stderr.decode(errors="replace").strip()[:150])
         with step("queue a scan job") as notes:
-            ports = ",".join(str(p) for p in (ssh.port, ftp.port, web.port, closed))
+            ports = ",".join(str(p) for p in (sshd.port, ftp.port, web.port, closed))
             job_id = platform.cli(
                 "job", "add", "demo-appliance", "--targets", "127.0.0.1", "--ports", ports,
                 "--credential", MARKERS["credential name"].decode(),
@@ -422,8 +506,9 @@ def demo(work: Path) -> int:
             log_lines = proc.stderr.decode(errors="replace").splitlines()
             for line in log_lines:
                 if "event=" in line and any(k in line for k in (
-                    "time_sync", "volume_open", "scratch_mounted", "job_received",
-                    "credential_check", "upload_acknowledged", "job_shredded", "shutdown",
+                    "time_sync", "session_opened", "volume_open", "scratch_mounted", "job_received",
+                    "credential_check", "credential_refused", "upload_acknowledged",
+                    "job_shredded", "shutdown",
                 )):
                     notes.append("agent: " + line.split(" ", 1)[1][:110])
             if proc.returncode != 0:
@@ -434,13 +519,20 @@ def demo(work: Path) -> int:
             print("\n".join("        " + ln for ln in table.rstrip().splitlines()), flush=True)
             doc = json.loads(platform.cli("results", "show", job_id, "--json").stdout)["result"]
             ports_found = {p["port"]: p for h in doc["hosts"] for p in h["ports"]}
-            if set(ports_found) != {ssh.port, ftp.port, web.port}:
+            if set(ports_found) != {sshd.port, ftp.port, web.port}:
                 raise RuntimeError(f"open ports {sorted(ports_found)} are not the 3 services")
-            if ports_found[web.port].get("auth") != "accepted" or web.authorized != 1:
-                raise RuntimeError("the credential check did not log in exactly once")
-            if MARKERS["secret page"].decode() not in ports_found[web.port]["banner"]:
-                raise RuntimeError("the authenticated banner is missing from the result")
-            notes.append("3 open ports, services guessed, credential check: accepted")
+            ssh_entry = ports_found[sshd.port]
+            uname = ssh_entry.get("inventory", {}).get("uname -a", "")
+            if ssh_entry.get("auth") != "accepted" or "Linux" not in uname:
+                raise RuntimeError("the SSH login with inventory did not succeed")
+            if ports_found[web.port].get("auth") != "credential_out_of_scope" or web.authorized:
+                raise RuntimeError("the web login outside the scope was not refused")
+            sent = [m for m in (password, base64.b64encode(CREDENTIAL)) if m in web.received]
+            if sent:
+                raise RuntimeError("the out-of-scope web service received secret bytes")
+            notes.append("ssh: accepted, inventory: " + ssh_entry["inventory"]["uname -a"][:70])
+            notes.append(f"web 127.0.0.1:{web.port}: credential_out_of_scope, "
+                         f"{len(web.received)} bytes received, 0 of them secret")
         with step("the credential never reached the result") as notes:
             raw = platform.cli("results", "show", job_id, "--json").stdout
             leaked = find_markers(raw, {k: v for k, v in MARKERS.items() if "credential" in k})
@@ -465,6 +557,16 @@ def demo(work: Path) -> int:
                 raise RuntimeError(f"markers found in {found_elsewhere}")
             notes.append(f"{image.stat().st_size // (1024 * 1024)} MiB image and "
                          f"{len(left)} other state files: 0 markers")
+        with step("no private key on disk in any encoding (state dir and volume image)") as notes:
+            forms = private_key_forms(agent_state, tpm.tcti)
+            files = [p for p in agent_state.rglob("*") if p.is_file()]
+            hits = [f"{p.name}: {name}" for p in files for name in file_markers(p, forms)]
+            if hits:
+                raise RuntimeError(f"private key material found: {hits}")
+            notes.append(f"{len(files)} files searched for {len(forms)} encodings of the TLS and sealing "
+                         "keys: 0 found")
+            listing = platform.cli("appliance", "list").stdout.decode().rstrip()
+            notes += ["platform: " + ln for ln in listing.splitlines()]
         with step("nothing left mounted") as notes:
             left_mounts = mounts_under(agent_state)
             if left_mounts:
@@ -476,9 +578,15 @@ def demo(work: Path) -> int:
         print(f"[{step.total:2d}/{step.total}] tear down ...", flush=True)
         for s in services:
             s.close()
+        if sshd is not None:
+            sshd.stop()
+        if shutil.which("userdel"):
+            sshdmod.remove_user()
         cleared = clear_mounts(agent_state) if agent_state.exists() else []
         if platform is not None:
             platform.stop()
+        if tpm is not None:
+            tpm.stop()
         if cleared:
             print(f"        cleared leftover mounts: {cleared}", flush=True)
             step.failed.append("leftover mounts")

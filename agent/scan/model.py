@@ -50,6 +50,9 @@ class PortResult:
     auth: str | None = None
     auth_banner: str | None = None
     needs_auth: bool = False
+    tls: bool = False  # the service spoke TLS (the probe's handshake succeeded)
+    cert_sha256: str = ""  # SHA-256 of the certificate the probe saw (hex), for pinning
+    inventory: dict[str, str] | None = None  # authenticated SSH: command -> output
 
     def to_json(self) -> dict[str, Any]:
         """Result-document form (only fields with meaning for this port)."""
@@ -60,6 +63,11 @@ class PortResult:
             api.R_BANNER: self.banner,
             "guess": self.guess,
         }
+        if self.tls:
+            doc["tls"] = True
+            doc["cert_sha256"] = self.cert_sha256
+        if self.inventory is not None:
+            doc["inventory"] = dict(self.inventory)
         if self.auth is not None:
             doc["auth"] = self.auth
             doc["auth_banner"] = self.auth_banner or ""
@@ -67,6 +75,8 @@ class PortResult:
                 # What a logged-in user sees is the more telling banner; keep both.
                 doc["unauthenticated_banner"] = self.banner
                 doc[api.R_BANNER] = f"[auth {self.auth}] {self.auth_banner}"
+            else:  # refused by the scope, or no login: say so where operators look
+                doc[api.R_BANNER] = f"[auth {self.auth}] {self.banner}"
         return doc
 
 

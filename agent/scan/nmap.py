@@ -17,6 +17,7 @@ import trio
 
 from agent.scan.model import STATE_CLOSED, STATE_FILTERED, STATE_OPEN, HostResult, PortResult
 from agent.scan.services import guess_service
+from agent.scan.targets import TargetError, count_hosts
 from protocol import api
 
 
@@ -101,10 +102,14 @@ async def run_nmap(
     targets: list[str], ports: str, job_dir: Path, timeout: float
 ) -> list[HostResult]:
     """Run nmap with XML output in *job_dir* (on scratch) and parse it from there."""
+    try:
+        count_hosts(targets)  # the built-in engine's cap: nmap must not get 0.0.0.0/0 either
+    except TargetError as e:
+        raise NmapError(str(e)) from None
+    api.parse_port_spec(ports)  # refuse malformed specs before they reach argv
     binary = nmap_path()
     if binary is None:
         raise NmapError("nmap is not installed on this appliance")
-    api.parse_port_spec(ports)  # refuse malformed specs before they reach argv
     xml_out = job_dir / "nmap.xml"
     cmd = nmap_command(binary, targets, ports, xml_out)
     with trio.move_on_after(timeout) as scope:

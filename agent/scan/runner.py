@@ -4,8 +4,10 @@ Started by the agent as ``python -m agent.scan JOB_DIR ...`` so that a crash in 
 code cannot take down the process that holds keys (DESIGN.md §3b). It never sees the
 appliance's sealing key or a sealed blob. When a port asks for authentication, the child
 writes one byte to ``--cred-request-fd``; only then does the agent open the sealed
-credential and write the plaintext to ``--cred-fd``, which the child reads straight into a
-bytearray, uses for the check, and overwrites.
+credential and write its plaintext (the customer's sealed scope, then the secret; see
+protocol.credential) to ``--cred-fd``, which the child reads straight into a bytearray.
+The child enforces the sealed scope per (address, port, protocol) before sending anything
+(agent.scan.credcheck), and overwrites the secret after the checks.
 
 Exit codes: 0 result written, 1 scan failed (one line on stderr), 2 usage error.
 """
@@ -24,10 +26,10 @@ from typing import Any
 import trio
 
 from agent.scan import nmap, tcp
-from agent.scan.credcheck import wipe
 from agent.scan.model import HostResult, ScanOptions, result_document
 from agent.scan.targets import TargetError, resolve
 from protocol import api
+from scratchfs.keyholder.wipe import wipe
 
 log = logging.getLogger("agent.scan")
 
@@ -119,7 +121,7 @@ async def run_job(
         except TargetError as e:
             raise ScanFailed(str(e)) from None
         ports = api.expand_ports(ports_spec)
-        hosts = await tcp.scan(addresses, ports, opts, credential)
+        hosts = await tcp.scan(addresses, ports, opts, credential, time_offset)
         hosts.extend(HostResult(t, "", error=msg) for t, msg in errors.items())
     finished = time.time() + time_offset
     body = result_document(str(job[api.F_ID]), engine, started, finished, hosts)

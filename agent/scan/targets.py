@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 
@@ -21,6 +22,38 @@ class Address:
 
     target: str
     address: str
+
+
+# nmap reads "10.0.0-255.*" or "10.1,2.0.1" as octet ranges: one target string can name 2^32
+# addresses, which the character check of protocol.api lets through ('-' is a hostname character).
+_NMAP_OCTET_RANGE = re.compile(r"^[0-9*,-]+(\.[0-9*,-]+){3}$")
+
+
+def _network(target: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The network an IP or CIDR target names, or None for a hostname; TargetError if malformed."""
+    try:
+        return ipaddress.ip_network(target, strict=False)
+    except ValueError:
+        if "/" in target:
+            raise TargetError(f"target {target!r} is not a valid CIDR") from None
+        return None
+
+
+def count_hosts(targets: list[str]) -> int:
+    """How many addresses *targets* name (a hostname is one: both engines scan one address per
+    name); raise TargetError above MAX_HOSTS. Pure, and counts without listing, so a job of many
+    large CIDRs is refused before anything is expanded. The one cap for every engine."""
+    total = 0
+    for target in targets:
+        if _NMAP_OCTET_RANGE.match(target) and _network(target) is None:
+            raise TargetError(f"target {target!r} is an octet range; give IPs, CIDRs or hostnames")
+        net = _network(target)
+        total += 1 if net is None else net.num_addresses
+        if total > MAX_HOSTS:
+            raise TargetError(
+                f"the job's targets name more than {MAX_HOSTS} addresses (at {target!r}); split the job"
+            )
+    return total
 
 
 def expand_literal(target: str) -> list[str] | None:
@@ -44,6 +77,7 @@ def expand_literal(target: str) -> list[str] | None:
 
 async def resolve(targets: list[str], timeout: float) -> tuple[list[Address], dict[str, str]]:
     """Addresses for every target, and an error per target that did not resolve."""
+    count_hosts(targets)
     out: list[Address] = []
     errors: dict[str, str] = {}
     for target in targets:

@@ -2,20 +2,24 @@
 
 Each probe connects with a timeout (refused = closed, timeout/unreachable = filtered), then
 waits passively for a banner (SSH, FTP, SMTP... speak first); if the service stays silent,
-it sends a minimal HTTP HEAD and reads the answer. A CapacityLimiter bounds the number of
+it sends a minimal HTTP HEAD and reads the answer. A port that stays silent or answers
+with a TLS alert is probed once more over TLS (certificate not verified: we only look, and
+record its SHA-256 for the result and for pinning). A CapacityLimiter bounds the number of
 connections in flight. Sockets are only ever connected, never bound or listening.
+No probe carries a credential; credential checks run afterwards (agent.scan.credcheck).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+import ssl
 
 import trio
 
-from agent.scan.credcheck import http_basic_check, wipe
+from agent.scan.credcheck import CredentialSource, run_checks, tls_client_context
 from agent.scan.model import (
     STATE_CLOSED,
     STATE_FILTERED,
@@ -29,9 +33,7 @@ from agent.scan.targets import Address
 
 log = logging.getLogger("agent.scan")
 
-# Returns the credential in a fresh bytearray, or None when the job has none. Called at
-# most once per scan, only when a port actually asks for authentication.
-CredentialSource = Callable[[], Awaitable[bytearray | None]]
+__all__ = ["CredentialSource", "probe", "scan"]
 
 _CLOSED_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET}
 
@@ -77,6 +79,10 @@ async def probe(address: str, port: int, opts: ScanOptions) -> PortResult:
                 pass
             else:
                 raw = await _receive(stream, opts.banner_timeout)
+    if not raw or raw[:1] == b"\x15":  # silent, or a TLS alert answering our cleartext HEAD
+        tls_result = await _probe_tls(address, port, opts)
+        if tls_result is not None:
+            return tls_result
     banner = clean_banner(raw)
     service, how = guess_service(port, banner)
     return PortResult(
@@ -84,13 +90,62 @@ async def probe(address: str, port: int, opts: ScanOptions) -> PortResult:
     )
 
 
+async def _probe_tls(address: str, port: int, opts: ScanOptions) -> PortResult | None:
+    """Handshake and send HEAD over TLS; None when the port does not speak TLS."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    tcp_stream = trio.SocketStream(sock)
+    stream = trio.SSLStream(
+        tcp_stream, tls_client_context(), server_hostname=None, https_compatible=True
+    )
+    try:
+        with trio.move_on_after(opts.connect_timeout + opts.banner_timeout) as scope:
+            await sock.connect((address, port))
+            await stream.do_handshake()
+            der = stream.getpeercert(binary_form=True) or b""
+            host = f"[{address}]" if family == socket.AF_INET6 else address
+            await stream.send_all(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            raw = await _receive_tls(stream, opts.banner_timeout)
+        if scope.cancelled_caught:
+            return None
+    except (OSError, trio.BrokenResourceError, ssl.SSLError):
+        return None
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await stream.aclose()
+            except (trio.BrokenResourceError, OSError, ssl.SSLError):
+                pass
+    banner = clean_banner(raw)
+    service = "https" if http_status(raw) is not None else "tls"
+    return PortResult(
+        port, STATE_OPEN, service, banner, "banner", needs_auth=http_status(raw) == 401,
+        tls=True, cert_sha256=hashlib.sha256(der).hexdigest(),
+    )  # fmt: skip
+
+
+async def _receive_tls(stream: trio.SSLStream[trio.SocketStream], timeout: float) -> bytes:
+    data = bytearray()
+    with trio.move_on_after(timeout):
+        while len(data) < 4096 and b"\r\n\r\n" not in data:
+            try:
+                chunk = await stream.receive_some(4096 - len(data))
+            except (trio.BrokenResourceError, OSError, ssl.SSLError):
+                break
+            if not chunk:
+                break
+            data += chunk
+    return bytes(data)
+
+
 async def scan(
     addresses: list[Address],
     ports: list[int],
     opts: ScanOptions,
     credential: CredentialSource | None = None,
+    time_offset: float = 0.0,
 ) -> list[HostResult]:
-    """Probe every (address, port); then run the credential check where a port asks for it."""
+    """Probe every (address, port); then the credential checks the sealed scope allows."""
     hosts = [HostResult(a.target, a.address) for a in addresses]
     limiter = trio.CapacityLimiter(opts.concurrency)
 
@@ -103,20 +158,6 @@ async def scan(
             for port in ports:
                 nursery.start_soon(one, host, port)
 
-    needing = [(h, pr) for h in hosts for pr in h.ports if pr.needs_auth]
-    if needing and credential is not None:
-        secret = await credential()
-        if secret is not None:
-            try:
-                for host, result in needing:
-                    timeout = opts.connect_timeout + opts.banner_timeout
-                    result.auth, result.auth_banner = await http_basic_check(
-                        host.address, result.port, secret, timeout
-                    )
-                    log.info(
-                        "event=credential_check address=%s port=%d outcome=%s",
-                        host.address, result.port, result.auth,
-                    )
-            finally:
-                wipe(secret)
+    if credential is not None:
+        await run_checks(hosts, credential, opts, time_offset)
     return hosts

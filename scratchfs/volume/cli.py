@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api
 from scratchfs.volume.errors import EXIT_INTERNAL, KeyInputError, VolumeError
 from scratchfs.volume.state import DEFAULT_RUN_DIR
@@ -33,15 +34,15 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
-def read_key_fd(fd: int) -> bytearray:
-    """Read the whole key from *fd* (until EOF) into a bytearray the caller zeroes."""
-    key = bytearray()
+def read_passphrase_fd(fd: int) -> bytearray:
+    """Read the whole keyslot passphrase from *fd* (until EOF) into a bytearray the caller wipes."""
+    passphrase = bytearray()
     try:
-        while len(key) <= api.MAX_KEY_SIZE:
-            chunk = os.read(fd, api.MAX_KEY_SIZE + 1 - len(key))
+        while len(passphrase) <= api.MAX_PASSPHRASE_SIZE:
+            chunk = os.read(fd, api.MAX_PASSPHRASE_SIZE + 1 - len(passphrase))
             if not chunk:
                 break
-            key += chunk
+            passphrase += chunk
     except OSError as e:
         raise KeyInputError(
             f"cannot read the key from fd {fd} ({e.strerror}); pass an open pipe with --key-fd"
@@ -52,31 +53,27 @@ def read_key_fd(fd: int) -> bytearray:
                 os.close(fd)
             except OSError:
                 pass
-    if not key:
+    if not passphrase:
         raise KeyInputError(f"no key on fd {fd} (empty); write the key to the pipe, then close it")
-    if len(key) > api.MAX_KEY_SIZE:
-        key[:] = bytes(len(key))
-        raise KeyInputError(f"the key on fd {fd} is longer than {api.MAX_KEY_SIZE} bytes; pass the raw key only")
-    return key
-
-
-def _zero(b: bytearray) -> None:
-    b[:] = bytes(len(b))
+    if len(passphrase) > api.MAX_PASSPHRASE_SIZE:
+        wipe(passphrase)
+        raise KeyInputError(f"the key on fd {fd} is longer than {api.MAX_PASSPHRASE_SIZE} bytes; pass the raw key only")
+    return passphrase
 
 
 def cmd_format(args: argparse.Namespace) -> int:
-    key = read_key_fd(args.key_fd)
+    passphrase = read_passphrase_fd(args.key_fd)
     try:
         api.format_volume(
             Path(args.image),
             args.size,
-            key,
+            passphrase,
             backend=args.backend,
             sector_size=args.sector_size,
             run_dir=args.run_dir,
         )
     finally:
-        _zero(key)
+        wipe(passphrase)
     print(
         f"formatted {args.image}: {args.size} bytes, LUKS2 aes-xts-plain64, "
         f"{args.sector_size}-byte sectors, ext4 inside"
@@ -85,18 +82,18 @@ def cmd_format(args: argparse.Namespace) -> int:
 
 
 def cmd_open(args: argparse.Namespace) -> int:
-    key = read_key_fd(args.key_fd)
+    passphrase = read_passphrase_fd(args.key_fd)
     try:
         vol = api.open_volume(
             Path(args.image),
             Path(args.mountpoint),
-            key,
+            passphrase,
             args.backend,
             run_dir=args.run_dir,
             debug=bool(getattr(args, "debug", False)),
         )
     finally:
-        _zero(key)
+        wipe(passphrase)
     print(f"opened {args.image} on {vol.mountpoint} (backend {vol.backend})")
     return 0
 
@@ -115,15 +112,15 @@ def cmd_erase(args: argparse.Namespace) -> int:
 def cmd_rekey(args: argparse.Namespace) -> int:
     if args.key_fd == args.new_key_fd:
         raise KeyInputError("--key-fd and --new-key-fd must be different descriptors")
-    old = read_key_fd(args.key_fd)
+    old = read_passphrase_fd(args.key_fd)
     try:
-        new = read_key_fd(args.new_key_fd)
+        new = read_passphrase_fd(args.new_key_fd)
         try:
-            api.change_key(Path(args.image), old, new)
+            api.change_passphrase(Path(args.image), old, new)
         finally:
-            _zero(new)
+            wipe(new)
     finally:
-        _zero(old)
+        wipe(old)
     print(f"rekeyed {args.image}")
     return 0
 
@@ -152,8 +149,10 @@ def format_dump(info: dict[str, Any]) -> str:
     ]
     lines.append(f"keyslots: {len(info['keyslots'])}")
     for ks in info["keyslots"]:
-        extra = " ".join(f"{k}={v}" for k, v in ks.items() if k != "slot")
-        lines.append(f"  {ks['slot']}: {extra}")
+        # As cryptsetup luksDump: "1: luks2 (unbound)" for a keyslot that opens no segment.
+        kind = f"{ks['type']} (unbound)" if ks["unbound"] else str(ks["type"])
+        extra = " ".join(f"{k}={v}" for k, v in ks.items() if k not in ("slot", "type", "unbound"))
+        lines.append(f"  {ks['slot']}: {kind} {extra}")
     return "\n".join(lines)
 
 
@@ -246,13 +245,13 @@ def register(subparsers: Any) -> None:
     _common(p)
     p.set_defaults(func=_guard(cmd_erase))
 
-    p = subparsers.add_parser("dump", help="print the header summary (never a key)")
+    p = subparsers.add_parser("dump", help="print the header summary (never a key or passphrase)")
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
     p.set_defaults(func=_guard(cmd_dump))
 
-    p = subparsers.add_parser("rekey", help="replace the key (platform key rotation)")
+    p = subparsers.add_parser("rekey", help="replace the keyslot passphrase (the platform rotates its key)")
     p.add_argument("image")
     _key_fd(p)
     _key_fd(p, "--new-key-fd", "new_key_fd")

@@ -1,6 +1,6 @@
 """The dmcrypt backend: cryptsetup + device-mapper, what a real appliance uses.
 
-The key travels on cryptsetup's standard input (``--key-file=-``), never in an argument.
+The keyslot passphrase travels on cryptsetup's standard input (``--key-file=-``), never in an argument.
 Command construction is pure and unit-tested; running it needs /dev/mapper/control.
 """
 
@@ -11,10 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
+from scratchfs.keyholder import mountinfo
 from scratchfs.volume import ext4
 from scratchfs.volume.errors import DeviceMapperMissingError
 from scratchfs.volume.state import VolumeState, volume_id
-from scratchfs.volume.system import is_mounted, mount_of, run, umount
+from scratchfs.volume.system import run, umount
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def mapper_path(name: str) -> str:
 
 
 def open_command(image: Path, name: str) -> list[str]:
-    """cryptsetup open, reading the key (binary, no newline handling) from stdin."""
+    """cryptsetup open, reading the keyslot passphrase (binary, no newline handling) from stdin."""
     return ["cryptsetup", "open", "--type", "luks2", "--key-file=-", "--", str(image), name]
 
 
@@ -74,10 +75,10 @@ def close_command(name: str) -> list[str]:
     return ["cryptsetup", "close", "--", name]
 
 
-def activate(image: Path, name: str, key: bytes | bytearray) -> str:
+def activate(image: Path, name: str, passphrase: bytes | bytearray) -> str:
     """Map *image* to /dev/mapper/*name*; return the device path."""
     require()
-    run(open_command(image, name), what=f"unlocking {image} with cryptsetup", stdin=key)
+    run(open_command(image, name), what=f"unlocking {image} with cryptsetup", stdin=passphrase)
     return mapper_path(name)
 
 
@@ -87,21 +88,22 @@ def deactivate(name: str) -> None:
         run(close_command(name), what=f"closing mapping {name}")
 
 
-def make_filesystem(image: Path, key: bytes | bytearray) -> None:
+def make_filesystem(image: Path, passphrase: bytes | bytearray) -> None:
     """Create ext4 inside a freshly formatted volume through device-mapper."""
     name = mapping_name(image)
-    device = activate(image, name, key)
+    device = activate(image, name, passphrase)
     try:
         run(ext4.mkfs_command(device), what="creating ext4 in the volume")
     finally:
         deactivate(name)
 
 
-def open_volume(image: Path, mountpoint: Path, key: bytes | bytearray) -> VolumeState:
+def open_volume(image: Path, mountpoint: Path, passphrase: bytes | bytearray) -> VolumeState:
     """Unlock and mount; returns the state that close needs."""
     name = mapping_name(mountpoint)
-    device = activate(image, name, key)
+    device = activate(image, name, passphrase)
     try:
+        ext4.require_filesystem(device, image)
         run(ext4.mount_command(device, mountpoint), what=f"mounting the volume on {mountpoint}")
     except BaseException:
         deactivate(name)
@@ -112,9 +114,9 @@ def open_volume(image: Path, mountpoint: Path, key: bytes | bytearray) -> Volume
 def close_volume(state: VolumeState) -> None:
     """Unmount and remove the mapping."""
     mnt = Path(state.mountpoint)
-    if is_mounted(mnt) and state.dm_name:
-        src = mount_of(mnt)
-        if src and os.path.realpath(src[1]) == os.path.realpath(mapper_path(state.dm_name)):
+    src = mountinfo.find(mnt) if state.dm_name else None
+    if src is not None and state.dm_name:
+        if os.path.realpath(src.source) == os.path.realpath(mapper_path(state.dm_name)):
             umount(mnt, what=f"unmounting {mnt}")
     if state.dm_name:
         deactivate(state.dm_name)

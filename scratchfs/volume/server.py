@@ -6,18 +6,16 @@ encryption sectors of the image (read-modify-write at unaligned edges). The open
 ``data`` to a loop device and mounts it as ext4, the way dislocker serves BitLocker volumes.
 
 This runs as its own process (pyfuse3 keeps global state: one process, one mount). The
-volume key arrives on an inherited pipe (``--key-fd``), never argv, environment or a file.
-Readiness ("ready") or a one-line failure is written to ``--status-fd``.
+volume master key arrives on an inherited pipe (``--key-fd``), never argv, environment or a file.
+Readiness ("ok") or a one-line failure is written to ``--status-fd`` (scratchfs.keyholder.ready).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import logging
 import os
-import resource
 import signal
 import stat
 import sys
@@ -28,6 +26,9 @@ from typing import Any
 import pyfuse3
 import trio
 
+from scratchfs.keyholder import ready
+from scratchfs.keyholder.hardening import die_with_parent, harden_process
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume.xts import SectorCodec, sector_span
 
 log = logging.getLogger("scratchfs.volume.server")
@@ -36,6 +37,8 @@ DATA_NAME = b"data"
 DATA_INODE = pyfuse3.ROOT_INODE + 1
 # Requests at least this big go to a worker thread; smaller ones are cheaper inline.
 THREAD_THRESHOLD = 64 * 1024
+# Exit code (and readiness-pipe code) for every start-up failure; the opener turns it into its own.
+EXIT_SERVER = 1
 
 
 class SectorLocks:
@@ -228,25 +231,6 @@ class VolumeOps(pyfuse3.Operations):
         return s
 
 
-PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
-
-
-def harden_process(die_with_parent: bool = False) -> None:
-    """No core dumps and no ptrace by other users: the process holds the volume key."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-        if die_with_parent:
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            if os.getppid() == 1:
-                # The parent died before prctl took effect.
-                os.kill(os.getpid(), signal.SIGTERM)
-    except (OSError, AttributeError):
-        log.warning("event=harden_failed what=prctl")
-
-
 def read_exact(fd: int, n: int) -> bytearray:
     """Read exactly *n* bytes from *fd* (a pipe), or raise."""
     buf = bytearray()
@@ -288,15 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--die-with-parent", action="store_true", help="stop when the starting process dies (used while formatting)"
     )
+    p.add_argument("--parent-pid", type=int, default=0, help="with --die-with-parent: the starting process")
     p.add_argument("--debug", action="store_true")
     return p
-
-
-def _status(fd: int, text: str) -> None:
-    try:
-        os.write(fd, text.encode() + b"\n")
-    except OSError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,23 +284,28 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    harden_process(args.die_with_parent)
+    # Hardened before the key is read: from here on this process holds the volume master key
+    # for the life of the mount, so it gets what the scratchfs daemon gets (mlockall included).
+    harden_process()
+    if args.die_with_parent and not die_with_parent(signal.SIGTERM, args.parent_pid):
+        ready.write_error(args.status_fd, EXIT_SERVER, "its starter died before it was supervised")
+        return EXIT_SERVER
     try:
         key = read_exact(args.key_fd, args.key_size)
     except (OSError, ValueError) as e:
-        _status(args.status_fd, f"error: cannot read the volume key: {e}")
-        return 1
+        ready.write_error(args.status_fd, EXIT_SERVER, f"cannot read the volume master key: {e}")
+        return EXIT_SERVER
     finally:
         os.close(args.key_fd)
     try:
         codec = SectorCodec(key, args.sector_size, args.iv_offset, args.iv_scheme)
     finally:
-        key[:] = bytes(len(key))
+        wipe(key)
     try:
         fd = os.open(args.image, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        _status(args.status_fd, f"error: cannot open {args.image}: {e.strerror}")
-        return 1
+        ready.write_error(args.status_fd, EXIT_SERVER, f"cannot open {args.image}: {e.strerror}")
+        return EXIT_SERVER
     seg = SegmentFile(fd, codec, args.data_offset, args.size)
     ops = VolumeOps(seg)
     options = set(pyfuse3.default_options)
@@ -331,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pyfuse3.init(ops, args.mountpoint, options)
     except RuntimeError as e:
-        _status(args.status_fd, f"error: FUSE mount on {args.mountpoint} failed: {e}")
+        ready.write_error(args.status_fd, EXIT_SERVER, f"FUSE mount on {args.mountpoint} failed: {e}")
         os.close(fd)
-        return 1
+        return EXIT_SERVER
     log.info(
         "event=serving image=%s mountpoint=%s size=%d sector_size=%d",
         args.image,
@@ -341,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         args.size,
         args.sector_size,
     )
-    _status(args.status_fd, "ready")
-    os.close(args.status_fd)
+    ready.write_ok(args.status_fd)
     clean = False
     try:
         trio.run(_serve, ops)

@@ -1,6 +1,6 @@
-"""The userspace backend: libcryptsetup for the key, our FUSE server for the data path.
+"""The userspace backend: libcryptsetup for the volume master key, our FUSE server for the data path.
 
-open:  unlock with libcryptsetup -> start the FUSE server (volume key over a pipe) ->
+open:  unlock with libcryptsetup -> start the FUSE server (volume master key over a pipe) ->
        losetup the served ``data`` file -> mount ext4 from the loop device.
 close: unmount ext4 -> detach the loop device -> unmount the FUSE mount -> the server exits
        (stopped by pid if it does not). Works too when the server was killed (the FUSE mount
@@ -11,26 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from scratchfs.keyholder import mountinfo, procs, ready
 from scratchfs.volume import ext4, loop
 from scratchfs.volume.errors import BadImageError, ToolError
 from scratchfs.volume.libcryptsetup import SegmentInfo
 from scratchfs.volume.state import VolumeState, save
-from scratchfs.volume.system import (
-    is_mounted,
-    mount_of,
-    process_start_time,
-    run,
-    stop_process,
-    umount,
-)
+from scratchfs.volume.system import run, stop_process, umount
 from scratchfs.volume.xts import UnsupportedCipherError, check_cipher
 
 log = logging.getLogger(__name__)
@@ -68,7 +60,7 @@ def segment_size(image: Path, seg: SegmentInfo) -> int:
 def iv_scheme(seg: SegmentInfo, image: Path) -> str:
     """Check that we can serve this segment; return its IV scheme."""
     try:
-        return check_cipher(seg.cipher, seg.cipher_mode, seg.volume_key_size, seg.sector_size)
+        return check_cipher(seg.cipher, seg.cipher_mode, seg.master_key_size, seg.sector_size)
     except UnsupportedCipherError as e:
         raise BadImageError(f"{image}: {e}; use --backend dmcrypt or reformat") from None
 
@@ -76,7 +68,7 @@ def iv_scheme(seg: SegmentInfo, image: Path) -> str:
 def start_server(
     image: Path,
     seg: SegmentInfo,
-    volume_key: bytearray,
+    master_key: bytearray,
     fuse_dir: Path,
     log_path: Path,
     debug: bool = False,
@@ -99,7 +91,7 @@ def start_server(
         "--key-fd",
         str(key_r),
         "--key-size",
-        str(len(volume_key)),
+        str(len(master_key)),
         "--status-fd",
         str(st_w),
         "--data-offset",
@@ -113,7 +105,7 @@ def start_server(
         "--iv-scheme",
         scheme,
         *(["--debug"] if debug else []),
-        *(["--die-with-parent"] if die_with_parent else []),
+        *(["--die-with-parent", "--parent-pid", str(os.getpid())] if die_with_parent else []),
     ]
     try:
         with open(log_path, "ab") as log_file:
@@ -132,43 +124,26 @@ def start_server(
     os.close(key_r)
     os.close(st_w)
     try:
-        # The key is far smaller than PIPE_BUF: one write, never blocks.
-        os.write(key_w, volume_key)
+        # The volume master key is far smaller than PIPE_BUF: one write, never blocks.
+        os.write(key_w, master_key)
     finally:
         os.close(key_w)
-    start = process_start_time(proc.pid) or 0
+    start = procs.start_time(proc.pid) or 0
     server = Server(fuse_dir, proc.pid, start, proc)
     try:
-        status = _read_status(st_r, SERVER_START_TIMEOUT)
+        word = ready.read_word(st_r, SERVER_START_TIMEOUT)
     finally:
         os.close(st_r)
-    if status != "ready":
+    if not word.ok:
         _kill(server)
-        reason = status.removeprefix("error: ") if status else "it exited without a word"
+        reason = word.message if word.code is not None else f"it {word.message}"
         raise ToolError(f"the volume's FUSE server did not start: {reason}; see {log_path}")
     log.info("event=server_started pid=%d fuse_dir=%s", proc.pid, fuse_dir)
     return server
 
 
-def _read_status(fd: int, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return "error: timed out"
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode(errors="replace").strip()
-
-
 def _kill(server: Server) -> None:
-    if is_mounted(server.fuse_dir):
+    if mountinfo.find(server.fuse_dir) is not None:
         run(["umount", "-l", str(server.fuse_dir)], what="unmounting the FUSE mount")
     stop_process(server.pid, server.start_time, grace=0.5)
     if server.process is not None:
@@ -177,7 +152,7 @@ def _kill(server: Server) -> None:
 
 def stop_server(fuse_dir: Path, pid: int | None, start_time: int | None) -> None:
     """Unmount the FUSE mount (lazily if stale) and make sure the server process is gone."""
-    if is_mounted(fuse_dir):
+    if mountinfo.find(fuse_dir) is not None:
         try:
             umount(fuse_dir, what="unmounting the volume's FUSE mount")
         except ToolError:
@@ -187,12 +162,12 @@ def stop_server(fuse_dir: Path, pid: int | None, start_time: int | None) -> None
         stop_process(pid, start_time)
 
 
-def make_filesystem(image: Path, seg: SegmentInfo, volume_key: bytearray, workdir: Path) -> None:
+def make_filesystem(image: Path, seg: SegmentInfo, master_key: bytearray, workdir: Path) -> None:
     """mkfs.ext4 on the served plaintext of a freshly formatted *image*.
 
     The server dies with us (PR_SET_PDEATHSIG): a killed format leaves no mount behind.
     """
-    server = start_server(image, seg, volume_key, workdir / "fuse", workdir / "server.log", die_with_parent=True)
+    server = start_server(image, seg, master_key, workdir / "fuse", workdir / "server.log", die_with_parent=True)
     save(
         workdir,
         VolumeState(
@@ -216,14 +191,14 @@ def open_volume(
     image: Path,
     mountpoint: Path,
     seg: SegmentInfo,
-    volume_key: bytearray,
+    master_key: bytearray,
     sdir: Path,
     debug: bool = False,
 ) -> tuple[VolumeState, Server]:
     """Serve, attach and mount; every step is undone if a later one fails."""
     fuse_dir = sdir / "fuse"
     with ExitStack() as undo:
-        server = start_server(image, seg, volume_key, fuse_dir, sdir / "server.log", debug)
+        server = start_server(image, seg, master_key, fuse_dir, sdir / "server.log", debug)
         undo.callback(stop_server, fuse_dir, server.pid, server.start_time)
         st = VolumeState(
             "userspace",
@@ -238,14 +213,8 @@ def open_volume(
         undo.callback(loop.detach, device)
         st.loop_device = device
         save(sdir, st)
-        try:
-            run(ext4.mount_command(device, mountpoint), what=f"mounting the volume on {mountpoint}")
-        except ToolError as e:
-            if "wrong fs type" in str(e) or "bad superblock" in str(e):
-                raise BadImageError(
-                    f"{image} holds no ext4 filesystem; format it with 'scratchfs volume format'"
-                ) from None
-            raise
+        ext4.require_filesystem(device, image)
+        run(ext4.mount_command(device, mountpoint), what=f"mounting the volume on {mountpoint}")
         undo.pop_all()
     return st, server
 
@@ -256,8 +225,8 @@ def close_volume(state: VolumeState) -> None:
     fuse_dir = Path(state.fuse_dir) if state.fuse_dir else None
     # Found by backing file, not by the recorded name: a device number may have been reused.
     devices = set(loop.devices_for(fuse_dir)) if fuse_dir else set()
-    current = mount_of(mnt) if state.mountpoint else None
-    if current and current[1] in devices:
+    current = mountinfo.find(mnt) if state.mountpoint else None
+    if current is not None and current.source in devices:
         umount(mnt, what=f"unmounting {mnt}")
     for device in sorted(devices):
         loop.detach(device)

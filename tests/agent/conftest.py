@@ -33,6 +33,7 @@ from tools.demo import (
     mounts_under,
     start_platform,
 )
+from tools.swtpm import Swtpm, start_swtpm
 
 # --- PKI ---------------------------------------------------------------------------------
 
@@ -263,13 +264,14 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentRun]]:
     runs: list[AgentRun] = []
     states: set[Path] = set()
 
-    def factory(state_dir: Path, *args: str) -> AgentRun:
+    def factory(state_dir: Path, *args: str, prefix: tuple[str, ...] = ()) -> AgentRun:
         n = len(runs)
         err = tmp_path / f"agent-{n}.log"
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        cmd = agent_cmd("run", str(state_dir), "--volume-size", "32M", "--poll-wait", "2",
+                        "--connect-timeout", "1", "--banner-timeout", "0.3", *args)
         proc = subprocess.Popen(
-            agent_cmd("run", str(state_dir), "--volume-size", "32M", "--poll-wait", "2",
-                      "--connect-timeout", "1", "--banner-timeout", "0.3", *args),
+            [*prefix, *cmd],
             stdout=subprocess.DEVNULL, stderr=open(err, "wb"), env=env,
         )
         run = AgentRun(proc, err)
@@ -305,3 +307,27 @@ def run_agent_cli(*args: str, timeout: float = 180,
         [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
         timeout=timeout, env=env, input=input_.decode() if input_ else None, check=False,
     )
+
+
+# --- software TPM --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def swtpm_factory(tmp_path: Path) -> Iterator[Callable[[str], Swtpm]]:
+    """Start swtpm instances (socket mode, state under tmp_path); stopped by PID at teardown."""
+    started: list[Swtpm] = []
+
+    def factory(name: str = "tpm") -> Swtpm:
+        tpm = start_swtpm(tmp_path / name)
+        started.append(tpm)
+        return tpm
+
+    yield factory
+    for tpm in started:
+        tpm.stop()
+
+
+@pytest.fixture
+def swtpm(swtpm_factory: Callable[[str], Swtpm]) -> Swtpm:
+    """One software TPM, started and TPM2_Startup(CLEAR)ed."""
+    return swtpm_factory("tpm")

@@ -4,11 +4,13 @@ the client-only guarantee and upload retry."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,13 +24,17 @@ from agent import state as statemod
 from agent.errors import EXIT_DEACTIVATED
 from agent.jobs import JobRunner, JobSettings
 from agent.scan.model import ScanOptions
+from agent.scratch import clear_stale
 from agent.timesync import Clock
 from agent.tls import client_context
-from protocol import api
+from protocol import api, sealing
 from protocol.client import PlatformClient
-from protocol.sealing import open_sealed, wipe
+from scratchfs.keyholder import mountinfo, procs
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api as volume_api
-from tests.agent.conftest import AgentRun, Rsyslog
+from scratchfs.volume import state as volume_statemod
+from tests.agent.conftest import AgentRun, Rsyslog, run_agent_cli
+from tests.mounting import is_mounted, mount
 from tools.demo import (
     Platform,
     Service,
@@ -41,6 +47,7 @@ from tools.demo import (
     start_http_auth_service,
     start_platform,
 )
+from tools.platform import db
 
 CRED = b"lifecycle-user:pw-LIFECYCLE-CANARY"
 MARKERS = {"banner": b"LifeSSH_CANARY", "page": b"lifecycle-secret-CANARY",
@@ -165,15 +172,21 @@ class SocketSampler:
 
 def appliance_client(state_dir: Path) -> tuple[statemod.AgentState, PlatformClient]:
     st = statemod.load_state(state_dir)
-    ctx = client_context(st.ca_pem, Clock(), st.cert_path, st.key_path)
+    ctx = client_context(st.ca_pem, Clock(), st.cert_pem, st.tls_key_pem())
     return st, PlatformClient(st.endpoint.url, ctx)
+
+
+async def open_boot(st: statemod.AgentState, client: PlatformClient) -> None:
+    """A boot of its own, as the agent's: keys and jobs need the latest session."""
+    await client.open_session(st.keystore.next_boot(), st.keystore.kind)
 
 
 def backing_of_closed_volume(state_dir: Path, where: Path) -> list[str]:
     """Open the agent's volume with its own key (as the agent would) and list the backing."""
     st, client = appliance_client(state_dir)
-    sealed = trio.run(client.volume_key)
-    key = open_sealed(st.seal_private(), sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+    trio.run(open_boot, st, client)
+    sealed = trio.run(client.keyslot_passphrase)
+    key = st.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
     where.mkdir(exist_ok=True)
     try:
         vol = volume_api.open_volume(st.volume_image, where, key, run_dir=where.parent / "vr")
@@ -196,7 +209,9 @@ def test_full_run_every_step_client_only_with_syslog(
 ) -> None:
     platform.cli("syslog", "set", "--host", "127.0.0.1", "--port", str(rsyslog.port),
                  "--ca", str(rsyslog.pki.ca_path))
-    seal_credential(platform, "app1", CRED, tmp_path, name="web-login")
+    seal_credential(platform, "app1", "lifecycle-user", MARKERS["password"], tmp_path, "web-login",
+                    ["--target", "127.0.0.1", "--ports", str(services["web"].port),
+                     "--protocol", "http-basic", "--allow-cleartext"])  # fmt: skip
     closed = closed_port()
     ports = f"{services['ssh'].port},{services['web'].port},{closed}"
     job_id = add_job(platform, ports, "--credential", "web-login")
@@ -220,6 +235,7 @@ def test_full_run_every_step_client_only_with_syslog(
     by_port = {p["port"]: p for h in doc["hosts"] for p in h["ports"]}
     assert set(by_port) == {services["ssh"].port, services["web"].port}
     assert by_port[services["web"].port]["auth"] == "accepted"
+    assert by_port[services["ssh"].port]["auth"] == "credential_out_of_scope"  # not in its scope
     assert MARKERS["page"].decode() in by_port[services["web"].port]["banner"]
     assert b"LIFECYCLE-CANARY" not in raw and b"lifecycle-user" not in raw
     assert services["web"].authorized == 1
@@ -247,6 +263,88 @@ def test_full_run_every_step_client_only_with_syslog(
     log2 = run2.stderr()
     assert run2.proc.returncode == 0, log2[-2000:]
     assert "first_boot_format" not in log2 and "event=volume_open" in log2
+    assert [j["state"] for j in jobs(platform) if j["id"] == job2] == ["done"]
+
+
+def test_platform_retargeting_gets_out_of_scope_and_zero_secret_bytes(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun], tmp_path: Path,
+) -> None:
+    """A platform that points a credential at a host it controls (bypassing its own check by
+    writing its database) gets credential_out_of_scope, and the host gets nothing secret."""
+    inside = start_http_auth_service(CRED, b"realm", b"inside", "127.0.0.1")
+    outside = start_http_auth_service(CRED, b"realm", b"outside", "127.0.0.2")
+    try:
+        seal_credential(platform, "app1", "lifecycle-user", MARKERS["password"], tmp_path, "web-login",
+                        ["--target", "127.0.0.1", "--ports", f"{inside.port},{outside.port}",
+                         "--protocol", "http-basic", "--allow-cleartext"])  # fmt: skip
+        refused = platform.cli("job", "add", "app1", "--targets", "127.0.0.2", "--ports", str(outside.port),
+                               "--credential", "web-login", check=False)  # fmt: skip
+        assert refused.returncode == 6 and b"outside the scope" in refused.stderr
+        storage = db.Storage(platform.state / "platform.db")
+        try:
+            job_id = str(storage.add_job("app1", ["127.0.0.2"], str(outside.port), "builtin", None, time.time()))
+            with storage._tx() as sql:
+                sql.execute("UPDATE jobs SET credential_id = (SELECT id FROM credentials WHERE name = ?) "
+                            "WHERE id = ?", ("web-login", int(job_id)))  # fmt: skip
+        finally:
+            storage.close()
+        run = agent_factory(activated, "--once")
+        run.proc.wait(timeout=240)
+        log = run.stderr()
+        assert run.proc.returncode == 0, log[-2000:]
+        assert "event=credential_refused" in log and "reason=credential_out_of_scope" in log
+        doc = json.loads(platform.cli("results", "show", job_id, "--json").stdout)["result"]
+        [port] = [p for h in doc["hosts"] for p in h["ports"]]
+        assert port["port"] == outside.port and port["auth"] == "credential_out_of_scope"
+        assert outside.connections >= 1  # probed: it asked for authentication
+        for secret in (MARKERS["password"], base64.b64encode(CRED)):
+            assert secret not in outside.received
+        assert outside.authorized == 0 and inside.connections == 0
+    finally:
+        inside.close()
+        outside.close()
+
+
+def test_appliance_from_before_v2_upgrades_its_sealing_key_without_reimaging(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun], tmp_path: Path,
+) -> None:
+    """New activations get a hybrid key; an appliance activated before sealing v2 (no hybrid
+    key on either side) keeps working on v1, then `scanner-agent seal-key upgrade` moves
+    it: the platform learns the key over mTLS and the same volume opens with a v2 seal."""
+    assert (activated / statemod.SEAL_KEY_HYBRID).exists()  # a new activation: hybrid
+    pubkey = platform.cli("appliance", "pubkey", "app1").stdout
+    assert b"MLKEM768X25519" in pubkey
+    # Turn it into an appliance from before v2 on both sides.
+    (activated / statemod.SEAL_KEY_HYBRID).unlink()
+    storage = db.Storage(platform.state / "platform.db")
+    try:
+        with storage._tx() as sql:
+            sql.execute("UPDATE appliances SET hybrid_public = NULL WHERE name = 'app1'")
+    finally:
+        storage.close()
+    refused = platform.cli("appliance", "pubkey", "app1", check=False)
+    assert refused.returncode == 4 and b"seal-key upgrade" in refused.stderr
+    first = agent_factory(activated, "--once")
+    job1 = add_job(platform, str(closed_port()))
+    first.proc.wait(timeout=240)
+    assert first.proc.returncode == 0, first.stderr()[-2000:]
+    assert "event=first_boot_format" in first.stderr()
+    assert [j["state"] for j in jobs(platform) if j["id"] == job1] == ["done"]
+
+    up = run_agent_cli("seal-key", "upgrade", str(activated))
+    assert up.returncode == 0 and "created and registered" in up.stdout, up.stderr
+    again = run_agent_cli("seal-key", "upgrade", str(activated))  # idempotent
+    assert again.returncode == 0 and "already present" in again.stdout, again.stderr
+    assert b"MLKEM768X25519" in platform.cli("appliance", "pubkey", "app1").stdout
+    st, client = appliance_client(activated)
+    trio.run(open_boot, st, client)
+    assert sealing.check_format(trio.run(client.keyslot_passphrase)) == 2
+    second = agent_factory(activated, "--once")
+    job2 = add_job(platform, str(closed_port()))
+    second.proc.wait(timeout=240)
+    log = second.stderr()
+    assert second.proc.returncode == 0, log[-2000:]
+    assert "first_boot_format" not in log and "event=volume_open" in log  # same volume, v2 seal
     assert [j["state"] for j in jobs(platform) if j["id"] == job2] == ["done"]
 
 
@@ -287,14 +385,6 @@ def start_tarpit() -> Service:
     return svc
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_agent_killed_mid_job_recovers_and_result_arrives_once(
     platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun],
     services: dict[str, Service], tmp_path: Path,
@@ -316,9 +406,9 @@ def test_agent_killed_mid_job_recovers_and_result_arrives_once(
         tarpit.close()
     # scratchfs died with the agent (PR_SET_PDEATHSIG): its keys are gone with it.
     deadline = time.monotonic() + 20
-    while _alive(scratch_pid) and time.monotonic() < deadline:
+    while procs.alive(scratch_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(scratch_pid)
+    assert not procs.alive(scratch_pid)
     leftovers = sorted(p.name for p in backing.iterdir() if p.name != ".scratchfs")
     assert leftovers, "the killed job left no blobs: the crash happened too late to test"
 
@@ -343,11 +433,12 @@ async def test_upload_retried_until_acknowledged_and_kept_until_then(
 ) -> None:
     job_id = add_job(platform, str(closed_port()))
     st, client = appliance_client(activated)
+    await open_boot(st, client)
     job = await client.next_job(5)
     assert job is not None and job.id == job_id
     scratch = tmp_path / "scratch"
     runner = JobRunner(
-        client, scratch, st.seal_private, lambda: 0.0,
+        client, scratch, st.open_sealed, lambda: 0.0,
         JobSettings(ScanOptions(connect_timeout=1, banner_timeout=0.2),
                     upload_backoff_initial=0.2, upload_backoff_max=0.5),
     )
@@ -400,3 +491,81 @@ def test_signal_and_supervision_shut_down_cleanly(
     assert "event=shutdown" in log
     assert mounts_under(activated) == []
     assert volume_api.dump_volume(activated / "volume.img")["keyslots"]  # not erased
+
+
+PROBE_GID = 4321
+
+
+def _hardening_seen_from_proc(pid: int) -> dict[str, object]:
+    """What /proc says about *pid*: its gid, the owner group of its /proc files, core limit, VmLck.
+
+    The kernel gives /proc/PID/* of a dumpable task the task's uid:gid and of a non-dumpable
+    one root:root, so with the process running under PROBE_GID a group of 0 on
+    /proc/PID/environ shows that PR_SET_DUMPABLE 0 is in effect, without ptrace.
+    """
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    core = next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines() if ln.startswith("Max core"))
+    return {
+        "gid": int(fields["Gid"].split()[0]),
+        "proc_files_gid": os.stat(f"/proc/{pid}/environ").st_gid,
+        "core": core.split()[4:6],
+        "vmlck_kb": int(fields["VmLck"].split()[0]),
+    }
+
+
+def test_every_key_holder_is_hardened(
+    platform: Platform, activated: Path, agent_factory: Callable[..., AgentRun],
+) -> None:
+    """The agent, the userspace volume server and scratchfs, checked from /proc while they hold
+    keys: non-dumpable, core limit 0, memory locked (root has CAP_IPC_LOCK). All three run
+    under PROBE_GID (inherited from the agent) so that the /proc owner probe can tell."""
+    drop = ("setpriv", f"--regid={PROBE_GID}", "--clear-groups")
+    run = agent_factory(activated, "--poll-wait", "1", prefix=drop)
+    assert run.wait_log("event=scratch_mounted"), run.stderr()[-2000:]
+    holders = {"agent": run.proc.pid, "scratchfs": int((activated / "run" / "scratchfs.pid").read_text())}
+    servers = [st.server_pid for _d, st in volume_statemod.all_states(activated / "run" / "volume-run")]
+    if volume_api.pick_backend("auto") == "userspace":
+        assert len(servers) == 1 and servers[0] is not None, servers
+        holders["volume server"] = servers[0]
+    for name, pid in holders.items():
+        seen = _hardening_seen_from_proc(pid)
+        assert seen["gid"] == PROBE_GID, f"probe setup: {name} should run with the probe gid ({seen})"
+        assert seen["proc_files_gid"] == 0, f"{name} is dumpable ({seen})"
+        assert seen["core"] == ["0", "0"], f"{name} may dump core ({seen})"
+        assert seen["vmlck_kb"] > 0, f"{name} has no locked memory ({seen})"
+    # Control: a process started the same way but not hardened shows its own gid: the probe can fail.
+    control = subprocess.Popen([*drop, "sleep", "30"])
+    try:
+        for _ in range(1000):  # setpriv execs sleep in place; probe once it has
+            if Path(f"/proc/{control.pid}/comm").read_text().strip() == "sleep":
+                break
+            time.sleep(0.01)
+        assert _hardening_seen_from_proc(control.pid)["proc_files_gid"] == PROBE_GID
+    finally:
+        control.kill()
+        control.wait()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=120) == 0, run.stderr()[-2000:]
+
+
+def test_clear_stale_handles_odd_mountpoint_names(tmp_path: Path) -> None:
+    """The agent's boot-time clearing finds a scratchfs left at a mount point whose name needs
+    mountinfo escapes (space, backslash) and is not ASCII: alive (killed, then unmounted) and
+    stale after a kill (unmounted)."""
+    backing, mnt = tmp_path / "backing", tmp_path / "scratch ü\\ß x"
+    pid_file = tmp_path / f"{mnt.name}.pid"  # where tests.mounting.mount puts it
+    try:
+        live = mount(backing, mnt)
+        assert clear_stale(mnt, pid_file)
+        assert not is_mounted(mnt) and not procs.alive(live.pid)
+        dead = mount(backing, mnt)
+        os.kill(dead.pid, signal.SIGKILL)
+        assert procs.wait_gone(dead.pid, None, 10)
+        assert is_mounted(mnt) and mountinfo.is_stale(mnt)
+        assert clear_stale(mnt, pid_file)
+        assert not is_mounted(mnt) and not pid_file.exists()
+        assert not clear_stale(mnt, pid_file)  # nothing left: nothing found
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from hypothesis import strategies as st
 
 from agent.scan import nmap, tcp
 from agent.scan.credcheck import b64_into, basic_auth_request
-from agent.scan.model import ScanOptions, result_document
+from agent.scan.model import MAX_HOSTS, ScanOptions, result_document
 from agent.scan.runner import RESULT_FILE
 from agent.scan.services import clean_banner, guess_service
-from agent.scan.targets import Address, TargetError, expand_literal, resolve
+from agent.scan.targets import Address, TargetError, count_hosts, expand_literal, resolve
+from protocol import credential, scope
 from tools.demo import (
     ROOT,
     Service,
@@ -29,6 +31,14 @@ from tools.demo import (
 )
 
 CRED = b"scan-user:s3cret-pw-CANARY"
+PASSWORD = b"s3cret-pw-CANARY"
+# Sealed-scope plaintext as the agent hands it over: loopback, any port, cleartext allowed
+# (these test services speak plain HTTP; tests/agent/test_credentials.py covers the rest).
+SCOPE = scope.Scope.build(["127.0.0.0/8"], "1-65535", ["http-basic"], cleartext=True)
+
+
+def cred_plain(password: bytes = PASSWORD) -> bytearray:
+    return credential.pack(credential.Metadata("password", "scan-user", SCOPE), bytearray(password))
 OPTS = ScanOptions(concurrency=16, connect_timeout=1.0, banner_timeout=0.3)
 
 
@@ -55,6 +65,26 @@ def test_expand_literal() -> None:
         expand_literal("10.0.0.0/33")
     with pytest.raises(TargetError):
         expand_literal("10.0.0.0/8")  # more than MAX_HOSTS addresses
+
+
+def test_count_hosts_is_the_one_cap() -> None:
+    assert count_hosts(["127.0.0.1", "10.0.0.0/24", "localhost"]) == 1 + 256 + 1
+    assert count_hosts(["10.0.0.0/16"]) == MAX_HOSTS
+    for too_many in (["0.0.0.0/0"], ["10.0.0.0/16", "10.1.0.1"], ["::/0"], ["10.0.0.0/17"] * 3):
+        with pytest.raises(TargetError, match=f"more than {MAX_HOSTS} addresses"):
+            count_hosts(too_many)
+    for nmap_range in ("10.0.0-255.0-255", "0-255.0-255.0-255.0-255", "10.0.*.1", "10.1,2.0.1"):
+        with pytest.raises(TargetError, match="octet range"):
+            count_hosts([nmap_range])
+
+
+@pytest.mark.parametrize("targets", [["0.0.0.0/0"], ["10.0.0-255.0-255"], ["10.0.0.0/16", "127.0.0.1"]])
+async def test_nmap_engine_refuses_more_than_the_cap(targets: list[str], tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(nmap.NmapError, match=r"more than|octet range"):
+        await nmap.run_nmap(targets, "22", tmp_path, 120)
+    assert time.monotonic() - t0 < 5
+    assert not (tmp_path / "nmap.xml").exists(), "nmap ran although the job was over the cap"
 
 
 async def test_resolve_hostnames_and_errors() -> None:
@@ -88,7 +118,7 @@ def test_b64_into_matches_base64(data: bytes) -> None:
 
 
 def test_basic_auth_request_carries_the_credential() -> None:
-    req = basic_auth_request("127.0.0.1", bytearray(CRED))
+    req = basic_auth_request("127.0.0.1", "scan-user", bytearray(PASSWORD))
     assert b"Authorization: Basic " + base64.b64encode(CRED) in req
 
 
@@ -100,13 +130,14 @@ async def test_builtin_scan_finds_services_and_banners(services: dict[str, Servi
     async def source() -> bytearray:
         nonlocal asked
         asked += 1
-        return bytearray(CRED)
+        return cred_plain()
 
     hosts = await tcp.scan([Address("127.0.0.1", "127.0.0.1")], ports, OPTS, source)
     by_port = {p.port: p for p in hosts[0].ports}
     assert by_port[closed].state == "closed"
     ssh = by_port[services["ssh"].port]
     assert (ssh.state, ssh.service, ssh.banner) == ("open", "ssh", "SSH-2.0-TestSSH_1.0")
+    assert ssh.auth == scope.OUT_OF_SCOPE  # an SSH port asks too; this scope has no ssh
     assert by_port[services["ftp"].port].service == "ftp"
     web = by_port[services["web"].port]
     assert web.service == "http" and web.banner.startswith("HTTP/1.0 401")
@@ -122,7 +153,7 @@ async def test_wrong_credential_is_rejected_and_no_credential_means_no_request(
     services: dict[str, Service],
 ) -> None:
     async def wrong() -> bytearray:
-        return bytearray(b"scan-user:wrong")
+        return cred_plain(b"wrong")
 
     port = services["web"].port
     hosts = await tcp.scan([Address("t", "127.0.0.1")], [port], OPTS, wrong)
@@ -132,10 +163,10 @@ async def test_wrong_credential_is_rejected_and_no_credential_means_no_request(
     async def never() -> bytearray:
         nonlocal asked
         asked = True
-        return bytearray(CRED)
+        return cred_plain()
 
     # No port asks for authentication: the credential is never opened.
-    hosts = await tcp.scan([Address("t", "127.0.0.1")], [services["ssh"].port], OPTS, never)
+    hosts = await tcp.scan([Address("t", "127.0.0.1")], [services["ftp"].port], OPTS, never)
     assert not asked and hosts[0].ports[0].auth is None
 
 
@@ -209,7 +240,7 @@ def test_scan_child_asks_for_the_credential_only_when_needed(
     os.close(req_w)
     os.close(cred_r)
     assert os.read(req_r, 1) == b"?"
-    os.write(cred_w, CRED)
+    os.write(cred_w, cred_plain())
     os.close(cred_w)
     _, err = proc.communicate(timeout=60)
     os.close(req_r)
@@ -221,7 +252,7 @@ def test_scan_child_asks_for_the_credential_only_when_needed(
 
 def test_scan_child_never_asks_without_a_401(services: dict[str, Service], tmp_path: Path) -> None:
     job_dir = tmp_path / "job"
-    _write_job(job_dir, str(services["ssh"].port))
+    _write_job(job_dir, str(services["ftp"].port))
     req_r, req_w = os.pipe()
     cred_r, cred_w = os.pipe()
     proc = subprocess.Popen(

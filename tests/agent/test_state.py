@@ -10,6 +10,7 @@ import pytest
 
 from agent import state as statemod
 from agent.errors import EXIT_STATE, EXIT_TAMPERED, StateError, TamperedError
+from agent.keystore.file import FileKeystore
 from protocol.client import new_client_key_and_csr
 from protocol.sealing import generate_keypair
 from tests.agent.conftest import make_pki, run_agent_cli
@@ -24,14 +25,54 @@ def state_dir(tmp_path: Path) -> Path:
     root = tmp_path / "state"
     statemod.write_state(
         root, statemod.PlatformEndpoint.parse("https://platform.example:8443"), "app1",
-        ca_pem, cert_pem, key_pem, seal_priv, 1.0,
+        ca_pem, cert_pem, key_pem, seal_priv, 1.0, FileKeystore(root),
     )
     return root
 
 
+ALL_FILES = (*statemod.BOUND_FILES, *statemod.SECRET_NAMES, statemod.BINDING)
+
+
+def make_legacy(state_dir: Path) -> None:
+    """Rewrite *state_dir* as a version-1 state dir (before keystores), binding included."""
+    doc = json.loads((state_dir / statemod.STATE_JSON).read_text())
+    doc["version"] = 1
+    del doc["keystore"]
+    (state_dir / statemod.STATE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    contents = {n: (state_dir / n).read_bytes() for n in statemod.BOUND_FILES}
+    key = statemod._binding_key(
+        (state_dir / statemod.KEY_PEM).read_bytes(), (state_dir / statemod.SEAL_KEY).read_bytes()
+    )
+    (state_dir / statemod.BINDING).write_text(statemod._binding_mac(key, contents) + "\n")
+
+
+def test_version_1_state_dirs_still_load_as_file_keystores(state_dir: Path) -> None:
+    """Appliances activated before keystores existed keep booting."""
+    make_legacy(state_dir)
+    st = statemod.load_state(state_dir)
+    assert st.keystore.kind == "file" and st.appliance == "app1"
+    assert st.keystore.next_boot() == 1 and st.keystore.next_boot() == 2
+    st.forget()
+    # ...and a version-1 doc that names a keystore is not something we ever wrote.
+    doc = json.loads((state_dir / statemod.STATE_JSON).read_text())
+    doc["keystore"] = {"kind": "file"}
+    (state_dir / statemod.STATE_JSON).write_text(json.dumps(doc))
+    with pytest.raises(TamperedError):
+        statemod.load_state(state_dir)
+
+
+def test_keystore_entry_is_bound(state_dir: Path) -> None:
+    """Editing the keystore entry (here: adding a field) fails the binding check."""
+    doc = json.loads((state_dir / statemod.STATE_JSON).read_text())
+    doc["keystore"]["note"] = "edited"
+    (state_dir / statemod.STATE_JSON).write_text(json.dumps(doc))
+    with pytest.raises(TamperedError, match="binding"):
+        statemod.load_state(state_dir)
+
+
 def test_written_state_loads_with_strict_permissions(state_dir: Path) -> None:
     assert oct(state_dir.stat().st_mode & 0o777) == "0o700"
-    for name in statemod.ALL_FILES:
+    for name in ALL_FILES:
         assert oct((state_dir / name).stat().st_mode & 0o777) == "0o600", name
     st = statemod.load_state(state_dir)
     assert st.endpoint.url == "https://platform.example:8443"
@@ -104,7 +145,7 @@ def test_activation_refuses_a_non_empty_dir(state_dir: Path) -> None:
     with pytest.raises(StateError, match="not empty"):
         statemod.write_state(
             state_dir, statemod.PlatformEndpoint.parse("https://x.example"), "a",
-            b"", b"", key_pem, b"\0" * 32, 0.0,
+            b"", b"", key_pem, b"\0" * 32, 0.0, FileKeystore(state_dir),
         )
 
 
@@ -136,3 +177,31 @@ def test_cli_missing_state_and_usage(tmp_path: Path) -> None:
     r = run_agent_cli("activate", str(tmp_path / "s"), "--platform", "http://x",
                       "--ca", str(tmp_path / "missing.pem"), "--code", "abc")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_hybrid_key_is_optional_stored_once_and_checked(state_dir: Path) -> None:
+    """An appliance from before sealing v2 loads without the hybrid key; the upgrade adds it
+    next to the X25519 key (0600) and never replaces it; a damaged one is refused."""
+    from protocol import api, sealing
+
+    st = statemod.load_state(state_dir)
+    assert not st.has_hybrid_key
+    priv, pub = sealing.generate_hybrid_keypair()
+    blob = sealing.seal_v2(pub, b"vk" * 16, api.SEAL_CONTEXT_VOLUME_KEY)
+    with pytest.raises(sealing.SealError, match="seal-key upgrade"):
+        st.open_sealed(blob, api.SEAL_CONTEXT_VOLUME_KEY)
+    statemod.store_hybrid_key(FileKeystore(state_dir), priv)
+    path = state_dir / statemod.SEAL_KEY_HYBRID
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(StateError):
+        statemod.store_hybrid_key(FileKeystore(state_dir), priv)
+    st = statemod.load_state(state_dir)
+    assert st.has_hybrid_key
+    assert st.open_sealed(blob, api.SEAL_CONTEXT_VOLUME_KEY) == bytearray(b"vk" * 16)
+    v1 = sealing.seal(sealing.public_from_private(bytes(st.seal_private())), b"x", b"credential")
+    assert st.open_sealed(v1, b"credential") == bytearray(b"x")  # v1 blobs still open
+    st.forget()
+    path.write_bytes(b"short")
+    os.chmod(path, 0o600)
+    with pytest.raises(TamperedError, match="hybrid"):
+        statemod.load_state(state_dir)

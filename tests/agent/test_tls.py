@@ -131,7 +131,7 @@ def test_activation_refuses_wrong_ca(platform: Platform, tmp_path: Path) -> None
     other = make_pki(tmp_path / "other")
     code = platform.cli("appliance", "add", "app1").stdout.decode().strip()
     r = run_agent_cli("activate", str(tmp_path / "st"), "--platform", platform.url,
-                      "--ca", str(other.ca_path), "--code", code)
+                      "--ca", str(other.ca_path), "--code", code, "--keystore", "file")
     assert r.returncode == EXIT_PLATFORM
     assert len(r.stderr.strip().splitlines()) == 1 and "certificate verification failed" in r.stderr
     assert code not in r.stderr
@@ -145,14 +145,14 @@ def test_activation_refuses_wrong_hostname(
     code = plat.cli("appliance", "add", "app1").stdout.decode().strip()
     url = f"https://127.0.0.1:{plat.port}"  # reachable, but not the name on the certificate
     r = run_agent_cli("activate", str(tmp_path / "st"), "--platform", url,
-                      "--ca", str(plat.ca), "--code", code)
+                      "--ca", str(plat.ca), "--code", code, "--keystore", "file")
     assert r.returncode == EXIT_PLATFORM and "mismatch" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_activation_refuses_bad_code(platform: Platform, tmp_path: Path) -> None:
     r = run_agent_cli("activate", str(tmp_path / "st"), "--platform", platform.url,
-                      "--ca", str(platform.ca), "--code", "NOT-A-CODE")
+                      "--ca", str(platform.ca), "--code", "NOT-A-CODE", "--keystore", "file")
     assert r.returncode == 23 and len(r.stderr.strip().splitlines()) == 1
 
 

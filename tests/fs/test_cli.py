@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from scratchfs.keyholder import mountinfo
 from tests.mounting import Mounted, is_mounted, mount, run_cli, unmount, wait_pid_gone
 
 pytestmark = pytest.mark.usefixtures("scratchfs_only")
@@ -88,11 +89,15 @@ def refused_mount(backing: Path, mnt: Path, code: int, *extra: str) -> None:
         ["mount", "/tmp/a", "/tmp/b", "--no-such-option"],
         ["mount", "/tmp/a", "/tmp/b", "--block-size", "abc"],
         ["mount", "/tmp/a", "/tmp/b", "--block-size", "1000"],
+        ["mount", "/tmp/a", "/tmp/b", "--max-inodes", "lots"],
+        ["mount", "/tmp/a", "/tmp/b", "--max-file-size", "0"],
+        ["mount", "/tmp/a", "/tmp/b", "--memory-budget", "9E"],
         ["umount"],
         ["frobnicate"],
     ],
     ids=["none", "mount-no-args", "mount-one-arg", "unknown-option", "block-size-nan",
-         "block-size-not-pow2", "umount-no-args", "unknown-command"],
+         "block-size-not-pow2", "max-inodes-nan", "max-file-size-zero", "memory-budget-too-big",
+         "umount-no-args", "unknown-command"],
 )
 def test_usage_errors(args: list[str]) -> None:
     result = run_cli(*args)
@@ -255,16 +260,24 @@ def test_umount_refuses_other_filesystems(tmp_path: Path) -> None:
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_umount_clears_stale_mount_and_remount_wipes(tmp_path: Path) -> None:
-    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+# mountinfo writes space, tab, newline and backslash as \ooo escapes and UTF-8 raw: such a
+# mount point must still be found mounted, then stale, then cleared.
+@pytest.mark.parametrize("name", ["mnt", "mnt ü\\ß x"])
+def test_umount_clears_stale_mount_and_remount_wipes(tmp_path: Path, name: str) -> None:
+    backing, mnt = tmp_path / "backing", tmp_path / name
     m = mount(backing, mnt)
     try:
+        assert is_mounted(mnt)
+        if name != "mnt":  # a clean unmount and remount of the odd name first
+            unmount(m)
+            assert not is_mounted(mnt)
+            m = mount(backing, mnt)
         (mnt / "f").write_bytes(b"data that must not survive" * 1000)
         os.sync()
         assert m.blobs()
         os.kill(m.pid, signal.SIGKILL)
         assert wait_pid_gone(m.pid)
-        assert is_mounted(mnt)
+        assert is_mounted(mnt) and mountinfo.is_stale(mnt)
         # A stale mount is not a usable mountpoint.
         refused = run_cli("mount", str(backing), str(mnt))
         assert_refused(refused, 4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -15,10 +16,19 @@ from pathlib import Path
 import pytest
 import trio
 
+from agent.timesync import Clock
+from agent.tls import client_context
 from protocol import client, sealing
 from tools.platform import ca, db, state
 from tools.platform.handlers import AppConfig
 from tools.platform.server import Server, ServerLimits, build_app, server_context
+
+
+def tls_client(ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None) -> ssl.SSLContext:
+    """The agent's TLS client policy (agent.tls, the only one); it takes the certificate and
+    key from memory (a memfd inside), so the test's private key stays off disk."""
+    return client_context(ca_pem, Clock(), cert_pem, key_pem)
+
 
 PLATFORM = [sys.executable, "-m", "tools.platform"]
 HOSTNAME = "localhost"
@@ -45,6 +55,8 @@ class Appliance:
     x25519_private: bytes = field(repr=False)
     x25519_public: bytes
     client: client.PlatformClient
+    hybrid_private: bytearray | None = field(default=None, repr=False)
+    hybrid_public: bytes | None = None
 
 
 @dataclass
@@ -70,17 +82,19 @@ class Platform:
         return code
 
     def anon_client(self, timeout: float = 20.0) -> client.PlatformClient:
-        return client.PlatformClient(self.url, client.client_context(self.ca_pem), timeout)
+        return client.PlatformClient(self.url, tls_client(self.ca_pem), timeout)
 
-    async def activate(self, name: str) -> Appliance:
+    async def activate(self, name: str, hybrid: bool = False) -> Appliance:
+        """Activate like an agent; hybrid=False is an agent from before sealing v2."""
         code = self.add_appliance(name)
         key_pem, csr = client.new_client_key_and_csr(name)
         xpriv, xpub = sealing.generate_keypair()
-        res = await self.anon_client().activate(code, csr, xpub)
-        ctx = client.client_context(self.ca_pem, res.certificate_pem, key_pem)
-        return Appliance(
-            name, key_pem, res.certificate_pem, xpriv, xpub, client.PlatformClient(self.url, ctx, timeout=20.0)
-        )
+        hpriv, hpub = sealing.generate_hybrid_keypair() if hybrid else (None, None)
+        res = await self.anon_client().activate(code, csr, xpub, hpub)
+        ctx = tls_client(self.ca_pem, res.certificate_pem, key_pem)
+        c = client.PlatformClient(self.url, ctx, timeout=20.0)
+        await c.open_session(1, "file")  # its first boot: keys and jobs need a session
+        return Appliance(name, key_pem, res.certificate_pem, xpriv, xpub, c, hpriv, hpub)
 
 
 def init_state(root: Path, hostname: str = HOSTNAME) -> state.StatePaths:

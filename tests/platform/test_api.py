@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from protocol import api, client, sealing
+from protocol import api, client, credential, scope, sealing
 from tests.platform.conftest import Platform
-from tools.platform import keys
+from tools.platform import db, keys
 
 
 async def test_time_without_client_cert(platform: Platform) -> None:
@@ -24,7 +24,7 @@ async def test_activation_flow_and_volume_key(platform: Platform) -> None:
     row = platform.storage.appliance("alpha")
     assert row.state == "active"
     assert row.x25519_public == a.x25519_public
-    sealed = await a.client.volume_key()
+    sealed = await a.client.keyslot_passphrase()
     vk = sealing.open_sealed(a.x25519_private, sealed, api.SEAL_CONTEXT_VOLUME_KEY)
     assert len(vk) == 32
     # It is the key stored (wrapped) for this appliance, and the access was logged.
@@ -35,7 +35,7 @@ async def test_activation_flow_and_volume_key(platform: Platform) -> None:
     assert bytes(vk) not in wrapped
     assert [e for e in platform.storage.events("volume_key") if e[1] == row.id]
     # Sealed freshly each time (new ephemeral key), same key inside.
-    sealed2 = await a.client.volume_key()
+    sealed2 = await a.client.keyslot_passphrase()
     assert sealed2 != sealed
     assert sealing.open_sealed(a.x25519_private, sealed2, api.SEAL_CONTEXT_VOLUME_KEY) == vk
     # The blob is not a credential: context binding.
@@ -46,8 +46,8 @@ async def test_activation_flow_and_volume_key(platform: Platform) -> None:
 async def test_each_appliance_gets_only_its_own_key(platform: Platform) -> None:
     a = await platform.activate("a1")
     b = await platform.activate("b1")
-    ka = sealing.open_sealed(a.x25519_private, await a.client.volume_key(), b"volume-key")
-    sealed_b = await b.client.volume_key()
+    ka = sealing.open_sealed(a.x25519_private, await a.client.keyslot_passphrase(), b"volume-key")
+    sealed_b = await b.client.keyslot_passphrase()
     kb = sealing.open_sealed(b.x25519_private, sealed_b, b"volume-key")
     assert ka != kb
     with pytest.raises(sealing.SealError):
@@ -137,21 +137,70 @@ async def test_long_poll_wakes_on_new_job(platform: Platform) -> None:
     assert got and got[0] is not None and got[0].engine == "nmap"
 
 
+def _scoped_blob(public: bytes, secret: bytes, targets: list[str]) -> bytes:
+    sc = scope.Scope.build(targets, "21,22", ["ssh"])
+    plain = credential.pack(credential.Metadata("password", "u", sc), bytearray(secret))
+    return sealing.seal_v2(public, plain, api.SEAL_CONTEXT_CREDENTIAL, sc.to_bytes())
+
+
 async def test_credential_travels_sealed(platform: Platform) -> None:
-    a = await platform.activate("credapp")
+    a = await platform.activate("credapp", hybrid=True)
+    assert a.hybrid_public is not None and a.hybrid_private is not None
     secret = b"hunter2-canary-credential"
-    blob = sealing.seal(a.x25519_public, secret, api.SEAL_CONTEXT_CREDENTIAL)
+    blob = _scoped_blob(a.hybrid_public, secret, ["127.0.0.0/30"])
     platform.storage.add_credential("credapp", "ftp", blob, time.time())
     platform.storage.add_job("credapp", ["127.0.0.1"], "21", "builtin", "ftp", time.time())
     job = await a.client.next_job(wait=5)
     assert job is not None and job.credential_name == "ftp"
     assert job.credential == blob
     assert "hunter2" not in repr(job) and repr(blob)[:20] not in repr(job)
-    opened = sealing.open_sealed(a.x25519_private, job.credential, b"credential")
-    assert bytes(opened) == secret
+    opened = sealing.open_any(a.x25519_private, a.hybrid_private, job.credential, b"credential")
+    meta, got = credential.unpack(opened)
+    assert bytes(got) == secret and meta.scope.targets == ("127.0.0.0/30",)
     # The platform's database never saw the plaintext.
     for p in platform.paths.root.iterdir():
         assert secret not in p.read_bytes(), p
+
+
+async def test_job_outside_the_public_scope_is_refused(platform: Platform) -> None:
+    a = await platform.activate("scoped", hybrid=True)
+    assert a.hybrid_public is not None
+    blob = _scoped_blob(a.hybrid_public, b"s", ["10.1.0.0/24", "db.example"])
+    platform.storage.add_credential("scoped", "c", blob, 1.0)
+    platform.storage.add_job("scoped", ["10.1.0.7", "10.1.0.128/25", "DB.example"], "22", "builtin", "c", 1.0)
+    for targets in (["10.1.0.7", "10.2.0.1"], ["10.1.0.0/23"], ["evil.example"]):
+        with pytest.raises(db.OutOfScope, match="outside the scope"):
+            platform.storage.add_job("scoped", targets, "22", "builtin", "c", 1.0)
+    # A credential stored before sealing v2 has no scope: refused, saying what to do.
+    platform.storage.add_credential("scoped", "old", sealing.seal(a.x25519_public, b"s", b"credential"), 1.0)
+    with pytest.raises(db.OutOfScope, match="re-seal it with scanner-seal"):
+        platform.storage.add_job("scoped", ["10.1.0.7"], "22", "builtin", "old", 1.0)
+
+
+async def test_v1_appliance_moves_to_the_hybrid_key_over_mtls(platform: Platform) -> None:
+    a = await platform.activate("oldapp")  # an appliance from before sealing v2
+    v1 = await a.client.keyslot_passphrase()
+    assert sealing.check_format(v1) == 1
+    vk = sealing.open_sealed(a.x25519_private, v1, api.SEAL_CONTEXT_VOLUME_KEY)
+    hpriv, hpub = sealing.generate_hybrid_keypair()
+    await a.client.upload_seal_key(hpub)
+    await a.client.upload_seal_key(hpub)  # idempotent: a crashed upgrade may resend
+    v2 = await a.client.keyslot_passphrase()
+    assert sealing.check_format(v2) == 2
+    assert sealing.open_any(a.x25519_private, hpriv, v2, api.SEAL_CONTEXT_VOLUME_KEY) == vk
+    with pytest.raises(sealing.SealError, match="seal-key upgrade"):
+        sealing.open_any(a.x25519_private, None, v2, api.SEAL_CONTEXT_VOLUME_KEY)
+    _, other = sealing.generate_hybrid_keypair()
+    with pytest.raises(client.PlatformError) as e:
+        await a.client.upload_seal_key(other)
+    assert e.value.status == 409 and e.value.reason == api.REASON_KEY_CONFLICT
+    with pytest.raises(client.PlatformError) as e:
+        await platform.anon_client().upload_seal_key(hpub)
+    assert e.value.status == 401
+    with pytest.raises(client.PlatformError) as e:
+        await a.client._json("POST", api.PATH_SEAL_KEY, {api.F_HYBRID_PUBLIC: "AAAA"})
+    assert e.value.status == 400
+    assert platform.storage.appliance("oldapp").hybrid_public == hpub
 
 
 async def test_config_reports_syslog_target(platform: Platform) -> None:

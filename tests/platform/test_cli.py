@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol import api, client, sealing
-from tests.platform.conftest import HOSTNAME, ServedProcess, run_cli
+from protocol import api, client, credential, sealing
+from tests.platform.conftest import HOSTNAME, ServedProcess, run_cli, tls_client
 from tools.platform import db
 
 SEAL = [sys.executable, "-m", "tools.seal"]
@@ -84,18 +84,34 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
 
 
 def test_seal_cli_errors(tmp_path: Path) -> None:
+    scope_flags = ["--username", "u", "--target", "10.0.0.1", "--ports", "22", "--protocol", "ssh"]
+
+    def seal(key_file: Path, *extra: str, secret: bytes = b"s") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*SEAL, "--appliance-key", str(key_file), *extra], input=secret,
+                              capture_output=True, check=False)  # fmt: skip
+
     key = tmp_path / "pub.pem"
     key.write_bytes(b"garbage")
-    proc = subprocess.run([*SEAL, "--appliance-key", str(key)], input=b"s", capture_output=True, check=False)
-    one_line_error(proc, 2)
-    proc = subprocess.run(
-        [*SEAL, "--appliance-key", str(tmp_path / "missing")], input=b"s", capture_output=True, check=False
-    )
-    one_line_error(proc, 2)
+    assert b"hybrid public key" in one_line_error(seal(key, *scope_flags), 2).encode()
+    one_line_error(seal(tmp_path / "missing", *scope_flags), 2)
     _, pub = sealing.generate_keypair()
     key.write_bytes(sealing.public_key_to_pem(pub))
-    proc = subprocess.run([*SEAL, "--appliance-key", str(key)], input=b"", capture_output=True, check=False)
-    one_line_error(proc, 2)
+    assert "seal-key upgrade" in one_line_error(seal(key, *scope_flags), 2)  # a v1 appliance key
+    _, hpub = sealing.generate_hybrid_keypair()
+    key.write_bytes(sealing.hybrid_public_to_pem(hpub))
+    assert "no secret" in one_line_error(seal(key, *scope_flags, secret=b"\n"), 2)
+    assert "required" in one_line_error(seal(key, "--username", "u"), 2)  # no scope: refused
+    bad = ["--username", "u", "--ports", "22", "--protocol", "ssh"]
+    assert "CIDR" in one_line_error(seal(key, *bad, "--target", "10.0.0.0/99"), 2)
+    assert "port" in one_line_error(seal(key, "--username", "u", "--target", "10.0.0.1", "--ports", "0",
+                                         "--protocol", "ssh"), 2)  # fmt: skip
+    assert "pin" in one_line_error(seal(key, *scope_flags, "--pin-tls-sha256", "abc"), 2)
+    assert "':'" in one_line_error(seal(key, "--username", "a:b", *scope_flags[2:]), 2)
+    assert "http-basic" in one_line_error(seal(key, *scope_flags, "--protocol", "http-basic", "--kind", "ssh-key"), 2)
+    good = seal(key, *scope_flags, "--expires", "2030-01-01T00:00", "--force", secret=b"pw\n")
+    assert good.returncode == 0 and sealing.check_format(good.stdout) == 2
+    header = json.loads(sealing.public_header(good.stdout))
+    assert header["expires"] == 1893456000.0 and header["targets"] == ["10.0.0.1"]
 
 
 async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) -> None:
@@ -111,9 +127,11 @@ async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) 
 
     key_pem, csr = client.new_client_key_and_csr("edge1")
     xpriv, xpub = sealing.generate_keypair()
-    res = await client.PlatformClient(url, client.client_context(ca_pem)).activate(code, csr, xpub)
+    hpriv, hpub = sealing.generate_hybrid_keypair()
+    res = await client.PlatformClient(url, tls_client(ca_pem)).activate(code, csr, xpub, hpub)
     assert res.appliance == "edge1" and res.ca_pem == ca_pem
-    c = client.PlatformClient(url, client.client_context(ca_pem, res.certificate_pem, key_pem))
+    c = client.PlatformClient(url, tls_client(ca_pem, res.certificate_pem, key_pem))
+    await c.open_session(1, "tpm")
 
     # Customer side: export the key, seal a credential, hand the blob to the platform.
     pub_file = tmp_path / "edge1.pub"
@@ -121,9 +139,16 @@ async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) 
     assert proc.returncode == 0
     pub_file.write_bytes(proc.stdout)
     secret = b"canary-password-4711"
+    x_file = tmp_path / "edge1-x25519.pub"
+    x_file.write_bytes(run_cli("appliance", "pubkey", "edge1", "--x25519", state_dir=root).stdout)
+    scope_flags = ["--username", "ftpuser", "--target", "127.0.0.0/8", "--target", "localhost",
+                   "--ports", "21-22", "--protocol", "ssh"]  # fmt: skip
+    one_line_error(subprocess.run([*SEAL, "--appliance-key", str(x_file), *scope_flags], input=secret,
+                                  capture_output=True, check=False), 2)  # a v1 key: upgrade first
     sealed = subprocess.run(
-        [*SEAL, "--appliance-key", str(pub_file)], input=secret, capture_output=True, check=True
+        [*SEAL, "--appliance-key", str(pub_file), *scope_flags], input=secret, capture_output=True, check=True
     ).stdout
+    assert secret not in sealed and b"127.0.0.0/8" in sealed  # the public copy of the scope
     sealed_file = tmp_path / "cred.sealed"
     sealed_file.write_bytes(sealed)
     proc = run_cli("credential", "add", "ftp", "--appliance", "edge1", "--sealed", str(sealed_file), state_dir=root)
@@ -142,6 +167,11 @@ async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) 
     )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.decode().strip()
+    # Retargeting the credential at another host is refused by the platform (exit 6).
+    proc = run_cli("job", "add", "edge1", "--targets", "192.0.2.1", "--ports", "22", "--credential", "ftp",
+                   state_dir=root)  # fmt: skip
+    one_line_error(proc, 6)
+    assert b"outside the scope" in proc.stderr
 
     ca_file = tmp_path / "syslog-ca.pem"
     ca_file.write_bytes(ca_pem)
@@ -159,7 +189,8 @@ async def test_full_flow_through_the_cli(served: ServedProcess, tmp_path: Path) 
     assert job is not None and job.id == job_id
     assert job.targets == ("127.0.0.1", "localhost") and job.ports == "21-22,80-82"
     assert job.credential is not None
-    assert bytes(sealing.open_sealed(xpriv, job.credential, api.SEAL_CONTEXT_CREDENTIAL)) == secret
+    meta, got = credential.unpack(sealing.open_any(xpriv, hpriv, job.credential, api.SEAL_CONTEXT_CREDENTIAL))
+    assert bytes(got) == secret and meta.username == "ftpuser" and "localhost" in meta.scope.targets
     doc = {
         "job": job.id,
         "engine": "builtin",

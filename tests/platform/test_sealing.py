@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import sealing
+from scratchfs.keyholder.wipe import wipe
 
 
 def test_round_trip_and_fresh_blobs() -> None:
@@ -21,7 +22,7 @@ def test_round_trip_and_fresh_blobs() -> None:
     assert len(a) == sealing.HEADER_LEN + len(b"secret") + sealing.TAG_LEN
     out = sealing.open_sealed(priv, a, b"credential")
     assert isinstance(out, bytearray) and out == b"secret"
-    sealing.wipe(out)
+    wipe(out)
     assert out == bytearray(6)
 
 
@@ -92,3 +93,59 @@ def test_public_key_files() -> None:
     ):
         with pytest.raises(sealing.SealError):
             sealing.load_public_key(junk)
+
+
+# --- version 2: HPKE MLKEM768-X25519 ---------------------------------------------------
+
+
+def test_v2_round_trip_binds_context_header_and_key() -> None:
+    priv, pub = sealing.generate_hybrid_keypair()
+    header = b'{"targets":["10.0.0.1"]}'
+    blob = sealing.seal_v2(pub, b"secret-v2", b"credential", header)
+    assert sealing.check_format(blob) == 2 and sealing.public_header(blob) == header
+    assert b"secret-v2" not in blob
+    assert sealing.open_any(b"\0" * 32, priv, blob, b"credential") == bytearray(b"secret-v2")
+    assert sealing.hybrid_public_from_private(priv) == pub
+    other, _ = sealing.generate_hybrid_keypair()
+    for key, data, ctx in (
+        (priv, blob, b"volume-key"),  # another purpose
+        (other, blob, b"credential"),  # another appliance
+        (priv, blob.replace(b"10.0.0.1", b"10.6.6.6"), b"credential"),  # public scope edited
+        (priv, blob[:-1] + bytes([blob[-1] ^ 1]), b"credential"),  # ciphertext flipped
+        (priv, blob[:10] + bytes([blob[10] ^ 1]) + blob[11:], b"credential"),  # header flipped
+    ):
+        with pytest.raises(sealing.SealError, match="does not open"):
+            sealing.open_any(b"\0" * 32, key, data, ctx)
+    # Two seals of the same plaintext share nothing (fresh encapsulation each time).
+    again = sealing.seal_v2(pub, b"secret-v2", b"credential", header)
+    assert again[-100:] != blob[-100:]
+
+
+def test_v2_envelope_errors_are_clear() -> None:
+    _, pub = sealing.generate_hybrid_keypair()
+    blob = sealing.seal_v2(pub, b"x", b"credential")
+    with pytest.raises(sealing.SealError, match="too short"):
+        sealing.check_format(blob[:40])
+    with pytest.raises(sealing.SealError, match="header length"):
+        sealing.check_format(blob[:5] + b"\xff\xff" + blob[7:])
+    with pytest.raises(sealing.SealError, match="upgrade this software"):
+        sealing.check_format(b"SCSL\x07" + blob[5:])
+    with pytest.raises(sealing.SealError, match="seal-key upgrade"):
+        sealing.open_any(b"\0" * 32, None, blob, b"credential")
+    with pytest.raises(sealing.SealError, match="seal-key upgrade"):
+        sealing.open_sealed(b"\0" * 32, blob, b"credential")
+    with pytest.raises(sealing.SealError, match="hybrid public key"):
+        sealing.seal_v2(b"\0" * 10, b"x", b"credential")
+    with pytest.raises(sealing.SealError, match="X25519"):
+        sealing.load_hybrid_public_key(sealing.public_key_to_pem(sealing.generate_keypair()[1]))
+    assert sealing.load_hybrid_public_key(sealing.hybrid_public_to_pem(pub)) == pub
+
+
+def test_v1_and_v2_open_side_by_side() -> None:
+    xpriv, xpub = sealing.generate_keypair()
+    hpriv, hpub = sealing.generate_hybrid_keypair()
+    v1 = sealing.seal_for(xpub, None, b"k1", b"volume-key")
+    v2 = sealing.seal_for(xpub, hpub, b"k2", b"volume-key")
+    assert (sealing.check_format(v1), sealing.check_format(v2)) == (1, 2)
+    assert sealing.open_any(xpriv, hpriv, v1, b"volume-key") == bytearray(b"k1")
+    assert sealing.open_any(xpriv, hpriv, v2, b"volume-key") == bytearray(b"k2")

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from protocol import api, client, sealing
-from tests.platform.conftest import HOSTNAME, Appliance, Platform, init_state
+from tests.platform.conftest import HOSTNAME, Appliance, Platform, init_state, tls_client
 from tools.platform import ca, keys
 
 
@@ -46,7 +46,7 @@ async def raw_exchange(
 
 
 def appliance_ctx(platform: Platform, a: Appliance) -> ssl.SSLContext:
-    return client.client_context(platform.ca_pem, a.cert_pem, a.key_pem)
+    return tls_client(platform.ca_pem, a.cert_pem, a.key_pem)
 
 
 def other_ca_client_ctx(platform: Platform, tmp_path: Path) -> ssl.SSLContext:
@@ -55,7 +55,7 @@ def other_ca_client_ctx(platform: Platform, tmp_path: Path) -> ssl.SSLContext:
     authority = ca.load_ca(other.ca_key.read_bytes(), other.ca_cert.read_bytes())
     key_pem, csr_pem = client.new_client_key_and_csr("alpha")
     cert = ca.issue_client_cert(authority, ca.check_csr(csr_pem), "alpha")
-    return client.client_context(platform.ca_pem, cert.pem, key_pem)
+    return tls_client(platform.ca_pem, cert.pem, key_pem)
 
 
 async def test_mtls_endpoints_refuse_missing_client_cert(platform: Platform) -> None:
@@ -63,7 +63,7 @@ async def test_mtls_endpoints_refuse_missing_client_cert(platform: Platform) -> 
     job_id = platform.storage.add_job("alpha", ["127.0.0.1"], "22", "builtin", None, time.time())
     anon = platform.anon_client()
     calls = [
-        anon.volume_key(),
+        anon.keyslot_passphrase(),
         anon.config(),
         anon.next_job(wait=0),
         anon.upload_result(str(job_id), b"{}"),
@@ -81,7 +81,7 @@ async def test_certificate_from_another_ca_fails_tls(platform: Platform, tmp_pat
     await platform.activate("alpha")
     foreign = client.PlatformClient(platform.url, other_ca_client_ctx(platform, tmp_path))
     with pytest.raises(client.PlatformTLSError):
-        await foreign.volume_key()
+        await foreign.keyslot_passphrase()
     with pytest.raises(client.PlatformTLSError):
         await foreign.time()
 
@@ -92,15 +92,15 @@ async def test_unknown_certificate_of_our_ca_refused(platform: Platform) -> None
     authority = ca.load_ca(platform.paths.ca_key.read_bytes(), platform.ca_pem)
     key_pem, csr_pem = client.new_client_key_and_csr("ghost")
     cert = ca.issue_client_cert(authority, ca.check_csr(csr_pem), "ghost")
-    ghost = client.PlatformClient(platform.url, client.client_context(platform.ca_pem, cert.pem, key_pem))
+    ghost = client.PlatformClient(platform.url, tls_client(platform.ca_pem, cert.pem, key_pem))
     with pytest.raises(client.PlatformError) as ei:
-        await ghost.volume_key()
+        await ghost.keyslot_passphrase()
     assert (ei.value.status, ei.value.reason) == (403, api.REASON_UNKNOWN_CERTIFICATE)
 
 
 async def test_client_refuses_untrusted_server(platform: Platform, tmp_path: Path) -> None:
     other = init_state(tmp_path / "other2", HOSTNAME)
-    c = client.PlatformClient(platform.url, client.client_context(other.ca_cert.read_bytes()))
+    c = client.PlatformClient(platform.url, tls_client(other.ca_cert.read_bytes()))
     with pytest.raises(client.PlatformTLSError) as ei:
         await c.time()
     assert "certificate verify failed" in str(ei.value) or "verification" in str(ei.value)
@@ -108,7 +108,7 @@ async def test_client_refuses_untrusted_server(platform: Platform, tmp_path: Pat
 
 async def test_client_refuses_wrong_hostname(platform: Platform) -> None:
     # The server certificate names "localhost"; 127.0.0.1 is the same socket, other name.
-    c = client.PlatformClient(f"https://127.0.0.1:{platform.port}", client.client_context(platform.ca_pem))
+    c = client.PlatformClient(f"https://127.0.0.1:{platform.port}", tls_client(platform.ca_pem))
     with pytest.raises(client.PlatformTLSError) as ei:
         await c.time()
     assert "mismatch" in str(ei.value).lower()
@@ -139,7 +139,7 @@ async def test_tls_1_1_refused_by_server(platform: Platform, caplog: pytest.LogC
     assert "VERSION" in str(cause.reason).upper(), cause
     assert any("tls handshake failed" in r.getMessage() and "PROTOCOL" in r.getMessage() for r in caplog.records)
     # And the platform still serves TLS 1.2 clients.
-    ctx12 = client.client_context(platform.ca_pem)
+    ctx12 = tls_client(platform.ca_pem)
     ctx12.maximum_version = ssl.TLSVersion.TLSv1_2
     assert await client.PlatformClient(platform.url, ctx12).time() > 0
 
@@ -154,7 +154,7 @@ async def test_deactivated_appliance_gets_403_everywhere(platform: Platform) -> 
     platform.storage.deactivate("victim", time.time())
     calls = [
         a.client.time(),
-        a.client.volume_key(),
+        a.client.keyslot_passphrase(),
         a.client.config(),
         a.client.next_job(wait=0),
         a.client.upload_result(str(job_id), b"{}"),
@@ -171,7 +171,7 @@ async def test_deactivated_appliance_gets_403_everywhere(platform: Platform) -> 
             assert wrapped not in p.read_bytes(), p.name
     # Revocation is on the list; the other appliance is unaffected.
     assert row.cert_serial in dict(platform.storage.revoked())
-    assert len(await b.client.volume_key()) > 32
+    assert len(await b.client.keyslot_passphrase()) > 32
 
 
 async def test_revoked_certificate_is_deactivated(platform: Platform) -> None:
@@ -182,7 +182,7 @@ async def test_revoked_certificate_is_deactivated(platform: Platform) -> None:
         (row.cert_serial, row.cert_fingerprint, row.id, time.time()),
     )
     with pytest.raises(client.DeactivatedError):
-        await a.client.volume_key()
+        await a.client.keyslot_passphrase()
 
 
 async def test_other_appliances_job_is_not_found(platform: Platform) -> None:
@@ -205,7 +205,7 @@ async def test_other_appliances_job_is_not_found(platform: Platform) -> None:
 
 async def test_malformed_requests_get_clear_4xx(platform: Platform) -> None:
     a = await platform.activate("fuzzed")
-    anon = client.client_context(platform.ca_pem)
+    anon = tls_client(platform.ca_pem)
     mtls = appliance_ctx(platform, a)
     host = f"host: {HOSTNAME}\r\n".encode()
 
@@ -225,7 +225,10 @@ async def test_malformed_requests_get_clear_4xx(platform: Platform) -> None:
     assert (st, doc["reason"]) == (404, api.REASON_NOT_FOUND)
     st, doc = await raw_exchange(platform, anon, b"DELETE /v1/time HTTP/1.1\r\n" + host + b"\r\n")
     assert (st, doc["reason"]) == (405, api.REASON_METHOD_NOT_ALLOWED)
-    st, doc = await raw_exchange(platform, mtls, b"GET /v1/jobs/next?wait=soon HTTP/1.1\r\n" + host + b"\r\n")
+    session = f"{api.HEADER_SESSION}: {a.client.session}\r\n".encode()
+    st, doc = await raw_exchange(
+        platform, mtls, b"GET /v1/jobs/next?wait=soon HTTP/1.1\r\n" + host + session + b"\r\n"
+    )
     assert (st, doc["reason"]) == (400, api.REASON_BAD_REQUEST)
     huge = b"x" * (api.MAX_HEADER_BYTES * 2)
     st, doc = await raw_exchange(platform, anon, b"GET /v1/time HTTP/1.1\r\n" + host + b"x-big: " + huge + b"\r\n\r\n")
@@ -246,19 +249,21 @@ async def test_wrong_digest_and_oversized_result_store_nothing(platform: Platfor
     job = await a.client.next_job(wait=5)
     assert job is not None
     ctx = appliance_ctx(platform, a)
+    session = f"{api.HEADER_SESSION}: {a.client.session}\r\n".encode()
     body = b'{"hosts": []}'
     wrong = hashlib.sha256(b"something else").hexdigest().encode()
     st, doc = await raw_exchange(
         platform,
         ctx,
-        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\nx-content-sha256: %s\r\n"
-        b"content-length: %d\r\n\r\n%s" % (job_id, HOSTNAME.encode(), wrong, len(body), body),
+        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\nx-content-sha256: %s\r\n%s"
+        b"content-length: %d\r\n\r\n%s" % (job_id, HOSTNAME.encode(), wrong, session, len(body), body),
     )
     assert (st, doc["reason"]) == (400, api.REASON_DIGEST_MISMATCH)
     st, doc = await raw_exchange(
         platform,
         ctx,
-        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\ncontent-length: 2\r\n\r\n{}" % (job_id, HOSTNAME.encode()),
+        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\n%scontent-length: 2\r\n\r\n{}"
+        % (job_id, HOSTNAME.encode(), session),
     )
     assert (st, doc["reason"]) == (400, api.REASON_BAD_REQUEST)
     big = b"z" * (platform_max(platform) + 1)
@@ -285,8 +290,12 @@ async def test_drop_mid_upload_stores_nothing(platform: Platform) -> None:
     await raw_exchange(
         platform,
         appliance_ctx(platform, a),
-        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\nx-content-sha256: %s\r\n"
-        b"content-length: %d\r\n\r\n%s" % (job_id, HOSTNAME.encode(), digest, len(body), body[: len(body) // 2]),
+        b"POST /v1/jobs/%d/result HTTP/1.1\r\nhost: %s\r\nx-content-sha256: %s\r\n%s: %s\r\n"
+        b"content-length: %d\r\n\r\n%s"
+        % (
+            job_id, HOSTNAME.encode(), digest, api.HEADER_SESSION.encode(), str(a.client.session).encode(),
+            len(body), body[: len(body) // 2],
+        ),
         hang_up=True,
     )
     await trio.sleep(0.3)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from scratchfs.keyholder import mountinfo, procs
 from scratchfs.volume import api, loop
 from scratchfs.volume import state as statemod
 from scratchfs.volume.errors import NotOpenError
-from scratchfs.volume.system import mounts, same_process_alive
 
 MiB = 1024 * 1024
 DEV_MAPPER = Path("/dev/mapper")
@@ -54,7 +54,7 @@ def loop_devices_under(prefix: Path) -> list[str]:
 
 
 def mounts_under(prefix: Path) -> list[str]:
-    return [m for m, _t, _s in mounts() if m.startswith(str(prefix))]
+    return [e.mountpoint for e in mountinfo.under(prefix)]
 
 
 class Volumes:
@@ -122,7 +122,7 @@ def vols(tmp_path: Path) -> Iterator[Volumes]:
         problems.append(f"mount left behind: {mnt}")
         subprocess.run(["umount", "-l", mnt], check=False)
     for pid, start in v.servers:
-        if same_process_alive(pid, start):
+        if procs.alive(pid, start):
             problems.append(f"FUSE server {pid} still running")
             os.kill(pid, 9)
     if v.run_dir.exists():

@@ -12,7 +12,9 @@ import base64
 import hmac
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -115,7 +117,7 @@ def af_merge(material: bytes, key_size: int, stripes: int, hash_name: str) -> by
 
 
 def unlock(blob: bytes, passphrase: bytes) -> tuple[bytes, Header]:
-    """Volume key of the first keyslot that *passphrase* opens (digest verified)."""
+    """Volume master key of the first keyslot that *passphrase* opens (digest verified)."""
     hdr = read_header(blob)
     for _slot, ks in sorted(hdr.meta["keyslots"].items()):
         kdf, af, area = ks["kdf"], ks["af"], ks["area"]
@@ -140,11 +142,34 @@ def unlock(blob: bytes, passphrase: bytes) -> tuple[bytes, Header]:
 
 def decrypt_segment(blob: bytes, passphrase: bytes) -> bytes:
     """The plaintext of the (single) data segment."""
-    volume_key, hdr = unlock(blob, passphrase)
+    master_key, hdr = unlock(blob, passphrase)
     (seg,) = hdr.meta["segments"].values()
     assert seg["encryption"] == "aes-xts-plain64", seg
     offset = int(seg["offset"])
     size = len(blob) - offset if seg["size"] == "dynamic" else int(seg["size"])
     sector = int(seg["sector_size"])
     size -= size % sector
-    return xts_plain64(volume_key, blob[offset:offset + size], sector, int(seg["iv_tweak"]), sector // 512, True)
+    return xts_plain64(master_key, blob[offset:offset + size], sector, int(seg["iv_tweak"]), sector // 512, True)
+
+
+def rewrite_metadata(path: Path, mutate: Callable[[dict[str, Any]], None]) -> None:
+    """Apply *mutate* to the JSON metadata of both header copies of *path* and re-checksum them.
+
+    For crafting hostile headers that libcryptsetup still loads (the checksum is valid), as an
+    attacker with write access to the image would.
+    """
+    blob = bytearray(path.read_bytes())
+    first = parse_header(bytes(blob), 0)
+    csum_off = struct.calcsize(">6sHQQ48s32s64s40s48sQ184s")
+    for offset in (0, first.hdr_size):
+        hdr = parse_header(bytes(blob), offset)
+        mutate(hdr.meta)
+        text = json.dumps(hdr.meta).encode()
+        room = hdr.hdr_size - 4096
+        assert len(text) < room, "mutated metadata does not fit the JSON area"
+        blob[offset + 4096:offset + hdr.hdr_size] = text + bytes(room - len(text))
+        blob[offset + csum_off:offset + csum_off + 64] = bytes(64)
+        h = hashes.Hash(hashes.SHA256())
+        h.update(bytes(blob[offset:offset + hdr.hdr_size]))
+        blob[offset + csum_off:offset + csum_off + 32] = h.finalize()
+    path.write_bytes(bytes(blob))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from scratchfs.volume import api, cli
-from scratchfs.volume.system import is_mounted
-from tests.volume.conftest import Volumes, loop_devices_under
+from tests.mounting import is_mounted
+from tests.volume.conftest import Volumes, cryptsetup, loop_devices_under, requires_cryptsetup
 from tests.volume.test_robustness import assert_one_line_error
 
 SCRATCHFS = [sys.executable, "-m", "scratchfs", "volume"]
@@ -70,7 +70,7 @@ def test_full_cycle_through_the_cli(vols: Volumes) -> None:
     assert r.returncode == 0
     info = json.loads(r.stdout)
     assert info["format"] == "LUKS2" and info["sector_size"] == 4096 and len(info["keyslots"]) == 1
-    assert info["keyslots"][0] == {"slot": 0, "type": "luks2", "key_bits": 512, "kdf": "pbkdf2",
+    assert info["keyslots"][0] == {"slot": 0, "type": "luks2", "unbound": False, "key_bits": 512, "kdf": "pbkdf2",
                                    "hash": "sha256", "iterations": 1000}
     # The key never shows up in any output, in any encoding.
     for out in (r.stdout, r.stderr, run(["dump", str(image)]).stdout):
@@ -107,7 +107,7 @@ def test_key_input_errors(vols: Volumes) -> None:
     assert_one_line_error_b(run(["format", str(image), "--size", "32M", "--key-fd", "0"], key=b"short"), 16)
     assert_one_line_error_b(run(["format", str(image), "--size", "32M", "--key-fd", "0"], key=b""), 16)
     assert_one_line_error_b(run(["format", str(image), "--size", "32M", "--key-fd", "0"],
-                                key=os.urandom(api.MAX_KEY_SIZE + 1)), 16)
+                                key=os.urandom(api.MAX_PASSPHRASE_SIZE + 1)), 16)
     # A closed descriptor.
     assert_one_line_error_b(run(["format", str(image), "--size", "32M", "--key-fd", "55"]), 16)
     assert not image.exists()
@@ -162,3 +162,40 @@ def test_open_and_close_from_the_module_entry_point(vols: Volumes, tmp_path: Pat
                         "--run-dir", str(vols.run_dir)], capture_output=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     assert not is_mounted(mnt)
+
+
+def _luks2_without_ext4(vols: Volumes, name: str) -> tuple[Path, bytes]:
+    """A LUKS2 image made by cryptsetup whose data segment was never formatted."""
+    key = vols.key()
+    image = vols.path(name)
+    subprocess.run(["truncate", "-s", str(24 << 20), str(image)], check=True)
+    cryptsetup("luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+               "--luks2-metadata-size", "16k", "--luks2-keyslots-size", "1m", str(image), key=key)
+    return image, key
+
+
+@requires_cryptsetup
+def test_open_without_ext4_inside_exits_11_and_leaves_nothing(vols: Volumes) -> None:
+    image, key = _luks2_without_ext4(vols, "noext4.img")
+    mnt = vols.mountpoint("mnt")
+    rd = ["--run-dir", str(vols.run_dir), "--backend", "userspace"]
+    r = run(["open", str(image), str(mnt), "--key-fd", "0", *rd], key=key)
+    assert_one_line_error_b(r, 11)
+    assert b"holds no ext4 filesystem" in r.stderr, r.stderr
+    assert not is_mounted(mnt) and not loop_devices_under(vols.root)
+    # The positive side (a formatted image passes the superblock check) is every other open test.
+
+
+@requires_cryptsetup
+def test_dump_marks_unbound_keyslots_as_cryptsetup_does(vols: Volumes, tmp_path: Path) -> None:
+    image, _key = _luks2_without_ext4(vols, "unbound.img")
+    unbound_key = tmp_path / "unbound.key"
+    unbound_key.write_bytes(vols.key())
+    cryptsetup("luksAddKey", "--unbound", "-s", "256", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+               str(image), str(unbound_key))
+    theirs = cryptsetup("luksDump", str(image)).stdout.decode()
+    assert "  0: luks2\n" in theirs and "  1: luks2 (unbound)\n" in theirs  # what cryptsetup says
+    info = json.loads(run(["dump", str(image), "--json"]).stdout)
+    assert [(k["slot"], k["unbound"], k["key_bits"]) for k in info["keyslots"]] == [(0, False, 512), (1, True, 256)]
+    text = run(["dump", str(image)]).stdout.decode()
+    assert "  0: luks2 key_bits=512" in text and "  1: luks2 (unbound) key_bits=256" in text, text

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api, userspace
 from scratchfs.volume.errors import ErasedError, WrongKeyError
 from scratchfs.volume.libcryptsetup import open_loaded
@@ -69,11 +70,11 @@ def test_cryptsetup_formatted_volume_opens_with_our_engine(vols: Volumes, kdf: s
     # Our engine builds the filesystem through the header cryptsetup wrote...
     with open_loaded(image) as dev:
         seg = dev.segment()
-        _slot, vk = dev.volume_key(key)
+        _slot, master_key = dev.master_key(key)
     work = vols.path("mkfs-work")
     work.mkdir()
-    userspace.make_filesystem(image, seg, vk, work)
-    vk[:] = bytes(len(vk))
+    userspace.make_filesystem(image, seg, master_key, work)
+    wipe(master_key)
     # ... and opens it with the key to store files.
     vol = vols.open(image, "mnt", key)
     (vol.mountpoint / "f.txt").write_bytes(b"stored through our engine")
@@ -128,7 +129,7 @@ def test_our_data_decrypts_with_cryptsetup_and_the_spec_reader(vols: Volumes) ->
     # 2. cryptsetup's offline decryption. LUKS2 decrypts only with a detached header whose
     # segment starts at 0, so: take the volume key with cryptsetup, put the data segment in its
     # own file and give it such a header with the same key, then reencrypt --decrypt.
-    vk_file = vols.path("vk.bin")
+    vk_file = vols.path("master_key.bin")
     cryptsetup("luksDump", "--dump-volume-key", "--volume-key-file", str(vk_file), str(image), key=key)
     data_img = vols.path("data.img")
     offset = api.dump_volume(image)["data_offset"]
@@ -165,7 +166,7 @@ def test_erase_leaves_cryptsetup_unable_to_unlock(vols: Volumes) -> None:
 def test_rekey_is_seen_by_cryptsetup(vols: Volumes) -> None:
     old, new = vols.key(), vols.key()
     image = vols.format("r.img", old)
-    api.change_key(image, old, new)
+    api.change_passphrase(image, old, new)
     cryptsetup("open", "--test-passphrase", str(image), key=new)
     assert cryptsetup("open", "--test-passphrase", str(image), key=old, check=False).returncode != 0
     assert [k["kdf"] for k in api.dump_volume(image)["keyslots"]] == ["pbkdf2"]

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import userspace
 from scratchfs.volume.errors import BadImageError
 from scratchfs.volume.libcryptsetup import CryptDevice, SegmentInfo, open_loaded
@@ -120,10 +121,10 @@ def test_served_file_fuzzed_against_a_plaintext_model(vols: Volumes, sector_size
     _header_only_image(image, size, sector_size, key)
     with open_loaded(image) as dev:
         seg = dev.segment()
-        _slot, vk = dev.volume_key(key)
+        _slot, master_key = dev.master_key(key)
     work = vols.run_dir / "fuzz"
     work.mkdir(parents=True)
-    server = userspace.start_server(image, seg, vk, work / "fuse", work / "server.log")
+    server = userspace.start_server(image, seg, master_key, work / "fuse", work / "server.log")
     try:
         path = server.data_path
         assert path.stat().st_size == size
@@ -175,14 +176,14 @@ def test_served_file_fuzzed_against_a_plaintext_model(vols: Volumes, sector_size
         assert server.process is not None
         server.process.wait(timeout=10)
     # Persisted: a fresh server (new process) sees the same plaintext.
-    server = userspace.start_server(image, seg, vk, work / "fuse", work / "server.log")
+    server = userspace.start_server(image, seg, master_key, work / "fuse", work / "server.log")
     try:
         assert server.data_path.read_bytes() == bytes(model)
     finally:
         userspace.stop_server(server.fuse_dir, server.pid, server.start_time)
         assert server.process is not None
         server.process.wait(timeout=10)
-        vk[:] = bytes(len(vk))
+        wipe(master_key)
     log = (work / "server.log").read_text()
     assert "Traceback" not in log and " ERROR " not in log
     os.rename(work, vols.root / "fuzz-done")  # keep the log, leave the run dir clean

@@ -8,7 +8,7 @@ import pytest
 
 from scratchfs.volume import api, dmcrypt, ext4
 from scratchfs.volume.errors import DeviceMapperMissingError
-from scratchfs.volume.system import is_mounted
+from tests.mounting import is_mounted
 from tests.volume.conftest import Volumes
 
 

@@ -28,26 +28,26 @@ def test_format_load_and_getters(image: Path) -> None:
         assert dev.add_keyslot(key) == 0
     with open_loaded(image) as dev:
         seg = dev.segment()
-        assert (seg.cipher, seg.cipher_mode, seg.volume_key_size, seg.sector_size) == ("aes", "xts-plain64", 64, 4096)
+        assert (seg.cipher, seg.cipher_mode, seg.master_key_size, seg.sector_size) == ("aes", "xts-plain64", 64, 4096)
         assert seg.data_offset == MiB and seg.iv_offset == 0 and seg.size is None
         assert dev.type() == "LUKS2"
         assert dev.active_keyslots() == [0]
-        slot, vk = dev.volume_key(bytearray(key))
-        assert slot == 0 and len(vk) == 64 and any(vk)
+        slot, master_key = dev.master_key(bytearray(key))
+        assert slot == 0 and len(master_key) == 64 and any(master_key)
         meta = dev.dump_json()
         assert meta["keyslots"]["0"]["kdf"]["iterations"] == 1000
         assert "key" not in repr(dev).lower() or "h.img" in repr(dev)
         with pytest.raises(WrongKeyError):
-            dev.volume_key(os.urandom(32))
+            dev.master_key(os.urandom(32))
         # A second keyslot for the same volume key, then destroying the first.
         other = os.urandom(32)
-        assert dev.add_keyslot(other, vk) == 1
+        assert dev.add_keyslot(other, master_key) == 1
         dev.destroy_keyslot(0)
         assert dev.active_keyslots() == [1]
-        assert bytes(dev.volume_key(other)[1]) == bytes(vk)
+        assert bytes(dev.master_key(other)[1]) == bytes(master_key)
         dev.destroy_keyslot(1)
         with pytest.raises(ErasedError):
-            dev.volume_key(other)
+            dev.master_key(other)
 
 
 def test_load_errors(tmp_path: Path) -> None:

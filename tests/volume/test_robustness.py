@@ -10,29 +10,34 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from scratchfs.keyholder import mountinfo, procs
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api
 from scratchfs.volume import state as statemod
 from scratchfs.volume.errors import BadImageError, VolumeError, WrongKeyError
 from scratchfs.volume.libcryptsetup import open_loaded
-from scratchfs.volume.system import is_mounted, same_process_alive, wait_gone
+from tests.mounting import is_mounted
 from tests.volume.conftest import MiB, Volumes, cryptsetup, loop_devices_under, mounts_under, requires_cryptsetup
+from tests.volume.luks2_reader import rewrite_metadata
 
 VOLUME = [sys.executable, "-m", "scratchfs.volume"]
 
 
-def volume_key_of(image: Path, key: bytes) -> bytes | None:
-    """The volume key if *key* opens *image*, None if it does not."""
+def master_key_of(image: Path, key: bytes) -> bytes | None:
+    """The volume master key if the keyslot passphrase *key* opens *image*, None if it does not."""
     try:
         with open_loaded(image) as dev:
-            _slot, vk = dev.volume_key(key)
+            _slot, master_key = dev.master_key(key)
     except (WrongKeyError, VolumeError):
         return None
-    out = bytes(vk)
-    vk[:] = bytes(len(vk))
+    out = bytes(master_key)
+    wipe(master_key)
     return out
 
 
@@ -66,8 +71,8 @@ keys = sys.stdin.buffer.read(64)
 a, b = keys[:32], keys[32:]
 print("started", flush=True)
 while True:
-    api.change_key(Path(sys.argv[1]), a, b)
-    api.change_key(Path(sys.argv[1]), b, a)
+    api.change_passphrase(Path(sys.argv[1]), a, b)
+    api.change_passphrase(Path(sys.argv[1]), b, a)
 """
 
 _ERASE_LOOP = """
@@ -75,13 +80,13 @@ import sys
 from pathlib import Path
 from scratchfs.volume.libcryptsetup import open_loaded
 keys = sys.stdin.buffer.read(128)
-a, b, vk = keys[:32], keys[32:64], keys[64:]
+a, b, master_key = keys[:32], keys[32:64], keys[64:]
 print("started", flush=True)
 while True:
     with open_loaded(Path(sys.argv[1])) as dev:
         for k in (a, b):
             if not dev.active_keyslots() or len(dev.active_keyslots()) < 2:
-                dev.add_keyslot(k, vk)
+                dev.add_keyslot(k, master_key)
         for slot in dev.active_keyslots():
             dev.destroy_keyslot(slot)
 """
@@ -104,15 +109,15 @@ def test_rekey_killed_at_random_moments_always_opens_with_old_or_new_key(vols: V
     rng = random.Random(0x5EED)
     a, b = vols.key(), vols.key()
     image = vols.format("k.img", a, size=16 * MiB)
-    original = volume_key_of(image, a)
+    original = master_key_of(image, a)
     assert original is not None
     for _ in range(12):
         _kill_at_random(_REKEY_LOOP, image, a + b, rng)
-        opened = [vk for vk in (volume_key_of(image, a), volume_key_of(image, b)) if vk is not None]
+        opened = [mk for mk in (master_key_of(image, a), master_key_of(image, b)) if mk is not None]
         assert opened, "after a kill during rekey the volume opened with neither key"
-        assert all(hmac.compare_digest(vk, original) for vk in opened)
+        assert all(hmac.compare_digest(master_key, original) for master_key in opened)
     # The volume is still a whole volume: it mounts with a key that opens it.
-    key = a if volume_key_of(image, a) else b
+    key = a if master_key_of(image, a) else b
     vols.open(image, "mnt", key).close()
 
 
@@ -120,7 +125,7 @@ def test_erase_killed_at_random_moments_leaves_a_valid_header(vols: Volumes) -> 
     rng = random.Random(0xE7A5E)
     a, b = vols.key(), vols.key()
     image = vols.format("e.img", a, size=16 * MiB)
-    original = volume_key_of(image, a)
+    original = master_key_of(image, a)
     assert original is not None
     for _ in range(12):
         # The child holds the volume key itself (handed over on stdin), so it can put keyslots
@@ -130,12 +135,12 @@ def test_erase_killed_at_random_moments_leaves_a_valid_header(vols: Volumes) -> 
         # always loads: never a volume that is neither.
         info = api.dump_volume(image)
         for k in (a, b):
-            vk = volume_key_of(image, k)
-            assert vk is None or hmac.compare_digest(vk, original)
+            master_key = master_key_of(image, k)
+            assert master_key is None or hmac.compare_digest(master_key, original)
         assert len(info["keyslots"]) <= 2
     api.erase_volume(image)
     assert api.dump_volume(image)["keyslots"] == []
-    assert volume_key_of(image, a) is None and volume_key_of(image, b) is None
+    assert master_key_of(image, a) is None and master_key_of(image, b) is None
 
 
 def test_format_killed_at_random_moments_leaves_no_image_or_a_whole_one(vols: Volumes) -> None:
@@ -165,7 +170,7 @@ def test_format_killed_at_random_moments_leaves_no_image_or_a_whole_one(vols: Vo
         assert not loop_devices_under(vols.root)
         if image.exists():
             outcomes.add("complete")
-            assert volume_key_of(image, key) is not None
+            assert master_key_of(image, key) is not None
             vols.open(image, "mnt", key).close()
         else:
             outcomes.add("absent")
@@ -261,16 +266,25 @@ def test_wrong_key_is_refused_and_changes_nothing(vols: Volumes) -> None:
 
 # -- close after the FUSE server was killed ------------------------------------------------
 
-@pytest.mark.parametrize("how", ["api", "cli"])
-def test_close_after_fuse_server_was_killed(vols: Volumes, how: str) -> None:
+# The kernel writes space, tab, newline and backslash in mountinfo as \ooo escapes and other
+# bytes (UTF-8) raw: a path with both must still be found mounted, then stale, then closed.
+ODD_NAME = "mnt ü\\ß x"
+
+
+@pytest.mark.parametrize(("how", "name"), [("api", "mnt"), ("cli", "mnt"), ("cli", ODD_NAME)])
+def test_close_after_fuse_server_was_killed(vols: Volumes, how: str, name: str) -> None:
     key = vols.key()
+    if name != "mnt":
+        vols.run_dir = vols.root / f"run {name}"  # the FUSE mount point gets the odd name too
     image = vols.format("k.img", key, size=16 * MiB)
-    vol = vols.open(image, "mnt", key)
+    vol = vols.open(image, name, key)
     (vol.mountpoint / "f").write_bytes(b"x" * 10000)
     st = statemod.load(statemod.state_dir(vols.run_dir, vol.mountpoint))
     assert st is not None and st.server_pid and st.server_start and st.fuse_dir
+    assert is_mounted(vol.mountpoint) and is_mounted(Path(st.fuse_dir))
     os.kill(st.server_pid, signal.SIGKILL)
-    assert wait_gone(st.server_pid, st.server_start, 10)
+    assert procs.wait_gone(st.server_pid, st.server_start, 10)
+    assert mountinfo.is_stale(st.fuse_dir)
     if vol.server and vol.server.process:
         vol.server.process.wait(timeout=10)
     if how == "api":
@@ -281,6 +295,55 @@ def test_close_after_fuse_server_was_killed(vols: Volumes, how: str) -> None:
     assert not is_mounted(vol.mountpoint)
     assert not is_mounted(Path(st.fuse_dir))
     assert not loop_devices_under(vols.root) and not loop_devices_under(vols.run_dir)
-    assert not same_process_alive(st.server_pid, st.server_start)
+    assert not procs.alive(st.server_pid, st.server_start)
     # The volume itself survived (ext4 journal): it opens again.
-    vols.open(image, "mnt", key).close()
+    vols.open(image, name, key).close()
+
+
+# -- hostile KDF parameters ---------------------------------------------------------------------
+HOSTILE_HEADERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "pbkdf2 2^32-1 iterations": lambda ks: ks["kdf"].update(iterations=2**32 - 1),
+    "huge keyslot key size": lambda ks: ks.update(key_size=1 << 24),
+    "huge area key size": lambda ks: ks["area"].update(key_size=1 << 24),
+    "argon2 time 2^32-1": lambda ks: ks.update(kdf={"type": "argon2id", "time": 2**32 - 1, "memory": 1024,
+                                                  "cpus": 1, "salt": ks["kdf"]["salt"]}),
+    "argon2 memory 4 GiB": lambda ks: ks.update(kdf={"type": "argon2id", "time": 4, "memory": 4 << 20,
+                                                   "cpus": 1, "salt": ks["kdf"]["salt"]}),
+}
+
+
+@requires_cryptsetup
+def test_hostile_kdf_parameters_are_refused_before_any_derivation(vols: Volumes) -> None:
+    """A header crafted to make unlock run for hours is refused within seconds, exit 11, one line."""
+    key = vols.key()
+    good = vols.path("kdf.img")
+    subprocess.run(["truncate", "-s", str(4 * MiB), str(good)], check=True)
+    cryptsetup("luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+               str(good), key=key)
+    mnt = str(vols.mountpoint("mnt"))
+    for name, mutate in HOSTILE_HEADERS.items():
+        image = vols.path(f"kdf-{sorted(HOSTILE_HEADERS).index(name)}.img")
+        image.write_bytes(good.read_bytes())
+
+        def craft(meta: dict[str, Any], mutate: Callable[[dict[str, Any]], None] = mutate) -> None:
+            for ks in meta["keyslots"].values():
+                mutate(ks)
+
+        rewrite_metadata(image, craft)
+        t0 = time.monotonic()
+        r = run_cli("open", str(image), mnt, "--key-fd", "0", key=key, run_dir=vols.run_dir)
+        elapsed = time.monotonic() - t0
+        assert_one_line_error(r, 11)
+        assert "keyslot 0" in r.stderr and "more than" in r.stderr, (name, r.stderr)
+        assert elapsed < 10, f"{name}: refusal took {elapsed:.1f}s"
+        with pytest.raises(BadImageError):
+            master_key_of_strict(image, key)
+    # Control: the untouched image still unlocks with the same code path.
+    assert master_key_of(good, key) is not None
+    assert not is_mounted(Path(mnt))
+
+
+def master_key_of_strict(image: Path, key: bytes) -> None:
+    with open_loaded(image) as dev:
+        _slot, master_key = dev.master_key(key)
+        wipe(master_key)

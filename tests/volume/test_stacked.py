@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api
 from scratchfs.volume.libcryptsetup import open_loaded
 from scratchfs.volume.server import SegmentFile
@@ -36,14 +37,15 @@ def test_scratchfs_inside_a_volume_leaves_no_plaintext_in_the_image(vols: Volume
     # control, but still not the scratchfs marker: that one was encrypted a second time.
     with open_loaded(image) as dev:
         seg = dev.segment()
-        _slot, vk = dev.volume_key(key)
+        _slot, master_key = dev.master_key(key)
     fd = os.open(image, os.O_RDONLY)
     try:
         size = len(raw) - seg.data_offset
-        plain = SegmentFile(fd, SectorCodec(vk, seg.sector_size, seg.iv_offset), seg.data_offset, size).read(0, size)
+        codec = SectorCodec(master_key, seg.sector_size, seg.iv_offset)
+        plain = SegmentFile(fd, codec, seg.data_offset, size).read(0, size)
     finally:
         os.close(fd)
-        vk[:] = bytes(len(vk))
+        wipe(master_key)
     assert direct in plain
     assert marker not in plain
     assert api.dump_volume(image)["keyslots"]

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 import trio
 
+from scratchfs.keyholder import mountinfo
+
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
@@ -117,9 +119,7 @@ def serve(
 
 
 def _still_mounted(mountpoint: str) -> bool:
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    return mountinfo.find(mountpoint) is not None
 
 
 def run_main(

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from scratchfs.keyholder import mountinfo, procs
 from tools.bench import workloads
 from tools.bench.workloads import Sizes, WorkloadError
 
@@ -49,35 +50,18 @@ class Interrupted(BaseException):
 # -- mount helpers ----------------------------------------------------------------------------
 def mount_fstype(path: Path) -> str | None:
     """The filesystem type mounted exactly at *path*, or None."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[4].encode().decode("unicode_escape")
-            if mnt == target:
-                return fields[fields.index("-") + 1]
-    return None
+    entry = mountinfo.find(path)
+    return entry.fstype if entry is not None else None
 
 
 def mounts_under(prefix: Path) -> list[str]:
     """Every mount point at or below *prefix*."""
-    root = os.path.realpath(prefix)
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mnt = line.split()[4].encode().decode("unicode_escape")
-            if mnt == root or mnt.startswith(root + "/"):
-                found.append(mnt)
-    return found
+    return [e.mountpoint for e in mountinfo.under(prefix)]
 
 
 def pid_alive(pid: int) -> bool:
     """True unless the process is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    return procs.alive(pid)
 
 
 def wait_gone(pid: int, proc: subprocess.Popen[bytes] | None, timeout: float) -> bool:

@@ -3,7 +3,9 @@
 No mount: a `BlobStore` over a temporary directory and one `FileContent`, driven by random
 writes and truncates (checked against a bytes model), then the blob is corrupted on disk
 (bit flips, cuts, extensions, zeroed or copied regions, replays of earlier snapshots of the
-whole blob or of one region) and read and written again.
+whole blob or of one region) and read and written again. Some cases pretend the backing
+filesystem holds only a few records per file, so blocks past them live in the overflow blob, and
+the attacks may hit that blob instead.
 
 Property: every read returns exactly the model's bytes or raises IntegrityError (ValueError
 tolerated); no other exception, never wrong data. A write that fails with IntegrityError
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
+from scratchfs.blocks import OVERHEAD
 from scratchfs.content import FileContent
 from scratchfs.errors import IntegrityError
 from scratchfs.store import BlobStore
@@ -53,6 +56,8 @@ class Attack:
 @dataclass
 class Case:
     block_size: int
+    ident: int  # records the main blob may hold (0: what the real backing holds)
+    attack_overflow: bool
     ops: list[Op]
     attacks: list[Attack]
     reads: list[tuple[int, int]]
@@ -84,6 +89,8 @@ ATTACKS = st.lists(
 CASES = st.builds(
     Case,
     block_size=st.sampled_from(BLOCK_SIZES),
+    ident=st.sampled_from([0, 2, 5]),
+    attack_overflow=st.booleans(),
     ops=_ops(4000),
     attacks=ATTACKS,
     reads=st.lists(st.tuples(st.integers(0, 6000), st.integers(0, 3000)), min_size=1, max_size=6),
@@ -97,6 +104,7 @@ class _Workspace:
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="scratchfs-fuzz-"))
         self.store = BlobStore.open(self.root)
+        self.real_limit = self.store.size_limit
         atexit.register(self.close)
 
     def close(self) -> None:
@@ -166,18 +174,27 @@ def _check_reads(content: FileContent, model: bytearray, reads: list[tuple[int, 
 def check(case: Case) -> None:
     """Reads over a corrupted blob return the model's bytes or fail; never other data."""
     ws = _workspace()
+    record = case.block_size + OVERHEAD
+    ws.store.size_limit = case.ident * record + 3 if case.ident else ws.real_limit
     content = FileContent(ws.store, case.block_size)
     model = bytearray()
     snapshots: list[bytes] = []
+
+    def target() -> bytes | None:
+        blob_id = content.ovf_id if case.attack_overflow else content.blob_id
+        return blob_id
+
     try:
         for op in case.ops:
             _apply(content, model, op)
-            if content.blob_id is not None:
-                snapshots.append((ws.root / content.blob_id.hex()).read_bytes())
+            blob_id = target()
+            if blob_id is not None:
+                snapshots.append((ws.root / blob_id.hex()).read_bytes())
         assert content.read(0, len(model) + 10) == bytes(model), "untampered content reads back wrong"
-        if content.blob_id is None:
+        blob_id = target()
+        if blob_id is None:
             return
-        blob_path = ws.root / content.blob_id.hex()
+        blob_path = ws.root / blob_id.hex()
         for attack in case.attacks:
             _attack(blob_path, attack, snapshots)
         _check_reads(content, model, case.reads)

@@ -3,8 +3,9 @@
 Exit codes: 0 success; 1 runtime failure (e.g. cannot listen); 2 usage error (bad flags,
 names or specs); 3 not found (appliance, job, credential, result); 4 conflict (exists
 already, deactivated, not active); 5 state directory problem (not initialised, unsafe
-permissions, database from a newer version). Errors are one line on stderr; --debug adds
-the traceback.
+permissions, database from a newer version); 6 a job's targets lie outside its
+credential's scope (or the credential has none). Errors are one line on stderr; --debug
+adds the traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_CONFLICT = 4
 EXIT_STATE = 5
+EXIT_SCOPE = 6
 STATE_ENV = "SCANNER_PLATFORM_STATE"
 DEFAULT_CODE_TTL = 24 * 3600.0
 
@@ -190,7 +192,16 @@ def cmd_appliance_pubkey(args: argparse.Namespace) -> int:
             f"appliance {args.name!r} is {app.state} and has no sealing key; activate it first",
             EXIT_CONFLICT,
         )
-    sys.stdout.write(sealing.public_key_to_pem(app.x25519_public).decode())
+    if args.x25519:
+        sys.stdout.write(sealing.public_key_to_pem(app.x25519_public).decode())
+        return EXIT_OK
+    if app.hybrid_public is None:
+        raise CliError(
+            f"appliance {args.name!r} has no hybrid sealing key yet; run "
+            "'scanner-agent seal-key upgrade STATE_DIR' on it, then ask again",
+            EXIT_CONFLICT,
+        )
+    sys.stdout.write(sealing.hybrid_public_to_pem(app.hybrid_public).decode())
     return EXIT_OK
 
 
@@ -200,14 +211,44 @@ def cmd_appliance_deactivate(args: argparse.Namespace) -> int:
         app = storage.deactivate(args.name, time.time())
     finally:
         storage.close()
-    print(f"appliance {app.name} deactivated: volume key destroyed, certificate {app.cert_serial or '-'} revoked")
+    serial = app.cert_serial or "-"
+    print(f"appliance {app.name} deactivated: keyslot passphrase destroyed, certificate {serial} revoked")
     return EXIT_OK
+
+
+def cmd_appliance_clear(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        reason = storage.clear_quarantine(args.name, time.time())
+    finally:
+        storage.close()
+    print(f"appliance {args.name} released from quarantine (was: {reason})")
+    return EXIT_OK
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        if args.value is not None:
+            storage.set_setting(db.SETTING_CLONE_QUARANTINE, args.value == "on")
+        value = storage.get_setting(db.SETTING_CLONE_QUARANTINE)
+    finally:
+        storage.close()
+    print(f"clone-quarantine {'off' if value is False else 'on'}")
+    return EXIT_OK
+
+
+def _shown_state(a: db.Appliance, clone: db.CloneState | None) -> str:
+    if clone is not None and clone.quarantined_since is not None and a.state == db.STATE_ACTIVE:
+        return "quarantined"
+    return a.state
 
 
 def cmd_appliance_list(args: argparse.Namespace) -> int:
     storage = _storage(args)
     try:
         apps = storage.appliances()
+        clones = storage.clone_states()
     finally:
         storage.close()
     if args.json:
@@ -222,6 +263,12 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
                         "deactivated_at": a.deactivated_at,
                         "code_expires": a.code_expires if a.state == db.STATE_PENDING else None,
                         "cert_serial": a.cert_serial,
+                        "quarantined": (c := clones.get(a.id)) is not None and c.quarantined_since is not None,
+                        "quarantined_since": c.quarantined_since if c else None,
+                        "quarantine_reason": c.quarantine_reason if c else None,
+                        "boot_counter": c.boot_counter if c else None,
+                        "keystore": c.keystore if c else None,
+                        "last_boot": c.last_boot if c else None,
                     }
                     for a in apps
                 ],
@@ -229,12 +276,27 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
             )
         )
         return EXIT_OK
-    rows = [["NAME", "STATE", "CREATED", "ACTIVATED", "DEACTIVATED", "CERT SERIAL"]]
-    rows += [
-        [a.name, a.state, _ts(a.created_at), _ts(a.activated_at), _ts(a.deactivated_at), a.cert_serial or "-"]
-        for a in apps
-    ]
+    rows = [["NAME", "STATE", "KEYSTORE", "BOOTS", "LAST BOOT", "ACTIVATED", "DEACTIVATED", "CERT SERIAL"]]
+    for a in apps:
+        c = clones.get(a.id)
+        rows.append(
+            [
+                a.name,
+                _shown_state(a, c),
+                (c.keystore if c else None) or "-",
+                str(c.boot_counter) if c and c.boot_counter is not None else "-",
+                _ts(c.last_boot if c else None),
+                _ts(a.activated_at),
+                _ts(a.deactivated_at),
+                a.cert_serial or "-",
+            ]
+        )
     print(_table(rows))
+    for a in apps:
+        c = clones.get(a.id)
+        if c is not None and c.quarantined_since is not None and a.state == db.STATE_ACTIVE:
+            why = _printable(c.quarantine_reason or "", 200)
+            print(f"{a.name}: quarantined since {_ts(c.quarantined_since)}: {why}")
     return EXIT_OK
 
 
@@ -248,8 +310,11 @@ def cmd_credential_add(args: argparse.Namespace) -> int:
         raise CliError(f"cannot read {args.sealed}: {e.strerror}; check the path", EXIT_USAGE) from None
     try:
         sealing.check_format(blob)
+        db.credential_scope(blob)
     except sealing.SealError as e:
         raise CliError(f"{args.sealed}: {e}; produce it with scanner-seal", EXIT_USAGE) from None
+    except db.StorageError as e:
+        raise CliError(f"{args.sealed}: {e}", EXIT_USAGE) from None
     storage = _storage(args)
     try:
         storage.add_credential(args.appliance, args.name, blob, time.time())
@@ -507,12 +572,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="activation code lifetime (default 86400)",
     )
-    sp = leaf(asub, "pubkey", cmd_appliance_pubkey, "print the appliance's X25519 key (PEM)")
+    sp = leaf(asub, "pubkey", cmd_appliance_pubkey, "print the appliance's hybrid sealing key (for scanner-seal)")
     sp.add_argument("name", type=_name)
-    sp = leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the volume key, revoke the certificate")
+    sp.add_argument("--x25519", action="store_true", help="print the v1 X25519 key (PEM) instead")
+    sp = leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the keyslot passphrase, revoke the certificate")
     sp.add_argument("name", type=_name)
-    sp = leaf(asub, "list", cmd_appliance_list, "list appliances")
+    sp = leaf(asub, "list", cmd_appliance_list, "list appliances (state, keystore, boots, quarantine)")
     sp.add_argument("--json", action="store_true")
+    sp = leaf(
+        asub, "clear", cmd_appliance_clear, "lift a clone quarantine (after stopping any copy of the appliance)"
+    )
+    sp.add_argument("name", type=_name)
+
+    pol = sub.add_parser("policy", help="platform policies")
+    psub = pol.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sp = leaf(
+        psub, "clone-quarantine", cmd_policy,
+        "quarantine an appliance that shows clone signs (default on); no argument shows the setting",
+    )
+    sp.add_argument("value", nargs="?", choices=["on", "off"])
 
     job = sub.add_parser("job", help="manage jobs")
     jsub = job.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
@@ -571,6 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, str(e), EXIT_NOT_FOUND)
     except db.Conflict as e:
         return _fail(args, str(e), EXIT_CONFLICT)
+    except db.OutOfScope as e:
+        return _fail(args, str(e), EXIT_SCOPE)
     except (state.StateError, db.StorageError, ca.CAError) as e:
         return _fail(args, str(e), EXIT_STATE)
     except KeyboardInterrupt:

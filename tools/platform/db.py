@@ -10,6 +10,7 @@ written by a newer platform is refused instead of being silently misread.
 
 from __future__ import annotations
 
+import hmac
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Final
+
+from protocol import sealing
+from protocol.scope import Scope, ScopeError
 
 MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
     (
@@ -91,12 +95,48 @@ MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
             "CREATE INDEX events_by_job ON events (job_id, kind)",
         ],
     ),
+    (
+        3,
+        [
+            # Sealing format v2: the appliance's hybrid (ML-KEM-768 + X25519) public key,
+            # set at activation or later over mutual TLS (POST /v1/appliance/seal-key).
+            # NULL = the appliance still has only its X25519 key (keyslot passphrase sealed v1).
+            "ALTER TABLE appliances ADD COLUMN hybrid_public BLOB",
+        ],
+    ),
+    (
+        4,
+        [
+            # One row per boot of an appliance (clone detection). Only token hashes are kept.
+            """CREATE TABLE sessions (
+                id INTEGER PRIMARY KEY,
+                appliance_id INTEGER NOT NULL REFERENCES appliances(id),
+                token_hash BLOB NOT NULL UNIQUE,
+                boot_counter INTEGER NOT NULL,
+                keystore TEXT NOT NULL,
+                created_at REAL NOT NULL,
+                current INTEGER NOT NULL CHECK (current IN (0, 1))
+            )""",
+            "CREATE INDEX sessions_by_appliance ON sessions (appliance_id, id)",
+            # A row means: quarantined (no volume key, no jobs) until an operator clears it.
+            """CREATE TABLE quarantine (
+                appliance_id INTEGER PRIMARY KEY REFERENCES appliances(id),
+                since REAL NOT NULL,
+                reason TEXT NOT NULL
+            )""",
+        ],
+    ),
 ]
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
 STATE_PENDING: Final = "pending"
 STATE_ACTIVE: Final = "active"
 STATE_DEACTIVATED: Final = "deactivated"
+# Sessions kept per appliance: enough to recognise a clone replaying a recent session, and
+# bounded so that a rebooting (or malicious) appliance cannot grow the table without limit.
+MAX_SESSIONS_PER_APPLIANCE: Final = 32
+SETTING_CLONE_QUARANTINE: Final = "clone_quarantine"  # bool, default True
+EVENT_CLONE_SUSPECTED: Final = "clone_suspected"
 
 
 class StorageError(Exception):
@@ -125,6 +165,7 @@ class Appliance:
     x25519_public: bytes | None
     cert_serial: str | None
     cert_fingerprint: str | None
+    hybrid_public: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +208,25 @@ class Completion(Enum):
     CONFLICT = "conflict"  # job already done with a different digest: refused
 
 
+class SessionVerdict(Enum):
+    """What open_session()/check_session() decided."""
+
+    OK = "ok"
+    QUARANTINED = "quarantined"  # quarantined now or before: refuse
+    UNKNOWN = "unknown"  # no such session for this appliance: open one first
+
+
+@dataclass(frozen=True)
+class CloneState:
+    """Clone-detection view of one appliance (for `appliance list`)."""
+
+    quarantined_since: float | None
+    quarantine_reason: str | None
+    boot_counter: int | None  # of the current session
+    keystore: str | None  # as reported by the current session
+    last_boot: float | None
+
+
 @dataclass(frozen=True)
 class ActivationGrant:
     """What activation stored: the appliance and its newly issued certificate."""
@@ -177,7 +237,7 @@ class ActivationGrant:
 
 _APPLIANCE_SELECT = (
     "SELECT id, name, state, created_at, code_expires, activated_at, deactivated_at, "
-    "x25519_public, cert_serial, cert_fingerprint FROM appliances"
+    "x25519_public, cert_serial, cert_fingerprint, hybrid_public FROM appliances"
 )
 _JOB_SELECT = """
     SELECT j.id, a.name, j.appliance_id, j.targets, j.ports, j.engine, j.state, j.created_at,
@@ -212,6 +272,42 @@ def _job(row: tuple[Any, ...]) -> JobRow:
     )
 
 
+class OutOfScope(StorageError):
+    """A job's targets lie outside its credential's (public) scope."""
+
+
+def credential_scope(sealed: bytes) -> Scope:
+    """The public scope of a stored credential; StorageError when it has none or is bad."""
+    try:
+        header = sealing.public_header(sealed)
+        if not header:
+            raise StorageError(
+                "it was sealed in format v1 and has no scope; re-seal it with scanner-seal "
+                "(--target/--ports/--protocol) and add it under a new name"
+            )
+        return Scope.from_bytes(header)
+    except (sealing.SealError, ScopeError) as e:
+        raise StorageError(f"its public scope is unreadable ({e}); re-seal it with scanner-seal") from None
+
+
+def check_job_scope(name: str, sealed: bytes, targets: list[str]) -> None:
+    """Refuse a job whose targets lie outside the credential's public scope.
+
+    Convenience for the operator and a first line of defence: the appliance enforces the
+    sealed copy of the scope whatever the platform (or its database) says.
+    """
+    try:
+        sc = credential_scope(sealed)
+    except StorageError as e:
+        raise OutOfScope(f"credential {name!r} cannot be used: {e}") from None
+    outside = [t for t in targets if not sc.covers_job_target(t)]
+    if outside:
+        raise OutOfScope(
+            f"targets {', '.join(outside[:5])} lie outside the scope of credential {name!r} "
+            f"({', '.join(sc.targets[:5])}); drop them or re-seal the credential with a wider scope"
+        )
+
+
 class Storage:
     """The platform's database. Not thread-safe: use from one thread at a time."""
 
@@ -222,7 +318,7 @@ class Storage:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA foreign_keys = ON")
-            # Deleted rows (wrapped volume keys) are overwritten with zeros, not left in
+            # Deleted rows (wrapped keyslot passphrases) are overwritten with zeros, not left in
             # free pages: deactivation must really shred.
             self._db.execute("PRAGMA secure_delete = ON")
             self._db.execute("PRAGMA synchronous = FULL")
@@ -377,11 +473,12 @@ class Storage:
         x25519_public: bytes,
         issue: Callable[[str], tuple[bytes, str, str]],
         wrap_new_volume_key: Callable[[int, str], bytes],
+        hybrid_public: bytes | None = None,
     ) -> ActivationGrant:
         """Redeem an activation code atomically.
 
         *issue(name)* returns (cert PEM, hex serial, fingerprint); *wrap_new_volume_key(id,
-        name)* returns a freshly generated volume key wrapped under the KEK. Raises
+        name)* returns a freshly generated keyslot passphrase wrapped under the KEK. Raises
         NotFound (unknown or used code) or Conflict("expired").
         """
         with self._tx() as db:
@@ -398,9 +495,9 @@ class Storage:
             wrapped = wrap_new_volume_key(app.id, app.name)
             db.execute(
                 "UPDATE appliances SET state = ?, code_hash = NULL, activated_at = ?, "
-                "x25519_public = ?, cert_serial = ?, cert_fingerprint = ?, wrapped_volume_key = ? "
-                "WHERE id = ?",
-                (STATE_ACTIVE, now, x25519_public, serial, fp, wrapped, app.id),
+                "x25519_public = ?, cert_serial = ?, cert_fingerprint = ?, wrapped_volume_key = ?, "
+                "hybrid_public = ? WHERE id = ?",
+                (STATE_ACTIVE, now, x25519_public, serial, fp, wrapped, hybrid_public, app.id),
             )
             db.execute(
                 "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
@@ -409,8 +506,32 @@ class Storage:
             new = _appliance(db.execute(_APPLIANCE_SELECT + " WHERE id = ?", (app.id,)).fetchone())
         return ActivationGrant(appliance=new, cert_pem=cert_pem)
 
+    def set_hybrid_public(self, appliance_id: int, public: bytes, now: float) -> bool:
+        """Record an active appliance's hybrid key; False if it already has the same one.
+
+        Raise Conflict when it has a different one: blobs sealed to the first would become
+        unreadable on the appliance, so replacing it is not a thing this endpoint does.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT hybrid_public FROM appliances WHERE id = ? AND state = ?",
+                (appliance_id, STATE_ACTIVE),
+            ).fetchone()
+            if row is None:
+                raise NotFound("no such active appliance")
+            if row[0] is not None:
+                if hmac.compare_digest(bytes(row[0]), public):
+                    return False
+                raise Conflict("appliance has a different hybrid key on record")
+            db.execute("UPDATE appliances SET hybrid_public = ? WHERE id = ?", (public, appliance_id))
+            db.execute(
+                "INSERT INTO events (at, appliance_id, kind) VALUES (?, ?, ?)",
+                (now, appliance_id, "seal_key_upgraded"),
+            )
+        return True
+
     def wrapped_volume_key(self, appliance_id: int) -> bytes | None:
-        """The wrapped volume key of an active appliance, or None (never activated/shredded)."""
+        """The wrapped keyslot passphrase of an active appliance, or None (never activated/shredded)."""
         row = self._db.execute(
             "SELECT wrapped_volume_key FROM appliances WHERE id = ? AND state = ?",
             (appliance_id, STATE_ACTIVE),
@@ -418,7 +539,7 @@ class Storage:
         return None if row is None or row[0] is None else bytes(row[0])
 
     def deactivate(self, name: str, now: float) -> Appliance:
-        """Shred the wrapped volume key, revoke the certificate, drop credentials, cancel jobs."""
+        """Shred the wrapped keyslot passphrase, revoke the certificate, drop credentials, cancel jobs."""
         with self._tx() as db:
             row = db.execute(_APPLIANCE_SELECT + " WHERE name = ?", (name,)).fetchone()
             if row is None:
@@ -451,6 +572,155 @@ class Storage:
         # Old page images of the wrapped key live on in the WAL until a checkpoint.
         self.checkpoint()
         return self.appliance(name)
+
+    # --- sessions, clone detection, quarantine ---
+
+    @staticmethod
+    def _quarantine_policy(db: sqlite3.Connection) -> bool:
+        row = db.execute("SELECT value FROM settings WHERE key = ?", (SETTING_CLONE_QUARANTINE,)).fetchone()
+        return True if row is None else bool(json.loads(row[0]))
+
+    @staticmethod
+    def _is_quarantined(db: sqlite3.Connection, appliance_id: int) -> bool:
+        return db.execute("SELECT 1 FROM quarantine WHERE appliance_id = ?", (appliance_id,)).fetchone() is not None
+
+    def _suspect(self, db: sqlite3.Connection, appliance_id: int, now: float, detail: str) -> bool:
+        """Record a clone suspicion; quarantine when the policy says so. True if quarantined."""
+        db.execute(
+            "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+            (now, appliance_id, EVENT_CLONE_SUSPECTED, detail),
+        )
+        if not self._quarantine_policy(db):
+            return False
+        db.execute(
+            "INSERT OR IGNORE INTO quarantine (appliance_id, since, reason) VALUES (?, ?, ?)",
+            (appliance_id, now, detail),
+        )
+        db.execute(
+            "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+            (now, appliance_id, "quarantined", detail),
+        )
+        return True
+
+    def open_session(
+        self, appliance_id: int, token_hash: bytes, boot_counter: int, keystore: str, now: float
+    ) -> SessionVerdict:
+        """Register a boot. A boot counter not above every earlier one is a clone sign."""
+        with self._tx() as db:
+            if self._is_quarantined(db, appliance_id):
+                return SessionVerdict.QUARANTINED
+            row = db.execute(
+                "SELECT MAX(boot_counter) FROM sessions WHERE appliance_id = ?", (appliance_id,)
+            ).fetchone()
+            last = row[0]
+            if last is not None and boot_counter <= last:
+                if self._suspect(
+                    db, appliance_id, now, f"boot counter {boot_counter} is not above {last} (a copy booting?)"
+                ):
+                    return SessionVerdict.QUARANTINED
+            db.execute("UPDATE sessions SET current = 0 WHERE appliance_id = ?", (appliance_id,))
+            db.execute(
+                "INSERT INTO sessions (appliance_id, token_hash, boot_counter, keystore, created_at, current) "
+                "VALUES (?, ?, ?, ?, ?, 1)",
+                (appliance_id, token_hash, boot_counter, keystore, now),
+            )
+            db.execute(
+                "DELETE FROM sessions WHERE appliance_id = ? AND id NOT IN "
+                "(SELECT id FROM sessions WHERE appliance_id = ? ORDER BY id DESC LIMIT ?)",
+                (appliance_id, appliance_id, MAX_SESSIONS_PER_APPLIANCE),
+            )
+            db.execute(
+                "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+                (now, appliance_id, "session_opened", f"boot_counter={boot_counter} keystore={keystore}"),
+            )
+        return SessionVerdict.OK
+
+    def check_session(self, appliance_id: int, token_hash: bytes, now: float) -> SessionVerdict:
+        """May a request carrying this session proceed? An older session of the appliance
+        being used after a newer one opened means two live instances: a clone."""
+        with self._tx() as db:
+            if self._is_quarantined(db, appliance_id):
+                return SessionVerdict.QUARANTINED
+            row = db.execute(
+                "SELECT current, boot_counter FROM sessions WHERE appliance_id = ? AND token_hash = ?",
+                (appliance_id, token_hash),
+            ).fetchone()
+            if row is None:
+                return SessionVerdict.UNKNOWN
+            if row[0]:
+                return SessionVerdict.OK
+            live = db.execute(
+                "SELECT boot_counter FROM sessions WHERE appliance_id = ? AND current = 1", (appliance_id,)
+            ).fetchone()
+            detail = f"request from superseded session (boot {row[1]}) while boot {live[0] if live else '?'} is live"
+            if self._suspect(db, appliance_id, now, detail):
+                return SessionVerdict.QUARANTINED
+        return SessionVerdict.OK
+
+    def clear_quarantine(self, name: str, now: float) -> str:
+        """Lift an appliance's quarantine (operator decision); returns the reason it had."""
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM appliances WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no appliance named {name!r}; see 'scanner-platform appliance list'")
+            q = db.execute("SELECT reason FROM quarantine WHERE appliance_id = ?", (row[0],)).fetchone()
+            if q is None:
+                raise Conflict(f"appliance {name!r} is not quarantined")
+            db.execute("DELETE FROM quarantine WHERE appliance_id = ?", (row[0],))
+            db.execute(
+                "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+                (now, row[0], "quarantine_cleared", str(q[0])),
+            )
+        return str(q[0])
+
+    def clone_states(self) -> dict[int, CloneState]:
+        """Quarantine and current-session facts of every appliance that has any."""
+        out: dict[int, CloneState] = {}
+        sessions = {
+            r[0]: (r[1], r[2], r[3])
+            for r in self._db.execute(
+                "SELECT appliance_id, boot_counter, keystore, created_at FROM sessions WHERE current = 1"
+            )
+        }
+        quarantined = {
+            r[0]: (r[1], r[2]) for r in self._db.execute("SELECT appliance_id, since, reason FROM quarantine")
+        }
+        for app_id in set(sessions) | set(quarantined):
+            s = sessions.get(app_id)
+            q = quarantined.get(app_id)
+            out[app_id] = CloneState(
+                quarantined_since=q[0] if q else None,
+                quarantine_reason=q[1] if q else None,
+                boot_counter=s[0] if s else None,
+                keystore=s[1] if s else None,
+                last_boot=s[2] if s else None,
+            )
+        return out
+
+    def renew_certificate(
+        self, appliance_id: int, now: float, issue: Callable[[str], tuple[bytes, str, str]]
+    ) -> bytes:
+        """Issue a new client certificate and revoke the current one, atomically."""
+        with self._tx() as db:
+            row = db.execute(_APPLIANCE_SELECT + " WHERE id = ? AND state = ?", (appliance_id, STATE_ACTIVE)).fetchone()
+            if row is None:
+                raise NotFound("appliance is not active")
+            app = _appliance(row)
+            cert_pem, serial, fp = issue(app.name)
+            if app.cert_serial is not None and app.cert_fingerprint is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO revoked (serial, fingerprint, appliance_id, revoked_at,"
+                    " reason) VALUES (?, ?, ?, ?, ?)",
+                    (app.cert_serial, app.cert_fingerprint, app.id, now, "superseded"),
+                )
+            db.execute(
+                "UPDATE appliances SET cert_serial = ?, cert_fingerprint = ? WHERE id = ?", (serial, fp, app.id)
+            )
+            db.execute(
+                "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
+                (now, app.id, "certificate_renewed", f"serial={serial} revoked={app.cert_serial}"),
+            )
+        return cert_pem
 
     # --- credentials ---
 
@@ -501,12 +771,13 @@ class Storage:
             cred_id = None
             if credential is not None:
                 crow = db.execute(
-                    "SELECT id FROM credentials WHERE appliance_id = ? AND name = ?",
+                    "SELECT id, sealed FROM credentials WHERE appliance_id = ? AND name = ?",
                     (row[0], credential),
                 ).fetchone()
                 if crow is None:
                     raise NotFound(f"appliance {appliance!r} has no credential {credential!r}")
                 cred_id = crow[0]
+                check_job_scope(credential, bytes(crow[1]), targets)
             cur = db.execute(
                 "INSERT INTO jobs (appliance_id, targets, ports, engine, credential_id, state, "
                 "created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",

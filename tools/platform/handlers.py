@@ -10,6 +10,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,11 +19,20 @@ from typing import Any, TypeVar
 import trio
 
 from protocol import api, sealing
+from scratchfs.keyholder.wipe import wipe
 from tools.platform import ca, db, keys
 from tools.platform.http import Exchange, HttpError, Response, json_response
 
 log = logging.getLogger("scanner-platform")
 T = TypeVar("T")
+_QUARANTINED_TEXT = (
+    "this appliance is quarantined (suspected clone); an operator must run 'scanner-platform appliance clear'"
+)
+
+
+def _token_hash(token: str) -> bytes:
+    # Only the hash is stored: a database reader cannot replay a live session token.
+    return hashlib.sha256(b"scanner-session\x00" + token.encode("utf-8", "replace")).digest()
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,15 @@ def _b64_field(doc: dict[str, Any], key: str, size: int) -> bytes:
     return raw
 
 
+def _hybrid_field(doc: dict[str, Any]) -> bytes:
+    raw = _b64_field(doc, api.F_HYBRID_PUBLIC, sealing.HYBRID_PUBLIC_LEN)
+    try:
+        sealing.load_hybrid_public_key(raw)  # refuse a key nothing could be sealed to
+    except sealing.SealError:
+        raise HttpError(400, api.REASON_BAD_REQUEST, "hybrid_public is not a usable ML-KEM-768 + X25519 key") from None
+    return raw
+
+
 def _str_field(doc: dict[str, Any], key: str, max_len: int) -> str:
     value = doc.get(key)
     if not isinstance(value, str) or not value or len(value) > max_len:
@@ -87,6 +106,9 @@ class PlatformApp:
             api.PATH_VOLUME_KEY: {"GET": self.get_volume_key},
             api.PATH_CONFIG: {"GET": self.get_config},
             api.PATH_NEXT_JOB: {"GET": self.get_next_job},
+            api.PATH_SESSION: {"POST": self.post_session},
+            api.PATH_CERTIFICATE: {"POST": self.post_certificate},
+            api.PATH_SEAL_KEY: {"POST": self.post_seal_key},
         }
 
     def __repr__(self) -> str:
@@ -152,7 +174,66 @@ class PlatformApp:
         assert app is not None  # identify(required=True) raises instead of returning None
         return app
 
+    async def _in_session(self, ex: Exchange, peer_der: bytes | None) -> db.Appliance:
+        """The caller, which must present the token of its latest session (clone detection)."""
+        app = await self._required(peer_der)
+        token = ex.headers.get(api.HEADER_SESSION, "")
+        if not token:
+            raise HttpError(
+                428, api.REASON_SESSION_REQUIRED, f"open a session first (POST {api.PATH_SESSION})"
+            )
+        verdict = await self.db.run(self.db.storage.check_session, app.id, _token_hash(token), time.time())
+        if verdict is db.SessionVerdict.QUARANTINED:
+            log.warning("request refused appliance=%s reason=quarantined path=%s", app.name, ex.path)
+            raise HttpError(403, api.REASON_QUARANTINED, _QUARANTINED_TEXT)
+        if verdict is db.SessionVerdict.UNKNOWN:
+            raise HttpError(
+                428, api.REASON_SESSION_REQUIRED, f"unknown session; open one (POST {api.PATH_SESSION})"
+            )
+        return app
+
     # --- endpoints ---
+
+    async def post_session(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """POST /v1/session: {boot_counter, keystore} -> {session}; a stale counter quarantines."""
+        app = await self._required(peer_der)
+        doc = await ex.read_json()
+        counter = doc.get(api.F_BOOT_COUNTER)
+        keystore = doc.get(api.F_KEYSTORE)
+        if not isinstance(counter, int) or isinstance(counter, bool) or not 1 <= counter <= api.MAX_BOOT_COUNTER:
+            raise HttpError(400, api.REASON_BAD_REQUEST, f"field {api.F_BOOT_COUNTER!r} must be a positive integer")
+        if keystore not in api.KEYSTORES:
+            raise HttpError(400, api.REASON_BAD_REQUEST, f"field {api.F_KEYSTORE!r} must be one of {api.KEYSTORES}")
+        token = secrets.token_urlsafe(32)
+        verdict = await self.db.run(
+            self.db.storage.open_session, app.id, _token_hash(token), counter, keystore, time.time()
+        )
+        if verdict is db.SessionVerdict.QUARANTINED:
+            log.warning("session refused appliance=%s reason=quarantined boot_counter=%d", app.name, counter)
+            raise HttpError(403, api.REASON_QUARANTINED, _QUARANTINED_TEXT)
+        log.info("session opened appliance=%s boot_counter=%d keystore=%s", app.name, counter, keystore)
+        return json_response(200, {api.F_SESSION: token})
+
+    async def post_certificate(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """POST /v1/appliance/certificate: {csr} -> {certificate}; the caller's cert is revoked."""
+        app = await self._in_session(ex, peer_der)
+        doc = await ex.read_json()
+        csr_pem = _str_field(doc, api.F_CSR, 16 * 1024)
+        try:
+            csr = ca.check_csr(csr_pem.encode("ascii"))
+        except (ca.CAError, UnicodeEncodeError) as e:
+            raise HttpError(400, api.REASON_BAD_REQUEST, f"csr: {e}") from None
+
+        def issue(name: str) -> tuple[bytes, str, str]:
+            cert = ca.issue_client_cert(self.ca, csr, name)
+            return cert.pem, cert.serial, cert.fingerprint
+
+        try:
+            cert_pem = await self.db.run(self.db.storage.renew_certificate, app.id, time.time(), issue)
+        except db.NotFound:
+            raise HttpError(403, api.REASON_DEACTIVATED, "this appliance is deactivated") from None
+        log.info("certificate renewed appliance=%s old_serial=%s", app.name, app.cert_serial)
+        return json_response(200, {api.F_CERTIFICATE: cert_pem.decode()})
 
     async def get_time(self, ex: Exchange, peer_der: bytes | None) -> Response:
         """GET /v1/time: platform UTC epoch seconds."""
@@ -166,6 +247,8 @@ class PlatformApp:
         code = _str_field(doc, api.F_CODE, 64)
         csr_pem = _str_field(doc, api.F_CSR, 16 * 1024)
         x_pub = _b64_field(doc, api.F_X25519_PUBLIC, sealing.KEY_LEN)
+        # Optional so that agents from before sealing v2 can still activate (v1 only).
+        hybrid = _hybrid_field(doc) if api.F_HYBRID_PUBLIC in doc else None
         try:
             csr = ca.check_csr(csr_pem.encode("ascii"))
         except (ca.CAError, UnicodeEncodeError) as e:
@@ -177,14 +260,16 @@ class PlatformApp:
             return cert.pem, cert.serial, cert.fingerprint
 
         def wrap_new(appliance_id: int, name: str) -> bytes:
-            vk = bytearray(keys.new_key())
+            passphrase = bytearray(keys.new_key())
             try:
-                return keys.wrap(self._kek, bytes(vk), appliance_id, name)
+                return keys.wrap(self._kek, bytes(passphrase), appliance_id, name)
             finally:
-                keys.wipe(vk)
+                wipe(passphrase)
 
         try:
-            grant = await self.db.run(self.db.storage.activate, ca.code_hash(code), now, x_pub, issue, wrap_new)
+            grant = await self.db.run(
+                self.db.storage.activate, ca.code_hash(code), now, x_pub, issue, wrap_new, hybrid
+            )
         except db.NotFound:
             log.info("activation refused reason=invalid_code")
             raise HttpError(403, api.REASON_INVALID_CODE, "activation code is unknown or was used already") from None
@@ -204,19 +289,42 @@ class PlatformApp:
         )
 
     async def get_volume_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
-        """GET /v1/volume-key: the caller's own volume key, sealed to its X25519 key."""
-        app = await self._required(peer_der)
+        """GET /v1/volume-key: the caller's own keyslot passphrase, sealed to its X25519 key."""
+        app = await self._in_session(ex, peer_der)
         wrapped = await self.db.run(self.db.storage.wrapped_volume_key, app.id)
         if wrapped is None or app.x25519_public is None:
-            raise HttpError(503, api.REASON_UNAVAILABLE, "no volume key on record")
-        vk = keys.unwrap(self._kek, wrapped, app.id, app.name)
+            raise HttpError(503, api.REASON_UNAVAILABLE, "no keyslot passphrase on record")
+        passphrase = keys.unwrap(self._kek, wrapped, app.id, app.name)
         try:
-            sealed = sealing.seal(app.x25519_public, vk, api.SEAL_CONTEXT_VOLUME_KEY)
+            # v2 (hybrid HPKE) once the appliance has told us its hybrid key, else v1.
+            sealed = sealing.seal_for(
+                app.x25519_public, app.hybrid_public, passphrase, api.SEAL_CONTEXT_VOLUME_KEY
+            )
         finally:
-            keys.wipe(vk)
+            wipe(passphrase)
         await self.db.run(self.db.storage.log_event, time.time(), "volume_key", app.id)
-        log.info("volume key handed out appliance=%s", app.name)
+        log.info("keyslot passphrase handed out appliance=%s", app.name)
         return json_response(200, {api.F_SEALED: base64.b64encode(sealed).decode()})
+
+    async def post_seal_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
+        """POST /v1/appliance/seal-key: the caller's hybrid public key (sealing v2).
+
+        Authenticated by the client certificate, so only the appliance itself can set it;
+        idempotent for the same key (an upgrade that crashed after sending may resend).
+        """
+        app = await self._required(peer_der)
+        doc = await ex.read_json()
+        public = _hybrid_field(doc)
+        try:
+            changed = await self.db.run(self.db.storage.set_hybrid_public, app.id, public, time.time())
+        except db.Conflict:
+            raise HttpError(
+                409, api.REASON_KEY_CONFLICT, "a different hybrid key is on record for this appliance"
+            ) from None
+        except db.NotFound:
+            raise HttpError(403, api.REASON_UNKNOWN_CERTIFICATE, "appliance is not active") from None
+        log.info("seal key upgraded appliance=%s changed=%s", app.name, changed)
+        return json_response(200, {api.F_APPLIANCE: app.name})
 
     async def get_config(self, ex: Exchange, peer_der: bytes | None) -> Response:
         """GET /v1/config: syslog target."""
@@ -226,7 +334,7 @@ class PlatformApp:
 
     async def get_next_job(self, ex: Exchange, peer_der: bytes | None) -> Response:
         """GET /v1/jobs/next?wait=S: lease the next job, long-polling up to S seconds."""
-        app = await self._required(peer_der)
+        app = await self._in_session(ex, peer_der)
         raw = ex.query.get(api.QUERY_WAIT, ["0"])[-1]
         try:
             wait = float(raw)
@@ -273,7 +381,7 @@ class PlatformApp:
 
     async def post_result(self, ex: Exchange, peer_der: bytes | None, job_id: int) -> Response:
         """POST /v1/jobs/{id}/result: body + X-Content-SHA256 -> stored once, digest ack."""
-        app = await self._required(peer_der)
+        app = await self._in_session(ex, peer_der)
         claimed = ex.headers.get(api.HEADER_CONTENT_SHA256, "").strip().lower()
         if not api.SHA256_HEX_RE.match(claimed):
             raise HttpError(400, api.REASON_BAD_REQUEST, f"header {api.HEADER_CONTENT_SHA256} must be 64 hex digits")
@@ -297,7 +405,7 @@ class PlatformApp:
 
     async def post_progress(self, ex: Exchange, peer_der: bytes | None, job_id: int) -> Response:
         """POST /v1/jobs/{id}/progress: {"text": ...} -> 204."""
-        app = await self._required(peer_der)
+        app = await self._in_session(ex, peer_der)
         await self._own_job(app, job_id)
         doc = await ex.read_json()
         value = doc.get(api.F_TEXT)

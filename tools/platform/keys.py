@@ -1,7 +1,8 @@
-"""Key-encryption key (KEK) and volume-key wrapping: AES-256-GCM, nothing else.
+"""Key-encryption key (KEK) and keyslot-passphrase wrapping: AES-256-GCM, nothing else.
 
-The platform stores each appliance's 256-bit volume key only wrapped under the KEK (a
-0600 file in the state dir). Deleting the wrapped copy crypto-shreds the appliance's disk.
+The platform stores each appliance's 256-bit keyslot passphrase (the key that unlocks the
+appliance's LUKS2 keyslot; the wire and the database call it the volume key) only wrapped
+under the KEK (a 0600 file in the state dir). Deleting the wrapped copy crypto-shreds the appliance's disk.
 Format: version byte 0x01 | 12-byte nonce | ciphertext+tag. The associated data binds the
 appliance id and name, so a wrapped key moved to another appliance's row does not unwrap.
 """
@@ -24,7 +25,7 @@ class WrapError(Exception):
 
 
 def new_key() -> bytes:
-    """A fresh random 256-bit key (KEK or volume key)."""
+    """A fresh random 256-bit key (KEK or keyslot passphrase)."""
     return os.urandom(KEY_LEN)
 
 
@@ -41,15 +42,12 @@ def wrap(kek: bytes, key: bytes, appliance_id: int, name: str) -> bytes:
 def unwrap(kek: bytes, wrapped: bytes, appliance_id: int, name: str) -> bytearray:
     """Unwrap a key made by wrap(); returns a bytearray the caller overwrites after use."""
     if len(wrapped) != 1 + _NONCE_LEN + KEY_LEN + 16 or wrapped[:1] != _VERSION:
-        raise WrapError("wrapped volume key has the wrong format")
+        raise WrapError("wrapped keyslot passphrase has the wrong format")
     out = bytearray(KEY_LEN)
     try:
         AESGCM(kek).decrypt_into(wrapped[1 : 1 + _NONCE_LEN], wrapped[1 + _NONCE_LEN :], _aad(appliance_id, name), out)
     except InvalidTag:
-        raise WrapError("wrapped volume key does not unwrap under this KEK") from None
+        raise WrapError("wrapped keyslot passphrase does not unwrap under this KEK") from None
     return out
 
 
-def wipe(buf: bytearray) -> None:
-    """Overwrite key material held in a bytearray."""
-    buf[:] = bytes(len(buf))

@@ -5,7 +5,7 @@ Layout (STATE_DIR):
     ca.key        root CA private key                          0600
     server.pem    server certificate for the --hostname of init
     server.key    server private key                           0600
-    kek.key       key-encryption key for volume keys (32 bytes) 0600
+    kek.key       key-encryption key for keyslot passphrases (32 bytes) 0600
     platform.db   SQLite database (WAL: platform.db-wal, -shm)  0600
     serve.addr    "HOST:PORT" actually bound by the running server
 """

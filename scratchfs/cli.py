@@ -18,6 +18,7 @@ from scratchfs import blocks
 from scratchfs.keyholder import mountinfo, procs, ready
 from scratchfs.limits import DEFAULT_MAX_INODES, DEFAULT_MAX_XATTR_BYTES, DEFAULT_MAX_XATTRS, DEFAULT_MEMORY_BUDGET
 from scratchfs.mount import (
+    DEFAULT_READAHEAD_KB,
     EXIT_BUSY,
     EXIT_INTERNAL,
     EXIT_NOT_MOUNTED,
@@ -33,6 +34,7 @@ from scratchfs.mount import (
     serve,
     spawn_daemon,
 )
+from scratchfs.reaper import DEFAULT_CAPACITY
 
 PROG = "scratchfs"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -53,6 +55,16 @@ def _block_size(text: str) -> int:
         return blocks.check_block_size(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
+    return value
 
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
@@ -94,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--writeback-cache", action="store_true", help="let the kernel batch writes in its page cache")
     m.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel may cache attributes")
     m.add_argument(
-        "--readahead-kb", type=int, default=1024, help="kernel readahead for the mount (root only; 0 keeps 128)"
+        "--readahead-kb",
+        type=int,
+        default=DEFAULT_READAHEAD_KB,
+        help="kernel readahead for the mount (root only; 0 keeps 128)",
     )
     m.add_argument(
         "--direct-io",
@@ -136,6 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FD",
         help="with --foreground: write 'ok' (or 'err CODE MESSAGE') to this inherited fd once the mount is live "
         "(for supervisors such as the agent)",
+    )
+    m.add_argument(
+        "--no-xattr",
+        action="store_true",
+        help="no extended attributes (ENOSYS, cached by the kernel): saves a request per write and per ls -l entry",
+    )
+    m.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="keep the kernel's page cache of a file across opens (a file read after writing is not decrypted again)",
+    )
+    m.add_argument(
+        "--removal-queue",
+        type=_non_negative,
+        default=DEFAULT_CAPACITY,
+        metavar="N",
+        help=f"blob files of shredded files waiting for removal off the request path (default {DEFAULT_CAPACITY}; "
+        "0 removes them inline); keys are always destroyed at once",
+    )
+    m.add_argument(
+        "--stats-file",
+        type=Path,
+        help="write per-operation request counts (JSON) here at unmount and on SIGUSR1",
     )
 
     u = sub.add_parser("umount", help="unmount (also clears a stale mount left by a killed daemon)")
@@ -194,6 +232,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         max_xattrs=args.max_xattrs,
         max_xattr_bytes=args.max_xattr_bytes,
         memory_budget=args.memory_budget,
+        no_xattr=args.no_xattr,
+        keep_cache=args.keep_cache,
+        removal_queue=args.removal_queue,
+        stats_file=args.stats_file.absolute() if args.stats_file else None,
     )
     if not args.foreground:
         # Check in the foreground first so the common mistakes get their own exit code at once.

@@ -10,14 +10,13 @@ ERROR line (which fails strict-mode tests).
 from __future__ import annotations
 
 import errno
-import functools
 import itertools
 import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -26,6 +25,7 @@ from scratchfs.content import FileContent
 from scratchfs.errors import FsError, IntegrityError
 from scratchfs.limits import Limits
 from scratchfs.openfiles import OpenFileTable
+from scratchfs.stats import RequestStats
 from scratchfs.store import BlobStore
 from scratchfs.tree import (
     ROOT_INO,
@@ -64,18 +64,18 @@ def _redact(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(a for a in out if not isinstance(a, pyfuse3.RequestContext | pyfuse3.ReaddirToken))
 
 
-def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Wrap a FUSE handler: debug log, and translate exceptions to errno replies once."""
+def handler(fn: Callable[Concatenate[ScratchOps, P], Coroutine[Any, Any, R]]) -> Callable[
+    Concatenate[ScratchOps, P], Coroutine[Any, Any, R]
+]:
+    """Wrap a FUSE handler: count it, debug log, and translate exceptions to errno replies once."""
     name = fn.__name__
 
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        self = args[0]
-        assert isinstance(self, ScratchOps)
+    async def wrapper(self: ScratchOps, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        self.stats.counts[name] += 1
         if self.debug:
-            log.debug("op=%s args=%r", name, _redact(name, tuple(args[1:])))
+            log.debug("op=%s args=%r", name, _redact(name, tuple(args)))
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except FsError as e:
@@ -91,6 +91,7 @@ def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
                 self.internal_errors += 1
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    wrapper.__name__ = wrapper.__qualname__ = name  # as pyfuse3 and tracebacks know the handler
     return wrapper
 
 
@@ -111,6 +112,8 @@ class ScratchOps(pyfuse3.Operations):
         root_uid: int | None = None,
         root_gid: int | None = None,
         limits: Limits | None = None,
+        stats: RequestStats | None = None,
+        no_xattr: bool = False,
     ) -> None:
         super().__init__()
         self.store = store
@@ -120,10 +123,25 @@ class ScratchOps(pyfuse3.Operations):
         self.strict = strict
         self.internal_errors = 0
         self.attr_timeout = attr_timeout
+        self.stats = stats if stats is not None else RequestStats()
+        # no_xattr: every xattr request is answered ENOSYS, which the kernel remembers for the
+        # whole connection (fs/fuse/xattr.c: fc->no_getxattr, no_listxattr, no_setxattr,
+        # no_removexattr) and then answers EOPNOTSUPP itself. Above all this removes the
+        # GETXATTR("security.capability") the kernel sends before every buffered write
+        # (file_remove_privs), and the per-file xattr probes of `ls -l`.
+        self.no_xattr = no_xattr
         # direct_io: every read and write reaches us, so each request is atomic under the
         # inode lock even against concurrent writers (the page cache copies bytes without a
         # lock and can mix two writes inside one page); costs shared mmap (ENODEV) and readahead.
         self.direct_io = False
+        # keep_cache: every change to a file's content passes through this one kernel mount
+        # (the blob store is ours alone, and writes, truncates and O_TRUNC opens update or
+        # drop the kernel's pages themselves), so the page cache of a file cannot go stale
+        # between opens; off, every open drops it and a file read after writing is decrypted
+        # again. What is cached is plaintext that was authenticated (or written) by us, so
+        # tampering of the blob is still detected by every read that reaches the daemon
+        # (O_DIRECT, evicted pages), just not by reads the cache answers.
+        self.keep_cache = False
         self.limits = limits if limits is not None else Limits()
         self.ns = Namespace(
             root_uid=os.getuid() if root_uid is None else root_uid,
@@ -373,8 +391,7 @@ class ScratchOps(pyfuse3.Operations):
     # --- files -----------------------------------------------------------------------------------
     def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         fh = self.files.open(node, flags, kill_suid=ctx.uid != 0)
-        # keep_cache off: a fresh open re-reads (and re-authenticates) from the blob.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=self.direct_io)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache, direct_io=self.direct_io)
 
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -436,7 +453,15 @@ class ScratchOps(pyfuse3.Operations):
                 content.ensure_blob()
             except IntegrityError as e:
                 raise self._integrity(node, e) from None
-            written = await self._run(node, len(buf), content.write, off, buf)
+            try:
+                written = await self._run(node, len(buf), content.write, off, buf)
+            except OSError as e:
+                # Deleted files' blobs may still wait in the removal queue (scratchfs/reaper.py):
+                # free that space now and retry once, so that rm then write works as anywhere.
+                # content.write leaves the old state on failure, so the retry starts clean.
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.store.free_queued():
+                    raise
+                written = await self._run(node, len(buf), content.write, off, buf)
         finally:
             lock.release_write()
         node.mtime_ns = node.ctime_ns = now_ns()
@@ -467,7 +492,12 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def flush(self, fh: int) -> None:
-        self.files.get(fh)
+        # Nothing to do at close(2): data is in the blob when write returns, and POSIX locks
+        # are kept by the kernel (we serve no lock ops). ENOSYS makes the kernel set
+        # fc->no_flush and stop sending FLUSH for the life of the mount: one request less per
+        # close. The kernel still writes back its dirty pages and reports their errors
+        # (fuse_flush: write_inode_now + filemap_check_errors) before it would have asked us.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @handler
     async def release(self, fh: int) -> None:
@@ -545,6 +575,8 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self.no_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         self._check_xattr_name(name)
         if name.startswith(VIRTUAL_XATTR_PREFIX):
             raise FsError(errno.EPERM)  # reserved for the read-only virtual xattrs
@@ -580,6 +612,8 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.no_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.ns.get(inode)
         if len(name) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE)
@@ -591,11 +625,15 @@ class ScratchOps(pyfuse3.Operations):
 
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if self.no_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.ns.get(inode)
         return list(node.xattrs) if node.xattrs else []
 
     @handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self.no_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         self.ns.removexattr(self.ns.get(inode), name)
 
     @handler

@@ -7,6 +7,7 @@ is not), so `scratchfs mount` returns only once the mount can be used.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -33,6 +34,8 @@ from scratchfs.limits import (
     MAX_LFS_FILESIZE,
     Limits,
 )
+from scratchfs.reaper import DEFAULT_CAPACITY, BlobReaper
+from scratchfs.stats import RequestStats
 from scratchfs.store import BlobStore
 
 log = logging.getLogger("scratchfs.mount")
@@ -50,6 +53,10 @@ EXIT_CORRUPT = 8
 EXIT_BUSY = 9
 
 FSTYPE = "fuse.scratchfs"
+# Requests carry at most 1 MiB (libfuse's max_pages 256); a 4 MiB readahead window keeps up to
+# four of them in flight, so worker threads decrypt one while the trio thread replies to
+# another. Measured against 1 MiB (3 interleaved runs, 512 MiB cold stream): +20 %, +47 %, +47 %.
+DEFAULT_READAHEAD_KB = 4096
 
 
 class MountError(Exception):
@@ -73,7 +80,7 @@ class MountOptions:
     attr_timeout: float = 1.0
     writeback: bool = False
     lock_memory: bool = True
-    readahead_kb: int = 1024
+    readahead_kb: int = DEFAULT_READAHEAD_KB
     direct_io: bool = False
     pid_file: Path | None = None
     max_file_size: int = 0  # 0: the largest the backing store can hold
@@ -82,6 +89,10 @@ class MountOptions:
     max_xattr_bytes: int = DEFAULT_MAX_XATTR_BYTES
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     extra: list[str] = field(default_factory=list)
+    no_xattr: bool = False
+    keep_cache: bool = False
+    stats_file: Path | None = None
+    removal_queue: int = DEFAULT_CAPACITY
 
 
 def mount_limits(opts: MountOptions) -> Limits:
@@ -183,7 +194,7 @@ async def _tune_readahead(mountpoint: Path, readahead_kb: int) -> None:
         log.info("event=readahead_unchanged reason=%s", e.strerror)
 
 
-async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0) -> None:
+async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0, reaper: BlobReaper | None = None) -> None:
     """Run the FUSE loop until the mount goes away or we are told to stop."""
     async with trio.open_nursery() as nursery:
 
@@ -194,7 +205,16 @@ async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0) -> None:
                     nursery.cancel_scope.cancel()
                     return
 
+        async def on_stats_request() -> None:
+            # SIGUSR1: dump the request counters (benchmarks snapshot them around workloads).
+            with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+                async for _ in signals:
+                    ops.stats.dump()
+
         nursery.start_soon(on_signals)
+        if reaper is not None:
+            nursery.start_soon(reaper.run)
+        nursery.start_soon(on_stats_request)
         if readahead_kb:
             nursery.start_soon(_tune_readahead, ops.mountpoint, readahead_kb)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -206,8 +226,16 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
     harden_process(lock_memory=opts.lock_memory)
     limits = mount_limits(opts)
     ops = ScratchOps(
-        store, opts.block_size, debug=opts.debug, strict=opts.strict, attr_timeout=opts.attr_timeout, limits=limits
+        store,
+        opts.block_size,
+        debug=opts.debug,
+        strict=opts.strict,
+        attr_timeout=opts.attr_timeout,
+        limits=limits,
+        stats=RequestStats(opts.stats_file),
+        no_xattr=opts.no_xattr,
     )
+    ops.keep_cache = opts.keep_cache
     ops.enable_writeback_cache = opts.writeback
     ops.mountpoint = opts.mountpoint
     ops.direct_io = opts.direct_io
@@ -230,13 +258,20 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         limits.memory_budget,
         store.size_limit,  # probed now, not in the first write's request
     )
+    reaper = BlobReaper(store.remove_now, capacity=opts.removal_queue)
     try:
         if opts.pid_file is not None:
             opts.pid_file.write_text(f"{os.getpid()}\n")
         if ready is not None:
             ready()
-        trio.run(_serve_until_done, ops, opts.readahead_kb)
+        if opts.removal_queue > 0:
+            store.defer_removal = reaper.defer
+            store.drain_removals = reaper.drain
+        trio.run(_serve_until_done, ops, opts.readahead_kb, reaper)
     finally:
+        store.defer_removal = store.drain_removals = None
+        reaper.drain()
+        reaper.log_summary()
         try:
             pyfuse3.close(unmount=True)
         except Exception as e:  # noqa: BLE001 - the mount may already be gone; shredding must still run
@@ -244,6 +279,11 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         shredded = ops.destroy_all()
         store.close()
         log.info("event=unmounted mountpoint=%s files_shredded=%d", opts.mountpoint, shredded)
+        log.info("event=request_counts %s", ops.stats.log_fields())
+        try:
+            ops.stats.dump()
+        except OSError as e:
+            log.warning("event=stats_file_unwritable errno=%s", errno.errorcode.get(e.errno or 0, e.errno))
     return EXIT_INTERNAL if ops.internal_errors else EXIT_OK
 
 

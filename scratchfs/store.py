@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from scratchfs.errors import IntegrityError, StoreError
@@ -66,6 +67,11 @@ class BlobStore:
         # blob id -> (st_dev, st_ino) at creation; one entry per live file with content.
         self._pins: dict[bytes, tuple[int, int]] = {}
         self._size_limit: int | None = None
+        # Set by the daemon while it serves: queues a removal off the request path and returns
+        # True, or False when its queue is full (scratchfs/reaper.py). None: remove inline.
+        self.defer_removal: Callable[[str], bool] | None = None
+        # ... and removes everything still queued, now; returns how many (see free_queued).
+        self.drain_removals: Callable[[], int] | None = None
 
     @property
     def size_limit(self) -> int:
@@ -203,13 +209,27 @@ class BlobStore:
             raise IntegrityError(f"blob owned by uid {st.st_uid}, not by the daemon")
 
     def remove_blob(self, blob_id: bytes) -> None:
-        """Delete a blob's name (already crypto-shredded by dropping its key).
+        """Delete a blob's name (already crypto-shredded by dropping its key), possibly deferred.
 
         Unlink only: whatever sits at the name now (maybe a hard link an attacker planted to
         someone's file) loses that name and nothing else.
         """
         self._pins.pop(blob_id, None)
-        self._remove(blob_id.hex())
+        name = blob_id.hex()
+        if self.defer_removal is not None and self.defer_removal(name):
+            return
+        self._remove(name)
+
+    def free_queued(self) -> int:
+        """Remove the queued blobs of shredded files at once; returns how many were queued.
+
+        For ENOSPC/EDQUOT: space a deletion freed must be usable right away, as on any
+        filesystem, even while its blob still waits in the removal queue."""
+        return self.drain_removals() if self.drain_removals is not None else 0
+
+    def remove_now(self, name: str) -> bool:
+        """Delete the blob called *name* now (the reaper's worker thread); never raises."""
+        return self._remove(name)
 
     def _remove(self, name: str) -> bool:
         """Remove whatever sits at a blob's name (an attacker may have put a directory there).

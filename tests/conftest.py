@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.scratch import SCRATCHFS_OPTIONS
 from tests.mounting import Mounted, fuse_mounts_under, mount, unmount
 
 # Filesystem tests run over each configuration that changes behaviour.
@@ -15,6 +16,8 @@ MOUNT_MATRIX = {
     "default": [],  # 16 KiB blocks
     "bs64k": ["--block-size", "65536"],
     "writeback": ["--writeback-cache"],
+    # The agent's scratch mount (agent/scratch.py): --no-xattr, write-back and keep cache.
+    "agent": list(SCRATCHFS_OPTIONS),
 }
 
 

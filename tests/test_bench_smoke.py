@@ -59,7 +59,7 @@ def assert_nothing_left(work: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_run_over_all_targets(tmp_path: Path) -> None:
-    targets = ["tmpfs", "zerofs", "passthrough", "gocryptfs", "scratchfs"]
+    targets = ["tmpfs", "zerofs", "passthrough", "gocryptfs", "scratchfs", "scratchfs-agent"]
     if shutil.which("gocryptfs") is None:
         # Not a silent pass: the reason shows in the test output (-ra).
         targets.remove("gocryptfs")
@@ -85,8 +85,12 @@ def test_quick_run_over_all_targets(tmp_path: Path) -> None:
         med = doc["medians"][t]
         for key in ("stream_write", "stream_read", "randwrite_1j", "randread_1j",
                     "randwrite_4j", "randread_4j", "tree_extract", "tree_ls", "tree_rm",
-                    "files_create"):
+                    "files_create", "scan_write", "scan_upload", "scan_shred", "scan_total"):
             assert med[key] > 0, (t, key)
+        if t.startswith("scratchfs"):
+            # The daemon's own request counts, per phase (scale 0.01: 20 result files).
+            assert med["req.scan_write.create"] >= 20, t
+            assert med["req.tree_ls.total"] > 0 and med["req.stream_read.read"] > 0, t
         if t != "tmpfs":
             # Every daemon's memory was read from /proc.
             assert med["rss_tree"] > 0 and med["rss_files"] > 0, t
@@ -94,6 +98,8 @@ def test_quick_run_over_all_targets(tmp_path: Path) -> None:
     assert "scratchfs/gocryptfs" in doc["ratios"] or "gocryptfs" not in targets
     assert set(doc["ratios"]) >= {"scratchfs/passthrough", "scratchfs/zerofs"}
     assert "scratchfs block-size sweep" in md
+    assert "FUSE requests per workload" in md
+    assert "scratchfs-agent/zerofs" in doc["ratios"]
     assert doc["meta"]["tarball_files"] == 200
     assert_nothing_left(work)
 

@@ -51,6 +51,11 @@ class Target:
     def is_scratchfs(self) -> bool:
         return self.kind == "scratchfs"
 
+    @property
+    def writeback(self) -> bool:
+        """Mounted with the kernel's writeback cache (st_blocks lags until a flush)."""
+        return self.mounted is not None and "--writeback-cache" in self.mounted.options
+
 
 def _block_size_of(options: list[str]) -> int:
     if "--block-size" in options:
@@ -170,3 +175,11 @@ def umask0() -> Iterator[None]:
         yield
     finally:
         os.umask(old)
+
+
+@pytest.fixture
+def needs_xattrs(fs: Target) -> None:
+    """Skip in configurations mounted with --no-xattr, where xattrs are off by design
+    (tests/fs/test_stats.py checks what such a mount answers instead)."""
+    if fs.mounted is not None and "--no-xattr" in fs.mounted.options:
+        pytest.skip("mounted with --no-xattr")

@@ -136,6 +136,7 @@ def test_create_updates_parent_mtime(fs: Target) -> None:
     assert os.stat(d).st_mtime_ns > MTIME
 
 
+@pytest.mark.usefixtures("needs_xattrs")
 def test_xattr_roundtrip(fs: Target) -> None:
     p = fs.root / "f"
     p.write_bytes(b"")
@@ -157,6 +158,7 @@ def test_xattr_roundtrip(fs: Target) -> None:
     assert sorted(os.listxattr(p)) == ["user.big", "user.bin", "user.empty"]
 
 
+@pytest.mark.usefixtures("needs_xattrs")
 def test_xattr_flags(fs: Target) -> None:
     p = fs.root / "f"
     p.write_bytes(b"")
@@ -167,6 +169,7 @@ def test_xattr_flags(fs: Target) -> None:
     assert os.getxattr(p, "user.a") == b"z"
 
 
+@pytest.mark.usefixtures("needs_xattrs")
 def test_xattr_on_dir_and_shared_by_hard_links(fs: Target) -> None:
     os.mkdir(fs.root / "d")
     os.setxattr(fs.root / "d", "user.dir", b"yes")
@@ -180,6 +183,7 @@ def test_xattr_on_dir_and_shared_by_hard_links(fs: Target) -> None:
     assert os.getxattr(fs.root / "d" / "h", "user.k") == b"v"
 
 
+@pytest.mark.usefixtures("needs_xattrs")
 def test_xattr_limits(fs: Target) -> None:
     p = fs.root / "f"
     p.write_bytes(b"")
@@ -188,6 +192,7 @@ def test_xattr_limits(fs: Target) -> None:
     assert errname(lambda: os.setxattr(p, "user.toobig", b"x" * 65537)) == "E2BIG"
 
 
+@pytest.mark.usefixtures("needs_xattrs")
 def test_xattr_names_other_than_user(fs: Target) -> None:
     p = fs.root / "f"
     p.write_bytes(b"")

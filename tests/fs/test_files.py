@@ -256,7 +256,7 @@ def test_st_size_during_writes_and_blocks(fs: Target) -> None:
             # Seen through the path (another lookup) and through the descriptor, unflushed.
             assert os.stat(p).st_size == total
             assert os.fstat(fd).st_size == total
-        if fs.config != "writeback":
+        if not fs.writeback:
             # With the writeback cache, dirty pages are the kernel's until flushed, and it keeps
             # its cached i_blocks meanwhile: st_blocks lags (documented for --writeback-cache).
             st = os.stat(p)
@@ -264,7 +264,7 @@ def test_st_size_during_writes_and_blocks(fs: Target) -> None:
     finally:
         os.close(fd)
     assert os.stat(p).st_size == total
-    if fs.config == "writeback":
+    if fs.writeback:
         os.sync()
         time.sleep(1.1)  # past the attribute timeout, so the kernel asks the daemon again
         assert os.stat(p).st_blocks * 512 >= total

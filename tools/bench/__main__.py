@@ -21,7 +21,7 @@ PROG = "tools.bench"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 QUICK = Sizes(stream_bytes=8 * MIB, fio_file_bytes=8 * MIB, fio_runtime_s=0.3, tree_files=200,
-              empty_files=300)
+              empty_files=300, scan_scale=0.01)
 
 
 def _csv(value: str) -> list[str]:
@@ -39,6 +39,14 @@ def _size(value: str) -> int:
     if n <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {value!r}")
     return n
+
+
+def _config(value: str) -> tuple[str, list[str]]:
+    """'wb=--writeback-cache,--no-xattr' -> ('wb', ['--writeback-cache', '--no-xattr'])."""
+    name, sep, rest = value.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=ARG,ARG... (got {value!r})")
+    return name, _csv(rest)
 
 
 def _sizes_list(value: str) -> list[int]:
@@ -68,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree-files", type=int, help="files in the tarball (default 6000)")
     p.add_argument("--empty-files", type=int, help="empty files for the memory test "
                    "(default 100000)")
+    p.add_argument("--scale", type=float, dest="scan_scale",
+                   help="size of the scan workload as a fraction of one job (default 1: 2,000 "
+                        "result files, 256 MiB stream, 50,000 SQLite inserts; 0.01 with --quick)")
     p.add_argument("--targets", type=_csv, default=None,
                    help=f"comma-separated subset of {','.join(runner.BASE_TARGETS)} "
                         "(default: all that are available)")
@@ -78,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratchfs-arg", action="append", default=[],
                    help="extra argument for 'scratchfs mount' (repeatable, e.g. "
                         "--scratchfs-arg=--debug)")
+    p.add_argument("--scratchfs-config", action="append", default=[], type=_config,
+                   metavar="NAME=ARG,ARG",
+                   help="one extra scratchfs target 'scratchfs-NAME' mounted with these "
+                        "arguments (repeatable), e.g. --scratchfs-config "
+                        "noxattr=--no-xattr: compares configurations in one interleaved run")
     p.add_argument("--fuse-arg", action="append", default=[],
                    help="extra argument for zerofs and passthrough (repeatable, e.g. "
                         "--fuse-arg=--max-tasks=1, --fuse-arg=--writeback-cache)")
@@ -104,9 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         **{k: v for k, v in (("stream_bytes", args.size), ("fio_file_bytes", args.fio_size),
                               ("fio_runtime_s", args.fio_runtime),
                               ("tree_files", args.tree_files),
-                              ("empty_files", args.empty_files)) if v is not None},
+                              ("empty_files", args.empty_files),
+                              ("scan_scale", args.scan_scale)) if v is not None},
     )
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if sizes.scan_scale <= 0:
+        print(f"{PROG}: --scale must be positive; got {sizes.scan_scale}", file=sys.stderr)
+        return EXIT_USAGE
     if rounds < 1:
         print(f"{PROG}: --rounds must be at least 1; got {rounds}", file=sys.stderr)
         return EXIT_USAGE
@@ -119,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.targets if explicit else list(runner.BASE_TARGETS)
     try:
         targets = runner.make_targets(names, args.block_sizes, args.scratchfs_arg,
-                                      args.fuse_arg, args.passthrough_arg)
+                                      args.fuse_arg, args.passthrough_arg,
+                                      dict(args.scratchfs_config))
     except runner.BenchError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -129,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         why = t.available()
         if why is None:
             usable.append(t)
-        elif explicit or t.name.startswith("scratchfs-bs"):
+        elif explicit or t.name.startswith("scratchfs-"):
             print(f"{PROG}: target {t.name} is unavailable: {why}; or leave it out of "
                   "--targets", file=sys.stderr)
             return EXIT_USAGE

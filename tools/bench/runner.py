@@ -9,6 +9,7 @@ every process the harness started is stopped by its PID, and the tmpfs is unmoun
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import secrets
@@ -34,7 +35,8 @@ Progress = Callable[[str], None]
 
 MOUNT_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
-BASE_TARGETS = ("tmpfs", "zerofs", "passthrough", "gocryptfs", "scratchfs")
+STATS_TIMEOUT = 10.0
+BASE_TARGETS = ("tmpfs", "zerofs", "passthrough", "gocryptfs", "scratchfs", "scratchfs-agent")
 
 
 class BenchError(RuntimeError):
@@ -176,6 +178,10 @@ class Target:
         """Unmount and stop the daemon; idempotent. Returns problems seen."""
         return []
 
+    def request_counts(self) -> dict[str, int] | None:
+        """The daemon's own per-operation request counts so far, if it keeps any."""
+        return None
+
 
 @dataclass
 class MountedTarget(Target):
@@ -291,7 +297,8 @@ class ScratchfsTarget(MountedTarget):
         self.mnt.mkdir()
         pid_file = self.base / "scratchfs.pid"
         argv = [sys.executable, "-m", "scratchfs", "mount", str(self.backing), str(self.mnt),
-                "--pid-file", str(pid_file), "--log-file", str(self.log_path)]
+                "--pid-file", str(pid_file), "--log-file", str(self.log_path),
+                "--stats-file", str(self.stats_path)]
         if self.block_size:
             argv += ["--block-size", str(self.block_size)]
         argv += self.extra
@@ -307,6 +314,33 @@ class ScratchfsTarget(MountedTarget):
         if self.pid is None:
             raise WorkloadError("scratchfs mount wrote no pid file")
         wait_mounted(self.mnt, None, self.log_path, self.name)
+
+    @property
+    def stats_path(self) -> Path:
+        return self.base / "scratchfs-stats.json"
+
+    def request_counts(self) -> dict[str, int] | None:
+        """Ask the daemon (SIGUSR1) to dump its counters and wait for the fresh dump."""
+        if self.pid is None:
+            return None
+        before = self._read_stats()
+        seen = before.get("dumps", 0) if before else 0
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + STATS_TIMEOUT
+        while time.monotonic() < deadline:
+            doc = self._read_stats()
+            if doc is not None and doc.get("dumps", 0) > seen:
+                return dict(doc["requests"])
+            time.sleep(0.005)
+        raise WorkloadError(f"{self.name} did not dump its request counts within "
+                            f"{STATS_TIMEOUT:.0f} s")
+
+    def _read_stats(self) -> dict[str, Any] | None:
+        try:
+            doc: dict[str, Any] = json.loads(self.stats_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return doc
 
     def stop(self) -> list[str]:
         problems: list[str] = []
@@ -324,9 +358,10 @@ class ScratchfsTarget(MountedTarget):
 
 
 def make_targets(names: list[str], block_sizes: list[int], scratchfs_args: list[str],
-                 fuse_args: list[str], passthrough_args: list[str]) -> list[Target]:
-    """The targets to run, in order: the base ones asked for, then one scratchfs per block
-    size of the sweep."""
+                 fuse_args: list[str], passthrough_args: list[str],
+                 configs: dict[str, list[str]] | None = None) -> list[Target]:
+    """The targets to run, in order: the base ones asked for, then one scratchfs per named
+    configuration, then one scratchfs per block size of the sweep."""
     targets: list[Target] = []
     for n in names:
         if n == "tmpfs":
@@ -341,8 +376,16 @@ def make_targets(names: list[str], block_sizes: list[int], scratchfs_args: list[
             targets.append(GocryptfsTarget("gocryptfs"))
         elif n == "scratchfs":
             targets.append(ScratchfsTarget("scratchfs", extra=list(scratchfs_args)))
+        elif n == "scratchfs-agent":
+            # scratchfs exactly as the agent mounts its scratch space (agent/scratch.py).
+            from agent.scratch import SCRATCHFS_OPTIONS
+
+            targets.append(ScratchfsTarget("scratchfs-agent",
+                                           extra=[*SCRATCHFS_OPTIONS, *scratchfs_args]))
         else:
             raise BenchError(f"unknown target {n!r}; choose from {', '.join(BASE_TARGETS)}")
+    for cname, cargs in (configs or {}).items():
+        targets.append(ScratchfsTarget(f"scratchfs-{cname}", extra=[*scratchfs_args, *cargs]))
     for bs in block_sizes:
         targets.append(ScratchfsTarget(f"scratchfs-bs{format_size(bs)}", block_size=bs,
                                        extra=list(scratchfs_args)))
@@ -482,18 +525,22 @@ def _run_workloads(cfg: RunConfig, target: Target, tarball: Path, sample: Sample
     m = sample.metrics
     m.update(workloads.idle_rss(target.pid))
     label = f"round {sample.round + 1}/{cfg.rounds} {target.name}"
+    counter = target.request_counts
     if "stream" in cfg.workloads:
         progress(f"{label}: streaming")
-        m.update(workloads.stream(wd, cfg.sizes, target.pid))
+        m.update(workloads.stream(wd, cfg.sizes, target.pid, counter))
     if "fio" in cfg.workloads:
         progress(f"{label}: fio")
         m.update(workloads.fio(wd, cfg.sizes, direct=cfg.fio_direct, pid=target.pid))
     if "tree" in cfg.workloads:
         progress(f"{label}: small-file tree")
-        m.update(workloads.tree(wd, tarball, target.pid))
+        m.update(workloads.tree(wd, tarball, target.pid, counter))
     if "files" in cfg.workloads:
         progress(f"{label}: {cfg.sizes.empty_files} empty files")
-        m.update(workloads.files(wd, cfg.sizes.empty_files, target.pid))
+        m.update(workloads.files(wd, cfg.sizes.empty_files, target.pid, counter))
+    if "scan" in cfg.workloads:
+        progress(f"{label}: scan job (scale {cfg.sizes.scan_scale:g})")
+        m.update(workloads.scan(wd, cfg.sizes, target.pid, counter))
     if target.pid is not None and not pid_alive(target.pid):
         raise WorkloadError(f"{target.name} daemon died during the workloads: "
                             f"{tail(target.log_path)}")

@@ -12,12 +12,14 @@ import ctypes
 import json
 import logging
 import os
+import random
 import shutil
+import sqlite3
 import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ CHUNK = MIB
 # Generous bounds: a hung filesystem must fail the measurement, not hang the harness.
 TOOL_TIMEOUT = 1800.0
 
-WORKLOADS = ("stream", "fio", "tree", "files")
+WORKLOADS = ("stream", "fio", "tree", "files", "scan")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Sizes:
     fio_runtime_s: float = 5.0
     tree_files: int = 6000
     empty_files: int = 100_000
+    scan_scale: float = 1.0  # fraction of one simulated scan job (scan workload)
 
 
 class WorkloadError(RuntimeError):
@@ -103,8 +106,32 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+# -- request counts -------------------------------------------------------------------------
+Counter = Callable[[], "dict[str, int] | None"]
+
+
+@contextmanager
+def counted(res: dict[str, float], phase: str, counter: Counter | None) -> Iterator[None]:
+    """Record the requests the daemon served during the block as ``req.<phase>.<op>`` and
+    ``req.<phase>.total`` (only for a daemon that counts, i.e. scratchfs). Counts are
+    deterministic where times on a shared machine are not."""
+    before = counter() if counter is not None else None
+    yield
+    if before is None or counter is None:
+        return
+    after = counter() or {}
+    total = 0
+    for op, n in after.items():
+        delta = n - before.get(op, 0)
+        if delta:
+            res[f"req.{phase}.{op}"] = float(delta)
+            total += delta
+    res[f"req.{phase}.total"] = float(total)
+
+
 # -- 1. streaming ----------------------------------------------------------------------------
-def stream(mnt: Path, sizes: Sizes, pid: int | None = None) -> dict[str, float]:
+def stream(mnt: Path, sizes: Sizes, pid: int | None = None,
+           counter: Counter | None = None) -> dict[str, float]:
     """Write stream_bytes in 1 MiB writes then fsync; drop caches; read it back, fresh open.
 
     With a daemon *pid*, also its CPU time per MiB moved (robust on a busy machine)."""
@@ -113,38 +140,42 @@ def stream(mnt: Path, sizes: Sizes, pid: int | None = None) -> dict[str, float]:
     n = max(1, sizes.stream_bytes // CHUNK)
     total = n * CHUNK
     drop_caches(mnt)
-    c0 = cpu_seconds(pid)
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(n):
-            if os.write(fd, buf) != CHUNK:
-                raise WorkloadError("stream write: short write")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    t_write = time.perf_counter() - t0
-    c_write = cpu_seconds(pid) - c0
+    counts: dict[str, float] = {}
+    with counted(counts, "stream_write", counter):
+        c0 = cpu_seconds(pid)
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for _ in range(n):
+                if os.write(fd, buf) != CHUNK:
+                    raise WorkloadError("stream write: short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        t_write = time.perf_counter() - t0
+        c_write = cpu_seconds(pid) - c0
 
     drop_caches(mnt)
     rbuf = bytearray(CHUNK)
     got = 0
-    c0 = cpu_seconds(pid)
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            k = f.readinto(rbuf)
-            if not k:
-                break
-            got += k
-    t_read = time.perf_counter() - t0
-    c_read = cpu_seconds(pid) - c0
+    with counted(counts, "stream_read", counter):
+        c0 = cpu_seconds(pid)
+        t0 = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                k = f.readinto(rbuf)
+                if not k:
+                    break
+                got += k
+        t_read = time.perf_counter() - t0
+        c_read = cpu_seconds(pid) - c0
     if got != total:
         raise WorkloadError(f"stream read: read {got} bytes, wrote {total}")
     path.unlink()
     res = {
         "stream_write": total / t_write / 1e6,
         "stream_read": total / t_read / 1e6,
+        **counts,
     }
     if pid is not None:
         res["stream_write_cpu_us_per_mib"] = c_write / (total / MIB) * 1e6
@@ -302,19 +333,26 @@ def rss_peak(pid: int | None) -> Iterator[RssPeak | None]:
         yield r
 
 
-def tree(mnt: Path, tarball: Path, pid: int | None) -> dict[str, float]:
+def tree(mnt: Path, tarball: Path, pid: int | None,
+         counter: Counter | None = None) -> dict[str, float]:
     """Extract the tarball, ``ls -lR`` it, ``rm -rf`` it: each from a cold cache."""
     dest = mnt / "tree"
     dest.mkdir()
     res: dict[str, float] = {}
     with rss_peak(pid) as peak:
         drop_caches(mnt)
-        res["tree_extract"] = timed_tool(["tar", "-xf", str(tarball), "-C", str(dest)],
-                                         "tar extract")
+        with counted(res, "tree_extract", counter):
+            # tar's own fsync-free extract; syncfs inside the count so that writes the kernel
+            # still holds (writeback cache) are counted in the phase that made them.
+            res["tree_extract"] = timed_tool(["tar", "-xf", str(tarball), "-C", str(dest)],
+                                             "tar extract")
+            syncfs(mnt)
         drop_caches(mnt)
-        res["tree_ls"] = timed_tool(["ls", "-lR", str(dest)], "ls -lR")
+        with counted(res, "tree_ls", counter):
+            res["tree_ls"] = timed_tool(["ls", "-lR", str(dest)], "ls -lR")
         drop_caches(mnt)
-        res["tree_rm"] = timed_tool(["rm", "-rf", str(dest)], "rm -rf")
+        with counted(res, "tree_rm", counter):
+            res["tree_rm"] = timed_tool(["rm", "-rf", str(dest)], "rm -rf")
     if peak is not None:
         res["rss_tree"] = peak.peak_mib()
     if dest.exists():
@@ -322,14 +360,15 @@ def tree(mnt: Path, tarball: Path, pid: int | None) -> dict[str, float]:
     return res
 
 
-def files(mnt: Path, count: int, pid: int | None) -> dict[str, float]:
+def files(mnt: Path, count: int, pid: int | None,
+          counter: Counter | None = None) -> dict[str, float]:
     """Create *count* empty files (1,000 per directory); the daemon's peak RSS meanwhile and
     with all of them present; then remove them."""
     root = mnt / "files"
     root.mkdir()
     res: dict[str, float] = {}
     per_dir = 1000
-    with rss_peak(pid) as peak:
+    with rss_peak(pid) as peak, counted(res, "files_create", counter):
         t0 = time.perf_counter()
         for d in range(0, count, per_dir):
             sub = root / f"d{d // per_dir:04d}"
@@ -344,6 +383,85 @@ def files(mnt: Path, count: int, pid: int | None) -> dict[str, float]:
     t0 = time.perf_counter()
     run_tool(["rm", "-rf", str(root)], "rm -rf files")
     res["files_rm"] = time.perf_counter() - t0
+    return res
+
+
+# -- 5. the agent's real workload ------------------------------------------------------------
+SCAN_RESULT_FILES = 2000
+SCAN_STREAM_BYTES = 256 * MIB
+SCAN_INSERTS = 50_000
+SCAN_COMMIT_EVERY = 1000
+SCAN_WRITE = 4096
+
+
+def scan(mnt: Path, sizes: Sizes, pid: int | None,
+         counter: Counter | None = None) -> dict[str, float]:
+    """One simulated scan job, as the agent runs it on its scratch mount.
+
+    write: 2,000 result files of 1-64 KiB written with 4 KiB write(2) calls, one 256 MiB
+    capture streamed in 1 MiB writes, an SQLite database filled with 50,000 inserts
+    (committed every 1,000, default rollback journal), then syncfs so that data the kernel
+    still holds is paid for here; upload: every file read once (1 MiB reads, no cache drop:
+    the agent uploads what it just wrote); shred: rm -rf of the job. Everything scales with
+    ``sizes.scan_scale``. Seconds per phase and in total; same random sizes on every target."""
+    scale = sizes.scan_scale
+    nfiles = max(1, round(SCAN_RESULT_FILES * scale))
+    stream_chunks = max(1, round(SCAN_STREAM_BYTES * scale / CHUNK))
+    inserts = max(1, round(SCAN_INSERTS * scale))
+    rng = random.Random(20261201)
+    payload = os.urandom(64 * 1024)
+    job = mnt / "job"
+    res: dict[str, float] = {}
+    drop_caches(mnt)
+    t_start = time.perf_counter()
+    with counted(res, "scan_write", counter):
+        (job / "results").mkdir(parents=True)
+        for i in range(nfiles):
+            size = rng.randint(1024, 64 * 1024)
+            fd = os.open(job / "results" / f"r{i:05d}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o600)
+            try:
+                for off in range(0, size, SCAN_WRITE):
+                    os.write(fd, payload[off:min(size, off + SCAN_WRITE)])
+            finally:
+                os.close(fd)
+        fd = os.open(job / "capture.pcap", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            chunk = os.urandom(CHUNK)
+            for _ in range(stream_chunks):
+                os.write(fd, chunk)
+        finally:
+            os.close(fd)
+        db = sqlite3.connect(job / "findings.db")
+        try:
+            db.execute("CREATE TABLE finding (id INTEGER PRIMARY KEY, host TEXT, port INTEGER,"
+                       " service TEXT, banner BLOB)")
+            for i in range(inserts):
+                db.execute("INSERT INTO finding (host, port, service, banner) VALUES (?,?,?,?)",
+                           (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", rng.randint(1, 65535),
+                            "tcp", payload[:rng.randint(16, 256)]))
+                if i % SCAN_COMMIT_EVERY == SCAN_COMMIT_EVERY - 1:
+                    db.commit()
+            db.commit()
+        finally:
+            db.close()
+        syncfs(mnt)
+    t_written = time.perf_counter()
+    with counted(res, "scan_upload", counter):
+        rbuf = bytearray(CHUNK)
+        for dirpath, _, names in os.walk(job):
+            for name in names:
+                with open(os.path.join(dirpath, name), "rb", buffering=0) as f:
+                    while f.readinto(rbuf):
+                        pass
+    t_uploaded = time.perf_counter()
+    with counted(res, "scan_shred", counter):
+        run_tool(["rm", "-rf", str(job)], "rm -rf job")
+    t_end = time.perf_counter()
+    if job.exists():
+        raise WorkloadError("rm -rf left the scan job behind")
+    res.update({"scan_write": t_written - t_start, "scan_upload": t_uploaded - t_written,
+                "scan_shred": t_end - t_uploaded, "scan_total": t_end - t_start})
     return res
 
 

@@ -1,0 +1,117 @@
+"""The daemon's own request counters (--stats-file, SIGUSR1, the unmount log line)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.mounting import Mounted, unmount
+
+
+def _dump(m: Mounted, stats: Path, after: int) -> dict[str, Any]:
+    """Ask for a dump and wait (boundedly) until one newer than *after* is there."""
+    os.kill(m.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            doc: dict[str, Any] = json.loads(stats.read_text())
+        except (FileNotFoundError, ValueError):
+            doc = {}
+        if doc.get("dumps", 0) > after:
+            return doc
+        time.sleep(0.02)
+    raise AssertionError("the daemon did not dump its counters after SIGUSR1")
+
+
+def test_counts_requests_by_operation(mount_factory: Callable[..., Mounted], tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    m = mount_factory("--stats-file", str(stats))
+    first = _dump(m, stats, 0)
+    path = m.mountpoint / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    for _ in range(3):
+        os.write(fd, b"x" * 4096)
+    os.close(fd)
+    second = _dump(m, stats, first["dumps"])
+    delta = {op: n - first["requests"][op] for op, n in second["requests"].items()}
+    assert delta["create"] == 1
+    assert delta["write"] == 3  # write-through: one request per write(2)
+    assert delta["release"] == 1
+    assert second["total"] == sum(second["requests"].values())
+    # Counts only: nothing about names or contents.
+    assert "f" not in second["requests"] and set(second) == {"dumps", "pid", "requests", "total"}
+    unmount(m)
+    final = json.loads(stats.read_text())
+    assert final["dumps"] > second["dumps"], "no dump at unmount"
+    assert "event=request_counts total=" in m.log_text()
+
+
+def test_no_xattr_is_answered_once_and_cached_by_the_kernel(
+    mount_factory: Callable[..., Mounted], tmp_path: Path
+) -> None:
+    stats = tmp_path / "stats.json"
+    m = mount_factory("--no-xattr", "--stats-file", str(stats))
+    path = m.mountpoint / "f"
+    path.write_bytes(b"data")
+    for call in (
+        lambda: os.setxattr(path, "user.a", b"1"),
+        lambda: os.getxattr(path, "user.a"),
+        lambda: os.listxattr(path),
+        lambda: os.removexattr(path, "user.a"),
+    ):
+        for _ in range(2):
+            try:
+                call()
+            except OSError as e:
+                assert e.errno == errno.EOPNOTSUPP  # the kernel's answer once we said ENOSYS
+            else:
+                raise AssertionError("xattr call succeeded on a --no-xattr mount")
+    fd = os.open(path, os.O_WRONLY)
+    for _ in range(50):
+        os.write(fd, b"y" * 4096)  # each buffered write would ask for security.capability
+    os.close(fd)
+    counts = _dump(m, stats, 0)["requests"]
+    # ENOSYS is remembered for the whole connection: at most one request of each kind.
+    for op in ("getxattr", "setxattr", "listxattr", "removexattr"):
+        assert counts[op] <= 1, (op, counts[op])
+    assert path.read_bytes()[:4] == b"yyyy"
+
+
+def test_close_costs_no_flush_request(mount_factory: Callable[..., Mounted], tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    m = mount_factory("--writeback-cache", "--stats-file", str(stats))
+    for i in range(20):
+        (m.mountpoint / f"f{i}").write_bytes(b"z" * 10000)
+    counts = _dump(m, stats, 0)["requests"]
+    assert counts["flush"] <= 1  # ENOSYS once, then the kernel stops asking
+    assert all((m.mountpoint / f"f{i}").read_bytes() == b"z" * 10000 for i in range(20))
+
+
+def test_keep_cache_serves_a_reopened_file_from_the_page_cache(
+    mount_factory: Callable[..., Mounted], tmp_path: Path
+) -> None:
+    stats = tmp_path / "stats.json"
+    m = mount_factory("--keep-cache", "--stats-file", str(stats))
+    path = m.mountpoint / "f"
+    data = os.urandom(100_000)
+    path.write_bytes(data)
+    assert path.read_bytes() == data
+    first = _dump(m, stats, 0)
+    assert path.read_bytes() == data  # a fresh open: the kernel keeps the pages
+    second = _dump(m, stats, first["dumps"])
+    assert second["requests"]["read"] == first["requests"]["read"]
+    assert second["requests"]["open"] == first["requests"]["open"] + 1
+    # Changes still show: they pass through the kernel, which updates or drops its pages.
+    with open(path, "r+b") as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new" + data[3:]
+    os.truncate(path, 10)
+    assert path.read_bytes() == b"new" + data[3:10]
+    path.write_bytes(b"short")  # O_TRUNC open
+    assert path.read_bytes() == b"short"

@@ -20,6 +20,7 @@ import secrets
 import signal
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,10 +192,18 @@ class Server:
             except trio.WouldBlock:
                 log.info("event=connection_refused peer=%s reason=anonymous_budget", peer)
                 return
+            released = False
+
+            def release() -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    self._anonymous.release()
+
             try:
-                await self._exchange(hc, peer, None, self._anonymous_bodies, may_keep=False)
+                await self._exchange(hc, peer, None, self._anonymous_bodies, may_keep=False, answered=release)
             finally:
-                self._anonymous.release()
+                release()
             return
         # Mutual TLS: keep the connection for the appliance's next poll, progress or upload.
         while True:
@@ -215,8 +224,14 @@ class Server:
         body_gate: trio.Semaphore | None,
         *,
         may_keep: bool,
+        answered: Callable[[], None] | None = None,
     ) -> bool:
-        """Serve one request; True if the connection may carry another one."""
+        """Serve one request; True if the connection may carry another one.
+
+        *answered* is called once the response is sent, before the drain: the anonymous
+        budget bounds requests in progress, and a burst of refused slowloris connections
+        draining (and closing) must not keep legitimate time requests out.
+        """
         ex = Exchange(hc, body_gate=body_gate)
         started = time.monotonic()
         status = 0
@@ -235,9 +250,11 @@ class Server:
                 # leaves the connection in a state we trust for the next request.
                 keep = may_keep and ex.request_complete() and status not in (408, 500)
                 await ex.respond(resp, keep_alive=keep)
+                if answered is not None:
+                    answered()
                 keep = keep and hc.reusable()
                 if not keep:
-                    # Anonymous drains are short: the anonymous budget is held meanwhile.
+                    # Anonymous drains are short: they still hold a per-source and global slot.
                     await ex.drain(max_bytes=4 * 1024 * 1024, timeout=2.0 if peer_der else 0.25)
         except ClientGone:
             status = 499  # nginx's "client closed request"; nothing was stored

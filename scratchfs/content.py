@@ -35,7 +35,7 @@ from scratchfs import blocks
 from scratchfs.crypto import FileKey
 from scratchfs.errors import IntegrityError
 from scratchfs.limits import CONTENT_COST, DENSE_VERSION_COST, FAR_VERSION_COST, MemoryBudget
-from scratchfs.store import BlobStore
+from scratchfs.store import BlobStore, file_size
 
 # A block at most this many slots past the dense array's end extends the array (so a file
 # written with small gaps stays on the fast path); anything farther goes to the dict. The
@@ -246,8 +246,8 @@ class FileContent:
         """
         last_record = max(0, self.blob_len - 1) // (self.block_size + blocks.OVERHEAD)
         if last < last_record:
-            return  # an extension cannot concern these blocks: skip the fstat on the hot path
-        actual = os.fstat(fd).st_size
+            return  # an extension cannot concern these blocks: skip the size check on the hot path
+        actual = file_size(fd)
         if actual > self.blob_len:
             if last >= last_record:
                 raise IntegrityError(
@@ -371,7 +371,7 @@ class FileContent:
             return
         record = self.block_size + blocks.OVERHEAD
         pos = start * record
-        end = os.fstat(self.fd).st_size
+        end = file_size(self.fd)
         while pos < end:
             try:
                 data = os.lseek(self.fd, pos, os.SEEK_DATA)
@@ -568,7 +568,7 @@ class FileContent:
                 if written != len(data):
                     raise OSError(28, "short write to the backing store")
             except OSError:
-                if os.fstat(fd).st_size > self.blob_len:
+                if file_size(fd) > self.blob_len:
                     os.ftruncate(fd, self.blob_len)
                 raise
             for i, version in enumerate(versions):

@@ -148,7 +148,10 @@ def now_ns() -> int:
 
     The coarse clock is the one the kernel stamps inodes with (current_time()); with the
     writeback cache the kernel sends its own times, and mixing a finer clock with it would make
-    ctime/mtime run backwards.
+    ctime/mtime run backwards. Since Linux 6.13 current_time() is the coarse clock or, within
+    a tick, the multigrain floor if a fine-grained stamp raised it; the daemon must not raise
+    it itself (no timestamp queries on blobs, store.identity), or a new file's first cached
+    write would see "changed" times and cost a SETATTR at close.
     """
     return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
 

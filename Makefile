@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
 	fio gocryptfs cryptsetup-bin libcryptsetup12 e2fsprogs util-linux \
 	rsyslog rsyslog-gnutls nmap procps psmisc systemd openssh-server passwd tinyproxy \
-	libtss2-dev swtpm swtpm-tools tpm2-tools
+	libtss2-dev swtpm swtpm-tools tpm2-tools \
+	postgresql postgresql-common
 PYTEST_ARGS ?=
 
-.PHONY: all setup apt venv test lint typecheck pytest demo bench clean
+.PHONY: all setup apt venv test lint typecheck pytest demo bench loadtest clean
 
 all: test
 
@@ -48,6 +49,16 @@ demo: setup
 
 bench: setup
 	$(PY) -m tools.bench
+
+# The issue-14 acceptance runs (minutes each; not part of `make test`, which runs a smoke run).
+LOADTEST_APPLIANCES ?= 1000
+LOADTEST_DURATION ?= 60
+loadtest: setup
+	$(PY) -m tools.loadtest --appliances $(LOADTEST_APPLIANCES) --duration $(LOADTEST_DURATION) --backend sqlite
+	$(PY) -m tools.loadtest --appliances $(LOADTEST_APPLIANCES) --duration $(LOADTEST_DURATION) \
+		--backend postgresql --nodes 2 --pollers 2
+	$(PY) -m tools.loadtest --appliances $(LOADTEST_APPLIANCES) --duration $(LOADTEST_DURATION) \
+		--backend sqlite --slowloris 256
 
 clean:
 	rm -rf $(VENV) results .mypy_cache .ruff_cache .pytest_cache

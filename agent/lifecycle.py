@@ -359,16 +359,22 @@ class Agent:
     async def _serve(self, nursery: trio.Nursery) -> None:
         await self.recover()
         await self.sync_time()
+        # One client for the boot session: its kept-alive mTLS connection carries the
+        # config, volume key, polls, progress and uploads.
         client = self.platform_client()
         self.state.forget_tls_key()  # OpenSSL holds the key now; our copy is not needed again
-        await self.open_session(client)  # first: heartbeats and keys need the session
-        config = await self.fetch_config(client)
-        await self.start_heartbeat(client, config, nursery)
-        await self.start_syslog(config, nursery)
-        await self.open_volume(client)
-        scratch = await self.mount_scratch()
-        nursery.start_soon(scratch.watch)
-        await self.job_loop(client, scratch.mountpoint)
+        try:
+            await self.open_session(client)  # first: heartbeats and keys need the session
+            config = await self.fetch_config(client)
+            await self.start_heartbeat(client, config, nursery)
+            await self.start_syslog(config, nursery)
+            await self.open_volume(client)
+            scratch = await self.mount_scratch()
+            nursery.start_soon(scratch.watch)
+            await self.job_loop(client, scratch.mountpoint)
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
 
     async def run(self) -> int:
         """Run until --once is done, a signal arrives, or a fatal error; return 0 or raise."""

@@ -100,6 +100,7 @@ F_BOOT_COUNTER: Final = "boot_counter"  # int >= 1, monotonic per appliance (TPM
 F_KEYSTORE: Final = "keystore"  # "tpm" or "file": where the appliance keeps its keys
 F_SESSION: Final = "session"  # opaque session token (string)
 F_ERROR: Final = "error"
+F_INCIDENT: Final = "incident"  # 500 only: id of the server's log entry (hex string)
 F_HEARTBEAT_INTERVAL: Final = "heartbeat_interval"  # float seconds (config, heartbeat answer)
 
 # Heartbeat document (POST PATH_HEARTBEAT). Health only: never scan data, targets, banners,
@@ -154,15 +155,18 @@ REASON_TOO_LARGE: Final = "too_large"  # 413: body over the configured limit
 REASON_DIGEST_MISMATCH: Final = "digest_mismatch"  # 400: body does not match its SHA-256
 REASON_TIMEOUT: Final = "timeout"  # 408: request not received in time
 REASON_UNAVAILABLE: Final = "unavailable"  # 503: no keyslot passphrase (never activated)
-REASON_INTERNAL: Final = "internal"  # 500
+REASON_BUSY: Final = "busy"  # 503 + Retry-After: the unauthenticated budget is in use; retry
+REASON_INTERNAL: Final = "internal"  # 500: generic; F_INCIDENT names the server log line
 REASON_SESSION_REQUIRED: Final = "session_required"  # 428: no or unknown session token
 REASON_QUARANTINED: Final = "quarantined"  # 403: suspected clone; operator must clear it
 REASON_KEY_CONFLICT: Final = "key_conflict"  # 409: a different hybrid key is on record
 
 # --- limits -----------------------------------------------------------------------------
 MAX_JSON_BODY: Final = 64 * 1024  # bytes, for every JSON request body
+MAX_JSON_DEPTH: Final = 32  # nesting of arrays/objects in a JSON request body
+MAX_JOB_ID: Final = 2**63 - 1  # job ids are signed 64-bit database keys
 MAX_RESULT_BODY_DEFAULT: Final = 16 * 1024 * 1024  # bytes; server-configurable
-MAX_WAIT_SECONDS: Final = 60.0  # long-poll wait is clamped to this
+MAX_WAIT_SECONDS: Final = 60.0  # long-poll wait: 0 <= wait <= this, else 400
 MAX_PROGRESS_TEXT: Final = 1000  # characters
 MAX_RESPONSE_BODY: Final = 4 * 1024 * 1024  # what the client accepts from the platform
 MAX_HEADER_BYTES: Final = 16 * 1024
@@ -187,6 +191,14 @@ R_PORT: Final = "port"
 R_STATE: Final = "state"
 R_SERVICE: Final = "service"
 R_BANNER: Final = "banner"
+
+
+def parse_job_id(value: str) -> int | None:
+    """*value* as a job id (decimal, 1..MAX_JOB_ID), or None when it is not one."""
+    if not JOB_ID_RE.match(value):
+        return None
+    job_id = int(value)
+    return job_id if job_id <= MAX_JOB_ID else None
 
 
 class SpecError(ValueError):

@@ -1,10 +1,15 @@
 """Appliance-side HTTPS client for the platform API (trio + SSLStream + h11).
 
-One TLS connection per request (the reference platform answers with ``Connection: close``),
-so a broken connection never poisons a later request. The caller brings the TLS context:
-the agent's ``agent.tls.client_context``, the one TLS client policy (the platform CA given at
-activation as the only anchor, hostnames checked, TLS 1.2 minimum, certificate times checked
-against the platform-synced clock).
+HTTP/1.1 keep-alive: a mutually authenticated connection stays open after a request and
+carries the next one (poll, progress, upload), so a boot session pays for one TLS handshake,
+not one per request. A kept-alive connection that the platform closed meanwhile is noticed
+on the next request (no byte of the answer arrives) and that request is sent once more on a
+fresh connection: every endpoint is safe to repeat (a result upload is stored once and
+acknowledged again by digest). Any other failure closes the connection, so a broken
+connection never poisons a later request. `aclose()` closes the idle connections. The
+caller brings the TLS context: the agent's ``agent.tls.client_context``, the one TLS client
+policy (the platform CA given at activation as the only anchor, hostnames checked, TLS 1.2
+minimum, certificate times checked against the platform-synced clock).
 
 Typical use by the agent::
 
@@ -30,6 +35,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import secrets
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -171,6 +177,40 @@ class _Response:
     body: bytes
 
 
+# Idle kept-alive connections held per client: one for the job loop, one for a concurrent
+# progress report; more would only hold server slots.
+_MAX_IDLE: Final = 2
+
+
+@dataclass
+class _Live:
+    """One open connection and its h11 state; ``received`` counts response bytes."""
+
+    stream: trio.SSLStream[trio.SocketStream]
+    conn: h11.Connection
+    reused: bool = False
+    received: int = 0
+
+
+# 503 busy: how many times a request is sent again, after Retry-After (clamped to 1-5 s).
+_BUSY_RETRIES: Final = 5
+
+
+def _is_busy(resp: _Response) -> bool:
+    try:
+        data = json.loads(resp.body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get(api.F_REASON) == api.REASON_BUSY
+
+
+def _retry_after(resp: _Response) -> float:
+    try:
+        return min(5.0, max(1.0, float(resp.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
+
+
 def _tls_message(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed: {exc.verify_message}"
@@ -227,11 +267,15 @@ class PlatformClient:
         ssl_context: ssl.SSLContext,
         timeout: float = DEFAULT_TIMEOUT,
         proxy: ProxyConfig | None = None,
+        *,
+        local_address: str | None = None,
     ) -> None:
         """*base_url* like "https://platform.example:8443" (https only, optional path prefix).
 
         With *proxy*, every connection is an HTTP CONNECT tunnel through it (TLS inside the
-        tunnel, same context); no direct connection is ever attempted.
+        tunnel, same context); no direct connection is ever attempted. *local_address*
+        binds the client's side of direct connections (the load generator gives each
+        simulated appliance its own loopback address, as a fleet has).
         """
         parts = urlsplit(base_url)
         if parts.scheme != "https" or not parts.hostname:
@@ -245,6 +289,8 @@ class PlatformClient:
         self._host_header = host_header if self._port == 443 else f"{host_header}:{self._port}"
         self._ctx = ssl_context
         self._timeout = timeout
+        self._idle: list[_Live] = []
+        self._local_address = local_address
         self._proxy = proxy
         self.base_url = base_url
         # This boot's session token (open_session); sent with every request once set.
@@ -390,6 +436,12 @@ class PlatformClient:
             {api.F_TEXT: text[: api.MAX_PROGRESS_TEXT]},
         )
 
+    async def aclose(self) -> None:
+        """Close the kept-alive connections (the client stays usable: it reconnects)."""
+        idle, self._idle = self._idle, []
+        for live in idle:
+            await trio.aclose_forcefully(live.stream)
+
     # -- plumbing --
 
     def _job_from(self, job: Mapping[str, Any]) -> Job:
@@ -482,13 +534,21 @@ class PlatformClient:
         timeout: float | None = None,
     ) -> _Response:
         limit = self._timeout if timeout is None else timeout
-        try:
-            with trio.fail_after(limit):
-                resp = await self._exchange(method, self._prefix + path, body, headers or {})
-        except trio.TooSlowError:
-            raise PlatformUnavailableError(
-                None, "unavailable", f"platform did not answer within {limit:g} s"
-            ) from None
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                with trio.fail_after(limit):
+                    resp = await self._exchange(method, self._prefix + path, body, headers or {})
+            except trio.TooSlowError:
+                raise PlatformUnavailableError(
+                    None, "unavailable", f"platform did not answer within {limit:g} s"
+                ) from None
+            if resp.status == 503 and attempt < _BUSY_RETRIES and _is_busy(resp):
+                # The platform's unauthenticated budget was full (e.g. many activations at
+                # once): it asked us to come back; spread the retries so we do not return
+                # as one wave.
+                await trio.sleep(_retry_after(resp) * (0.5 + secrets.randbelow(1000) / 1000))
+                continue
+            break
         if not 200 <= resp.status < 300:
             self._raise_for(resp)
         return resp
@@ -500,6 +560,8 @@ class PlatformClient:
         otherwise directly. TLS is layered on top by the caller either way.
         """
         try:
+            if self._proxy is None and self._local_address is not None:
+                return await trio.open_tcp_stream(self._host, self._port, local_address=self._local_address)
             return await open_stream(self._proxy, self._host, self._port)
         except ProxyError as e:
             raise PlatformUnavailableError(None, REASON_PROXY, str(e)) from None
@@ -530,9 +592,11 @@ class PlatformClient:
             raise
         return stream
 
-    async def _receive(self, stream: trio.SSLStream[trio.SocketStream]) -> bytes:
+    async def _receive(self, live: _Live) -> bytes:
         try:
-            return bytes(await stream.receive_some(_CHUNK))
+            data = bytes(await live.stream.receive_some(_CHUNK))
+            live.received += len(data)
+            return data
         except trio.BrokenResourceError as e:
             cause = _ssl_cause(e)
             if cause is not None:
@@ -544,50 +608,76 @@ class PlatformClient:
     async def _exchange(
         self, method: str, target: str, body: bytes | None, extra: Mapping[str, str]
     ) -> _Response:
-        stream = await self._connect()
-        try:
-            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=api.MAX_HEADER_BYTES)
-            hdrs = [
-                ("host", self._host_header),
-                ("user-agent", _USER_AGENT),
-                ("accept", "application/json"),
-                ("connection", "close"),
-            ]
-            if self.session is not None:
-                hdrs.append((api.HEADER_SESSION, self.session))
-            hdrs += list(extra.items())
-            if body is not None:
-                hdrs.append(("content-length", str(len(body))))
-                if len(body) > _CHUNK:
-                    # Let the platform refuse (size, auth, job) before we send megabytes.
-                    hdrs.append(("expect", "100-continue"))
+        while True:
+            live = self._idle.pop() if self._idle else None
+            if live is None:
+                conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=api.MAX_HEADER_BYTES)
+                live = _Live(await self._connect(), conn)
             try:
-                await stream.send_all(
-                    conn.send(h11.Request(method=method, target=target, headers=hdrs))
-                )
-            except trio.BrokenResourceError as e:
-                cause = _ssl_cause(e)
-                if cause is not None:
-                    raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
-                raise PlatformUnavailableError(None, "unavailable", "connection broke") from None
-            early: h11.Response | None = None
-            if body is not None:
-                if len(body) > _CHUNK:
-                    early = await self._await_continue(conn, stream)
-                if early is None:
-                    await self._send_body(conn, stream, body)
-            return await self._read_response(conn, stream, early)
-        finally:
-            await trio.aclose_forcefully(stream)
+                resp = await self._exchange_on(live, method, target, body, extra)
+            except PlatformUnavailableError:
+                await trio.aclose_forcefully(live.stream)
+                if live.reused and live.received == 0:
+                    continue  # the platform closed the idle connection: once more, fresh
+                raise
+            except BaseException:
+                await trio.aclose_forcefully(live.stream)
+                raise
+            if (
+                live.conn.our_state is h11.DONE
+                and live.conn.their_state is h11.DONE
+                and len(self._idle) < _MAX_IDLE
+            ):
+                live.conn.start_next_cycle()
+                live.reused = True
+                live.received = 0
+                self._idle.append(live)
+            else:
+                await trio.aclose_forcefully(live.stream)
+            return resp
 
-    async def _await_continue(
-        self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream]
-    ) -> h11.Response | None:
+    async def _exchange_on(
+        self, live: _Live, method: str, target: str, body: bytes | None, extra: Mapping[str, str]
+    ) -> _Response:
+        conn = live.conn
+        hdrs = [
+            ("host", self._host_header),
+            ("user-agent", _USER_AGENT),
+            ("accept", "application/json"),
+        ]
+        if self.session is not None:
+            hdrs.append((api.HEADER_SESSION, self.session))
+        hdrs += list(extra.items())
+        if body is not None:
+            hdrs.append(("content-length", str(len(body))))
+            if len(body) > _CHUNK:
+                # Let the platform refuse (size, auth, job) before we send megabytes.
+                hdrs.append(("expect", "100-continue"))
+        try:
+            data = conn.send(h11.Request(method=method, target=target, headers=hdrs))
+            if body is None:
+                data += conn.send(h11.EndOfMessage())  # no bytes; lets h11 reuse the connection
+            await live.stream.send_all(data)
+        except trio.BrokenResourceError as e:
+            cause = _ssl_cause(e)
+            if cause is not None:
+                raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
+            raise PlatformUnavailableError(None, "unavailable", "connection broke") from None
+        early: h11.Response | None = None
+        if body is not None:
+            if len(body) > _CHUNK:
+                early = await self._await_continue(live)
+            if early is None:
+                await self._send_body(conn, live.stream, body)
+        return await self._read_response(live, early)
+
+    async def _await_continue(self, live: _Live) -> h11.Response | None:
+        conn = live.conn
         with trio.move_on_after(_EXPECT_CONTINUE_WAIT):
             while True:
                 event = self._next_event(conn)
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await self._receive(stream))
+                    conn.receive_data(await self._receive(live))
                     continue
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 100:
@@ -620,19 +710,20 @@ class PlatformClient:
         except h11.RemoteProtocolError:
             raise PlatformError(None, "protocol", "platform sent malformed HTTP") from None
 
-    async def _read_response(
-        self,
-        conn: h11.Connection,
-        stream: trio.SSLStream[trio.SocketStream],
-        early: h11.Response | None,
-    ) -> _Response:
+    async def _read_response(self, live: _Live, early: h11.Response | None) -> _Response:
+        conn = live.conn
         head = early
         chunks: list[bytes] = []
         size = 0
         while True:
             event = self._next_event(conn)
             if event is h11.NEED_DATA:
-                conn.receive_data(await self._receive(stream))
+                data = await self._receive(live)
+                if not data and head is None:
+                    # Closed before answering: a kept-alive connection the platform had
+                    # closed, or a connection it refused (budget full). Not malformed HTTP.
+                    raise PlatformUnavailableError(None, "unavailable", "platform closed the connection")
+                conn.receive_data(data)
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue

@@ -21,6 +21,7 @@ from agent.tls import client_context
 from protocol import client, sealing
 from tools.platform import ca, db, state
 from tools.platform.handlers import AppConfig
+from tools.platform.pgtemp import TempPostgres, temp_postgres
 from tools.platform.server import Server, ServerLimits, build_app, server_context
 
 
@@ -66,6 +67,7 @@ class Platform:
     paths: state.StatePaths
     port: int
     storage: db.Storage  # a separate connection for test assertions
+    server: Server
 
     @property
     def url(self) -> str:
@@ -97,16 +99,35 @@ class Platform:
         return Appliance(name, key_pem, res.certificate_pem, xpriv, xpub, c, hpriv, hpub)
 
 
-def init_state(root: Path, hostname: str = HOSTNAME) -> state.StatePaths:
+def init_state(root: Path, hostname: str = HOSTNAME, database_url: str | None = None) -> state.StatePaths:
     """An initialised state dir (same steps as `scanner-platform init`)."""
-    paths = state.init_state(root, hostname)
-    db.Storage(paths.db).close()
+    paths = state.init_state(root, hostname, database_url)
+    state.open_storage(paths, pool_size=1).close()
     return paths
 
 
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[TempPostgres]:
+    """One PostgreSQL cluster for the session (a fresh database per test), stopped by PID."""
+    with temp_postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """None for SQLite (the state dir's file), else a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return None
+    pg: TempPostgres = request.getfixturevalue("pg_cluster")
+    return pg.create_database()
+
+
 @pytest.fixture
-def state_paths(tmp_path: Path) -> state.StatePaths:
-    return init_state(tmp_path / "platform")
+def state_paths(tmp_path: Path, database_url: str | None) -> state.StatePaths:
+    return init_state(tmp_path / "platform", database_url=database_url)
 
 
 @pytest.fixture
@@ -116,19 +137,23 @@ def app_config() -> AppConfig:
 
 @pytest.fixture
 async def platform(
-    nursery: trio.Nursery, state_paths: state.StatePaths, app_config: AppConfig
+    state_paths: state.StatePaths, app_config: AppConfig
 ) -> AsyncIterator[Platform]:
     """The platform served in-process on 127.0.0.1 (ephemeral port), real TLS."""
-    app, storage = build_app(state_paths, app_config)
+    app, storage = build_app(state_paths, app_config, pool_size=4)
     server = Server(
         app, server_context(state_paths), ServerLimits(handshake_timeout=5, header_timeout=5, idle_timeout=5)
     )
-    _host, port = await nursery.start(server.serve, "127.0.0.1", 0)
-    checker = db.Storage(state_paths.db)
+    checker = state.open_storage(state_paths, pool_size=2)
     try:
-        yield Platform(state_paths, port, checker)
+        # The server runs in a nursery of its own, closed before the storage it uses.
+        async with trio.open_nursery() as own:
+            _host, port = await own.start(server.serve, "127.0.0.1", 0)
+            try:
+                yield Platform(state_paths, port, checker, server)
+            finally:
+                own.cancel_scope.cancel()
     finally:
-        nursery.cancel_scope.cancel()
         checker.close()
         storage.close()
 
@@ -143,10 +168,11 @@ class ServedProcess:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[ServedProcess]:
+def served(tmp_path: Path, database_url: str | None) -> Iterator[ServedProcess]:
     """A real `scanner-platform serve` subprocess on port 0, stopped by PID at teardown."""
     root = tmp_path / "served"
-    assert run_cli("init", str(root), "--hostname", HOSTNAME).returncode == 0
+    extra = ["--database", database_url] if database_url else []
+    assert run_cli("init", str(root), "--hostname", HOSTNAME, *extra).returncode == 0
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(

@@ -31,7 +31,7 @@ async def raw_exchange(
             await trio.aclose_forcefully(s)
             return 0, {}
         buf = b""
-        while True:
+        while not _complete(buf):  # EOF, or a whole response on a kept-alive connection
             try:
                 chunk = await s.receive_some(65536)
             except trio.BrokenResourceError:
@@ -43,6 +43,17 @@ async def raw_exchange(
     head, _, body = buf.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     return status, (json.loads(body) if body else {})
+
+
+def _complete(buf: bytes) -> bool:
+    head, sep, body = buf.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return head.split(b" ", 2)[1] in (b"204", b"304")
 
 
 def appliance_ctx(platform: Platform, a: Appliance) -> ssl.SSLContext:
@@ -137,7 +148,7 @@ async def test_tls_1_1_refused_by_server(platform: Platform, caplog: pytest.LogC
     assert isinstance(cause, ssl.SSLError)
     # It is the server that refused (its log names the protocol), not our own client.
     assert "VERSION" in str(cause.reason).upper(), cause
-    assert any("tls handshake failed" in r.getMessage() and "PROTOCOL" in r.getMessage() for r in caplog.records)
+    assert any("event=tls_handshake_failed" in r.getMessage() and "PROTOCOL" in r.getMessage() for r in caplog.records)
     # And the platform still serves TLS 1.2 clients.
     ctx12 = tls_client(platform.ca_pem)
     ctx12.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -177,7 +188,7 @@ async def test_deactivated_appliance_gets_403_everywhere(platform: Platform) -> 
 async def test_revoked_certificate_is_deactivated(platform: Platform) -> None:
     a = await platform.activate("revokee")
     row = platform.storage.appliance("revokee")
-    platform.storage._db.execute(  # a revocation entry alone (no deactivation) suffices
+    platform.storage.execute_for_tests(  # a revocation entry alone (no deactivation) suffices
         "INSERT INTO revoked (serial, fingerprint, appliance_id, revoked_at, reason) VALUES (?, ?, ?, ?, 'test')",
         (row.cert_serial, row.cert_fingerprint, row.id, time.time()),
     )

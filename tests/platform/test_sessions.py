@@ -89,8 +89,8 @@ async def test_sessions_per_appliance_are_bounded(platform: Platform) -> None:
     for n in range(2, db.MAX_SESSIONS_PER_APPLIANCE + 10):
         await a.client.open_session(n, "tpm")
     app = platform.storage.appliance("b1")
-    rows = platform.storage._db.execute("SELECT COUNT(*) FROM sessions WHERE appliance_id = ?", (app.id,))
-    assert rows.fetchone()[0] == db.MAX_SESSIONS_PER_APPLIANCE
+    rows = platform.storage.execute_for_tests("SELECT COUNT(*) FROM sessions WHERE appliance_id = ?", (app.id,))
+    assert rows[0][0] == db.MAX_SESSIONS_PER_APPLIANCE
     assert platform.storage.clone_states()[app.id].boot_counter == db.MAX_SESSIONS_PER_APPLIANCE + 9
 
 
@@ -117,7 +117,7 @@ async def test_cli_list_clear_and_policy(platform: Platform) -> None:
     platform.storage.open_session(app.id, b"\x02" * 32, 3, "file", time.time())
     out = run_cli("appliance", "list", state_dir=root)
     assert out.returncode == 0 and b"quarantined" not in out.stdout  # pending: shown as its state
-    platform.storage._db.execute("UPDATE appliances SET state = 'active' WHERE id = ?", (app.id,))
+    platform.storage.execute_for_tests("UPDATE appliances SET state = 'active' WHERE id = ?", (app.id,))
     out = run_cli("appliance", "list", state_dir=root).stdout.decode()
     [row] = [ln for ln in out.splitlines() if ln.startswith("q1 ")]
     assert row.split()[:3] == ["q1", "active", "quarantined"] and " file " in row, out  # STATE, HEALTH

@@ -3,15 +3,17 @@
 Exit codes: 0 success; 1 runtime failure (e.g. cannot listen); 2 usage error (bad flags,
 names or specs); 3 not found (appliance, job, credential, result); 4 conflict (exists
 already, deactivated, not active); 5 state directory problem (not initialised, unsafe
-permissions, database from a newer version); 6 a job's targets lie outside its
-credential's scope (or the credential has none). Errors are one line on stderr; --debug
-adds the traceback.
+permissions, database from a newer version or unreachable); 6 a job's targets lie outside
+its credential's scope (or the credential has none); 7 deactivation committed but
+destruction of the wrapped keyslot passphrase not proven (rerun the same command once
+readers are gone). Errors are one line on stderr; --debug adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ EXIT_NOT_FOUND = 3
 EXIT_CONFLICT = 4
 EXIT_STATE = 5
 EXIT_SCOPE = 6
+EXIT_UNPROVEN = 7
 STATE_ENV = "SCANNER_PLATFORM_STATE"
 DEFAULT_CODE_TTL = 24 * 3600.0
 
@@ -66,6 +69,26 @@ def _positive(value: str) -> float:
     if not 0 < f < 10**9:
         raise argparse.ArgumentTypeError(f"{value!r} must be a positive number of seconds")
     return f
+
+
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 1 <= n <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{n} is outside 1-1000000")
+    return n
+
+
+def _bytes(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of bytes") from None
+    if not 1 <= n <= 1024**3:
+        raise argparse.ArgumentTypeError(f"{n} is outside 1 byte - 1 GiB")
+    return n
 
 
 def _port(value: str) -> int:
@@ -133,9 +156,10 @@ def _listen(value: str) -> tuple[str, int]:
 
 
 def _job_id(value: str) -> int:
-    if not api.JOB_ID_RE.match(value):
+    job_id = api.parse_job_id(value)
+    if job_id is None:
         raise argparse.ArgumentTypeError(f"{value!r} is not a job id (see 'job list')")
-    return int(value)
+    return job_id
 
 
 def _ts(value: float | None) -> str:
@@ -167,7 +191,7 @@ def _paths(args: argparse.Namespace) -> state.StatePaths:
 def _storage(args: argparse.Namespace) -> db.Storage:
     paths = _paths(args)
     state.check_initialised(paths)
-    return db.Storage(paths.db)
+    return state.open_storage(paths, pool_size=2)
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -176,8 +200,8 @@ def _storage(args: argparse.Namespace) -> db.Storage:
 def cmd_init(args: argparse.Namespace) -> int:
     # Check the hook before creating anything: a typo must not leave a half-made platform.
     argv = _hook_argv(args.alert_hook) if args.alert_hook else None
-    paths = state.init_state(Path(args.state_dir), args.hostname)
-    storage = db.Storage(paths.db)
+    paths = state.init_state(Path(args.state_dir), args.hostname, args.database)
+    storage = state.open_storage(paths, pool_size=1)
     try:
         storage.set_setting("hostname", args.hostname)
         storage.set_setting(
@@ -203,10 +227,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_result_bytes=args.max_result_bytes,
         poll_interval=args.poll_interval,
     )
-    limits = ServerLimits(max_connections=args.max_connections)
+    limits = ServerLimits(
+        max_connections=args.max_connections,
+        max_per_source=args.max_per_source,
+        max_anonymous=args.max_anonymous,
+        max_anonymous_bodies=args.max_anonymous_bodies,
+    )
     host, port = args.listen
     try:
-        trio.run(run_server, paths, host, port, config, limits)
+        trio.run(functools.partial(run_server, paths, host, port, config, limits, pool_size=args.db_pool))
     except OSError as e:
         raise CliError(
             f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --listen",
@@ -259,10 +288,14 @@ def cmd_appliance_deactivate(args: argparse.Namespace) -> int:
     storage = _storage(args)
     try:
         app = storage.deactivate(args.name, time.time())
+    except db.ShredUnproven as e:
+        raise CliError(str(e), EXIT_UNPROVEN) from None
     finally:
         storage.close()
-    serial = app.cert_serial or "-"
-    print(f"appliance {app.name} deactivated: keyslot passphrase destroyed, certificate {serial} revoked")
+    print(
+        f"appliance {app.name} deactivated: keyslot passphrase destroyed (verified absent from the "
+        f"database files), certificate {app.cert_serial or '-'} revoked"
+    )
     return EXIT_OK
 
 
@@ -672,6 +705,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("state_dir", metavar="STATE_DIR")
     sp.add_argument("--hostname", required=True, help="name appliances use to reach the server")
     sp.add_argument(
+        "--database",
+        metavar="URL",
+        help="PostgreSQL URL (postgresql://user@host/db; password in ~/.pgpass) instead of the embedded SQLite file",
+    )
+    sp.add_argument(
         "--heartbeat-interval",
         type=_interval,
         default=api.DEFAULT_HEARTBEAT_INTERVAL,
@@ -714,12 +752,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a handed-out job stays leased before it is offered again",
     )
     sp.add_argument(
-        "--max-result-bytes", type=int, default=api.MAX_RESULT_BODY_DEFAULT, help="largest accepted result upload"
+        "--max-result-bytes", type=_bytes, default=api.MAX_RESULT_BODY_DEFAULT, help="largest accepted result upload"
     )
     sp.add_argument(
         "--poll-interval", type=_positive, default=0.5, help="how often a long poll re-checks the database for new jobs"
     )
-    sp.add_argument("--max-connections", type=int, default=256, help="concurrent connections served")
+    sp.add_argument(
+        "--max-connections",
+        type=_count,
+        default=4096,
+        help="connections at once, in any phase (sized for every appliance long-polling at once)",
+    )
+    sp.add_argument("--max-per-source", type=_count, default=64, help="connections at once from one IP address")
+    sp.add_argument(
+        "--max-anonymous", type=_count, default=64, help="connections at once without a client certificate"
+    )
+    sp.add_argument(
+        "--max-anonymous-bodies", type=_count, default=8, help="activation requests reading their body at once"
+    )
+    sp.add_argument("--db-pool", type=_count, default=16, help="PostgreSQL connections of this node (SQLite: 1)")
 
     app = sub.add_parser("appliance", help="manage appliances")
     asub = app.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)

@@ -1,24 +1,48 @@
-"""Storage: SQLite in WAL mode, schema versioned by migrations, behind one small class.
+"""Storage: one class, two backends (SQLite in WAL mode, PostgreSQL), one migration list.
 
-`Storage` is the only place that knows SQL. Every method is one transaction, so the server
-(through a worker thread) and CLI processes can use the same file at the same time. A
-production platform would implement the same methods on PostgreSQL.
+`Storage` is the only place that knows SQL. Every method is one transaction, so server
+processes (one or many nodes) and CLI processes can use the same database at once. SQLite
+is the embedded default (a file in the state directory); PostgreSQL is the production
+backend (a ``postgresql://`` URL given to ``init --database``), with a connection pool so
+that many requests run at once, and NOTIFY so that long-polls on every node wake when a job
+is queued.
 
-Migrations are numbered; ``PRAGMA user_version`` records the last one applied. A database
-written by a newer platform is refused instead of being silently misread.
+Portable-SQL rules (every migration and every Storage method is written ONCE, for both
+backends; `_Dialect` translates the few differences):
+- A method reads inside ``with self._read() as db:`` and writes inside ``with self._tx() as
+  db:`` (one transaction), calling ``db.execute(sql, args)``; never touch a connection
+  directly (``self._db`` exists only for SQLite, PostgreSQL uses a pool).
+- Placeholders are ``?``; never write ``%`` (PostgreSQL's driver uses ``%s``; `_Dialect`
+  rewrites ``?`` and escapes ``%``).
+- Types: ``INTEGER PRIMARY KEY`` (an auto-assigned id: identity on PostgreSQL),
+  ``INTEGER`` (64-bit on both: BIGINT on PostgreSQL), ``REAL`` (DOUBLE PRECISION),
+  ``BLOB`` (BYTEA), ``TEXT``. No other type names, no AUTOINCREMENT.
+- New ids come back with ``INSERT ... RETURNING id`` (not lastrowid/last_insert_rowid()).
+- Upserts and ignores use ``ON CONFLICT (...) DO UPDATE/NOTHING``, never ``INSERT OR ...``.
+- A read-then-write on a row that another node may write at the same time selects it with
+  ``FOR UPDATE`` (or ``FOR UPDATE SKIP LOCKED`` to take the next free one); SQLite drops
+  the clause, its ``BEGIN IMMEDIATE`` already serialises writers.
+- No PRAGMA, no SQLite/PostgreSQL-only functions in migrations or queries; backend-only
+  work (checkpoint, vacuum, notify) lives in the backend classes below.
+- Migrations are append-only: add ``(N + 1, [statements])`` at the end, never edit one
+  that shipped. The applied version is ``PRAGMA user_version`` on SQLite and the
+  ``schema_version`` table on PostgreSQL; a database written by a newer platform is
+  refused instead of being silently misread.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 import sqlite3
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from protocol import sealing
 from protocol.scope import Scope, ScopeError
@@ -150,7 +174,16 @@ MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
             # quarantine table of migration 4 (Storage.quarantined_at and health()).
         ],
     ),
+    (
+        6,
+        [
+            # The long-poll waker asks "which appliances have a leasable job" once per
+            # sweep; without this index that is a scan of every job ever queued.
+            "CREATE INDEX jobs_by_state ON jobs (state, lease_expires, appliance_id)",
+        ],
+    ),
 ]
+NOTIFY_CHANNEL: Final = "scratchfs_jobs"  # PostgreSQL: payload is the appliance id
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
 STATE_PENDING: Final = "pending"
@@ -182,6 +215,11 @@ class Conflict(StorageError):
 
 class NotFound(StorageError):
     """No such appliance, job or credential."""
+
+
+class ShredUnproven(StorageError):
+    """Deactivation committed, but the wrapped key could not be shown gone from every
+    database file; the message says what to do (the command then exits non-zero)."""
 
 
 @dataclass(frozen=True)
@@ -283,6 +321,8 @@ class ActivationGrant:
     cert_pem: bytes
 
 
+_SHRED_PENDING: Final = "shred_pending:"  # settings key prefix: deactivation whose proof failed
+
 _APPLIANCE_SELECT = (
     "SELECT id, name, state, created_at, code_expires, activated_at, deactivated_at, "
     "x25519_public, cert_serial, cert_fingerprint, hybrid_public FROM appliances"
@@ -300,6 +340,31 @@ def _appliance(row: tuple[Any, ...]) -> Appliance:
     return Appliance(*row)
 
 
+def _files_holding(db_path: Path, needles: list[bytes]) -> list[str]:
+    """Names of the SQLite files (main, -wal, -journal) that contain any of *needles*.
+
+    Read in 1 MiB chunks overlapping by the longest needle, so a database of any size is
+    searched in bounded memory and a needle across a chunk boundary is still found.
+    """
+    overlap = max(len(n) for n in needles) - 1
+    found = []
+    for suffix in ("", "-wal", "-journal"):
+        p = Path(str(db_path) + suffix)
+        try:
+            f = p.open("rb")
+        except FileNotFoundError:
+            continue
+        with f:
+            tail = b""
+            while chunk := f.read(1024 * 1024):
+                window = tail + chunk
+                if any(n in window for n in needles):
+                    found.append(p.name)
+                    break
+                tail = window[-overlap:] if overlap else b""
+    return found
+
+
 def _job(row: tuple[Any, ...]) -> JobRow:
     return JobRow(
         id=row[0],
@@ -315,7 +380,7 @@ def _job(row: tuple[Any, ...]) -> JobRow:
         progress=row[10],
         completed_at=row[11],
         credential_name=row[12],
-        credential_sealed=row[13],
+        credential_sealed=None if row[13] is None else bytes(row[13]),
         result_sha256=row[14],
     )
 
@@ -356,12 +421,92 @@ def check_job_scope(name: str, sealed: bytes, targets: list[str]) -> None:
         )
 
 
-class Storage:
-    """The platform's database. Not thread-safe: use from one thread at a time."""
+class _Cursor(Protocol):
+    rowcount: int
 
-    def __init__(self, path: Path) -> None:
-        """Open (creating if needed) and migrate the database at *path*."""
-        self.path = path
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class _Dialect:
+    """The only place that knows how the two SQL dialects differ (see the module rules)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._cache: dict[str, str] = {}
+
+    def query(self, sql: str) -> str:
+        """A portable statement in this dialect."""
+        out = self._cache.get(sql)
+        if out is None:
+            if self.name == "postgresql":
+                out = sql.replace("%", "%%").replace("?", "%s")
+            else:
+                out = re.sub(r"\s+FOR UPDATE( SKIP LOCKED)?\b", "", sql)
+            self._cache[sql] = out
+        return out
+
+    def ddl(self, sql: str) -> str:
+        """A portable migration statement in this dialect."""
+        if self.name != "postgresql":
+            return sql
+        sql = re.sub(r"\bINTEGER PRIMARY KEY\b", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", sql)
+        sql = re.sub(r"\bINTEGER\b", "BIGINT", sql)
+        sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)
+        return re.sub(r"\bBLOB\b", "BYTEA", sql)
+
+
+class _Conn:
+    """A connection seen through the dialect: ``execute(portable_sql, args)``."""
+
+    def __init__(self, raw: Any, dialect: _Dialect) -> None:
+        self._raw = raw
+        self._dialect = dialect
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> _Cursor:
+        return self._raw.execute(self._dialect.query(sql), tuple(args))  # type: ignore[no-any-return]
+
+
+def is_database_url(target: str | Path) -> bool:
+    """True if *target* names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(url: str) -> str:
+    """*url* without its password (for messages and logs)."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+class Storage:
+    """The platform's database: a SQLite file path or a ``postgresql://`` URL.
+
+    SQLite: one connection, not thread-safe (``max_concurrency`` 1: use from one thread
+    at a time). PostgreSQL: a pool; every method may be called from ``max_concurrency``
+    threads at once.
+    """
+
+    def __init__(self, target: Path | str, *, pool_size: int = 16, upto: int = SCHEMA_VERSION) -> None:
+        """Open (creating if needed) and migrate the database *target* (up to *upto*)."""
+        self.target = target
+        self._pool: Any = None
+        self._listener: Any = None
+        if is_database_url(target):
+            self.backend = "postgresql"
+            self.path: Path | None = None
+            self.max_concurrency = pool_size
+            self._open_postgres(str(target), pool_size)
+        else:
+            self.backend = "sqlite"
+            self.path = Path(target)
+            self.max_concurrency = 1
+            self._open_sqlite(self.path)
+        self._dialect = _Dialect(self.backend)
+        self.migrate(upto)
+
+    # --- backend plumbing ---
+
+    def _open_sqlite(self, path: Path) -> None:
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
             self._db.execute("PRAGMA journal_mode = WAL")
@@ -372,57 +517,172 @@ class Storage:
             self._db.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as e:
             raise StorageError(f"cannot open database {path}: {e}") from None
-        self.migrate()
+
+    def _open_postgres(self, url: str, pool_size: int) -> None:
+        import psycopg
+        import psycopg_pool
+
+        try:
+            self._pool = psycopg_pool.ConnectionPool(
+                url,
+                min_size=1,
+                max_size=pool_size,
+                kwargs={"autocommit": True},
+                open=False,
+                name="scanner-platform",
+            )
+            self._pool.open(wait=True, timeout=10.0)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
+            if self._pool is not None:
+                self._pool.close()
+            raise StorageError(
+                f"cannot connect to database {redact_url(url)}: {type(e).__name__}; check the URL and that "
+                "the server is running"
+            ) from None
 
     def close(self) -> None:
-        """Close the connection."""
-        self._db.close()
+        """Close every connection."""
+        if self._pool is not None:
+            self._pool.close()
+            if self._listener is not None:
+                self._listener.close()
+        else:
+            self._db.close()
 
     def __repr__(self) -> str:
-        return f"Storage({str(self.path)!r})"
+        shown = redact_url(str(self.target)) if self.backend == "postgresql" else str(self.target)
+        return f"Storage({shown!r})"
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        # BEGIN IMMEDIATE takes the write lock up front, so read-then-write sequences
-        # (leasing, completing) cannot interleave between the server and CLI processes.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _read(self) -> Iterator[_Conn]:
+        if self._pool is None:
+            yield _Conn(self._db, self._dialect)
+            return
+        with self._pool.connection() as conn:
+            yield _Conn(conn, self._dialect)
+
+    @contextmanager
+    def _tx(self) -> Iterator[_Conn]:
+        if self._pool is None:
+            # BEGIN IMMEDIATE takes the write lock up front, so read-then-write sequences
+            # (leasing, completing) cannot interleave between the server and CLI processes.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Conn(self._db, self._dialect)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return
+        with self._pool.connection() as conn, conn.transaction():
+            yield _Conn(conn, self._dialect)
 
     # --- schema ---
 
     def schema_version(self) -> int:
-        """The applied schema version (PRAGMA user_version)."""
-        row = self._db.execute("PRAGMA user_version").fetchone()
-        return int(row[0])
+        """The applied schema version."""
+        if self._pool is None:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        with self._read() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
 
     def migrate(self, upto: int = SCHEMA_VERSION) -> None:
         """Apply every migration newer than the database, up to *upto*."""
         current = self.schema_version()
         if current > SCHEMA_VERSION:
             raise StorageError(
-                f"database {self.path} has schema version {current}, newer than this platform "
+                f"database {self!r} has schema version {current}, newer than this platform "
                 f"supports ({SCHEMA_VERSION}); upgrade scanner-platform"
             )
         for version, statements in MIGRATIONS:
             if current < version <= upto:
                 with self._tx() as db:
+                    if self._pool is not None:
+                        # Several nodes may start at once: one migrates, the others wait
+                        # and then find the work done.
+                        db.execute("SELECT pg_advisory_xact_lock(7446510)")
+                        row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+                        if int(row[0] or 0) >= version:
+                            current = version
+                            continue
                     for sql in statements:
-                        db.execute(sql)
-                    db.execute(f"PRAGMA user_version = {int(version)}")
+                        db.execute(self._dialect.ddl(sql))
+                    if self._pool is None:
+                        db.execute(f"PRAGMA user_version = {int(version)}")
+                    else:
+                        db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
                 current = version
 
     def journal_mode(self) -> str:
-        """The SQLite journal mode ("wal")."""
+        """The SQLite journal mode ("wal"); "postgresql" for that backend."""
+        if self._pool is not None:
+            return "postgresql"
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
 
-    def checkpoint(self) -> None:
-        """Fold the WAL into the main file and truncate it (after shredding)."""
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def checkpoint(self) -> bool:
+        """SQLite: fold the WAL into the main file and truncate it; False if a reader kept
+        it from completing (PostgreSQL: always True, nothing to do here)."""
+        if self._pool is not None:
+            return True
+        busy, _log, _done = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return int(busy) == 0
+
+    def execute_for_tests(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one portable statement in its own transaction; its rows, if it returns any
+        (tests plant and inspect states with it, on either backend)."""
+        with self._tx() as db:
+            cur = db.execute(sql, args)
+            return [tuple(r) for r in cur.fetchall()] if getattr(cur, "description", None) else []
+
+    # --- change signals for long-polls ---
+
+    @property
+    def has_notifications(self) -> bool:
+        """True if the backend pushes job notifications (PostgreSQL LISTEN/NOTIFY)."""
+        return self._pool is not None
+
+    def change_token(self) -> int:
+        """SQLite: a number that changes when another connection commits (data_version)."""
+        if self._pool is not None:
+            return 0
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def wait_job_notifications(self, timeout: float) -> set[int]:
+        """PostgreSQL: block up to *timeout* s for NOTIFYs of queued jobs; their appliance ids.
+
+        Runs on its own connection (LISTEN is per session), outside the pool, and must be
+        called from one thread at a time.
+        """
+        import psycopg
+
+        if self._listener is None:
+            self._listener = psycopg.Connection.connect(str(self.target), autocommit=True)
+            self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        ids: set[int] = set()
+        try:
+            for note in self._listener.notifies(timeout=timeout, stop_after=1):
+                ids.add(int(note.payload))
+            # Drain what arrived together with the first one, without waiting again.
+            for note in self._listener.notifies(timeout=0.0):
+                ids.add(int(note.payload))
+        except psycopg.OperationalError:
+            # The listener's connection broke: reconnect next time; the sweep covers the gap.
+            self._listener.close()
+            self._listener = None
+            time.sleep(min(timeout, 1.0))
+        return ids
+
+    def leasable_appliances(self, now: float) -> set[int]:
+        """Appliances with a queued (or lease-expired) job."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT DISTINCT appliance_id FROM jobs WHERE state = 'queued' OR "
+                "(state = 'leased' AND lease_expires <= ?)",
+                (now,),
+            ).fetchall()
+        return {int(r[0]) for r in rows}
 
     # --- settings & events ---
 
@@ -437,7 +697,8 @@ class Storage:
 
     def get_setting(self, key: str) -> Any:
         """A setting, or None."""
-        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def delete_setting(self, key: str) -> None:
@@ -467,7 +728,8 @@ class Storage:
         if kind is not None:
             sql += " WHERE kind = ?"
             args = (kind,)
-        return [tuple(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+        with self._read() as db:
+            return [tuple(r) for r in db.execute(sql + " ORDER BY id", args)]
 
     # --- appliances ---
 
@@ -476,43 +738,53 @@ class Storage:
         with self._tx() as db:
             if db.execute("SELECT 1 FROM appliances WHERE name = ?", (name,)).fetchone():
                 raise Conflict(f"appliance {name!r} exists already; choose another name")
-            db.execute(
-                "INSERT INTO appliances (name, state, created_at, code_hash, code_expires) VALUES (?, ?, ?, ?, ?)",
+            row = db.execute(
+                "INSERT INTO appliances (name, state, created_at, code_hash, code_expires) VALUES (?, ?, ?, ?, ?) "
+                "RETURNING id",
                 (name, STATE_PENDING, now, code_hash, code_expires),
-            )
+            ).fetchone()
             db.execute(
-                "INSERT INTO events (at, appliance_id, kind) VALUES (?, last_insert_rowid(), ?)",
-                (now, "appliance_added"),
+                "INSERT INTO events (at, appliance_id, kind) VALUES (?, ?, ?)",
+                (now, row[0], "appliance_added"),
             )
 
     def appliance(self, name: str) -> Appliance:
         """The appliance called *name*; raise NotFound."""
-        row = self._db.execute(_APPLIANCE_SELECT + " WHERE name = ?", (name,)).fetchone()
+        with self._read() as db:
+            row = db.execute(_APPLIANCE_SELECT + " WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"no appliance named {name!r}; see 'scanner-platform appliance list'")
         return _appliance(row)
 
     def appliances(self) -> list[Appliance]:
         """Every appliance, by name."""
-        rows = self._db.execute(_APPLIANCE_SELECT + " ORDER BY name")
-        return [_appliance(r) for r in rows]
+        with self._read() as db:
+            return [_appliance(r) for r in db.execute(_APPLIANCE_SELECT + " ORDER BY name")]
 
     def appliance_by_fingerprint(self, fp: str) -> Appliance | None:
         """The appliance whose current certificate has SHA-256 fingerprint *fp*."""
-        row = self._db.execute(_APPLIANCE_SELECT + " WHERE cert_fingerprint = ?", (fp,)).fetchone()
+        with self._read() as db:
+            row = db.execute(_APPLIANCE_SELECT + " WHERE cert_fingerprint = ?", (fp,)).fetchone()
         return None if row is None else _appliance(row)
+
+    def identify(self, serial: str, fp: str) -> tuple[bool, Appliance | None]:
+        """(revoked?, appliance of this certificate) in one round trip to the database."""
+        with self._read() as db:
+            revoked = db.execute("SELECT 1 FROM revoked WHERE serial = ? OR fingerprint = ?", (serial, fp)).fetchone()
+            row = db.execute(_APPLIANCE_SELECT + " WHERE cert_fingerprint = ?", (fp,)).fetchone()
+        return revoked is not None, None if row is None else _appliance(row)
 
     def is_revoked(self, serial: str, fp: str) -> bool:
         """True if a certificate with this serial or fingerprint was revoked."""
-        row = self._db.execute("SELECT 1 FROM revoked WHERE serial = ? OR fingerprint = ?", (serial, fp)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT 1 FROM revoked WHERE serial = ? OR fingerprint = ?", (serial, fp)).fetchone()
         return row is not None
 
     def revoked(self) -> list[tuple[str, float]]:
         """The revocation list: (hex serial, revoked-at)."""
-        return [
-            (str(r[0]), float(r[1]))
-            for r in self._db.execute("SELECT serial, revoked_at FROM revoked ORDER BY revoked_at")
-        ]
+        with self._read() as db:
+            rows = db.execute("SELECT serial, revoked_at FROM revoked ORDER BY revoked_at").fetchall()
+        return [(str(r[0]), float(r[1])) for r in rows]
 
     def activate(
         self,
@@ -531,7 +803,7 @@ class Storage:
         """
         with self._tx() as db:
             row = db.execute(
-                _APPLIANCE_SELECT + " WHERE code_hash = ? AND state = ?",
+                _APPLIANCE_SELECT + " WHERE code_hash = ? AND state = ? FOR UPDATE",
                 (code_hash, STATE_PENDING),
             ).fetchone()
             if row is None:
@@ -580,65 +852,147 @@ class Storage:
 
     def wrapped_volume_key(self, appliance_id: int) -> bytes | None:
         """The wrapped keyslot passphrase of an active appliance, or None (never activated/shredded)."""
-        row = self._db.execute(
-            "SELECT wrapped_volume_key FROM appliances WHERE id = ? AND state = ?",
-            (appliance_id, STATE_ACTIVE),
-        ).fetchone()
+        with self._read() as db:
+            row = db.execute(
+                "SELECT wrapped_volume_key FROM appliances WHERE id = ? AND state = ?",
+                (appliance_id, STATE_ACTIVE),
+            ).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
-    def deactivate(self, name: str, now: float) -> Appliance:
-        """Shred the wrapped keyslot passphrase, revoke the certificate, drop credentials, cancel jobs."""
+    def deactivate(self, name: str, now: float, *, proof_timeout: float = 5.0) -> Appliance:
+        """Shred the wrapped keyslot passphrase, revoke the certificate, drop credentials, cancel jobs,
+        then prove the wrapped key is gone from the database files (ShredUnproven if not).
+
+        Calling it again for an appliance deactivated earlier whose proof failed retries
+        the proof (and only that).
+        """
+        pending_key = f"{_SHRED_PENDING}{name}"
         with self._tx() as db:
-            row = db.execute(_APPLIANCE_SELECT + " WHERE name = ?", (name,)).fetchone()
+            row = db.execute(_APPLIANCE_SELECT + " WHERE name = ? FOR UPDATE", (name,)).fetchone()
             if row is None:
                 raise NotFound(f"no appliance named {name!r}; see 'scanner-platform appliance list'")
             app = _appliance(row)
+            needles: list[bytes] = []
             if app.state == STATE_DEACTIVATED:
-                raise Conflict(f"appliance {name!r} is deactivated already")
-            if app.cert_serial is not None and app.cert_fingerprint is not None:
-                db.execute(
-                    "INSERT OR IGNORE INTO revoked (serial, fingerprint, appliance_id, revoked_at,"
-                    " reason) VALUES (?, ?, ?, ?, ?)",
-                    (app.cert_serial, app.cert_fingerprint, app.id, now, "deactivated"),
-                )
-            db.execute(
-                "UPDATE appliances SET state = ?, deactivated_at = ?, wrapped_volume_key = NULL, "
-                "code_hash = NULL WHERE id = ?",
-                (STATE_DEACTIVATED, now, app.id),
-            )
-            db.execute(
-                "UPDATE jobs SET state = 'cancelled', credential_id = NULL "
-                "WHERE appliance_id = ? AND state IN ('queued', 'leased')",
-                (app.id,),
-            )
-            db.execute("UPDATE jobs SET credential_id = NULL WHERE appliance_id = ?", (app.id,))
-            db.execute("DELETE FROM credentials WHERE appliance_id = ?", (app.id,))
-            db.execute(
-                "INSERT INTO events (at, appliance_id, kind) VALUES (?, ?, ?)",
-                (now, app.id, "deactivated"),
-            )
-        # Old page images of the wrapped key live on in the WAL until a checkpoint.
-        self.checkpoint()
+                pending = db.execute("SELECT value FROM settings WHERE key = ?", (pending_key,)).fetchone()
+                if pending is None:
+                    raise Conflict(f"appliance {name!r} is deactivated already")
+                needles = [bytes.fromhex(json.loads(pending[0]))]
+            else:
+                wrapped = db.execute("SELECT wrapped_volume_key FROM appliances WHERE id = ?", (app.id,)).fetchone()
+                if wrapped[0] is not None:
+                    blob = bytes(wrapped[0])
+                    # The whole blob, and its random nonce alone: the nonce is what a retry
+                    # searches for (it is not secret; stored as hex, so it never matches
+                    # its own record).
+                    needles = [blob, blob[1:13]]
+                    db.execute(
+                        "INSERT INTO settings (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (pending_key, json.dumps(blob[1:13].hex())),
+                    )
+                self._deactivate_rows(db, app, now)
+        if needles:
+            self._prove_shredded(name, needles, proof_timeout)
+        self.delete_setting(pending_key)
         return self.appliance(name)
 
+    @staticmethod
+    def _deactivate_rows(db: _Conn, app: Appliance, now: float) -> None:
+        if app.cert_serial is not None and app.cert_fingerprint is not None:
+            db.execute(
+                "INSERT INTO revoked (serial, fingerprint, appliance_id, revoked_at, reason) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
+                (app.cert_serial, app.cert_fingerprint, app.id, now, "deactivated"),
+            )
+        db.execute(
+            "UPDATE appliances SET state = ?, deactivated_at = ?, wrapped_volume_key = NULL, "
+            "code_hash = NULL WHERE id = ?",
+            (STATE_DEACTIVATED, now, app.id),
+        )
+        db.execute(
+            "UPDATE jobs SET state = 'cancelled', credential_id = NULL "
+            "WHERE appliance_id = ? AND state IN ('queued', 'leased')",
+            (app.id,),
+        )
+        db.execute("UPDATE jobs SET credential_id = NULL WHERE appliance_id = ?", (app.id,))
+        db.execute("DELETE FROM credentials WHERE appliance_id = ?", (app.id,))
+        db.execute(
+            "INSERT INTO events (at, appliance_id, kind) VALUES (?, ?, ?)",
+            (now, app.id, "deactivated"),
+        )
+
+    def _prove_shredded(self, name: str, needles: list[bytes], timeout: float) -> None:
+        if self._pool is not None:
+            self._prove_shredded_postgres(name, needles)
+            return
+        assert self.path is not None
+        # Old page images of the wrapped key live on in the WAL (and the main file keeps
+        # the old page) until a checkpoint completes, which an open reader prevents:
+        # retry for a while, then search the files themselves.
+        deadline = time.monotonic() + timeout
+        self._db.execute("PRAGMA busy_timeout = 100")
+        try:
+            while True:
+                complete = self.checkpoint()
+                found = _files_holding(self.path, needles)
+                if complete and not found:
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+        finally:
+            self._db.execute("PRAGMA busy_timeout = 30000")
+        where = ", ".join(found) if found else "the WAL (checkpoint incomplete)"
+        raise ShredUnproven(
+            f"appliance {name!r} is deactivated and revoked, but its wrapped volume key may still be in {where}: "
+            "another process holds a read transaction open; stop it (or wait) and run "
+            f"'scanner-platform appliance deactivate {name}' again to finish the proof"
+        )
+
+    def _prove_shredded_postgres(self, name: str, needles: list[bytes]) -> None:
+        import psycopg
+
+        # VACUUM FULL rewrites the table into new files and drops the old ones, so no dead
+        # tuple of the row survives in the table's heap; then read the new heap file.
+        # WAL segments, archives, replicas and backups are out of our reach (docs/platform.md).
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("VACUUM FULL appliances")
+                row = conn.execute(
+                    "SELECT pg_read_binary_file(pg_relation_filepath('appliances'))"
+                ).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            raise ShredUnproven(
+                f"appliance {name!r} is deactivated and revoked, but the platform's database role may not "
+                "rewrite or read the appliances table's file, so destruction is unproven; grant it "
+                "ownership of the table and the pg_read_server_files role, then run "
+                f"'scanner-platform appliance deactivate {name}' again"
+            ) from None
+        heap = bytes(row[0])
+        if any(n in heap for n in needles):
+            raise ShredUnproven(
+                f"appliance {name!r} is deactivated, but its wrapped volume key is still in the appliances "
+                f"table's heap after VACUUM FULL; run 'scanner-platform appliance deactivate {name}' again"
+            )
     # --- sessions, clone detection, quarantine ---
 
     @staticmethod
-    def _quarantine_policy(db: sqlite3.Connection) -> bool:
+    def _quarantine_policy(db: _Conn) -> bool:
         row = db.execute("SELECT value FROM settings WHERE key = ?", (SETTING_CLONE_QUARANTINE,)).fetchone()
         return True if row is None else bool(json.loads(row[0]))
 
     @staticmethod
-    def _quarantined_since(db: sqlite3.Connection, appliance_id: int) -> float | None:
+    def _quarantined_since(db: _Conn, appliance_id: int) -> float | None:
         # The one per-appliance read of the quarantine table (sessions, heartbeats, health).
         row = db.execute("SELECT since FROM quarantine WHERE appliance_id = ?", (appliance_id,)).fetchone()
         return None if row is None else float(row[0])
 
     @classmethod
-    def _is_quarantined(cls, db: sqlite3.Connection, appliance_id: int) -> bool:
+    def _is_quarantined(cls, db: _Conn, appliance_id: int) -> bool:
         return cls._quarantined_since(db, appliance_id) is not None
 
-    def _suspect(self, db: sqlite3.Connection, appliance_id: int, now: float, detail: str) -> bool:
+    def _suspect(self, db: _Conn, appliance_id: int, now: float, detail: str) -> bool:
         """Record a clone suspicion; quarantine when the policy says so. True if quarantined."""
         db.execute(
             "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
@@ -732,15 +1086,17 @@ class Storage:
     def clone_states(self) -> dict[int, CloneState]:
         """Quarantine and current-session facts of every appliance that has any."""
         out: dict[int, CloneState] = {}
-        sessions = {
-            r[0]: (r[1], r[2], r[3])
-            for r in self._db.execute(
-                "SELECT appliance_id, boot_counter, keystore, created_at FROM sessions WHERE current = 1"
-            )
-        }
-        quarantined = {
-            r[0]: (r[1], r[2]) for r in self._db.execute("SELECT appliance_id, since, reason FROM quarantine")
-        }
+        with self._read() as db:
+            sessions = {
+                r[0]: (r[1], r[2], r[3])
+                for r in db.execute(
+                    "SELECT appliance_id, boot_counter, keystore, created_at FROM sessions WHERE current = 1"
+                ).fetchall()
+            }
+            quarantined = {
+                r[0]: (r[1], r[2])
+                for r in db.execute("SELECT appliance_id, since, reason FROM quarantine").fetchall()
+            }
         for app_id in set(sessions) | set(quarantined):
             s = sessions.get(app_id)
             q = quarantined.get(app_id)
@@ -765,8 +1121,8 @@ class Storage:
             cert_pem, serial, fp = issue(app.name)
             if app.cert_serial is not None and app.cert_fingerprint is not None:
                 db.execute(
-                    "INSERT OR IGNORE INTO revoked (serial, fingerprint, appliance_id, revoked_at,"
-                    " reason) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO revoked (serial, fingerprint, appliance_id, revoked_at, reason) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
                     (app.cert_serial, app.cert_fingerprint, app.id, now, "superseded"),
                 )
             db.execute(
@@ -797,14 +1153,15 @@ class Storage:
 
     def credentials(self, appliance: str) -> list[str]:
         """Names of an appliance's credentials."""
-        return [
-            str(r[0])
-            for r in self._db.execute(
-                "SELECT c.name FROM credentials c JOIN appliances a ON a.id = c.appliance_id "
-                "WHERE a.name = ? ORDER BY c.name",
-                (appliance,),
-            )
-        ]
+        with self._read() as db:
+            return [
+                str(r[0])
+                for r in db.execute(
+                    "SELECT c.name FROM credentials c JOIN appliances a ON a.id = c.appliance_id "
+                    "WHERE a.name = ? ORDER BY c.name",
+                    (appliance,),
+                )
+            ]
 
     # --- jobs ---
 
@@ -834,39 +1191,52 @@ class Storage:
                     raise NotFound(f"appliance {appliance!r} has no credential {credential!r}")
                 cred_id = crow[0]
                 check_job_scope(credential, bytes(crow[1]), targets)
-            cur = db.execute(
-                "INSERT INTO jobs (appliance_id, targets, ports, engine, credential_id, state, "
-                "created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-                (row[0], json.dumps(targets), ports, engine, cred_id, now),
+            job_id = int(
+                db.execute(
+                    "INSERT INTO jobs (appliance_id, targets, ports, engine, credential_id, state, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?) RETURNING id",
+                    (row[0], json.dumps(targets), ports, engine, cred_id, now),
+                ).fetchone()[0]
             )
-            job_id = int(cur.lastrowid or 0)
             db.execute(
                 "INSERT INTO events (at, appliance_id, job_id, kind) VALUES (?, ?, ?, ?)",
                 (now, row[0], job_id, "job_added"),
             )
+            self._notify_job(db, int(row[0]))
         return job_id
+
+    def _notify_job(self, db: _Conn, appliance_id: int) -> None:
+        # PostgreSQL delivers the NOTIFY at commit, to every node's LISTEN connection.
+        if self._pool is not None:
+            db.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, str(appliance_id)))
 
     def jobs(self, appliance: str | None = None) -> list[JobRow]:
         """Jobs, oldest first (optionally of one appliance)."""
-        if appliance is None:
-            rows = self._db.execute(_JOB_SELECT + " ORDER BY j.id")
-        else:
-            rows = self._db.execute(_JOB_SELECT + " WHERE a.name = ? ORDER BY j.id", (appliance,))
+        with self._read() as db:
+            if appliance is None:
+                rows = db.execute(_JOB_SELECT + " ORDER BY j.id").fetchall()
+            else:
+                rows = db.execute(_JOB_SELECT + " WHERE a.name = ? ORDER BY j.id", (appliance,)).fetchall()
         return [_job(r) for r in rows]
 
     def job(self, job_id: int) -> JobRow:
         """One job; raise NotFound."""
-        row = self._db.execute(_JOB_SELECT + " WHERE j.id = ?", (job_id,)).fetchone()
+        with self._read() as db:
+            row = db.execute(_JOB_SELECT + " WHERE j.id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no job {job_id}; see 'scanner-platform job list'")
         return _job(row)
 
     def lease_next(self, appliance_id: int, now: float, lease_seconds: float) -> JobRow | None:
-        """Lease the oldest queued (or lease-expired) job of an appliance, or None."""
+        """Lease the oldest queued (or lease-expired) job of an appliance, or None.
+
+        Exactly once across nodes: the row is taken with FOR UPDATE SKIP LOCKED, so two
+        nodes leasing at once get different jobs (or none), never the same one.
+        """
         with self._tx() as db:
             row = db.execute(
                 "SELECT id FROM jobs WHERE appliance_id = ? AND (state = 'queued' OR "
-                "(state = 'leased' AND lease_expires <= ?)) ORDER BY id LIMIT 1",
+                "(state = 'leased' AND lease_expires <= ?)) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
                 (appliance_id, now),
             ).fetchone()
             if row is None:
@@ -883,14 +1253,19 @@ class Storage:
 
     def job_owner(self, job_id: int) -> tuple[int, str] | None:
         """(appliance id, state) of a job, or None."""
-        row = self._db.execute("SELECT appliance_id, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT appliance_id, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
 
     def complete_job(self, job_id: int, appliance_id: int, sha256: str, body: bytes, now: float) -> Completion:
-        """Store a verified result exactly once; raise NotFound if not this appliance's job."""
+        """Store a verified result exactly once; raise NotFound if not this appliance's job.
+
+        The job row is locked (FOR UPDATE) first, so two nodes completing the same job at
+        once serialise: the second sees 'done' and compares digests.
+        """
         with self._tx() as db:
             row = db.execute(
-                "SELECT state FROM jobs WHERE id = ? AND appliance_id = ?", (job_id, appliance_id)
+                "SELECT state FROM jobs WHERE id = ? AND appliance_id = ? FOR UPDATE", (job_id, appliance_id)
             ).fetchone()
             if row is None or row[0] == "cancelled":
                 raise NotFound(f"no job {job_id} for this appliance")
@@ -927,10 +1302,11 @@ class Storage:
 
     def result(self, job_id: int) -> Result:
         """The stored result of a job; raise NotFound."""
-        row = self._db.execute(
-            "SELECT job_id, sha256, size, body, received_at FROM results WHERE job_id = ?",
-            (job_id,),
-        ).fetchone()
+        with self._read() as db:
+            row = db.execute(
+                "SELECT job_id, sha256, size, body, received_at FROM results WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
         if row is None:
             raise NotFound(f"job {job_id} has no result yet; see 'scanner-platform job list'")
         return Result(job_id=row[0], sha256=row[1], size=row[2], body=bytes(row[3]), received_at=row[4])
@@ -939,14 +1315,16 @@ class Storage:
 
     def quarantined_at(self, appliance_id: int) -> float | None:
         """Since when the appliance is quarantined (clone detection's quarantine table), or None."""
-        return self._quarantined_since(self._db, appliance_id)
+        with self._read() as db:
+            return self._quarantined_since(db, appliance_id)
 
     def session_boot_counter(self, appliance_id: int, token_hash: bytes) -> int | None:
         """The boot counter a session of this appliance was opened with (None: unknown)."""
-        row = self._db.execute(
-            "SELECT boot_counter FROM sessions WHERE appliance_id = ? AND token_hash = ?",
-            (appliance_id, token_hash),
-        ).fetchone()
+        with self._read() as db:
+            row = db.execute(
+                "SELECT boot_counter FROM sessions WHERE appliance_id = ? AND token_hash = ?",
+                (appliance_id, token_hash),
+            ).fetchone()
         return None if row is None else int(row[0])
 
     def record_heartbeat(self, appliance_id: int, status: dict[str, Any], now: float) -> None:
@@ -971,13 +1349,14 @@ class Storage:
 
     def health(self) -> list[Health]:
         """Heartbeat knowledge of every appliance, by name."""
-        rows = self._db.execute(
-            # Quarantine comes from clone detection's own table: one source of truth.
-            "SELECT a.id, a.name, a.state, a.activated_at, q.since, h.last_seen, h.status, "
-            "h.health, h.health_since FROM appliances a "
-            "LEFT JOIN appliance_health h ON h.appliance_id = a.id "
-            "LEFT JOIN quarantine q ON q.appliance_id = a.id ORDER BY a.name"
-        )
+        with self._read() as db:
+            rows = db.execute(
+                # Quarantine comes from clone detection's own table: one source of truth.
+                "SELECT a.id, a.name, a.state, a.activated_at, q.since, h.last_seen, h.status, "
+                "h.health, h.health_since FROM appliances a "
+                "LEFT JOIN appliance_health h ON h.appliance_id = a.id "
+                "LEFT JOIN quarantine q ON q.appliance_id = a.id ORDER BY a.name"
+            ).fetchall()
         return [
             Health(
                 appliance_id=r[0],
@@ -995,9 +1374,10 @@ class Storage:
 
     def heartbeat_history(self, appliance_id: int) -> list[tuple[float, dict[str, Any]]]:
         """(received at, status) of the kept heartbeats, oldest first."""
-        rows = self._db.execute(
-            "SELECT received_at, status FROM heartbeats WHERE appliance_id = ? ORDER BY id", (appliance_id,)
-        )
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT received_at, status FROM heartbeats WHERE appliance_id = ? ORDER BY id", (appliance_id,)
+            ).fetchall()
         return [(float(r[0]), json.loads(r[1])) for r in rows]
 
     def transition_health(
@@ -1009,16 +1389,22 @@ class Storage:
         caller that gets True is the only one that may run the alert hook.
         """
         with self._tx() as db:
-            row = db.execute("SELECT health FROM appliance_health WHERE appliance_id = ?", (appliance_id,)).fetchone()
-            current = HEALTH_OK if row is None else str(row[0])
-            if current != expected:
+            # A real compare-and-set on both backends: the conditional UPDATE (or the INSERT
+            # of a missing row) changes a row for exactly one of two racing evaluators.
+            # Reading first and writing after would let both PostgreSQL transactions (read
+            # committed) see the old state and both run the hook.
+            moved = db.execute(
+                "UPDATE appliance_health SET health = ?, health_since = ? WHERE appliance_id = ? AND health = ?",
+                (new, now, appliance_id, expected),
+            ).rowcount
+            if moved == 0 and expected == HEALTH_OK:
+                moved = db.execute(
+                    "INSERT INTO appliance_health (appliance_id, last_seen, status, health, health_since) "
+                    "VALUES (?, NULL, NULL, ?, ?) ON CONFLICT (appliance_id) DO NOTHING",
+                    (appliance_id, new, now),
+                ).rowcount
+            if moved != 1:
                 return False
-            db.execute(
-                "INSERT INTO appliance_health (appliance_id, last_seen, status, health, health_since) "
-                "VALUES (?, NULL, NULL, ?, ?) ON CONFLICT (appliance_id) DO UPDATE SET "
-                "health = excluded.health, health_since = excluded.health_since",
-                (appliance_id, new, now),
-            )
             db.execute(
                 "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)",
                 (now, appliance_id, event_kind, detail),
@@ -1027,5 +1413,5 @@ class Storage:
 
     def result_count(self, job_id: int) -> int:
         """How many results are stored for a job (0 or 1 by construction)."""
-        row = self._db.execute("SELECT COUNT(*) FROM results WHERE job_id = ?", (job_id,))
-        return int(row.fetchone()[0])
+        with self._read() as db:
+            return int(db.execute("SELECT COUNT(*) FROM results WHERE job_id = ?", (job_id,)).fetchone()[0])

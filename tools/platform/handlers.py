@@ -12,7 +12,8 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,15 +46,82 @@ class AppConfig:
 
 
 class Database:
-    """Runs blocking Storage calls in one worker thread at a time (SQLite is serial anyway)."""
+    """Runs blocking Storage calls in worker threads, as many at once as the backend allows
+    (one for SQLite, which is serial anyway; the pool size for PostgreSQL)."""
 
     def __init__(self, storage: db.Storage) -> None:
         self.storage = storage
-        self._limiter = trio.CapacityLimiter(1)
+        self._limiter = trio.CapacityLimiter(storage.max_concurrency)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Call ``fn(*args)`` in the database thread."""
         return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._limiter)
+
+
+class JobWaker:
+    """Wakes long-polls when their appliance may have a job to lease.
+
+    A long-poll registers an event and sleeps on it, holding neither a database thread nor a
+    query loop. One task per node finds out which waiting appliances have work: on
+    PostgreSQL it waits for NOTIFY (sent by every job insert, from any node or CLI); on
+    SQLite it watches ``PRAGMA data_version``, which changes when another process commits.
+    Leases that expire send no signal, so the same task also sweeps every
+    ``sweep_interval`` seconds, one query per node, however many appliances wait.
+    """
+
+    def __init__(self, database: Database, poll_interval: float, sweep_interval: float = 1.0) -> None:
+        self._db = database
+        self._poll = poll_interval
+        self._sweep = max(sweep_interval, poll_interval)
+        self._waiters: dict[int, set[trio.Event]] = {}
+
+    @contextmanager
+    def listen(self, appliance_id: int) -> Iterator[trio.Event]:
+        """An event set when *appliance_id* may have a job; register it BEFORE looking."""
+        event = trio.Event()
+        self._waiters.setdefault(appliance_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            events = self._waiters.get(appliance_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._waiters[appliance_id]
+
+    def waiting(self) -> int:
+        """How many long-polls are waiting (for tests and diagnostics)."""
+        return sum(len(v) for v in self._waiters.values())
+
+    def _wake(self, appliance_ids: set[int]) -> None:
+        for aid in appliance_ids:
+            for event in self._waiters.get(aid, ()):
+                event.set()
+
+    async def run(self) -> None:
+        """Forever: wait for a change signal or the sweep timer, then wake who has work."""
+        storage = self._db.storage
+        last_sweep = trio.current_time()
+        token = await self._db.run(storage.change_token)
+        while True:
+            notified: set[int] | None
+            if storage.has_notifications:
+                # Blocks in its own connection and thread, not in the request pool.
+                notified = await trio.to_thread.run_sync(storage.wait_job_notifications, self._poll)
+            else:
+                await trio.sleep(self._poll)
+                new_token = await self._db.run(storage.change_token)
+                notified = None if new_token != token else set()
+                token = new_token
+            now = trio.current_time()
+            if not self._waiters:
+                continue
+            if notified:
+                self._wake(notified & set(self._waiters))
+            if notified is None or now - last_sweep >= self._sweep:
+                last_sweep = now
+                ready = await self._db.run(storage.leasable_appliances, time.time())
+                self._wake(ready & set(self._waiters))
 
 
 def _syslog_doc(value: Any) -> dict[str, Any] | None:
@@ -156,6 +224,7 @@ class PlatformApp:
         self.ca = authority
         self._kek = kek
         self.config = config
+        self.waker = JobWaker(database, config.poll_interval)
         self._routes: dict[str, dict[str, Callable[[Exchange, bytes | None], Awaitable[Response]]]]
         self._routes = {
             api.PATH_TIME: {"GET": self.get_time},
@@ -172,6 +241,10 @@ class PlatformApp:
     def __repr__(self) -> str:
         return "PlatformApp()"
 
+    async def run_background(self) -> None:
+        """The app's own tasks (the long-poll waker); runs until cancelled."""
+        await self.waker.run()
+
     async def handle(self, ex: Exchange, peer_der: bytes | None) -> Response:
         """Route a request (headers read, body not yet) to its handler."""
         methods = self._routes.get(ex.path)
@@ -182,12 +255,12 @@ class PlatformApp:
                 (api.PROGRESS_SUFFIX, self.post_progress),
             ):
                 if rest.endswith(suffix):
-                    job_id = rest[: -len(suffix)]
-                    if not api.JOB_ID_RE.match(job_id):
+                    job_id = api.parse_job_id(rest[: -len(suffix)])
+                    if job_id is None:
                         raise HttpError(404, api.REASON_NOT_FOUND, "no such job")
                     if ex.method != "POST":
                         raise HttpError(405, api.REASON_METHOD_NOT_ALLOWED, "use POST", {"allow": "POST"})
-                    return await handler(ex, peer_der, int(job_id))
+                    return await handler(ex, peer_der, job_id)
         if methods is None:
             raise HttpError(404, api.REASON_NOT_FOUND, "no such endpoint")
         fn = methods.get(ex.method)
@@ -215,10 +288,7 @@ class PlatformApp:
         fp = ca.fingerprint(peer_der)
         serial = ca.serial_of(peer_der)
 
-        def lookup(s: db.Storage) -> tuple[bool, db.Appliance | None]:
-            return s.is_revoked(serial, fp), s.appliance_by_fingerprint(fp)
-
-        revoked, app = await self.db.run(lookup, self.db.storage)
+        revoked, app = await self.db.run(self.db.storage.identify, serial, fp)
         if revoked or (app is not None and app.state == db.STATE_DEACTIVATED):
             raise HttpError(403, api.REASON_DEACTIVATED, "this appliance is deactivated")
         if app is None or app.state != db.STATE_ACTIVE:
@@ -329,13 +399,13 @@ class PlatformApp:
                 self.db.storage.activate, ca.code_hash(code), now, x_pub, issue, wrap_new, hybrid
             )
         except db.NotFound:
-            log.info("activation refused reason=invalid_code")
+            log.info("event=activation_refused reason=invalid_code")
             raise HttpError(403, api.REASON_INVALID_CODE, "activation code is unknown or was used already") from None
         except db.Conflict:
-            log.info("activation refused reason=code_expired")
+            log.info("event=activation_refused reason=code_expired")
             raise HttpError(403, api.REASON_CODE_EXPIRED, "activation code has expired") from None
         syslog = await self.db.run(self.db.storage.get_setting, "syslog")
-        log.info("appliance activated appliance=%s serial=%s", grant.appliance.name, grant.appliance.cert_serial)
+        log.info("event=appliance_activated appliance=%s serial=%s", grant.appliance.name, grant.appliance.cert_serial)
         return json_response(
             200,
             {
@@ -361,7 +431,7 @@ class PlatformApp:
         finally:
             wipe(passphrase)
         await self.db.run(self.db.storage.log_event, time.time(), "volume_key", app.id)
-        log.info("keyslot passphrase handed out appliance=%s", app.name)
+        log.info("event=keyslot_passphrase_handed_out appliance=%s", app.name)
         return json_response(200, {api.F_SEALED: base64.b64encode(sealed).decode()})
 
     async def post_seal_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
@@ -381,7 +451,7 @@ class PlatformApp:
             ) from None
         except db.NotFound:
             raise HttpError(403, api.REASON_UNKNOWN_CERTIFICATE, "appliance is not active") from None
-        log.info("seal key upgraded appliance=%s changed=%s", app.name, changed)
+        log.info("event=seal_key_upgraded appliance=%s changed=%s", app.name, changed)
         return json_response(200, {api.F_APPLIANCE: app.name})
 
     async def get_config(self, ex: Exchange, peer_der: bytes | None) -> Response:
@@ -420,22 +490,24 @@ class PlatformApp:
         app = await self._in_session(ex, peer_der)
         raw = ex.query.get(api.QUERY_WAIT, ["0"])[-1]
         try:
-            wait = float(raw)
+            wait = float(raw[:32])
         except ValueError:
             raise HttpError(400, api.REASON_BAD_REQUEST, "wait must be a number") from None
-        if not 0.0 <= wait < float("inf"):
-            raise HttpError(400, api.REASON_BAD_REQUEST, "wait must be >= 0")
-        deadline = trio.current_time() + min(wait, api.MAX_WAIT_SECONDS)
+        if not 0.0 <= wait <= api.MAX_WAIT_SECONDS:  # also refuses NaN
+            raise HttpError(400, api.REASON_BAD_REQUEST, f"wait must be between 0 and {api.MAX_WAIT_SECONDS:g}")
+        deadline = trio.current_time() + wait
         while True:
-            # Jobs are added by CLI processes writing the same database: poll it.
-            job = await self.db.run(self.db.storage.lease_next, app.id, time.time(), self.config.lease_seconds)
-            if job is not None:
-                log.info("job leased appliance=%s job=%d attempt=%d", app.name, job.id, job.attempts)
-                return json_response(200, {api.F_JOB: self._job_doc(job)})
-            remaining = deadline - trio.current_time()
-            if remaining <= 0:
-                return Response(204)
-            await trio.sleep(min(self.config.poll_interval, remaining))
+            # Listen first, then look: a job queued in between still sets the event.
+            with self.waker.listen(app.id) as woken:
+                job = await self.db.run(self.db.storage.lease_next, app.id, time.time(), self.config.lease_seconds)
+                if job is not None:
+                    log.info("event=job_leased appliance=%s job=%d attempt=%d", app.name, job.id, job.attempts)
+                    return json_response(200, {api.F_JOB: self._job_doc(job)})
+                remaining = deadline - trio.current_time()
+                if remaining <= 0:
+                    return Response(204)
+                with trio.move_on_after(remaining):
+                    await woken.wait()
 
     @staticmethod
     def _job_doc(job: db.JobRow) -> dict[str, Any]:
@@ -478,12 +550,14 @@ class PlatformApp:
             body += chunk
         actual = h.hexdigest()
         if not hmac.compare_digest(actual, claimed):
-            log.info("result refused appliance=%s job=%d reason=digest_mismatch", app.name, job_id)
+            log.info("event=result_refused appliance=%s job=%d reason=digest_mismatch", app.name, job_id)
             raise HttpError(400, api.REASON_DIGEST_MISMATCH, "body does not match its SHA-256; nothing stored")
         outcome = await self.db.run(self.db.storage.complete_job, job_id, app.id, actual, bytes(body), time.time())
         if outcome is db.Completion.CONFLICT:
             raise HttpError(409, api.REASON_ALREADY_COMPLETED, "job already has a different result")
-        log.info("result stored appliance=%s job=%d bytes=%d outcome=%s", app.name, job_id, len(body), outcome.value)
+        log.info(
+            "event=result_stored appliance=%s job=%d bytes=%d outcome=%s", app.name, job_id, len(body), outcome.value
+        )
         return json_response(200, {api.F_SHA256: actual, api.F_JOB: str(job_id)})
 
     async def post_progress(self, ex: Exchange, peer_der: bytes | None, job_id: int) -> Response:

@@ -1,14 +1,25 @@
-"""HTTP/1.1 over a TLS stream with h11: one request and one response per connection.
+"""HTTP/1.1 over a TLS stream with h11: requests, bounded in size, depth and time.
 
-This layer knows nothing about the platform: it parses one request, exposes its body as a
-bounded async iterator, and writes one response. Errors a handler raises as `HttpError`
+This layer knows nothing about the platform: it parses a request, exposes its body as a
+bounded async iterator, and writes the response. Errors a handler raises as `HttpError`
 become JSON error documents ``{"reason": ..., "error": ...}``.
+
+Time bounds (why each exists): a slowloris client sends a request a byte at a time to hold
+a connection forever, and a per-read idle timeout alone never fires for it. So every
+request has a whole-request deadline: ``header_timeout`` for the request line and headers,
+then, once the body starts, ``body_timeout`` plus the body length at ``min_body_rate``
+bytes per second (a 16 MiB result upload on a slow link gets longer than a 200-byte
+activation). ``idle_timeout`` still bounds silence inside the body.
+
+One `HttpConnection` carries several requests when the peer keeps the connection alive
+(the server decides whether it may, see `server`); each request is one `Exchange`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -40,6 +51,10 @@ class ClientGone(Exception):
     """The client closed the connection or broke TLS before the request was complete."""
 
 
+class IdleClose(Exception):
+    """A kept-alive connection stayed silent past its idle limit: close it quietly."""
+
+
 @dataclass
 class Response:
     """A complete response. ``body`` None means no body (e.g. 204)."""
@@ -48,6 +63,16 @@ class Response:
     body: bytes | None = None
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Per-request time bounds (seconds; rate in bytes per second)."""
+
+    header_timeout: float = 10.0  # request line + headers, whole
+    idle_timeout: float = 30.0  # longest silence inside a body
+    body_timeout: float = 10.0  # whole body: this much ...
+    min_body_rate: float = 16 * 1024.0  # ... plus its length at this rate
 
 
 def json_response(status: int, doc: Mapping[str, Any]) -> Response:
@@ -62,14 +87,102 @@ def error_response(err: HttpError) -> Response:
     return resp
 
 
-class Exchange:
-    """One HTTP request/response on a stream (already past the TLS handshake)."""
+def json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """True if brackets in *raw* nest deeper than *limit* (strings are skipped).
 
-    def __init__(self, stream: trio.abc.Stream, header_timeout: float, idle_timeout: float) -> None:
-        self._stream = stream
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=api.MAX_HEADER_BYTES)
-        self._header_timeout = header_timeout
-        self._idle_timeout = idle_timeout
+    Python's json module recurses once per level, so a body of 100,000 '[' raises
+    RecursionError inside the parser; we refuse such bodies before parsing them.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # cheap common case: cannot be too deep
+        return False
+    depth = 0
+    in_string = False
+    escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """*raw* as a JSON object of bounded depth; HttpError 400 otherwise."""
+    if json_depth_exceeds(raw, api.MAX_JSON_DEPTH):
+        raise HttpError(400, api.REASON_BAD_REQUEST, f"JSON nested deeper than {api.MAX_JSON_DEPTH} levels")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise HttpError(400, api.REASON_BAD_REQUEST, "body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise HttpError(400, api.REASON_BAD_REQUEST, "body must be a JSON object")
+    return doc
+
+
+class HttpConnection:
+    """The h11 state of one TLS connection, shared by its successive exchanges."""
+
+    def __init__(self, stream: trio.abc.Stream, deadlines: Deadlines) -> None:
+        self.stream = stream
+        self.deadlines = deadlines
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=api.MAX_HEADER_BYTES)
+        self.requests = 0
+
+    def reusable(self) -> bool:
+        """True if both sides finished the last exchange cleanly and may start another."""
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    def next_cycle(self) -> None:
+        """Reset h11 for the next request on this connection."""
+        self.h11.start_next_cycle()
+
+    async def wait_for_request(self, idle: float) -> None:
+        """Wait up to *idle* seconds for the first byte of the next request (IdleClose)."""
+        if self.h11.trailing_data[0]:
+            return  # the client pipelined: the next request is already buffered
+        with trio.move_on_after(idle):
+            try:
+                data = await self.stream.receive_some(_RECV)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ClientGone from None
+            if not data:
+                raise IdleClose
+            self.h11.receive_data(bytes(data))
+            return
+        raise IdleClose
+
+
+class Exchange:
+    """One HTTP request/response on a connection (already past the TLS handshake)."""
+
+    def __init__(
+        self,
+        conn: HttpConnection | trio.abc.Stream,
+        deadlines: Deadlines | None = None,
+        *,
+        body_gate: trio.Semaphore | None = None,
+    ) -> None:
+        if not isinstance(conn, HttpConnection):
+            conn = HttpConnection(conn, deadlines or Deadlines())
+        self._hc = conn
+        self._stream = conn.stream
+        self._conn = conn.h11
+        self._limits = conn.deadlines
+        self._deadline = math.inf  # trio time by which the current phase must finish
+        # An unauthenticated request may read a body only while holding this budget.
+        self._body_gate = body_gate
+        self._gate_held = False
         self.method = ""
         self.target = ""
         self.path = ""
@@ -77,8 +190,12 @@ class Exchange:
         self.headers: dict[str, str] = {}
         self.body_started = False
 
-    async def _fill(self, timeout: float) -> None:
+    async def _fill(self, idle: float) -> None:
+        remaining = self._deadline - trio.current_time()
+        timeout = min(idle, remaining)
         try:
+            if timeout <= 0:
+                raise trio.TooSlowError
             with trio.fail_after(timeout):
                 data = await self._stream.receive_some(_RECV)
         except trio.TooSlowError:
@@ -97,24 +214,26 @@ class Exchange:
 
     async def read_head(self) -> None:
         """Read the request line and headers (HttpError 400/408/431, or ClientGone)."""
-        with trio.move_on_after(self._header_timeout) as scope:
-            while True:
-                event = self._next()
-                if event is h11.NEED_DATA:
-                    await self._fill(self._header_timeout)
-                    continue
-                if isinstance(event, h11.Request):
-                    break
-                if isinstance(event, h11.ConnectionClosed):
-                    raise ClientGone
-                raise HttpError(400, api.REASON_BAD_REQUEST, "unexpected HTTP event")
-        if scope.cancelled_caught:
-            raise HttpError(408, api.REASON_TIMEOUT, "request headers not received in time")
+        self._deadline = trio.current_time() + self._limits.header_timeout
+        while True:
+            event = self._next()
+            if event is h11.NEED_DATA:
+                await self._fill(self._limits.header_timeout)
+                continue
+            if isinstance(event, h11.Request):
+                break
+            if isinstance(event, h11.ConnectionClosed):
+                raise ClientGone
+            raise HttpError(400, api.REASON_BAD_REQUEST, "unexpected HTTP event")
+        self._hc.requests += 1
         self.method = event.method.decode("ascii", "replace")
         self.target = event.target.decode("ascii", "replace")
         parts = urlsplit(self.target)
         self.path = unquote(parts.path)
-        self.query = parse_qs(parts.query, keep_blank_values=True)
+        try:
+            self.query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=16)
+        except ValueError:  # more than 16 fields: no endpoint takes that many
+            raise HttpError(400, api.REASON_BAD_REQUEST, "too many query parameters") from None
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
 
     def declared_length(self) -> int | None:
@@ -122,19 +241,42 @@ class Exchange:
         value = self.headers.get("content-length")
         return int(value) if value is not None else None
 
+    async def _enter_gate(self) -> None:
+        if self._body_gate is None or self._gate_held:
+            return
+        # Refuse at once rather than queue: a queued request would hold a connection of
+        # the anonymous budget, and slow bodies queueing behind slow bodies is exactly how
+        # a slowloris fills it.
+        try:
+            self._body_gate.acquire_nowait()
+        except trio.WouldBlock:
+            raise HttpError(
+                503, api.REASON_BUSY, "too many unauthenticated requests; retry later", {"retry-after": "1"}
+            ) from None
+        self._gate_held = True
+
+    def release_gate(self) -> None:
+        """Give back the unauthenticated body budget (idempotent; the server calls it)."""
+        if self._gate_held and self._body_gate is not None:
+            self._gate_held = False
+            self._body_gate.release()
+
     async def iter_body(self, limit: int) -> AsyncIterator[bytes]:
         """The request body in chunks; HttpError 413 past *limit* bytes, ClientGone on EOF."""
         length = self.declared_length()
         if length is not None and length > limit:
             raise HttpError(413, api.REASON_TOO_LARGE, f"body larger than {limit} bytes")
+        await self._enter_gate()
         if self._conn.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         self.body_started = True
+        expected = length if length is not None else limit
+        self._deadline = trio.current_time() + self._limits.body_timeout + expected / self._limits.min_body_rate
         size = 0
         while True:
             event = self._next()
             if event is h11.NEED_DATA:
-                await self._fill(self._idle_timeout)
+                await self._fill(self._limits.idle_timeout)
                 continue
             if isinstance(event, h11.Data):
                 size += len(event.data)
@@ -153,15 +295,8 @@ class Exchange:
         return b"".join(chunks)
 
     async def read_json(self, limit: int = api.MAX_JSON_BODY) -> dict[str, Any]:
-        """The body parsed as a JSON object; HttpError 400 otherwise."""
-        raw = await self.read_body(limit)
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise HttpError(400, api.REASON_BAD_REQUEST, "body is not valid JSON") from None
-        if not isinstance(doc, dict):
-            raise HttpError(400, api.REASON_BAD_REQUEST, "body must be a JSON object")
-        return doc
+        """The body parsed as a JSON object of bounded size and depth; HttpError 400 otherwise."""
+        return parse_json_object(await self.read_body(limit))
 
     async def _send(self, event: Any) -> None:
         try:
@@ -175,14 +310,30 @@ class Exchange:
         """True while a response can still be sent on this connection."""
         return self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 
-    async def respond(self, resp: Response) -> None:
-        """Send *resp* and mark the connection for closing."""
+    def request_complete(self) -> bool:
+        """True once the whole request (body included) has been read.
+
+        A request without a body still owes h11 its EndOfMessage event: take it here if
+        it is already buffered; a body the handler never read means False.
+        """
+        if self._conn.their_state is h11.SEND_BODY:
+            try:
+                event = self._next()
+            except HttpError:
+                return False
+            if not isinstance(event, h11.EndOfMessage):
+                return False
+        return self._conn.their_state is h11.DONE
+
+    async def respond(self, resp: Response, *, keep_alive: bool = False) -> None:
+        """Send *resp*; unless *keep_alive*, mark the connection for closing."""
         headers = [
             ("server", SERVER_HEADER),
             ("date", formatdate(usegmt=True)),
-            ("connection", "close"),
             ("cache-control", "no-store"),
         ]
+        if not keep_alive:
+            headers.append(("connection", "close"))
         headers += list(resp.headers.items())
         if resp.body is not None:
             headers += [

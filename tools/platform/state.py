@@ -6,7 +6,8 @@ Layout (STATE_DIR):
     server.pem    server certificate for the --hostname of init
     server.key    server private key                           0600
     kek.key       key-encryption key for keyslot passphrases (32 bytes) 0600
-    platform.db   SQLite database (WAL: platform.db-wal, -shm)  0600
+    platform.db   SQLite database (WAL: platform.db-wal, -shm)  0600  (embedded default)
+    database.url  PostgreSQL URL instead of platform.db          0600  (init --database)
     serve.addr    "HOST:PORT" actually bound by the running server
 """
 
@@ -17,7 +18,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.platform import ca, keys
+from tools.platform import ca, db, keys
 
 
 class StateError(Exception):
@@ -55,6 +56,10 @@ class StatePaths:
         return self.root / "platform.db"
 
     @property
+    def database_url(self) -> Path:
+        return self.root / "database.url"
+
+    @property
     def addr(self) -> Path:
         return self.root / "serve.addr"
 
@@ -86,12 +91,18 @@ def read_private(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def init_state(root: Path, hostname: str) -> StatePaths:
-    """Create CA, server certificate and KEK in *root* (created 0700 if missing)."""
+def init_state(root: Path, hostname: str, database_url: str | None = None) -> StatePaths:
+    """Create CA, server certificate and KEK in *root* (created 0700 if missing).
+
+    With *database_url* (``postgresql://...``) the platform uses that database instead
+    of ``platform.db``; the URL may carry a password, so it is stored 0600.
+    """
     paths = StatePaths(root)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(root, 0o700)
-    for p in (paths.ca_key, paths.kek, paths.db):
+    if database_url is not None and not db.is_database_url(database_url):
+        raise StateError("--database must be a postgresql:// URL")
+    for p in (paths.ca_key, paths.kek, paths.db, paths.database_url):
         if p.exists():
             raise StateError(f"{root} already holds a platform ({p.name}); use another directory")
     ca_key_pem, ca_cert_pem = ca.create_ca(f"scratchfs platform CA ({hostname})")
@@ -102,7 +113,21 @@ def init_state(root: Path, hostname: str) -> StatePaths:
     write_private(paths.server_key, srv_key)
     write_public(paths.server_cert, srv_cert)
     write_private(paths.kek, keys.new_key())
+    if database_url is not None:
+        write_private(paths.database_url, database_url.encode() + b"\n")
     return paths
+
+
+def database_target(paths: StatePaths) -> Path | str:
+    """The SQLite file or the PostgreSQL URL this state directory uses."""
+    if paths.database_url.exists():
+        return read_private(paths.database_url).decode().strip()
+    return paths.db
+
+
+def open_storage(paths: StatePaths, *, pool_size: int = 16) -> db.Storage:
+    """The storage of this state directory (creating and migrating the schema if needed)."""
+    return db.Storage(database_target(paths), pool_size=pool_size)
 
 
 def load_ca(paths: StatePaths) -> ca.CA:
@@ -124,6 +149,7 @@ def check_initialised(paths: StatePaths) -> None:
     """Raise StateError unless *paths* is an initialised state directory."""
     if not paths.root.is_dir():
         raise StateError(f"{paths.root} is not a directory; run 'scanner-platform init' first")
-    for p in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key, paths.kek, paths.db):
+    database = paths.database_url if paths.database_url.exists() else paths.db
+    for p in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key, paths.kek, database):
         if not p.exists():
             raise StateError(f"{p} is missing; run 'scanner-platform init {paths.root}' first")

@@ -1,0 +1,417 @@
+"""The OpenAPI 3.1 description of the wire API, built from `protocol.api` (the names and
+limits) so that the two cannot drift: `python -m tools.platform.openapi > protocol/openapi.json`.
+tests/platform/test_openapi.py checks that the committed file is what this module builds,
+and fuzzes a live server against it with schemathesis.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from protocol import api, sealing
+
+
+def _err(desc: str) -> dict[str, Any]:
+    return {"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _ok(desc: str, schema_ref: str) -> dict[str, Any]:
+    return {
+        "description": desc,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}},
+    }
+
+
+def build() -> dict[str, Any]:
+    """The OpenAPI document."""
+    common = {
+        "400": _err("malformed request, bad field, or digest mismatch (reason says which)"),
+        "403": _err(
+            "certificate revoked or appliance deactivated (`deactivated`), certificate not on record, or code refused"
+        ),
+        "404": _err("no such endpoint or no such job for this appliance"),
+        "405": _err("method not allowed"),
+        "413": _err("body larger than the limit"),
+        "431": _err("request headers too large"),
+        "500": _err("internal error: generic message and an `incident` id found in the server log"),
+    }
+    mtls = {"401": _err("no client certificate: this endpoint needs mutual TLS")}
+    job_id = {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "description": "job id: decimal, 1 to 2^63-1",
+        "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,18}$"},
+    }
+
+    spec: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "scratchfs platform API",
+            "version": api.API_VERSION,
+            "description": (
+                "Wire contract between scanner appliances and the platform (protocol/api.py is the "
+                "source of the names and limits; docs/platform.md the prose). Every error body is "
+                "{reason, error}; clients branch on reason. Binary values are standard base64 with padding."
+            ),
+        },
+        "servers": [{"url": "https://platform.example:8443"}],
+        "components": {
+            "securitySchemes": {
+                "mtls": {"type": "mutualTLS", "description": "client certificate issued at activation"}
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["reason", "error"],
+                    "properties": {
+                        "reason": {
+                            "type": "string",
+                            "enum": sorted({getattr(api, n) for n in dir(api) if n.startswith("REASON_")}),
+                        },
+                        "error": {"type": "string"},
+                        "incident": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                    },
+                },
+                "Syslog": {
+                    "type": ["object", "null"],
+                    "required": ["host", "port", "ca"],
+                    "properties": {
+                        "host": {"type": "string"},
+                        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "ca": {"type": "string"},
+                    },
+                },
+                "Time": {"type": "object", "required": ["time"], "properties": {"time": {"type": "number"}}},
+                "ActivationRequest": {
+                    "type": "object",
+                    "required": ["code", "csr", "x25519_public"],
+                    "properties": {
+                        "code": {"type": "string", "minLength": 1, "maxLength": 64},
+                        "csr": {"type": "string", "minLength": 1, "maxLength": 16384, "description": "PEM PKCS#10"},
+                        "x25519_public": {
+                            "type": "string",
+                            "contentEncoding": "base64",
+                            "description": "32 raw bytes, base64",
+                        },
+                        "hybrid_public": {
+                            "type": "string",
+                            "contentEncoding": "base64",
+                            "description": f"optional: {sealing.HYBRID_PUBLIC_LEN}-byte ML-KEM-768 + X25519 key",
+                        },
+                    },
+                },
+                "SealKey": {
+                    "type": "object",
+                    "required": ["hybrid_public"],
+                    "properties": {"hybrid_public": {"type": "string", "contentEncoding": "base64"}},
+                },
+                "SealKeyAck": {
+                    "type": "object",
+                    "required": ["appliance"],
+                    "properties": {"appliance": {"type": "string"}},
+                },
+                "Activation": {
+                    "type": "object",
+                    "required": ["appliance", "certificate", "ca", "syslog"],
+                    "properties": {
+                        "appliance": {"type": "string"},
+                        "certificate": {"type": "string"},
+                        "ca": {"type": "string"},
+                        "syslog": {"$ref": "#/components/schemas/Syslog"},
+                    },
+                },
+                "VolumeKey": {
+                    "type": "object",
+                    "required": ["sealed"],
+                    "properties": {"sealed": {"type": "string", "contentEncoding": "base64"}},
+                },
+                "Config": {
+                    "type": "object",
+                    "required": ["syslog"],
+                    "properties": {"syslog": {"$ref": "#/components/schemas/Syslog"}},
+                },
+                "Job": {
+                    "type": "object",
+                    "required": ["id", "targets", "ports", "engine", "credential", "lease_expires", "attempt"],
+                    "properties": {
+                        "id": {"type": "string", "pattern": "^[1-9][0-9]{0,18}$"},
+                        "targets": {"type": "array", "items": {"type": "string"}},
+                        "ports": {"type": "string"},
+                        "engine": {"type": "string", "enum": list(api.ENGINES)},
+                        "credential": {
+                            "type": ["object", "null"],
+                            "required": ["name", "sealed"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "sealed": {"type": "string", "contentEncoding": "base64"},
+                            },
+                        },
+                        "lease_expires": {"type": "number"},
+                        "attempt": {"type": "integer", "minimum": 1},
+                    },
+                },
+                "NextJob": {
+                    "type": "object",
+                    "required": ["job"],
+                    "properties": {"job": {"$ref": "#/components/schemas/Job"}},
+                },
+                "ResultAck": {
+                    "type": "object",
+                    "required": ["sha256", "job"],
+                    "properties": {
+                        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                        "job": {"type": "string"},
+                    },
+                },
+                "Progress": {
+                    "type": "object",
+                    "required": ["text"],
+                    "properties": {"text": {"type": "string", "maxLength": api.MAX_PROGRESS_TEXT}},
+                },
+            },
+        },
+        "paths": {
+            api.PATH_TIME: {
+                "get": {
+                    "operationId": "getTime",
+                    "summary": "platform UTC time; a certificate is optional but checked when presented",
+                    "security": [{}, {"mtls": []}],
+                    "responses": {"200": _ok("epoch seconds", "Time"), **common},
+                }
+            },
+            api.PATH_ACTIVATE: {
+                "post": {
+                    "operationId": "activate",
+                    "summary": "one-time code + CSR + X25519 key -> client certificate",
+                    "security": [{}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ActivationRequest"}}},
+                    },
+                    "responses": {
+                        "200": _ok("certificate issued", "Activation"),
+                        **common,
+                        "408": _err("request not received in time"),
+                        "503": _err("`busy`: the unauthenticated budget is in use; retry after Retry-After"),
+                    },
+                }
+            },
+            api.PATH_VOLUME_KEY: {
+                "get": {
+                    "operationId": "getVolumeKey",
+                    "summary": "this appliance's volume key sealed to its X25519 key",
+                    "security": [{"mtls": []}],
+                    "responses": {
+                        "200": _ok("sealed volume key", "VolumeKey"),
+                        **common,
+                        **mtls,
+                        "503": _err("no volume key on record"),
+                    },
+                }
+            },
+            api.PATH_SEAL_KEY: {
+                "post": {
+                    "operationId": "uploadSealKey",
+                    "summary": "this appliance's hybrid sealing key (idempotent)",
+                    "security": [{"mtls": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SealKey"}}},
+                    },
+                    "responses": {
+                        "200": _ok("recorded (or the same key again)", "SealKeyAck"),
+                        **common,
+                        **mtls,
+                        "408": _err("request not received in time"),
+                        "409": _err("`key_conflict`: a different hybrid key is on record"),
+                    },
+                }
+            },
+            api.PATH_CONFIG: {
+                "get": {
+                    "operationId": "getConfig",
+                    "summary": "syslog target",
+                    "security": [{"mtls": []}],
+                    "responses": {"200": _ok("configuration", "Config"), **common, **mtls},
+                }
+            },
+            api.PATH_NEXT_JOB: {
+                "get": {
+                    "operationId": "nextJob",
+                    "summary": "lease the next job, long-polling up to `wait` seconds",
+                    "security": [{"mtls": []}],
+                    "parameters": [
+                        {
+                            "name": api.QUERY_WAIT,
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "number", "minimum": 0, "maximum": api.MAX_WAIT_SECONDS},
+                        }
+                    ],
+                    "responses": {
+                        "200": _ok("a leased job", "NextJob"),
+                        "204": {"description": "no job within `wait`"},
+                        **common,
+                        **mtls,
+                    },
+                }
+            },
+            api.PATH_JOB_PREFIX + "{id}" + api.RESULT_SUFFIX: {
+                "post": {
+                    "operationId": "uploadResult",
+                    "summary": "the job's result document; stored exactly once, acknowledged by digest",
+                    "security": [{"mtls": []}],
+                    "parameters": [
+                        job_id,
+                        {
+                            "name": api.HEADER_CONTENT_SHA256,
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                        },
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "responses": {
+                        "200": _ok("stored (or the same body again)", "ResultAck"),
+                        **common,
+                        **mtls,
+                        "408": _err("request not received in time"),
+                        "409": _err("job already has a different result"),
+                        "411": _err("length required"),
+                    },
+                }
+            },
+            api.PATH_JOB_PREFIX + "{id}" + api.PROGRESS_SUFFIX: {
+                "post": {
+                    "operationId": "reportProgress",
+                    "summary": "latest progress line",
+                    "security": [{"mtls": []}],
+                    "parameters": [job_id],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Progress"}}},
+                    },
+                    "responses": {
+                        "204": {"description": "recorded"},
+                        **common,
+                        **mtls,
+                        "408": _err("request not received in time"),
+                    },
+                }
+            },
+        },
+    }
+    paths = spec["paths"]
+    paths[api.PATH_SESSION] = {
+        "post": {
+            "operationId": "openSession",
+            "summary": "open this boot's session; a boot counter that does not grow quarantines (clone)",
+            "security": [{"mtls": []}],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SessionRequest"}}},
+            },
+            "responses": {
+                "200": _ok("the session token", "Session"),
+                **common,
+                **mtls,
+                "408": _err("request not received in time"),
+            },
+        }
+    }
+    paths[api.PATH_CERTIFICATE] = {
+        "post": {
+            "operationId": "renewCertificate",
+            "summary": "a new client certificate for a new key; the calling certificate is revoked",
+            "security": [{"mtls": []}],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CertificateRequest"}}},
+            },
+            "responses": {
+                "200": _ok("the new certificate", "Certificate"),
+                **common,
+                **mtls,
+                "408": _err("request not received in time"),
+            },
+        }
+    }
+    paths[api.PATH_HEARTBEAT] = {
+        "post": {
+            "operationId": "heartbeat",
+            "summary": "the appliance's health (whitelisted fields only); answers the interval to keep",
+            "security": [{"mtls": []}],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Heartbeat"}}},
+            },
+            "responses": {
+                "200": _ok("recorded", "HeartbeatAck"),
+                **common,
+                **mtls,
+                "408": _err("request not received in time"),
+            },
+        }
+    }
+    schemas = spec["components"]["schemas"]
+    schemas["Heartbeat"] = {
+        "type": "object",
+        "description": "fields: " + ", ".join(api.HEARTBEAT_FIELDS) + " (others are dropped, never stored)",
+    }
+    schemas["HeartbeatAck"] = {
+        "type": "object",
+        "required": [api.F_HEARTBEAT_INTERVAL],
+        "properties": {api.F_HEARTBEAT_INTERVAL: {"type": "number"}},
+    }
+    schemas["SessionRequest"] = {
+        "type": "object",
+        "required": [api.F_BOOT_COUNTER, api.F_KEYSTORE],
+        "properties": {
+            api.F_BOOT_COUNTER: {"type": "integer", "minimum": 1, "maximum": api.MAX_BOOT_COUNTER},
+            api.F_KEYSTORE: {"type": "string", "enum": list(api.KEYSTORES)},
+        },
+    }
+    schemas["Session"] = {
+        "type": "object",
+        "required": [api.F_SESSION],
+        "properties": {api.F_SESSION: {"type": "string"}},
+    }
+    schemas["CertificateRequest"] = {
+        "type": "object",
+        "required": [api.F_CSR],
+        "properties": {api.F_CSR: {"type": "string", "minLength": 1, "maxLength": 16384}},
+    }
+    schemas["Certificate"] = {
+        "type": "object",
+        "required": [api.F_CERTIFICATE],
+        "properties": {api.F_CERTIFICATE: {"type": "string"}},
+    }
+    # Endpoints that hand out keys or jobs, or take results, need the latest session's token.
+    session_header = {
+        "name": api.HEADER_SESSION,
+        "in": "header",
+        "required": True,
+        "description": f"token from POST {api.PATH_SESSION}",
+        "schema": {"type": "string"},
+    }
+    for path, method in (
+        (api.PATH_VOLUME_KEY, "get"),
+        (api.PATH_NEXT_JOB, "get"),
+        (api.result_path("{id}"), "post"),
+        (api.progress_path("{id}"), "post"),
+        (api.PATH_CERTIFICATE, "post"),
+        (api.PATH_HEARTBEAT, "post"),
+    ):
+        op = paths[path][method]
+        op["parameters"] = [*op.get("parameters", []), session_header]
+        op["responses"]["428"] = _err("`session_required`: no or unknown session token; open a session")
+    return spec
+
+
+if __name__ == "__main__":
+    print(json.dumps(build(), indent=2))

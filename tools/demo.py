@@ -23,7 +23,6 @@ import hmac
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from scratchfs.keyholder import mountinfo
 from tools import sshd as sshdmod
+from tools.children import stop_child
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,13 +230,7 @@ class Platform:
 
     def stop(self) -> None:
         """SIGTERM by PID, then SIGKILL if it lingers."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_child(self.proc)
 
 
 def start_platform(state: Path, hostname: str = "127.0.0.1", lease_seconds: float = 300,

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from tools.children import stop_child
+
 SSHD: Final = "/usr/sbin/sshd"
 SSH_USER: Final = "sfs-scan-test"
 PRIVSEP_DIR: Final = Path("/run/sshd")
@@ -80,13 +82,7 @@ class Sshd:
 
     def stop(self) -> None:
         """Terminate our sshd (and only it) and wait for it."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_child(self.proc, patience=5)
         shutil.rmtree(self.keys_dir, ignore_errors=True)
 
 

@@ -12,11 +12,12 @@ instances are two different TPMs: what one sealed, the other cannot load.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools.children import stop_child
 
 
 @dataclass
@@ -50,13 +51,7 @@ class Swtpm:
 
     def stop(self) -> None:
         """SIGTERM by PID, SIGKILL if it lingers."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_child(self.proc)
 
 
 def start_swtpm(directory: Path) -> Swtpm:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tools.children import stop_child
 from tools.demo import (
     ROOT,
     Platform,
@@ -190,15 +190,7 @@ def start_rsyslog(directory: Path, port: int = 0, pki: Pki | None = None) -> Rsy
     return Rsyslog(proc, bound, pki, out)
 
 
-def stop_proc(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM by PID, SIGKILL after 10 s."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+stop_proc = stop_child  # SIGTERM by PID, SIGKILL after 10 s, reaped
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ are stopped by PID (tinyproxy) or by closing their socket and joining their thre
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import ssl
 import subprocess
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.agent.conftest import Pki, make_pki
+from tools.children import stop_child
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -46,13 +46,7 @@ class Tinyproxy:
 
     def stop(self) -> None:
         """SIGTERM by PID, SIGKILL if it lingers."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_child(self.proc)
 
 
 def start_tinyproxy(directory: Path, credentials: tuple[str, str] | None = None,

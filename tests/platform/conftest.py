@@ -4,7 +4,6 @@ subprocess, plus appliances activated through the real client."""
 from __future__ import annotations
 
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import trio
 from agent.timesync import Clock
 from agent.tls import client_context
 from protocol import client, sealing
+from tools.children import stop_child
 from tools.platform import ca, db, state
 from tools.platform.handlers import AppConfig
 from tools.platform.pgtemp import TempPostgres, temp_postgres
@@ -198,12 +198,6 @@ def served(tmp_path: Path, database_url: str | None) -> Iterator[ServedProcess]:
         assert (root / "serve.addr").read_text().strip() == f"127.0.0.1:{port}"
         yield ServedProcess(proc, port, log_path)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
+        stop_child(proc, patience=15)
         if proc.stdout is not None:
             proc.stdout.close()

@@ -6,8 +6,6 @@ examples per operation (make test stays quick)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from schemathesis import checks
 
 from protocol import api, client, sealing
 from tests.platform.conftest import HOSTNAME, PLATFORM, run_cli, tls_client
+from tools.children import stop_child
 from tools.platform import openapi
 
 SPEC = Path(__file__).resolve().parents[2] / "protocol" / "openapi.json"
@@ -79,13 +78,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, reques
         session.close()
         assert b"Traceback" not in (tmp / "serve.log").read_bytes()
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
+        stop_child(proc, patience=15)
         if proc.stdout is not None:
             proc.stdout.close()
 

@@ -898,13 +898,18 @@ class Storage:
         return self.appliance(name)
 
     @staticmethod
-    def _deactivate_rows(db: _Conn, app: Appliance, now: float) -> None:
+    def _revoke_current(db: _Conn, app: Appliance, now: float, reason: str) -> None:
+        """Revoke the appliance's current certificate, if it has one (idempotent)."""
         if app.cert_serial is not None and app.cert_fingerprint is not None:
             db.execute(
                 "INSERT INTO revoked (serial, fingerprint, appliance_id, revoked_at, reason) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
-                (app.cert_serial, app.cert_fingerprint, app.id, now, "deactivated"),
+                (app.cert_serial, app.cert_fingerprint, app.id, now, reason),
             )
+
+    @staticmethod
+    def _deactivate_rows(db: _Conn, app: Appliance, now: float) -> None:
+        Storage._revoke_current(db, app, now, "deactivated")
         db.execute(
             "UPDATE appliances SET state = ?, deactivated_at = ?, wrapped_volume_key = NULL, "
             "code_hash = NULL WHERE id = ?",
@@ -1119,12 +1124,7 @@ class Storage:
                 raise NotFound("appliance is not active")
             app = _appliance(row)
             cert_pem, serial, fp = issue(app.name)
-            if app.cert_serial is not None and app.cert_fingerprint is not None:
-                db.execute(
-                    "INSERT INTO revoked (serial, fingerprint, appliance_id, revoked_at, reason) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
-                    (app.cert_serial, app.cert_fingerprint, app.id, now, "superseded"),
-                )
+            self._revoke_current(db, app, now, "superseded")
             db.execute(
                 "UPDATE appliances SET cert_serial = ?, cert_fingerprint = ? WHERE id = ?", (serial, fp, app.id)
             )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,16 +136,18 @@ def app_config() -> AppConfig:
     return AppConfig(lease_seconds=30.0, max_result_bytes=256 * 1024, poll_interval=0.05)
 
 
-@pytest.fixture
-async def platform(
-    state_paths: state.StatePaths, app_config: AppConfig
+@asynccontextmanager
+async def serving(
+    state_paths: state.StatePaths,
+    app_config: AppConfig,
+    limits: ServerLimits,
+    pool_size: int = 16,
+    checker_pool_size: int = 16,
 ) -> AsyncIterator[Platform]:
-    """The platform served in-process on 127.0.0.1 (ephemeral port), real TLS."""
-    app, storage = build_app(state_paths, app_config, pool_size=4)
-    server = Server(
-        app, server_context(state_paths), ServerLimits(handshake_timeout=5, header_timeout=5, idle_timeout=5)
-    )
-    checker = state.open_storage(state_paths, pool_size=2)
+    """The platform served in-process on 127.0.0.1 (ephemeral port), real TLS, stopped on exit."""
+    app, storage = build_app(state_paths, app_config, pool_size=pool_size)
+    server = Server(app, server_context(state_paths), limits)
+    checker = state.open_storage(state_paths, pool_size=checker_pool_size)
     try:
         # The server runs in a nursery of its own, closed before the storage it uses.
         async with trio.open_nursery() as own:
@@ -156,6 +159,14 @@ async def platform(
     finally:
         checker.close()
         storage.close()
+
+
+@pytest.fixture
+async def platform(state_paths: state.StatePaths, app_config: AppConfig) -> AsyncIterator[Platform]:
+    """The platform served in-process on 127.0.0.1 (ephemeral port), real TLS."""
+    limits = ServerLimits(handshake_timeout=5, header_timeout=5, idle_timeout=5)
+    async with serving(state_paths, app_config, limits, pool_size=4, checker_pool_size=2) as served:
+        yield served
 
 
 @dataclass

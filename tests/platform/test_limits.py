@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,10 +16,11 @@ import trio
 
 from protocol import api, client
 from tests.platform.conftest import HOSTNAME, Platform, init_state, tls_client
+from tests.platform.conftest import serving as served_platform
 from tests.platform.test_security import appliance_ctx, raw_exchange
 from tools.platform import state
 from tools.platform.handlers import AppConfig
-from tools.platform.server import Server, ServerLimits, build_app, server_context
+from tools.platform.server import ServerLimits
 
 SLOWLORIS_CONNECTIONS = 256
 
@@ -30,22 +30,10 @@ def sqlite_paths(tmp_path: Path) -> state.StatePaths:
     return init_state(tmp_path / "limits")
 
 
-@asynccontextmanager
-async def serving(paths: state.StatePaths, limits: ServerLimits) -> AsyncIterator[Platform]:
+def serving(paths: state.StatePaths, limits: ServerLimits) -> AbstractAsyncContextManager[Platform]:
     """A platform with the given limits (SQLite), stopped on exit."""
-    app, storage = build_app(paths, AppConfig(lease_seconds=30, max_result_bytes=256 * 1024, poll_interval=0.05))
-    server = Server(app, server_context(paths), limits)
-    checker = state.open_storage(paths)
-    try:
-        async with trio.open_nursery() as nursery:
-            _host, port = await nursery.start(server.serve, "127.0.0.1", 0)
-            try:
-                yield Platform(paths, port, checker, server)
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        checker.close()
-        storage.close()
+    config = AppConfig(lease_seconds=30, max_result_bytes=256 * 1024, poll_interval=0.05)
+    return served_platform(paths, config, limits)
 
 
 async def open_from(source: str, port: int) -> trio.SocketStream:

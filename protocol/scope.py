@@ -20,6 +20,7 @@ Canonical form: compact JSON with sorted keys, fields
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import re
@@ -251,6 +252,20 @@ class Scope:
         if protocol == PROTO_HTTP_BASIC and not tls and not self.sends_cleartext:
             return NEEDS_TLS
         return None
+
+
+def pin_matches(fingerprint: str, pins: tuple[str, ...]) -> bool:
+    """Constant-time membership of a hex SHA-256 in a scope's pins (no pins: anything matches).
+
+    Used by both credential checks (TLS certificate, SSH host key) on the very connection
+    that would carry the secret.
+    """
+    if not pins:
+        return True
+    ok = False
+    for pin in pins:
+        ok |= hmac.compare_digest(fingerprint.encode(), pin.encode())
+    return ok
 
 
 def _is_ip_or_cidr(t: str) -> bool:

@@ -21,7 +21,6 @@ nothing here logs, raises or returns secret bytes.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import socket
 import ssl
@@ -87,16 +86,6 @@ def tls_client_context() -> ssl.SSLContext:
     return ctx
 
 
-def pin_matches(fingerprint: str, pins: tuple[str, ...]) -> bool:
-    """Constant-time membership of a hex SHA-256 in the pins (no pins: anything matches)."""
-    if not pins:
-        return True
-    ok = False
-    for pin in pins:
-        ok |= hmac.compare_digest(fingerprint.encode(), pin.encode())
-    return ok
-
-
 async def _read_some(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
     data = bytearray()
     while len(data) < limit:
@@ -147,7 +136,7 @@ async def http_basic_check(
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
                     der = stream.getpeercert(binary_form=True) or b""
-                    if not pin_matches(hashlib.sha256(der).hexdigest(), pins):
+                    if not scopemod.pin_matches(hashlib.sha256(der).hexdigest(), pins):
                         return scopemod.CERT_MISMATCH, "certificate is not the pinned one"
                 request = basic_auth_request(address, username, password)
                 await stream.send_all(request)

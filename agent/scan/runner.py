@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from agent.exitcodes import SCAN_FAILED, SCAN_OK, SCAN_USAGE
 from agent.scan import nmap, tcp
 from agent.scan.model import HostResult, ScanOptions, result_document
 from agent.scan.targets import TargetError, resolve
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         print(f"agent.scan: {e}; fix the option", file=sys.stderr)
-        return 2
+        return SCAN_USAGE
     source = None
     if args.cred_request_fd is not None and args.cred_fd is not None:
         source = make_credential_source(args.cred_request_fd, args.cred_fd)
@@ -165,5 +166,5 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(run_job, args.job_dir, opts, args.time_offset, source)
     except ScanFailed as e:
         print(f"agent.scan: {e}; the job is reported as failed", file=sys.stderr)
-        return 1
-    return 0
+        return SCAN_FAILED
+    return SCAN_OK

@@ -1,6 +1,7 @@
 """`scratchfs` command line: mount, umount, verify, volume.
 
-Every user mistake ends in one line on stderr and a documented exit code (README.md); a
+Every user mistake ends in one line on stderr and a documented exit code (README.md,
+declared in scratchfs/exitcodes.py); a
 traceback appears only with --debug.
 """
 
@@ -15,15 +16,11 @@ import sys
 from pathlib import Path
 
 from scratchfs import blocks
+from scratchfs.exitcodes import EXIT_BUSY, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOT_MOUNTED, EXIT_OK, EXIT_USAGE
 from scratchfs.keyholder import mountinfo, procs, ready
 from scratchfs.limits import DEFAULT_MAX_INODES, DEFAULT_MAX_XATTR_BYTES, DEFAULT_MAX_XATTRS, DEFAULT_MEMORY_BUDGET
 from scratchfs.mount import (
     DEFAULT_READAHEAD_KB,
-    EXIT_BUSY,
-    EXIT_INTERNAL,
-    EXIT_NOT_MOUNTED,
-    EXIT_OK,
-    EXIT_USAGE,
     FSTYPE,
     MountError,
     MountOptions,
@@ -348,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:
         if debug:
             raise

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tools.bench import report, runner
+from tools.bench.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from tools.bench.workloads import MIB, WORKLOADS, Sizes
 
 PROG = "tools.bench"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 QUICK = Sizes(stream_bytes=8 * MIB, fio_file_bytes=8 * MIB, fio_runtime_s=0.3, tree_files=200,
               empty_files=300, scan_scale=0.01)

@@ -19,12 +19,9 @@ import pyfuse3
 import trio
 
 from scratchfs.keyholder import mountinfo
+from tools.bench.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -96,7 +93,7 @@ def serve(
     except RuntimeError as e:
         print(f"{prog}: cannot mount on {args.mountpoint}: {e}; check the directory exists "
               "and nothing is mounted there", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_FAILED
     if args.pid_file:
         with open(args.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")
@@ -147,4 +144,4 @@ def run_main(
             raise
         print(f"{prog}: daemon failed: {type(e).__name__}: {e}; rerun with --debug",
               file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_FAILED

@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import NoReturn
@@ -44,11 +43,11 @@ from protocol import api, sealing
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
 from protocol.proxy import ProxyConfig
 from protocol.sealing import generate_hybrid_keypair, generate_keypair
+from scratchfs.keyholder import logformat
 from scratchfs.keyholder.hardening import harden_process
 from scratchfs.keyholder.wipe import wipe
 
 PROG = "scanner-agent"
-LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
 
 
 class UsageError(Exception):
@@ -130,16 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(debug: bool, clock: timesync.Clock) -> None:
-    """Local logs to stderr, timestamps in platform-synced UTC."""
-    handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
-    formatter.converter = lambda t: time.gmtime((t or time.time()) + clock.offset)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    """Local logs to stderr in the one format, timestamps in platform-synced UTC."""
+    logformat.setup(logging.DEBUG if debug else logging.INFO, offset=lambda: clock.offset)
 
 
 def choose_keystore(state_dir: Path, kind: str | None, tcti: str | None,

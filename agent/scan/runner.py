@@ -30,6 +30,7 @@ from agent.scan import nmap, tcp
 from agent.scan.model import HostResult, ScanOptions, result_document
 from agent.scan.targets import TargetError, resolve
 from protocol import api
+from scratchfs.keyholder import logformat
 from scratchfs.keyholder.wipe import wipe
 
 log = logging.getLogger("agent.scan")
@@ -147,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connect-timeout", type=float, default=ScanOptions.connect_timeout)
     p.add_argument("--banner-timeout", type=float, default=ScanOptions.banner_timeout)
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
-    )
+    # No time: the agent re-logs each line (agent/jobs.py) and stamps it then.
+    logformat.setup(logging.INFO, timestamps=False)
     try:
         opts = ScanOptions(
             concurrency=args.concurrency,

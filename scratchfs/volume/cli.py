@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchfs.exitcodes import EXIT_INTERRUPTED, EXIT_VOLUME_INTERNAL
+from scratchfs.keyholder import logformat
 from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api
 from scratchfs.volume.errors import KeyInputError, VolumeError
@@ -273,9 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run one volume command; returns the exit code."""
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logformat.setup(logging.DEBUG if debug else logging.WARNING)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)

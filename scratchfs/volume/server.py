@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 
 from scratchfs.exitcodes import EXIT_VOLUME_SERVER
-from scratchfs.keyholder import ready
+from scratchfs.keyholder import logformat, ready
 from scratchfs.keyholder.hardening import die_with_parent, harden_process
 from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume.xts import SectorCodec, sector_span
@@ -279,10 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the server process."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logformat.setup(logging.DEBUG if args.debug else logging.INFO)
     # Hardened before the key is read: from here on this process holds the volume master key
     # for the life of the mount, so it gets what the scratchfs daemon gets (mlockall included).
     harden_process()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 import trio
 
-from scratchfs.keyholder import mountinfo
+from scratchfs.keyholder import logformat, mountinfo
 from tools.bench.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,7 @@ def setup_logging(log_file: str | None, debug: bool) -> None:
     handler: logging.Handler = (
         logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logformat.setup(logging.DEBUG if debug else logging.INFO, handler)
 
 
 async def _serve(max_tasks: int) -> None:

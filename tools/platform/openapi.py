@@ -11,8 +11,7 @@ import json
 from typing import Any
 
 from protocol import api, sealing
-from tools.platform import routes
-from tools.platform.routes import Caller
+from tools.platform.routes import ROUTES, Caller
 
 # Who may call an operation, in the document's terms (the route table decides it).
 _SECURITY: dict[Caller, list[dict[str, list[str]]]] = {
@@ -50,7 +49,7 @@ def _apply_routes(paths: dict[str, Any]) -> None:
     """Give every operation its security, 401 refusal and session parts from its route row;
     an operation without a row, or a row without an operation, is an error."""
     documented = {(path, method.upper()) for path, ops in paths.items() for method in ops}
-    declared = {(route.template, route.method) for route in routes.ROUTES}
+    declared = {(route.template, route.method) for route in ROUTES}
     if documented != declared:
         raise ValueError(
             f"document and route table disagree: undeclared {sorted(documented - declared)}, "
@@ -63,7 +62,7 @@ def _apply_routes(paths: dict[str, Any]) -> None:
         "description": f"token from POST {api.PATH_SESSION}",
         "schema": {"type": "string"},
     }
-    for route in routes.ROUTES:
+    for route in ROUTES:
         ops = paths[route.template]
         method = route.method.lower()
         op = _insert_after(ops[method], "summary", "security", _SECURITY[route.caller])

@@ -229,7 +229,7 @@ class PlatformApp:
         self._routes = {
             api.PATH_TIME: {"GET": self.get_time},
             api.PATH_ACTIVATE: {"POST": self.post_activate},
-            api.PATH_VOLUME_KEY: {"GET": self.get_volume_key},
+            api.PATH_VOLUME_KEY: {"GET": self.get_keyslot_passphrase},
             api.PATH_CONFIG: {"GET": self.get_config},
             api.PATH_NEXT_JOB: {"GET": self.get_next_job},
             api.PATH_SESSION: {"POST": self.post_session},
@@ -416,10 +416,10 @@ class PlatformApp:
             },
         )
 
-    async def get_volume_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def get_keyslot_passphrase(self, ex: Exchange, peer_der: bytes | None) -> Response:
         """GET /v1/volume-key: the caller's own keyslot passphrase, sealed to its X25519 key."""
         app = await self._in_session(ex, peer_der)
-        wrapped = await self.db.run(self.db.storage.wrapped_volume_key, app.id)
+        wrapped = await self.db.run(self.db.storage.wrapped_keyslot_passphrase, app.id)
         if wrapped is None or app.x25519_public is None:
             raise HttpError(503, api.REASON_UNAVAILABLE, "no keyslot passphrase on record")
         passphrase = keys.unwrap(self._kek, wrapped, app.id, app.name)

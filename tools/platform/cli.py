@@ -65,7 +65,7 @@ def _ranged(
         except ValueError:
             raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
         if not ((lo < n) if above_lo else (lo <= n)) or not n <= hi:
-            bounds = shown or (f"above {lo:g} and at most {hi:g}" if above_lo else f"between {lo:g} and {hi:g}")
+            bounds = shown or (f"above {lo} and at most {hi}" if above_lo else f"between {lo} and {hi}")
             raise argparse.ArgumentTypeError(f"{value!r} must be {bounds}")
         return n
 

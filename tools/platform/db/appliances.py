@@ -185,9 +185,7 @@ class Appliances(Events):
             add_event(db, now, appliance_id, "seal_key_upgraded")
         return True
 
-    def renew_certificate(
-        self, appliance_id: int, now: float, issue: Callable[[str], tuple[bytes, str, str]]
-    ) -> bytes:
+    def renew_certificate(self, appliance_id: int, now: float, issue: Callable[[str], tuple[bytes, str, str]]) -> bytes:
         """Issue a new client certificate and revoke the current one, atomically."""
         with self._tx() as db:
             row = db.execute(APPLIANCE_SELECT + " WHERE id = ? AND state = ?", (appliance_id, STATE_ACTIVE)).fetchone()
@@ -196,8 +194,6 @@ class Appliances(Events):
             app = appliance_from_row(row)
             cert_pem, serial, fp = issue(app.name)
             revoke_current(db, app, now, "superseded")
-            db.execute(
-                "UPDATE appliances SET cert_serial = ?, cert_fingerprint = ? WHERE id = ?", (serial, fp, app.id)
-            )
+            db.execute("UPDATE appliances SET cert_serial = ?, cert_fingerprint = ? WHERE id = ?", (serial, fp, app.id))
             add_event(db, now, app.id, "certificate_renewed", f"serial={serial} revoked={app.cert_serial}")
         return cert_pem

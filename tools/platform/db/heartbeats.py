@@ -119,4 +119,3 @@ class Heartbeats(Database):
                 return False
             add_event(db, now, appliance_id, event_kind, detail)
         return True
-

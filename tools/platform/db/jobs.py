@@ -228,4 +228,3 @@ class Jobs(Database):
                 (now,),
             ).fetchall()
         return {int(r[0]) for r in rows}
-

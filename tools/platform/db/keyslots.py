@@ -57,8 +57,7 @@ def _files_holding(db_path: Path, needles: list[bytes]) -> list[str]:
 def _deactivate_rows(db: Conn, app: Appliance, now: float) -> None:
     revoke_current(db, app, now, "deactivated")
     db.execute(
-        "UPDATE appliances SET state = ?, deactivated_at = ?, wrapped_volume_key = NULL, "
-        "code_hash = NULL WHERE id = ?",
+        "UPDATE appliances SET state = ?, deactivated_at = ?, wrapped_volume_key = NULL, code_hash = NULL WHERE id = ?",
         (STATE_DEACTIVATED, now, app.id),
     )
     db.execute(
@@ -154,9 +153,7 @@ class Keyslots(Appliances):
         try:
             with self._pool.connection() as conn:
                 conn.execute("VACUUM FULL appliances")
-                row = conn.execute(
-                    "SELECT pg_read_binary_file(pg_relation_filepath('appliances'))"
-                ).fetchone()
+                row = conn.execute("SELECT pg_read_binary_file(pg_relation_filepath('appliances'))").fetchone()
         except psycopg.errors.InsufficientPrivilege:
             raise ShredUnproven(
                 f"appliance {name!r} is deactivated and revoked, but the platform's database role may not "

@@ -50,8 +50,7 @@ def _suspect(db: Conn, appliance_id: int, now: float, detail: str) -> bool:
         return False
     db.execute(
         # Portable upsert (PostgreSQL too): the first suspicion's time and reason stay.
-        "INSERT INTO quarantine (appliance_id, since, reason) VALUES (?, ?, ?) "
-        "ON CONFLICT (appliance_id) DO NOTHING",
+        "INSERT INTO quarantine (appliance_id, since, reason) VALUES (?, ?, ?) ON CONFLICT (appliance_id) DO NOTHING",
         (appliance_id, now, detail),
     )
     add_event(db, now, appliance_id, "quarantined", detail)
@@ -150,8 +149,7 @@ class Sessions(Events):
                 ).fetchall()
             }
             quarantined = {
-                r[0]: (r[1], r[2])
-                for r in db.execute("SELECT appliance_id, since, reason FROM quarantine").fetchall()
+                r[0]: (r[1], r[2]) for r in db.execute("SELECT appliance_id, since, reason FROM quarantine").fetchall()
             }
         for app_id in set(sessions) | set(quarantined):
             s = sessions.get(app_id)

@@ -408,9 +408,9 @@ class PlatformApp:
             },
         )
 
-    async def get_volume_key(self, ex: Exchange, app: db.Appliance) -> Response:
+    async def get_keyslot_passphrase(self, ex: Exchange, app: db.Appliance) -> Response:
         """GET /v1/volume-key: the caller's own keyslot passphrase, sealed to its X25519 key."""
-        wrapped = await self.db.run(self.db.storage.wrapped_volume_key, app.id)
+        wrapped = await self.db.run(self.db.storage.wrapped_keyslot_passphrase, app.id)
         if wrapped is None or app.x25519_public is None:
             raise HttpError(503, api.REASON_UNAVAILABLE, "no keyslot passphrase on record")
         passphrase = keys.unwrap(self._kek, wrapped, app.id, app.name)

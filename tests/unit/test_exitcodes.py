@@ -12,6 +12,7 @@ import pytest
 
 from agent import exitcodes as agent_codes
 from scratchfs import exitcodes as scratchfs_codes
+from tools.platform import exitcodes as platform_codes
 from tools.seal import exitcodes as seal_codes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,8 +53,10 @@ def test_documented_tables_list_the_declared_codes(doc: str, heading: str, modul
     assert documented(doc, heading) == declared(module)
 
 
-def test_seal_codes_are_in_the_shared_platform_table() -> None:
-    assert declared(seal_codes) <= documented("docs/platform.md", "Exit codes (both tools")
+def test_platform_table_is_the_platforms_codes_and_holds_the_seals() -> None:
+    table = documented("docs/platform.md", "Exit codes (both tools")
+    assert table == {v for k, v in vars(platform_codes).items() if k.isupper() and isinstance(v, int)}
+    assert declared(seal_codes) <= table
 
 
 def test_volume_table_is_the_volume_range() -> None:

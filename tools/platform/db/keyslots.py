@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 from tools.platform.db.appliances import (
@@ -34,6 +33,7 @@ from tools.platform.db.appliances import (
 from tools.platform.db.dialect import Conn
 from tools.platform.db.errors import Conflict, NotFound, ShredUnproven
 from tools.platform.db.events import add_event, put_setting, read_setting
+from tools.platform.db.filesearch import files_holding, files_holding_isolated
 
 _SHRED_PENDING: Final = "shred_pending:"  # settings key prefix: deactivation whose proof failed
 _SHARE_SHRED_PENDING: Final = "share_shred_pending:"  # ... a commit whose proof failed
@@ -75,31 +75,6 @@ def _needles(blobs: list[bytes], nonces_hex: list[str]) -> list[bytes]:
     """Search terms for a shredding proof: each whole blob and each nonce alone (the nonce
     is not secret; it is kept as hex, so it never matches its own record)."""
     return [*blobs, *(bytes.fromhex(h) for h in nonces_hex)]
-
-
-def _files_holding(db_path: Path, needles: list[bytes]) -> list[str]:
-    """Names of the SQLite files (main, -wal, -journal) that contain any of *needles*.
-
-    Read in 1 MiB chunks overlapping by the longest needle, so a database of any size is
-    searched in bounded memory and a needle across a chunk boundary is still found.
-    """
-    overlap = max(len(n) for n in needles) - 1
-    found = []
-    for suffix in ("", "-wal", "-journal"):
-        p = Path(str(db_path) + suffix)
-        try:
-            f = p.open("rb")
-        except FileNotFoundError:
-            continue
-        with f:
-            tail = b""
-            while chunk := f.read(1024 * 1024):
-                window = tail + chunk
-                if any(n in window for n in needles):
-                    found.append(p.name)
-                    break
-                tail = window[-overlap:] if overlap else b""
-    return found
 
 
 def _deactivate_rows(db: Conn, app: Appliance, now: float) -> None:
@@ -242,7 +217,10 @@ class Keyslots(Appliances):
         if not nonces:
             return True
         try:
-            self._prove_shredded(app.name, _needles(blobs, nonces), proof_timeout, what="replaced volume-key part")
+            # Runs in the server, which keeps the database open: search from a child process.
+            self._prove_shredded(
+                app.name, _needles(blobs, nonces), proof_timeout, what="replaced volume-key part", isolated=True
+            )
         except ShredUnproven:
             return False
         self.delete_setting(pending_key)
@@ -287,9 +265,13 @@ class Keyslots(Appliances):
         self.delete_setting(pending_key)
         return self.appliance(name)
 
-    def _prove_shredded(self, name: str, needles: list[bytes], timeout: float, what: str = "") -> None:
+    def _prove_shredded(
+        self, name: str, needles: list[bytes], timeout: float, what: str = "", *, isolated: bool = False
+    ) -> None:
         """Raise ShredUnproven unless no needle is left in the database files. *what* names
-        a replaced volume-key part (a commit); empty for deactivation."""
+        a replaced volume-key part (a commit); empty for deactivation. *isolated*: this
+        process keeps the database open, so the files are searched from a child process
+        (`filesearch` says why)."""
         if self._pool is not None:
             self._prove_shredded_postgres(name, needles, what)
             return
@@ -302,7 +284,8 @@ class Keyslots(Appliances):
         try:
             while True:
                 complete = self.checkpoint()
-                found = _files_holding(self.path, needles)
+                searched = files_holding_isolated(self.path, needles) if isolated else files_holding(self.path, needles)
+                found = ["(search failed)"] if searched is None else searched
                 if complete and not found:
                     return
                 if time.monotonic() >= deadline:

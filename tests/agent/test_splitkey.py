@@ -2,10 +2,10 @@
 
 The keyslot passphrase is HKDF(platform share || appliance share) (agent/volumekey.py). Each
 attack below holds copies an attacker could hold and tries every key those copies yield on
-the appliance's real volume image (cryptsetup's own keyslot check; the volume is mounted
-with `scratchfs.volume.api.open_volume`, the agent's call, where a key must work). Each
-also runs a positive control: the same harness with the one missing piece added does open
-the volume, so "wrong key" means the piece is missing, not that the harness is broken.
+the appliance's real volume image (cryptsetup's own keyslot check, and the agent's own
+`scratchfs.volume.api.open_volume` for every key that must fail). Each also runs a
+positive control: the same harness with the one missing piece added does open the volume,
+so "wrong key" means the piece is missing, not that the harness is broken.
 
 (a) the platform's whole state (database and KEK) + the disk: no appliance share;
 (b) the disk + the keystore with the platform down or refusing: no platform share;
@@ -35,6 +35,7 @@ from agent.volumekey import derive_keyslot_passphrase
 from protocol import api
 from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api as volume_api
+from scratchfs.volume.errors import WrongKeyError
 from tests.agent.conftest import AgentRun
 from tests.agent.test_lifecycle import add_job, appliance_client, open_boot, volume_passphrase
 from tests.volume.conftest import cryptsetup
@@ -106,10 +107,17 @@ def guesses(platform_parts: list[bytes], appliance_parts: list[bytes], name: str
 
 def opens(image: Path, key: bytes, work: Path) -> bool:
     """Does *key* open a keyslot of *image*? Asked of cryptsetup itself (the reference LUKS2
-    implementation, independent of our code; key on stdin). The real mounts with the keys
-    that should work are in the tests' marker checks. *work* is unused: no mount here."""
-    del work
-    return cryptsetup("open", "--test-passphrase", str(image), key=key, check=False).returncode == 0
+    implementation, independent of our code; key on stdin); a key it refuses must also be
+    refused by `scratchfs.volume.api.open_volume`, the agent's own call (WrongKeyError,
+    nothing mounted). A key that opens is not mounted here: the tests' marker checks mount
+    the volume with the keys that must work."""
+    if cryptsetup("open", "--test-passphrase", str(image), key=key, check=False).returncode == 0:
+        return True
+    mnt = work / "try-mnt"
+    mnt.mkdir(parents=True, exist_ok=True)
+    with pytest.raises(WrongKeyError):
+        volume_api.open_volume(image, mnt, key, run_dir=work / "try-run")
+    return False
 
 
 def any_opens(image: Path, keys_: Iterator[bytes], work: Path) -> int:

@@ -46,6 +46,7 @@ from agent.keystore.tpm import TpmKeystore, parse_pcrs
 from agent.lifecycle import Agent, RunSettings, platform_client_for, platform_error
 from agent.scan.model import ScanOptions
 from agent.tls import client_context
+from agent.unlock import appliance_share_names, is_clear_share_file
 from protocol import api, sealing
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
 from protocol.proxy import ProxyConfig
@@ -396,15 +397,19 @@ async def migrate(state: statemod.AgentState, new: ksmod.Keystore, staging: Path
             doc = (state.root / statemod.STATE_JSON).read_bytes()
             activated_at = float(json.loads(doc).get("activated_at", clock.now()))
             hybrid = statemod.load_hybrid_key(state.keystore)  # moves too, when there is one
+            # The appliance's volume-key shares move too: without them the volume never opens.
+            shares = {name: state.keystore.load(name) for name in appliance_share_names(state.keystore)}
             try:
                 # The proxy (URL and credentials) moves too: its credentials into the TPM.
                 statemod.write_state(
                     staging, state.endpoint, state.appliance, state.ca_pem, cert_pem, key_pem,
-                    state.seal_private(), activated_at, new, hybrid, state.proxy,
+                    state.seal_private(), activated_at, new, hybrid, state.proxy, shares,
                 )
             finally:
                 if hybrid is not None:
                     wipe(hybrid)
+                for share in shares.values():
+                    wipe(share)
         finally:
             wipe(key_pem)
     except PlatformError as e:
@@ -484,7 +489,9 @@ def _commit_migration(root: Path, staging: Path) -> None:
     old = FileKeystore(root).files(
         (*statemod.SECRET_NAMES, statemod.SEAL_KEY_HYBRID, statemod.PROXY_CREDENTIALS)
     )
-    for name in (*old, BOOT_COUNTER_FILE):
+    # Clear appliance shares whose TPM-wrapped copy is in place now.
+    shares = [p.name for p in root.iterdir() if is_clear_share_file(p.name) and (root / f"{p.name}.tpm").exists()]
+    for name in (*old, *shares, BOOT_COUNTER_FILE):
         _shred(root / name)
     staging.rmdir()
 

@@ -53,6 +53,22 @@ def share_name(epoch: int) -> str:
     return f"volume-share-{epoch}"
 
 
+def appliance_share_names(keystore: Keystore) -> list[str]:
+    """The names of the appliance shares *keystore* holds, oldest epoch first (a keystore
+    migration moves them all)."""
+    epochs = set()
+    for path in keystore.root.iterdir():
+        m = _SHARE_NAME.match(path.name.split(".", 1)[0])
+        if m is not None and keystore.exists(m.group(0)):
+            epochs.add(int(m.group(1)))
+    return [share_name(e) for e in sorted(epochs)]
+
+
+def is_clear_share_file(name: str) -> bool:
+    """Whether *name* is an appliance share as the file keystore keeps it (in clear)."""
+    return _SHARE_NAME.match(name) is not None
+
+
 def _random_share() -> bytearray:
     return bytearray(os.urandom(SHARE_SIZE))
 
@@ -167,9 +183,8 @@ class Unlocker:
 
     def _forget_older_shares(self, epoch: int) -> None:
         """Remove appliance shares of epochs before *epoch*: they open nothing any more."""
-        for path in sorted(self.keystore.root.iterdir()):
-            name = path.name.split(".", 1)[0]
-            m = _SHARE_NAME.match(name)
-            if m is not None and int(m.group(1)) < epoch:
+        for name in appliance_share_names(self.keystore):
+            old = int(name.rsplit("-", 1)[1])
+            if old < epoch:
                 self.keystore.remove(name)
-                log.info("event=appliance_share_removed epoch=%s", m.group(1))
+                log.info("event=appliance_share_removed epoch=%d", old)

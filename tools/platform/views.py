@@ -52,6 +52,19 @@ class Fleet:
     healths: dict[str, db.Health]  # by appliance name
     policy: health.Policy
     now: float
+    keys: dict[int, db.KeyState] | None = None  # volume-key scheme and epochs, by appliance id
+
+    def volume_key(self, a: db.Appliance) -> str:
+        """The volume key in a few words: "passphrase" (platform-held, not yet migrated),
+        "split epoch N" (two shares), "+ N pending" (migration or rotation waiting for the
+        appliance's next boot); "destroyed" after deactivation, "-" before activation."""
+        k = (self.keys or {}).get(a.id)
+        if a.state == db.STATE_DEACTIVATED:
+            return "destroyed"
+        if a.state != db.STATE_ACTIVE or k is None:
+            return "-"
+        text = k.scheme if k.epoch is None else f"{k.scheme} epoch {k.epoch}"
+        return text if k.pending_epoch is None else f"{text} + {k.pending_epoch} pending"
 
     def derived(self, name: str) -> health.Derived:
         """The appliance's health state now (quarantine and deactivation override heartbeats)."""
@@ -83,9 +96,20 @@ def appliance_docs(fleet: Fleet) -> list[dict[str, Any]]:
                 "boot_counter": c.boot_counter if c else None,
                 "keystore": c.keystore if c else None,
                 "last_boot": c.last_boot if c else None,
+                **_key_doc(fleet, a),
             }
         )
     return docs
+
+
+def _key_doc(fleet: Fleet, a: db.Appliance) -> dict[str, Any]:
+    k = (fleet.keys or {}).get(a.id)
+    active = a.state == db.STATE_ACTIVE and k is not None
+    return {
+        "key_scheme": k.scheme if active and k else None,
+        "key_epoch": k.epoch if active and k else None,
+        "key_pending_epoch": k.pending_epoch if active and k else None,
+    }
 
 
 def appliance_table(fleet: Fleet) -> str:
@@ -95,7 +119,7 @@ def appliance_table(fleet: Fleet) -> str:
     rows = [
         [
             "NAME", "STATE", "HEALTH", "LAST SEEN", "UPTIME", "JOBS OK/FAILED", "KEYSTORE", "BOOTS",
-            "LAST BOOT", "ACTIVATED", "CERT SERIAL",
+            "LAST BOOT", "ACTIVATED", "CERT SERIAL", "VOLUME KEY",
         ]
     ]  # fmt: skip
     for a in fleet.apps:
@@ -116,6 +140,7 @@ def appliance_table(fleet: Fleet) -> str:
                 ts(c.last_boot if c else None),
                 ts(a.activated_at),
                 a.cert_serial or "-",
+                fleet.volume_key(a),
             ]
         )
     lines = [table(rows)]

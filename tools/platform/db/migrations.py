@@ -145,5 +145,21 @@ MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
             "CREATE INDEX jobs_by_state ON jobs (state, lease_expires, appliance_id)",
         ],
     ),
+    (
+        7,
+        [
+            # Split volume keys (agent/volumekey.py). key_scheme 'passphrase': the platform
+            # holds the keyslot passphrase itself (wrapped_volume_key; every appliance
+            # activated so far, until its agent migrates); 'split': it holds only its share
+            # of key epoch share_epoch (wrapped_share, KEK-wrapped with the epoch bound).
+            # A pending share (migration or rotation) waits in the pending_* columns until
+            # the appliance commits it; the value it replaces is then shredded.
+            "ALTER TABLE appliances ADD COLUMN key_scheme TEXT NOT NULL DEFAULT 'passphrase'",
+            "ALTER TABLE appliances ADD COLUMN share_epoch INTEGER",
+            "ALTER TABLE appliances ADD COLUMN wrapped_share BLOB",
+            "ALTER TABLE appliances ADD COLUMN pending_epoch INTEGER",
+            "ALTER TABLE appliances ADD COLUMN wrapped_pending_share BLOB",
+        ],
+    ),
 ]
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]

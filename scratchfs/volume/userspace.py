@@ -13,13 +13,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from scratchfs.keyholder import mountinfo, procs, ready
 from scratchfs.volume import ext4, loop
-from scratchfs.volume.errors import BadImageError, ToolError
+from scratchfs.volume.errors import BadImageError, BusyError, ToolError
 from scratchfs.volume.libcryptsetup import SegmentInfo
 from scratchfs.volume.state import VolumeState, save
 from scratchfs.volume.system import run, stop_process, umount
@@ -28,6 +29,9 @@ from scratchfs.volume.xts import UnsupportedCipherError, check_cipher
 log = logging.getLogger(__name__)
 
 SERVER_START_TIMEOUT = 30.0
+# How long a closing volume waits for the kernel to release its loop device (see
+# _umount_when_released).
+RELEASE_TIMEOUT = 20.0
 
 
 @dataclass
@@ -154,7 +158,7 @@ def stop_server(fuse_dir: Path, pid: int | None, start_time: int | None) -> None
     """Unmount the FUSE mount (lazily if stale) and make sure the server process is gone."""
     if mountinfo.find(fuse_dir) is not None:
         try:
-            umount(fuse_dir, what="unmounting the volume's FUSE mount")
+            _umount_when_released(fuse_dir)
         except ToolError:
             # A dead server leaves a mount answering ENOTCONN; a lazy unmount always works.
             umount(fuse_dir, what="unmounting the volume's FUSE mount", lazy=True)
@@ -232,3 +236,25 @@ def close_volume(state: VolumeState) -> None:
         loop.detach(device)
     if fuse_dir is not None:
         stop_server(fuse_dir, state.server_pid, state.server_start)
+
+
+def _umount_when_released(fuse_dir: Path) -> None:
+    """Unmount the server's FUSE mount once no loop device holds the served file.
+
+    `losetup --detach` of a device the kernel is still releasing (the ext4 unmount just
+    before drops its last reference asynchronously) only marks it autoclear; until the
+    release runs, the served file stays open and the unmount fails with "target is busy".
+    On a loaded machine that window is long enough to hit, so wait it out, bounded."""
+    deadline = time.monotonic() + RELEASE_TIMEOUT
+    while True:
+        if not loop.devices_for(fuse_dir):
+            try:
+                umount(fuse_dir, what="unmounting the volume's FUSE mount")
+                return
+            except BusyError:
+                if time.monotonic() >= deadline:
+                    raise
+        elif time.monotonic() >= deadline:
+            umount(fuse_dir, what="unmounting the volume's FUSE mount")  # says what holds it
+            return
+        time.sleep(0.05)

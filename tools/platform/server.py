@@ -26,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from protocol import api
+from protocol import api, http1
 from tools.platform import db, health, state
 from tools.platform.handlers import AppConfig, Database, PlatformApp
 from tools.platform.http import (
@@ -177,10 +177,10 @@ class Server:
     async def _handle(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> None:
         try:
             with trio.fail_after(self.limits.handshake_timeout):
-                await stream.do_handshake()
-        except (trio.BrokenResourceError, trio.TooSlowError) as e:
-            cause = e.__cause__
-            why = getattr(cause, "reason", None) or type(cause or e).__name__
+                await http1.tls_handshake(stream)
+        except (http1.StreamBroken, trio.TooSlowError) as e:
+            tls_error = e.tls_error if isinstance(e, http1.StreamBroken) else None
+            why = (tls_error.reason if tls_error is not None else None) or type(tls_error or e).__name__
             log.info("event=tls_handshake_failed peer=%s error=%s", peer, why)
             await _flush_alert(stream)
             return

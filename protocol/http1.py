@@ -146,4 +146,3 @@ class Http1Stream:
     async def aclose_forcefully(self) -> None:
         """Close the transport at once (no TLS close_notify wait)."""
         await trio.aclose_forcefully(self.stream)
-

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from protocol import api, sealing
-from tools.platform import ca, db, health, state
+from tools.platform import bounds, ca, db, health, state
 
 PROG = "scanner-platform"
 EXIT_OK = 0
@@ -219,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
     from tools.platform.handlers import AppConfig
-    from tools.platform.server import ServerLimits, run_server
+    from tools.platform.server import limits_from_args, run_server
 
     paths = _paths(args)
     config = AppConfig(
@@ -227,12 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_result_bytes=args.max_result_bytes,
         poll_interval=args.poll_interval,
     )
-    limits = ServerLimits(
-        max_connections=args.max_connections,
-        max_per_source=args.max_per_source,
-        max_anonymous=args.max_anonymous,
-        max_anonymous_bodies=args.max_anonymous_bodies,
-    )
+    limits = limits_from_args(args)
     host, port = args.listen
     try:
         trio.run(functools.partial(run_server, paths, host, port, config, limits, pool_size=args.db_pool))
@@ -757,19 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--poll-interval", type=_positive, default=0.5, help="how often a long poll re-checks the database for new jobs"
     )
-    sp.add_argument(
-        "--max-connections",
-        type=_count,
-        default=4096,
-        help="connections at once, in any phase (sized for every appliance long-polling at once)",
-    )
-    sp.add_argument("--max-per-source", type=_count, default=64, help="connections at once from one IP address")
-    sp.add_argument(
-        "--max-anonymous", type=_count, default=64, help="connections at once without a client certificate"
-    )
-    sp.add_argument(
-        "--max-anonymous-bodies", type=_count, default=8, help="activation requests reading their body at once"
-    )
+    bounds.add_limit_flags(sp, _count, _positive)
     sp.add_argument("--db-pool", type=_count, default=16, help="PostgreSQL connections of this node (SQLite: 1)")
 
     app = sub.add_parser("appliance", help="manage appliances")

@@ -24,7 +24,7 @@ import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
@@ -53,6 +53,14 @@ class ClientGone(Exception):
 
 class IdleClose(Exception):
     """A kept-alive connection stayed silent past its idle limit: close it quietly."""
+
+
+class BodyGate(Protocol):
+    """A budget a request must hold while it reads its body (refuse at once when full)."""
+
+    def try_take(self) -> bool: ...
+
+    def give_back(self) -> None: ...
 
 
 @dataclass
@@ -170,7 +178,8 @@ class Exchange:
         conn: HttpConnection | trio.abc.Stream,
         deadlines: Deadlines | None = None,
         *,
-        body_gate: trio.Semaphore | None = None,
+        body_gate: BodyGate | None = None,
+        max_body: int | None = None,
     ) -> None:
         if not isinstance(conn, HttpConnection):
             conn = HttpConnection(conn, deadlines or Deadlines())
@@ -182,6 +191,8 @@ class Exchange:
         # An unauthenticated request may read a body only while holding this budget.
         self._body_gate = body_gate
         self._gate_held = False
+        # A cap over every handler's own body limit (anonymous requests: a few KiB).
+        self._max_body = max_body
         self.method = ""
         self.target = ""
         self.path = ""
@@ -245,22 +256,21 @@ class Exchange:
         # Refuse at once rather than queue: a queued request would hold a connection of
         # the anonymous budget, and slow bodies queueing behind slow bodies is exactly how
         # a slowloris fills it.
-        try:
-            self._body_gate.acquire_nowait()
-        except trio.WouldBlock:
-            raise HttpError(
-                503, api.REASON_BUSY, "too many unauthenticated requests; retry later", {"retry-after": "1"}
-            ) from None
+        if not self._body_gate.try_take():
+            busy = "too many unauthenticated requests; retry later"
+            raise HttpError(503, api.REASON_BUSY, busy, {"retry-after": "1"})
         self._gate_held = True
 
     def release_gate(self) -> None:
         """Give back the unauthenticated body budget (idempotent; the server calls it)."""
         if self._gate_held and self._body_gate is not None:
             self._gate_held = False
-            self._body_gate.release()
+            self._body_gate.give_back()
 
     async def iter_body(self, limit: int) -> AsyncIterator[bytes]:
         """The request body in chunks; HttpError 413 past *limit* bytes, ClientGone on EOF."""
+        if self._max_body is not None:
+            limit = min(limit, self._max_body)
         length = self.declared_length()
         if length is not None and length > limit:
             raise HttpError(413, api.REASON_TOO_LARGE, f"body larger than {limit} bytes")

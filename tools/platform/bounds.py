@@ -26,7 +26,9 @@ import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
+
+from tools.platform import cliargs
 
 # The `serve` flags that set a `server.ServerLimits` field: field -> (kind, help). Kept here,
 # with no import of the server, so that building the CLI parser stays cheap.
@@ -47,25 +49,17 @@ LIMIT_FLAGS: Final[dict[str, tuple[type, str]]] = {
 }
 
 
-def add_limit_flags(
-    parser: argparse.ArgumentParser, count: Callable[[str], int], seconds: Callable[[str], float]
-) -> None:
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
     """Add the LIMIT_FLAGS to the `serve` parser (unset: None, the ServerLimits default)."""
     for name, (kind, text) in LIMIT_FLAGS.items():
-        parse = _prefix_length(_PREFIX_BITS[name]) if name in _PREFIX_BITS else count if kind is int else seconds
+        if name in _PREFIX_BITS:
+            parse: Callable[[str], Any] = cliargs.ranged(int, 1, _PREFIX_BITS[name], "a prefix length")
+        else:
+            parse = cliargs.count if kind is int else cliargs.positive
         parser.add_argument("--" + name.replace("_", "-"), type=parse, help=text)
 
 
 _PREFIX_BITS: Final = {"ipv4_prefix": 32, "ipv6_prefix": 128}
-
-
-def _prefix_length(bits: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        if not value.isdigit() or not 1 <= int(value) <= bits:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a prefix length (1-{bits})")
-        return int(value)
-
-    return parse
 
 
 def prefix_of(address: str, ipv4_bits: int = 24, ipv6_bits: int = 64) -> str:

@@ -141,14 +141,18 @@ class Attack:
         with trio.move_on_after(a.seconds), trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
-                for k in range(a.idle_sources):
-                    for n in range(a.idle_per_source):
-                        hello = a.stalled_hellos and n % 2 == 1
-                        nursery.start_soon(self.idle, idle_source(k, a.spread), hello)
                 for _ in range(a.slow_heads):
                     nursery.start_soon(self.slow_head)
                 for _ in range(a.slow_bodies):
                     nursery.start_soon(self.slow_body)
+                total = a.idle_sources * a.idle_per_source
+                for n in range(a.idle_per_source):
+                    for k in range(a.idle_sources):
+                        hello = a.stalled_hellos and n % 2 == 1
+                        nursery.start_soon(self.idle, idle_source(k, a.spread), hello)
+                    # Opened over ~2 s: thousands of SYNs at once would only overflow the
+                    # kernel's queues, which measures the kernel, not the platform.
+                    await trio.sleep(2.0 * a.idle_sources / max(1, total))
 
 
 async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:

@@ -61,7 +61,7 @@ from tools.platform.pgtemp import PostgresError, temp_postgres
 T = TypeVar("T")
 HOSTNAME = "localhost"
 ATTACK_SETTLE = 8.0  # seconds the attack runs before the fleet starts (kernel deferral is 5 s)
-RSS_SETTLE = 12.0  # seconds after the attack before node 0's RSS is read again
+RSS_SETTLE = 25.0  # seconds after the attack before node 0's RSS is read again (two log intervals)
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_START = 0, 1, 2, 3
 PLATFORM = [sys.executable, "-m", "tools.platform"]
 

@@ -207,6 +207,10 @@ class FailureTally:
         self.prefixes[prefix] += 1
         return first
 
+    def total(self) -> int:
+        """Failures counted in the current interval."""
+        return sum(self.reasons.values())
+
     def drain(self) -> str | None:
         """The interval's summary as ``key=value`` fields (None if nothing failed); resets."""
         if not self.reasons:

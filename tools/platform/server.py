@@ -54,6 +54,8 @@ log = logging.getLogger("scanner-platform")
 
 # Give freed heap back to the system once this many connections closed since the peak.
 _TRIM_AFTER_DROP: Final = 512
+# An interval with this many failed connections is a flood (memory is given back after it).
+_FLOOD_FAILURES: Final = 256
 # Connections accepted per wake-up of the accept loop at most.
 _ACCEPT_BATCH: Final = 256
 # The kernel defers a silent connection for at most this long (TCP_DEFER_ACCEPT, seconds).
@@ -164,6 +166,7 @@ class Server:
         self._deferred = False  # the kernel defers silent connections (TCP_DEFER_ACCEPT)
         self._open = 0
         self._peak_open = 0  # since memory was last given back (see _give_back_memory)
+        self._flooded = False  # an interval of the current flood had many failures
 
     def source_counts(self) -> dict[str, int]:
         """Open connections per source address (for tests and diagnostics)."""
@@ -258,17 +261,23 @@ class Server:
         after a flood."""
         while True:
             await trio.sleep(self.limits.log_interval)
+            failed = self._failures.total()
             summary = self._failures.drain()
             if summary is not None:
                 log.warning("event=connection_failures interval_s=%g %s", self.limits.log_interval, summary)
-            self._give_back_memory()
+            self._give_back_memory(failed)
 
-    def _give_back_memory(self) -> None:
+    def _give_back_memory(self, failed: int) -> None:
         # After a flood the connections' buffers are free again, but glibc keeps the freed
         # heap for reuse (many small chunks: nothing is unmapped by itself). malloc_trim
-        # returns it once the number of open connections fell well below its peak.
-        if self._peak_open - self._open >= _TRIM_AFTER_DROP:
-            malloc_trim()
+        # returns it once the flood is over: the open connections fell well below their
+        # peak, or an interval with few failures follows one with many.
+        if failed >= _FLOOD_FAILURES:
+            self._flooded = True
+        elif self._flooded or self._peak_open - self._open >= _TRIM_AFTER_DROP:
+            trimmed = malloc_trim()
+            log.info("event=memory_returned after=flood trimmed=%s open=%d", trimmed, self._open)
+            self._flooded = False
             self._peak_open = self._open
 
     async def _connection(self, tcp: trio.SocketStream) -> None:

@@ -26,6 +26,10 @@ BEFORE `PlatformError`. `PlatformTLSError` means the TLS handshake or certificat
 failed (wrong CA, wrong hostname, refused client certificate, protocol version);
 `PlatformUnavailableError` means the platform could not be reached or the connection broke
 (retry with backoff). Messages never contain keys, codes, credentials or bodies.
+
+Why one module above 600 lines: it is one public class with one method per endpoint, the
+errors and data types those methods return, and their response checks; the HTTP/1.1 and
+TLS plumbing below them is `protocol.http1`, shared with the platform server.
 """
 
 from __future__ import annotations

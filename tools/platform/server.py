@@ -14,14 +14,9 @@ certificate from another CA fails the handshake).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import logging
-import math
 import os
-import resource
 import secrets
-import select
 import signal
 import socket
 import ssl
@@ -35,7 +30,7 @@ from typing import Final
 import trio
 
 from protocol import api, http1
-from tools.platform import bounds, db, health, state
+from tools.platform import bounds, db, health, state, tuning
 from tools.platform.handlers import AppConfig, Database, PlatformApp
 from tools.platform.http import (
     BodyGate,
@@ -200,7 +195,7 @@ class Server:
         """Serve on already bound listeners; report the first one's address when ready."""
         bound = listeners[0].socket.getsockname()
         for listener in listeners:
-            self._deferred = _defer_accept(listener, min(self.limits.handshake_timeout, _MAX_DEFER))
+            self._deferred = tuning.defer_accept(listener, min(self.limits.handshake_timeout, _MAX_DEFER))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.app.run_background)
             nursery.start_soon(self._every_interval)
@@ -231,7 +226,7 @@ class Server:
                             log.warning("event=accept_failed error=%s", type(e).__name__)
                             await trio.sleep(0.1)
                             break
-                        if self._deferred and self._under_pressure() and _silent(conn):
+                        if self._deferred and self._under_pressure() and tuning.silent(conn):
                             # The kernel held this connection for the whole deferral and it
                             # still has not sent its ClientHello: under pressure that is a
                             # handshake timeout already; closed here, it costs no task and
@@ -275,7 +270,7 @@ class Server:
         if failed >= _FLOOD_FAILURES:
             self._flooded = True
         elif self._flooded or self._peak_open - self._open >= _TRIM_AFTER_DROP:
-            trimmed = malloc_trim()
+            trimmed = tuning.malloc_trim()
             log.info("event=memory_returned after=flood trimmed=%s open=%d", trimmed, self._open)
             self._flooded = False
             self._peak_open = self._open
@@ -514,7 +509,7 @@ async def run_server(
     app, storage = build_app(paths, config, pool_size)
     ctx = server_context(paths)
     limits = limits or ServerLimits()
-    _raise_fd_limit(limits.max_connections + 256)
+    tuning.raise_fd_limit(limits.max_connections + 256)
     server = Server(app, ctx, limits)
     try:
         # Bind before any nursery exists, so that "address in use" is a plain OSError.
@@ -551,54 +546,3 @@ def _remove(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
-
-
-def _raise_fd_limit(wanted: int) -> None:
-    """Raise the soft open-file limit towards *wanted* (Debian's default soft limit, 1024,
-    is below the connection pool; the hard limit is the ceiling we may reach alone)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        log.info("event=fd_limit_raised soft=%d", target)
-
-
-def _defer_accept(listener: trio.SocketListener, seconds: float) -> bool:
-    """Ask the kernel to defer accepting silent connections; True if it will.
-
-    TCP_DEFER_ACCEPT (Linux): the kernel hands us a connection only once its first bytes
-    arrived (a TLS client speaks first: the ClientHello), or after about *seconds*. Silent
-    connections then wait in the kernel's SYN-RECV state instead of in our accept queue,
-    where every legitimate client would queue behind them.
-    """
-    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
-    if option is None:
-        return False
-    try:
-        listener.socket.setsockopt(socket.IPPROTO_TCP, option, max(1, math.ceil(seconds)))
-    except OSError as e:
-        log.warning("event=defer_accept_unavailable error=%s", e.strerror or type(e).__name__)
-        return False
-    return True
-
-
-def _silent(conn: socket.socket) -> bool:
-    """True if the peer has sent nothing yet (nothing to read, no EOF)."""
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN)
-    return not poller.poll(0)
-
-
-def malloc_trim() -> bool:
-    """Ask glibc to return free heap pages to the system (False where there is no glibc)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # musl and others have no malloc_trim
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return bool(trim(0))

@@ -92,9 +92,9 @@ class ServerLimits:
     max_handshakes: int = 256  # connections in the TLS handshake
     max_handshakes_per_prefix: int = 32
     max_anonymous: int = 64  # connections past the handshake without a usable certificate
-    max_anonymous_per_prefix: int = 8
+    max_anonymous_per_prefix: int = 16
     max_anonymous_bodies: int = 8  # of those, reading a request body at once
-    max_anonymous_bodies_per_prefix: int = 2
+    max_anonymous_bodies_per_prefix: int = 4
     max_anonymous_body: int = 8 * 1024  # an activation is ~3 KiB (CSR + hybrid key)
     ipv4_prefix: int = 24
     ipv6_prefix: int = 64
@@ -354,6 +354,7 @@ class Server:
             # to erase its keys), then the connection is closed.
             if not self._anonymous.try_take(prefix):
                 self._failed("connection_refused", peer, prefix, "anonymous_budget")
+                await self._refuse_busy(stream)
                 return
             taken = True
 
@@ -388,6 +389,20 @@ class Server:
                 await hc.wait_for_request(self.limits.keepalive_timeout)
             except (IdleClose, ClientGone):
                 return
+
+    async def _refuse_busy(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        """Answer 503 busy at once, without reading the request (its head could be slow),
+        so that a client (an appliance activating beside many others of its site) retries
+        after Retry-After instead of seeing a dropped connection; then a short drain."""
+        hc = HttpConnection(stream, self.limits.deadlines(anonymous=True))
+        busy = HttpError(
+            503, api.REASON_BUSY, "too many unauthenticated connections; retry later", {"retry-after": "1"}
+        )
+        try:
+            await Exchange(hc).respond(error_response(busy))
+            await hc.http.discard_incoming(64 * 1024, 0.25)
+        except ClientGone:
+            pass
 
     async def _exchange(
         self,

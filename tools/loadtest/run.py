@@ -428,8 +428,9 @@ class Run:
             out = proc.stdout.read() if proc.stdout is not None else b""
             if proc.stdout is not None:
                 proc.stdout.close()
-            with contextlib.suppress(ValueError):
-                self.report["attack"]["attacker_saw"] = json.loads(out.decode().strip().splitlines()[-1])
+            lines = out.decode(errors="replace").strip().splitlines()
+            with contextlib.suppress(ValueError, IndexError):  # killed before it could report
+                self.report["attack"]["attacker_saw"] = json.loads(lines[-1])
             rss["end_mb"] = _rss_mb(self.pids[0])
 
     _probe_client: client.PlatformClient | None = None

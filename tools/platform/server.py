@@ -249,7 +249,7 @@ class Server:
     def _failed(self, event: str, peer: str, prefix: str, reason: str) -> None:
         """Count a connection that ended before HTTP; only the interval's first gets a line."""
         if self._failures.add(reason, prefix):
-            log.info("event=%s peer=%s error=%s (more this interval are summed up)", event, peer, reason)
+            log.info("event=%s peer=%s error=%s others=counted_in_interval_summary", event, peer, reason)
 
     async def _every_interval(self) -> None:
         """Once per log interval: one summary line of failed connections; give memory back

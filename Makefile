@@ -59,6 +59,8 @@ loadtest: setup
 		--backend postgresql --nodes 2 --pollers 2
 	$(PY) -m tools.loadtest --appliances $(LOADTEST_APPLIANCES) --duration $(LOADTEST_DURATION) \
 		--backend sqlite --slowloris 256
+	$(PY) -m tools.loadtest --appliances $(LOADTEST_APPLIANCES) --duration $(LOADTEST_DURATION) \
+		--backend sqlite --attack
 
 clean:
 	rm -rf $(VENV) results .mypy_cache .ruff_cache .pytest_cache

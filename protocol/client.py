@@ -26,6 +26,10 @@ BEFORE `PlatformError`. `PlatformTLSError` means the TLS handshake or certificat
 failed (wrong CA, wrong hostname, refused client certificate, protocol version);
 `PlatformUnavailableError` means the platform could not be reached or the connection broke
 (retry with backoff). Messages never contain keys, codes, credentials or bodies.
+
+Why one module above 600 lines: it is one public class with one method per endpoint, the
+errors and data types those methods return, and their response checks; the HTTP/1.1 and
+TLS plumbing below them is `protocol.http1`, shared with the platform server.
 """
 
 from __future__ import annotations
@@ -49,11 +53,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from protocol import api
+from protocol import api, http1
 from protocol.proxy import ProxyConfig, ProxyError, open_stream
 
 DEFAULT_TIMEOUT: Final = 30.0
-_CHUNK: Final = 64 * 1024
 # How long to wait for "100 Continue" before sending a body anyway (RFC 9110 §10.1.1).
 _EXPECT_CONTINUE_WAIT: Final = 2.0
 _USER_AGENT: Final = "scratchfs-agent/1"
@@ -201,12 +204,10 @@ _MAX_IDLE: Final = 2
 
 @dataclass
 class _Live:
-    """One open connection and its h11 state; ``received`` counts response bytes."""
+    """One open connection (`protocol.http1`); ``reused`` once it carried an exchange."""
 
-    stream: trio.SSLStream[trio.SocketStream]
-    conn: h11.Connection
+    http: http1.Http1Stream
     reused: bool = False
-    received: int = 0
 
 
 # 503 busy: how many times a request is sent again, after Retry-After (clamped to 1-5 s).
@@ -228,23 +229,18 @@ def _retry_after(resp: _Response) -> float:
         return 1.0
 
 
-def _tls_message(exc: BaseException) -> str:
+def _tls_message(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS failed: {exc.reason or type(exc).__name__}"
-    return "TLS failed"
+    return f"TLS failed: {exc.reason or type(exc).__name__}"
 
 
-def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            return None
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+def _broken(exc: http1.StreamBroken, what: str) -> PlatformError:
+    """The one mapping of a broken connection: TLS (a refused certificate, a protocol
+    version, the server's alert) or, without a TLS cause, unavailable (*what* broke)."""
+    if exc.tls_error is not None:
+        return PlatformTLSError(None, "tls", _tls_message(exc.tls_error))
+    return PlatformUnavailableError(None, "unavailable", what)
 
 
 def _b64decode(value: object, what: str) -> bytes:
@@ -500,7 +496,7 @@ class PlatformClient:
         """Close the kept-alive connections (the client stays usable: it reconnects)."""
         idle, self._idle = self._idle, []
         for live in idle:
-            await trio.aclose_forcefully(live.stream)
+            await live.http.aclose_forcefully()
 
     # -- plumbing --
 
@@ -626,7 +622,7 @@ class PlatformClient:
         except ProxyError as e:
             raise PlatformUnavailableError(None, REASON_PROXY, str(e)) from None
 
-    async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
+    async def _connect(self) -> _Live:
         try:
             tcp = await self._open_tcp()
         except OSError as e:
@@ -638,68 +634,41 @@ class PlatformClient:
             ) from None
         stream = trio.SSLStream(tcp, self._ctx, server_hostname=self._host, https_compatible=True)
         try:
-            await stream.do_handshake()
-        except trio.BrokenResourceError as e:
+            await http1.tls_handshake(stream)
+        except http1.StreamBroken as e:
             await trio.aclose_forcefully(stream)
-            cause = _ssl_cause(e)
-            if cause is not None:
-                raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
-            raise PlatformUnavailableError(
-                None, "unavailable", "connection closed during TLS handshake"
-            ) from None
+            raise _broken(e, "connection closed during TLS handshake") from None
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        return stream
-
-    async def _receive(self, live: _Live) -> bytes:
-        try:
-            data = bytes(await live.stream.receive_some(_CHUNK))
-            live.received += len(data)
-            return data
-        except trio.BrokenResourceError as e:
-            cause = _ssl_cause(e)
-            if cause is not None:
-                # With TLS 1.3 the server's verdict on our client certificate arrives as an
-                # alert after our side of the handshake already finished.
-                raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
-            raise PlatformUnavailableError(None, "unavailable", "connection broke") from None
+        return _Live(http1.Http1Stream(stream, h11.CLIENT))
 
     async def _exchange(
         self, method: str, target: str, body: bytes | None, extra: Mapping[str, str]
     ) -> _Response:
         while True:
-            live = self._idle.pop() if self._idle else None
-            if live is None:
-                conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=api.MAX_HEADER_BYTES)
-                live = _Live(await self._connect(), conn)
+            live = self._idle.pop() if self._idle else await self._connect()
             try:
-                resp = await self._exchange_on(live, method, target, body, extra)
+                resp = await self._exchange_on(live.http, method, target, body, extra)
             except PlatformUnavailableError:
-                await trio.aclose_forcefully(live.stream)
-                if live.reused and live.received == 0:
+                await live.http.aclose_forcefully()
+                if live.reused and live.http.received == 0:
                     continue  # the platform closed the idle connection: once more, fresh
                 raise
             except BaseException:
-                await trio.aclose_forcefully(live.stream)
+                await live.http.aclose_forcefully()
                 raise
-            if (
-                live.conn.our_state is h11.DONE
-                and live.conn.their_state is h11.DONE
-                and len(self._idle) < _MAX_IDLE
-            ):
-                live.conn.start_next_cycle()
+            if live.http.reusable() and len(self._idle) < _MAX_IDLE:
+                live.http.start_next_cycle()
                 live.reused = True
-                live.received = 0
                 self._idle.append(live)
             else:
-                await trio.aclose_forcefully(live.stream)
+                await live.http.aclose_forcefully()
             return resp
 
     async def _exchange_on(
-        self, live: _Live, method: str, target: str, body: bytes | None, extra: Mapping[str, str]
+        self, http: http1.Http1Stream, method: str, target: str, body: bytes | None, extra: Mapping[str, str]
     ) -> _Response:
-        conn = live.conn
         hdrs = [
             ("host", self._host_header),
             ("user-agent", _USER_AGENT),
@@ -710,34 +679,41 @@ class PlatformClient:
         hdrs += list(extra.items())
         if body is not None:
             hdrs.append(("content-length", str(len(body))))
-            if len(body) > _CHUNK:
+            if len(body) > http1.RECEIVE_BYTES:
                 # Let the platform refuse (size, auth, job) before we send megabytes.
                 hdrs.append(("expect", "100-continue"))
         try:
-            data = conn.send(h11.Request(method=method, target=target, headers=hdrs))
+            data = http.h11.send(h11.Request(method=method, target=target, headers=hdrs))
             if body is None:
-                data += conn.send(h11.EndOfMessage())  # no bytes; lets h11 reuse the connection
-            await live.stream.send_all(data)
-        except trio.BrokenResourceError as e:
-            cause = _ssl_cause(e)
-            if cause is not None:
-                raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
-            raise PlatformUnavailableError(None, "unavailable", "connection broke") from None
+                data += http.h11.send(h11.EndOfMessage())  # no bytes; lets h11 reuse the connection
+            await http.send_raw(data)
+        except http1.StreamBroken as e:
+            raise _broken(e, "connection broke") from None
         early: h11.Response | None = None
         if body is not None:
-            if len(body) > _CHUNK:
-                early = await self._await_continue(live)
+            if len(body) > http1.RECEIVE_BYTES:
+                early = await self._await_continue(http)
             if early is None:
-                await self._send_body(conn, live.stream, body)
-        return await self._read_response(live, early)
+                try:
+                    await http.send_body(body)
+                except http1.StreamBroken as e:
+                    raise _broken(e, "connection broke while sending the request body") from None
+        return await self._read_response(http, early)
 
-    async def _await_continue(self, live: _Live) -> h11.Response | None:
-        conn = live.conn
+    async def _receive(self, http: http1.Http1Stream) -> bytes:
+        try:
+            return await http.receive()
+        except http1.StreamBroken as e:
+            # With TLS 1.3 the server's verdict on our client certificate arrives as an
+            # alert after our side of the handshake already finished.
+            raise _broken(e, "connection broke") from None
+
+    async def _await_continue(self, http: http1.Http1Stream) -> h11.Response | None:
         with trio.move_on_after(_EXPECT_CONTINUE_WAIT):
             while True:
-                event = self._next_event(conn)
+                event = self._next_event(http)
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await self._receive(live))
+                    await self._receive(http)
                     continue
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 100:
@@ -748,42 +724,24 @@ class PlatformClient:
                 raise PlatformUnavailableError(None, "unavailable", "connection closed early")
         return None
 
-    async def _send_body(
-        self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream], body: bytes
-    ) -> None:
+    def _next_event(self, http: http1.Http1Stream) -> Any:
         try:
-            view = memoryview(body)
-            for off in range(0, len(body), _CHUNK):
-                await stream.send_all(conn.send(h11.Data(data=bytes(view[off : off + _CHUNK]))))
-            await stream.send_all(conn.send(h11.EndOfMessage()))
-        except trio.BrokenResourceError as e:
-            cause = _ssl_cause(e)
-            if cause is not None:
-                raise PlatformTLSError(None, "tls", _tls_message(cause)) from None
-            raise PlatformUnavailableError(
-                None, "unavailable", "connection broke while sending the request body"
-            ) from None
-
-    def _next_event(self, conn: h11.Connection) -> Any:
-        try:
-            return conn.next_event()
-        except h11.RemoteProtocolError:
+            return http.next_event()
+        except http1.PeerProtocolError:
             raise PlatformError(None, "protocol", "platform sent malformed HTTP") from None
 
-    async def _read_response(self, live: _Live, early: h11.Response | None) -> _Response:
-        conn = live.conn
+    async def _read_response(self, http: http1.Http1Stream, early: h11.Response | None) -> _Response:
         head = early
         chunks: list[bytes] = []
         size = 0
         while True:
-            event = self._next_event(conn)
+            event = self._next_event(http)
             if event is h11.NEED_DATA:
-                data = await self._receive(live)
+                data = await self._receive(http)
                 if not data and head is None:
                     # Closed before answering: a kept-alive connection the platform had
                     # closed, or a connection it refused (budget full). Not malformed HTTP.
                     raise PlatformUnavailableError(None, "unavailable", "platform closed the connection")
-                conn.receive_data(data)
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue

@@ -54,11 +54,14 @@ import trio
 from agent.timesync import Clock
 from agent.tls import client_context
 from protocol import api, client, sealing
+from tools.children import stop_child
 from tools.platform import ca, db, state
 from tools.platform.pgtemp import PostgresError, temp_postgres
 
 T = TypeVar("T")
 HOSTNAME = "localhost"
+ATTACK_SETTLE = 8.0  # seconds the attack runs before the fleet starts (kernel deferral is 5 s)
+RSS_SETTLE = 25.0  # seconds after the attack before node 0's RSS is read again (two log intervals)
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_START = 0, 1, 2, 3
 PLATFORM = [sys.executable, "-m", "tools.platform"]
 
@@ -69,8 +72,13 @@ def tls(ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = No
 
 
 def appliance_address(i: int) -> str:
-    """A distinct loopback source address for appliance *i* (127.0.10.1 upwards)."""
-    return f"127.{(10 + i // 250) // 256}.{(10 + i // 250) % 256}.{1 + i % 250}"
+    """A distinct loopback source address for appliance *i*, each in its own /24 (a fleet is
+    spread over many sites): 127.10.0.1, 127.10.1.1, ... (up to 127.88.x.1 for 20,000)."""
+    return f"127.{10 + i // 256}.{i % 256}.1"
+
+
+# The probes' own network, apart from the fleet's and the attackers'.
+PROBE_ADDRESS = "127.0.8.1"
 
 
 @dataclass
@@ -112,6 +120,17 @@ class Stats:
         return out
 
 
+def _rss_mb(pid: int) -> float:
+    """Resident memory of process *pid* in MiB (0.0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 def _pct(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return 0.0
@@ -141,8 +160,8 @@ class Ledger:
 
 
 @contextlib.contextmanager
-def platform_nodes(root: Path, nodes: int, extra: list[str]) -> Iterator[list[int]]:
-    """Start *nodes* serve processes on one state dir; their ports. Stopped by PID."""
+def platform_nodes(root: Path, nodes: int, extra: list[str]) -> Iterator[list[tuple[int, int]]]:
+    """Start *nodes* serve processes on one state dir; their (port, pid). Stopped by PID."""
     procs: list[subprocess.Popen[bytes]] = []
     ports: list[int] = []
     try:
@@ -160,7 +179,7 @@ def platform_nodes(root: Path, nodes: int, extra: list[str]) -> Iterator[list[in
             if not line.startswith("listening on "):
                 raise RuntimeError(f"node {n} did not start; see {root.parent / f'node{n}.log'}")
             ports.append(int(line.rsplit(":", 1)[1]))
-        yield ports
+        yield [(port, proc.pid) for port, proc in zip(ports, procs, strict=True)]
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -178,10 +197,12 @@ def platform_nodes(root: Path, nodes: int, extra: list[str]) -> Iterator[list[in
 class Run:
     """One load run against running nodes."""
 
-    def __init__(self, args: argparse.Namespace, paths: state.StatePaths, ports: list[int]) -> None:
+    def __init__(self, args: argparse.Namespace, paths: state.StatePaths, nodes: list[tuple[int, int]]) -> None:
         self.args = args
         self.paths = paths
-        self.ports = ports
+        self.ports = [port for port, _pid in nodes]
+        self.pids = [pid for _port, pid in nodes]
+        self.probe_codes: list[str] = []  # spare appliances the probe activates, one per round
         self.ca_pem = paths.ca_cert.read_bytes()
         self.stats = Stats()
         self.ledger = Ledger()
@@ -206,6 +227,11 @@ class Run:
             key_pem, csr = client.new_client_key_and_csr(name)
             xpriv, xpub = sealing.generate_keypair()
             fleet.append(SimAppliance(i, name, key_pem, csr, xpriv, xpub, code))
+        if self.args.slowloris or self.args.attack:
+            for i in range(int(self.args.duration) + 60):  # one per probe round (1 s) and some
+                code = ca.new_activation_code()
+                self.storage.add_appliance(f"probe{i:05d}", ca.code_hash(code), now + 3600, now)
+                self.probe_codes.append(code)
         return fleet
 
     async def activate_all(self, fleet: list[SimAppliance]) -> None:
@@ -347,23 +373,65 @@ class Run:
                     held["refused"] += 1
                 await trio.sleep(20)
 
-        async def probe() -> None:
-            anon_ctx = tls(self.ca_pem)
-            fleet_client = self._probe_client
-            while not stop.is_set():
-                legit = client.PlatformClient(self.url(0), anon_ctx, timeout=10)
-                with contextlib.suppress(client.PlatformError):
-                    await self.stats.timed("probe: time (fresh TLS)", legit.time)
-                if fleet_client is not None:
-                    with contextlib.suppress(client.PlatformError):
-                        await self.stats.timed("probe: poll wait=0", fleet_client.next_job, 0)
-                await trio.sleep(1.0)
-
         self.report["slowloris"] = held  # filled in while the attack runs (it ends cancelled)
         async with trio.open_nursery() as nursery:
             for i in range(count):
                 nursery.start_soon(attacker, i)
-            nursery.start_soon(probe)
+            nursery.start_soon(self.probe, stop)
+
+    async def probe(self, stop: trio.Event) -> None:
+        """Once a second, what a legitimate party sees, each on a fresh connection (through
+        the TLS handshake, where a flood waits): an appliance's poll, the time, an activation."""
+        anon_ctx = tls(self.ca_pem)
+        appliance = self._probe_client
+        codes = iter(self.probe_codes)
+        while not stop.is_set():
+            if appliance is not None:
+                await appliance.aclose()
+                with contextlib.suppress(client.PlatformError):
+                    await self.stats.timed("probe: poll (fresh TLS)", appliance.next_job, 0)
+            anon = client.PlatformClient(self.url(0), anon_ctx, timeout=10, local_address=PROBE_ADDRESS)
+            with contextlib.suppress(client.PlatformError):
+                await self.stats.timed("probe: time (fresh TLS)", anon.time)
+            code = next(codes, None)
+            if code is not None:
+                _key_pem, csr = client.new_client_key_and_csr("probe")
+                _xpriv, xpub = sealing.generate_keypair()
+                with contextlib.suppress(client.PlatformError):
+                    await self.stats.timed("probe: activate (fresh)", anon.activate, code, csr, xpub)
+            await trio.sleep(1.0)
+
+    async def many_source_attack(self, stop: trio.Event) -> None:
+        """Run `tools.loadtest.attack` against node 0 in its own process while the fleet
+        works; probe meanwhile; sample node 0's RSS before, during and after."""
+        a = self.args
+        rss = {"before_mb": _rss_mb(self.pids[0]), "peak_mb": 0.0}
+        cmd = [
+            sys.executable, "-m", "tools.loadtest.attack", "--port", str(self.ports[0]),
+            "--ca", str(self.paths.ca_cert), "--idle-sources", str(a.attack_sources),
+            "--idle-per-source", str(a.attack_idle_per_source), "--slow-heads", str(a.attack_slow_heads),
+            "--slow-bodies", str(a.attack_slow_bodies), "--seconds", str(a.duration + 120),
+        ]  # fmt: skip
+        cmd += ["--spread"] if a.attack_spread else []
+        cmd += ["--stalled-hellos"] if a.attack_stalled_hellos else []
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+        self.report["attack"] = {"rss": rss}
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.probe, stop)
+                while not stop.is_set():
+                    rss["peak_mb"] = max(rss["peak_mb"], _rss_mb(self.pids[0]))
+                    with trio.move_on_after(1.0):
+                        await stop.wait()
+        finally:
+            stop_child(proc)
+            out = proc.stdout.read() if proc.stdout is not None else b""
+            if proc.stdout is not None:
+                proc.stdout.close()
+            lines = out.decode(errors="replace").strip().splitlines()
+            with contextlib.suppress(ValueError, IndexError):  # killed before it could report
+                self.report["attack"]["attacker_saw"] = json.loads(lines[-1])
+            rss["end_mb"] = _rss_mb(self.pids[0])
 
     _probe_client: client.PlatformClient | None = None
 
@@ -384,6 +452,9 @@ class Run:
             if args.slowloris:
                 nursery.start_soon(self.slowloris, args.slowloris, attack_stop)
                 await trio.sleep(2.0)  # let the attack settle before the fleet is measured
+            if args.attack:
+                nursery.start_soon(self.many_source_attack, attack_stop)
+                await trio.sleep(ATTACK_SETTLE)  # past the kernel's deferral of silent connections
             for a in fleet:
                 for w in range(args.pollers):
                     nursery.start_soon(self.worker, a, w, stop)
@@ -397,6 +468,10 @@ class Run:
             nursery.cancel_scope.cancel()  # workers parked in a long-poll, attackers mid-trickle
         elapsed = trio.current_time() - t0
         self.report["run_seconds"] = round(elapsed, 1)
+        if args.attack:
+            # Memory after the flood: the platform sums up and gives back once per interval.
+            await trio.sleep(RSS_SETTLE)
+            self.report["attack"]["rss"][f"after_{RSS_SETTLE:g}s_mb"] = _rss_mb(self.pids[0])
         for a in fleet:
             for c in a.clients:
                 await c.aclose()
@@ -467,6 +542,16 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"errors: {report['errors']}")
     if "slowloris" in report:
         lines.append(f"slowloris attackers: {dict(report['slowloris'])}")
+    if "attack" in report:
+        attack = report["attack"]
+        lines.append(f"many-source attack, attacker saw: {attack.get('attacker_saw', {})}")
+        lines.append(f"platform node 0 RSS (MiB): {attack['rss']}")
+        legit = [
+            f"{name} p50/p99 {e['p50_ms']}/{e['p99_ms']} ms (n={e['count']})"
+            for name, e in report["endpoints"].items()
+            if name.startswith("probe") or name in ("jobs/next (long-poll)", "progress", "result")
+        ]
+        lines.append("legitimate during the attack: " + "; ".join(legit))
     lines.append("PASS" if report["pass"] else "FAIL")
     return "\n".join(lines)
 
@@ -483,6 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-wait", type=float, default=10.0, help="long-poll wait of each worker (s)")
     p.add_argument("--result-bytes", type=int, default=2048, help="random bytes in each result")
     p.add_argument("--slowloris", type=int, default=0, metavar="N", help="also run N slowloris connections")
+    p.add_argument(
+        "--attack", action="store_true", help="also run the many-source attack (tools.loadtest.attack) on node 0"
+    )
+    p.add_argument("--attack-sources", type=int, default=100, help="idle-handshake sources (127.0.0.2 up)")
+    p.add_argument("--attack-idle-per-source", type=int, default=64, help="idle connections per source")
+    p.add_argument("--attack-spread", action="store_true", help="each idle source in its own /24 (127.1.k.1)")
+    p.add_argument("--attack-stalled-hellos", action="store_true", help="half the idle ones send a ClientHello")
+    p.add_argument("--attack-slow-heads", type=int, default=64, help="slow request heads from one address")
+    p.add_argument("--attack-slow-bodies", type=int, default=16, help="slow activation bodies from that address")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     return p
@@ -514,16 +608,18 @@ def main(argv: list[str] | None = None) -> int:
         except db.StorageError as e:
             print(f"loadtest: {e}", file=sys.stderr)
             return EXIT_START
-        conns = str(args.appliances * args.pollers + args.slowloris + 256)
+        conns = args.appliances * args.pollers + args.slowloris + 256
+        if args.attack:
+            conns = max(conns, 4096)  # the deployed default: the attack meets the real pool
         # Pool per node: enough for a share of the fleet, within PostgreSQL's max_connections.
         pool = str(max(4, min(32, 200 // args.nodes)))
-        extra = ["--max-connections", conns, "--lease-seconds", "600", "--db-pool", pool]
+        extra = ["--max-connections", str(conns), "--lease-seconds", "600", "--db-pool", pool]
         try:
-            ports = stack.enter_context(platform_nodes(paths.root, args.nodes, extra))
+            nodes = stack.enter_context(platform_nodes(paths.root, args.nodes, extra))
         except RuntimeError as e:
             print(f"loadtest: {e}", file=sys.stderr)
             return EXIT_START
-        run = Run(args, paths, ports)
+        run = Run(args, paths, nodes)
         with run.storage:
             trio.run(run.main)
         print(render(run.report))

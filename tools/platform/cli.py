@@ -25,7 +25,7 @@ from typing import Any
 from protocol import api, sealing
 from scratchfs.keyholder import logformat
 from scratchfs.keyholder.wipe import wipe
-from tools.platform import ca, cliargs, db, exitcodes, health, keys, policy, state, views
+from tools.platform import bounds, ca, cliargs, db, exitcodes, health, keys, policy, state, views
 
 STATE_ENV = "SCANNER_PLATFORM_STATE"
 DEFAULT_CODE_TTL = 24 * 3600.0
@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
     from tools.platform.handlers import AppConfig
-    from tools.platform.server import ServerLimits, run_server
+    from tools.platform.server import limits_from_args, run_server
 
     paths = _paths(args)
     config = AppConfig(
@@ -77,12 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_result_bytes=args.max_result_bytes,
         poll_interval=args.poll_interval,
     )
-    limits = ServerLimits(
-        max_connections=args.max_connections,
-        max_per_source=args.max_per_source,
-        max_anonymous=args.max_anonymous,
-        max_anonymous_bodies=args.max_anonymous_bodies,
-    )
+    limits = limits_from_args(args)
     host, port = args.listen
     try:
         trio.run(functools.partial(run_server, paths, host, port, config, limits, pool_size=args.db_pool))
@@ -444,19 +439,7 @@ def _add_serve(sub: Any) -> None:
         default=0.5,
         help="how often a long poll re-checks the database for new jobs",
     )
-    sp.add_argument(
-        "--max-connections",
-        type=cliargs.count,
-        default=4096,
-        help="connections at once, in any phase (sized for every appliance long-polling at once)",
-    )
-    sp.add_argument("--max-per-source", type=cliargs.count, default=64, help="connections at once from one IP address")
-    sp.add_argument(
-        "--max-anonymous", type=cliargs.count, default=64, help="connections at once without a client certificate"
-    )
-    sp.add_argument(
-        "--max-anonymous-bodies", type=cliargs.count, default=8, help="activation requests reading their body at once"
-    )
+    bounds.add_limit_flags(sp)
     sp.add_argument("--db-pool", type=cliargs.count, default=16, help="PostgreSQL connections of this node (SQLite: 1)")
 
 

@@ -1,8 +1,9 @@
-"""HTTP/1.1 over a TLS stream with h11: requests, bounded in size, depth and time.
+"""HTTP/1.1 requests on the platform's side: parsed, bounded in size, depth and time.
 
 This layer knows nothing about the platform: it parses a request, exposes its body as a
-bounded async iterator, and writes the response. Errors a handler raises as `HttpError`
-become JSON error documents ``{"reason": ..., "error": ...}``.
+bounded async iterator, and writes the response. The bytes-to-events plumbing (h11 over a
+trio stream) is `protocol.http1`, shared with the appliance client. Errors a handler raises
+as `HttpError` become JSON error documents ``{"reason": ..., "error": ...}``.
 
 Time bounds (why each exists): a slowloris client sends a request a byte at a time to hold
 a connection forever, and a per-read idle timeout alone never fires for it. So every
@@ -23,17 +24,16 @@ import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 import trio
 
-from protocol import api
+from protocol import api, http1
 
 log = logging.getLogger("scanner-platform.http")
 
-_RECV: Final = 64 * 1024
 SERVER_HEADER: Final = "scratchfs-platform/1"
 
 
@@ -53,6 +53,14 @@ class ClientGone(Exception):
 
 class IdleClose(Exception):
     """A kept-alive connection stayed silent past its idle limit: close it quietly."""
+
+
+class BodyGate(Protocol):
+    """A budget a request must hold while it reads its body (refuse at once when full)."""
+
+    def try_take(self) -> bool: ...
+
+    def give_back(self) -> None: ...
 
 
 @dataclass
@@ -131,34 +139,33 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 
 class HttpConnection:
-    """The h11 state of one TLS connection, shared by its successive exchanges."""
+    """One TLS connection's HTTP state (`protocol.http1`), shared by its successive exchanges."""
 
     def __init__(self, stream: trio.abc.Stream, deadlines: Deadlines) -> None:
+        self.http = http1.Http1Stream(stream, h11.SERVER)
         self.stream = stream
         self.deadlines = deadlines
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=api.MAX_HEADER_BYTES)
         self.requests = 0
 
     def reusable(self) -> bool:
         """True if both sides finished the last exchange cleanly and may start another."""
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        return self.http.reusable()
 
     def next_cycle(self) -> None:
         """Reset h11 for the next request on this connection."""
-        self.h11.start_next_cycle()
+        self.http.start_next_cycle()
 
     async def wait_for_request(self, idle: float) -> None:
         """Wait up to *idle* seconds for the first byte of the next request (IdleClose)."""
-        if self.h11.trailing_data[0]:
+        if self.http.h11.trailing_data[0]:
             return  # the client pipelined: the next request is already buffered
         with trio.move_on_after(idle):
             try:
-                data = await self.stream.receive_some(_RECV)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = await self.http.receive()
+            except http1.StreamBroken:
                 raise ClientGone from None
             if not data:
                 raise IdleClose
-            self.h11.receive_data(bytes(data))
             return
         raise IdleClose
 
@@ -171,18 +178,21 @@ class Exchange:
         conn: HttpConnection | trio.abc.Stream,
         deadlines: Deadlines | None = None,
         *,
-        body_gate: trio.Semaphore | None = None,
+        body_gate: BodyGate | None = None,
+        max_body: int | None = None,
     ) -> None:
         if not isinstance(conn, HttpConnection):
             conn = HttpConnection(conn, deadlines or Deadlines())
         self._hc = conn
-        self._stream = conn.stream
-        self._conn = conn.h11
+        self._http = conn.http
+        self._conn = conn.http.h11
         self._limits = conn.deadlines
         self._deadline = math.inf  # trio time by which the current phase must finish
         # An unauthenticated request may read a body only while holding this budget.
         self._body_gate = body_gate
         self._gate_held = False
+        # A cap over every handler's own body limit (anonymous requests: a few KiB).
+        self._max_body = max_body
         self.method = ""
         self.target = ""
         self.path = ""
@@ -197,18 +207,17 @@ class Exchange:
             if timeout <= 0:
                 raise trio.TooSlowError
             with trio.fail_after(timeout):
-                data = await self._stream.receive_some(_RECV)
+                await self._http.receive()
         except trio.TooSlowError:
             raise HttpError(408, api.REASON_TIMEOUT, "request not received in time") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except http1.StreamBroken:
             raise ClientGone from None
-        self._conn.receive_data(bytes(data))
 
     def _next(self) -> Any:
         try:
-            return self._conn.next_event()
-        except h11.RemoteProtocolError as e:
-            status = e.error_status_hint if 400 <= e.error_status_hint < 500 else 400
+            return self._http.next_event()
+        except http1.PeerProtocolError as e:
+            status = e.status_hint if 400 <= e.status_hint < 500 else 400
             reason = api.REASON_TOO_LARGE if status == 431 else api.REASON_BAD_REQUEST
             raise HttpError(status, reason, "malformed HTTP request") from None
 
@@ -247,22 +256,21 @@ class Exchange:
         # Refuse at once rather than queue: a queued request would hold a connection of
         # the anonymous budget, and slow bodies queueing behind slow bodies is exactly how
         # a slowloris fills it.
-        try:
-            self._body_gate.acquire_nowait()
-        except trio.WouldBlock:
-            raise HttpError(
-                503, api.REASON_BUSY, "too many unauthenticated requests; retry later", {"retry-after": "1"}
-            ) from None
+        if not self._body_gate.try_take():
+            busy = "too many unauthenticated requests; retry later"
+            raise HttpError(503, api.REASON_BUSY, busy, {"retry-after": "1"})
         self._gate_held = True
 
     def release_gate(self) -> None:
         """Give back the unauthenticated body budget (idempotent; the server calls it)."""
         if self._gate_held and self._body_gate is not None:
             self._gate_held = False
-            self._body_gate.release()
+            self._body_gate.give_back()
 
     async def iter_body(self, limit: int) -> AsyncIterator[bytes]:
         """The request body in chunks; HttpError 413 past *limit* bytes, ClientGone on EOF."""
+        if self._max_body is not None:
+            limit = min(limit, self._max_body)
         length = self.declared_length()
         if length is not None and length > limit:
             raise HttpError(413, api.REASON_TOO_LARGE, f"body larger than {limit} bytes")
@@ -300,10 +308,8 @@ class Exchange:
 
     async def _send(self, event: Any) -> None:
         try:
-            data = self._conn.send(event)
-            if data:
-                await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._http.send(event)
+        except http1.StreamBroken:
             raise ClientGone from None
 
     def can_respond(self) -> bool:
@@ -350,13 +356,4 @@ class Exchange:
         connection before it has read our (early) error response."""
         if self._conn.their_state is not h11.SEND_BODY:
             return
-        got = 0
-        with trio.move_on_after(timeout):
-            while got < max_bytes:
-                try:
-                    data = await self._stream.receive_some(_RECV)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not data:
-                    return
-                got += len(data)
+        await self._http.discard_incoming(max_bytes, timeout)

@@ -248,7 +248,8 @@ class Attestor:
                 esapi.flush_context(kek)
             return Evidence(bytes(attest.marshal()), bytes(sig.marshal()))
 
-        return self._signed("certify the sealed key", certify)
+        evidence: Evidence = self._signed("certify the sealed key", certify)
+        return evidence
 
     # -- every boot --
 
@@ -280,7 +281,8 @@ class Attestor:
                 esapi.tr_close(nv)
             return Evidence(bytes(attest.marshal()), bytes(sig.marshal()))
 
-        return self._signed("certify the boot counter", certify)
+        evidence: Evidence = self._signed("certify the boot counter", certify)
+        return evidence
 
     def _signed(self, what: str, fn: Any) -> Any:
         try:

@@ -22,6 +22,7 @@ EXIT_INTERNAL = 28  # unexpected internal error (a bug): run with --debug for a 
 EXIT_KEYSTORE = 29  # the keystore (TPM) is unreachable or refuses the appliance's keys
 EXIT_PCR = 30  # the TPM refuses to unseal: a bound PCR changed (measured boot state changed)
 EXIT_QUARANTINED = 31  # the platform quarantined this appliance (suspected clone)
+EXIT_ATTESTATION = 32  # the platform refused the TPM's attestation (evidence, EK, AK, keys)
 
 
 class AgentError(Exception):
@@ -121,4 +122,14 @@ class Quarantined(AgentError):
     hint = (
         "stop any copy of this appliance, then ask the platform operator to run "
         "'scanner-platform appliance clear NAME'"
+    )
+
+
+class AttestationRefused(AgentError):
+    """The platform refused this appliance's TPM evidence (enrollment or a boot session)."""
+
+    exit_code = EXIT_ATTESTATION
+    hint = (
+        "see the platform's events for this appliance; a TPM that cannot prove the keys "
+        "(another TPM, a cleared one, a copied state dir) needs re-activation"
     )

@@ -141,7 +141,7 @@ F_COUNTER_PUBLIC: Final = "counter_public"  # TPM2B_NV_PUBLIC of the boot counte
 F_PCRS: Final = "pcrs"  # list of PCR indices (SHA-256 bank) the keystore is bound to
 F_COUNTER_BASE: Final = "counter_base"  # int >= 0 added to the NV counter (file-keystore past)
 F_CREDENTIAL_BLOB: Final = "credential_blob"  # TPM2B_ID_OBJECT
-F_ENCRYPTED_SECRET: Final = "encrypted_secret"  # TPM2B_ENCRYPTED_SECRET
+F_ENCRYPTED_SECRET: Final = "encrypted_secret"  # noqa: S105 - a field name: TPM2B_ENCRYPTED_SECRET
 F_CERTIFY: Final = "certify"  # evidence: TPM2_Certify of the KEK object by the AK
 F_QUOTE: Final = "quote"  # evidence: TPM2_Quote over attested_pcrs(pcrs) + F_PCR_VALUES
 F_COUNTER: Final = "counter"  # evidence: TPM2_NV_Certify of the boot counter (8 bytes)

@@ -68,6 +68,7 @@ async def enroll(client: PlatformClient, state: AgentState) -> str:
         api.F_COUNTER_PUBLIC: _b64(enrollment.counter_public),
         api.F_PCRS: list(enrollment.pcrs),
         api.F_COUNTER_BASE: enrollment.counter_base,
+        api.F_CERTIFICATE: state.cert_pem.decode("ascii"),
     })  # fmt: skip
     secret = await trio.to_thread.run_sync(attestor.activate_credential, blob, encrypted)
     x25519_public, hybrid_public = state.sealing_publics()

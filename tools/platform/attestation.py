@@ -242,6 +242,14 @@ def verify_evidence(attest: bytes, signature: bytes, ak: Any, kind: Any, qualify
     return body
 
 
+def qualifying_data(attest: bytes) -> bytes:
+    """The extraData of an attestation structure, NOT verified: only to look up which
+    challenge it claims to answer (verify_evidence then checks it against that)."""
+    outer = _unmarshal(TPM2B_ATTEST, attest, "the attestation structure")
+    body = _unmarshal(TPMS_ATTEST, bytes(outer.attestationData), "the attested structure")
+    return bytes(body.extraData)
+
+
 def verify_certify(attest: bytes, signature: bytes, ak: Any, kek_name: bytes, binding: bytes) -> None:
     """TPM2_Certify by the AK of the object named *kek_name*, over *binding*."""
     body: TPMS_ATTEST = verify_evidence(attest, signature, ak, TPM2_ST.ATTEST_CERTIFY, binding)

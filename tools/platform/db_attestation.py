@@ -200,7 +200,7 @@ class Attestations:
             ).rowcount
             if done == 1:
                 _event(db, now, appliance_id, EVENT_ENROLLED, f"pcr_digest={digest.hex()}")
-        return done == 1
+        return bool(done == 1)
 
     def issue_nonce(self, appliance_id: int, nonce: bytes, expires: float) -> None:
         """Remember *nonce* (hashed) as the appliance's one outstanding session nonce."""

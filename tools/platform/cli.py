@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from protocol import api, sealing
-from tools.platform import ca, db, health, state
+from tools.platform import ca, db, db_attestation, health, state
 
 PROG = "scanner-platform"
 EXIT_OK = 0
@@ -200,6 +200,7 @@ def _storage(args: argparse.Namespace) -> db.Storage:
 def cmd_init(args: argparse.Namespace) -> int:
     # Check the hook before creating anything: a typo must not leave a half-made platform.
     argv = _hook_argv(args.alert_hook) if args.alert_hook else None
+    ek_ca = _read_ek_ca(args.ek_ca) if args.ek_ca else None
     paths = state.init_state(Path(args.state_dir), args.hostname, args.database)
     storage = state.open_storage(paths, pool_size=1)
     try:
@@ -209,6 +210,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
         if argv is not None:
             storage.set_setting(health.SETTING_ALERT_HOOK, health.Hook(tuple(argv), args.alert_timeout).to_setting())
+        if ek_ca is not None:
+            storage.set_setting(db_attestation.SETTING_EK_CA, ek_ca)
     finally:
         storage.close()
     print(f"platform initialised in {paths.root} for {args.hostname}; give appliances {paths.ca_cert}")
@@ -300,12 +303,119 @@ def cmd_appliance_deactivate(args: argparse.Namespace) -> int:
 
 
 def cmd_appliance_clear(args: argparse.Namespace) -> int:
+    keep = db.CLEAR_NEXT_BOOT if args.next_boot else args.keep  # None: the current session
     storage = _storage(args)
     try:
-        reason = storage.clear_quarantine(args.name, time.time())
+        reason, kept = storage.clear_quarantine(args.name, time.time(), keep)
     finally:
         storage.close()
-    print(f"appliance {args.name} released from quarantine (was: {reason})")
+    if kept is not None:
+        decision = f"kept boot session {kept.public_id or '(current)'} (boot counter {kept.boot_counter})"
+    else:
+        decision = "no session kept: the next boot (attested, if the TPM is enrolled) sets the counter baseline"
+    print(f"appliance {args.name} released from quarantine (was: {reason}); {decision}; every other session ended")
+    return EXIT_OK
+
+
+def cmd_appliance_sessions(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        rows = storage.sessions(args.name)
+    finally:
+        storage.close()
+    table = [["SESSION", "BOOT COUNTER", "KEYSTORE", "EVIDENCE", "OPENED", "CURRENT"]]
+    for r in rows:
+        table.append([
+            r.public_id or "-", str(r.boot_counter), r.keystore, "attested" if r.attested else "claimed",
+            _ts(r.created_at), "yes" if r.current else "",
+        ])  # fmt: skip
+    print(_table(table))
+    return EXIT_OK
+
+
+def cmd_appliance_baseline(args: argparse.Namespace) -> int:
+    from tools.platform import attestation
+
+    storage = _storage(args)
+    try:
+        app = storage.appliance(args.name)
+        rec = storage.attestation(app.id)
+        if rec is None or rec.state != db_attestation.ATTEST_ATTESTED or rec.pcr_values is None:
+            raise CliError(f"appliance {args.name} has no attested TPM, so no PCR baseline", EXIT_STATE)
+        pcrs = api.attested_pcrs(rec.pcrs)
+        pending = rec.pending_pcr_values
+        print(f"appliance {args.name}: PCR baseline (SHA-256 bank), state {rec.pcr_state}")
+        table = [["PCR", "BASELINE", "LAST REFUSED QUOTE" if pending else ""]]
+        for i, pcr in enumerate(pcrs):
+            new = pending[i] if pending else ""
+            mark = " (changed)" if pending and new != rec.pcr_values[i] else ""
+            table.append([str(pcr), rec.pcr_values[i], new + mark])
+        print(_table(table))
+        if not args.accept:
+            if pending:
+                print(f"to accept the refused values: scanner-platform appliance baseline {args.name} --accept")
+            return EXIT_OK
+        if not pending:
+            raise CliError(f"appliance {args.name} has no refused quote to accept; nothing changed", EXIT_CONFLICT)
+        digest = attestation.pcr_digest([bytes.fromhex(v) for v in pending])
+        try:
+            storage.accept_pcr_baseline(app.id, pending, digest, time.time())
+        except ValueError as e:
+            raise CliError(f"{e}; run the command again to see the current values", EXIT_CONFLICT) from None
+    finally:
+        storage.close()
+    print(f"appliance {args.name}: new PCR baseline accepted (digest {digest.hex()})")
+    return EXIT_OK
+
+
+def cmd_ek_ca_set(args: argparse.Namespace) -> int:
+    bundle = _read_ek_ca(args.file)
+    storage = _storage(args)
+    try:
+        storage.set_setting(db_attestation.SETTING_EK_CA, bundle)
+    finally:
+        storage.close()
+    print(f"trusted EK CAs set from {args.file}: TPMs with EK certificates they issued can be attested")
+    return EXIT_OK
+
+
+def _read_ek_ca(file: str) -> str:
+    from tools.platform import attestation
+
+    try:
+        text = Path(file).read_text("ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read EK CA file {file}: {e}; pass a PEM bundle", EXIT_USAGE) from None
+    try:
+        attestation.load_ek_cas(text.encode())
+    except ValueError as e:
+        raise CliError(f"{file} {e}; pass the TPM manufacturers' CA certificates (PEM)", EXIT_USAGE) from None
+    return text
+
+
+def cmd_ek_ca_show(args: argparse.Namespace) -> int:
+    from tools.platform import attestation
+
+    storage = _storage(args)
+    try:
+        value = storage.get_setting(db_attestation.SETTING_EK_CA)
+    finally:
+        storage.close()
+    if not isinstance(value, str):
+        print("none (no TPM can be attested)")
+        return EXIT_OK
+    for cert in attestation.load_ek_cas(value.encode()):
+        print(f"{cert.subject.rfc4514_string()}  (until {cert.not_valid_after_utc:%Y-%m-%d})")
+    return EXIT_OK
+
+
+def cmd_ek_ca_clear(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    try:
+        storage.delete_setting(db_attestation.SETTING_EK_CA)
+    finally:
+        storage.close()
+    print("trusted EK CAs cleared: no new TPM can be enrolled (enrolled ones stay attested)")
     return EXIT_OK
 
 
@@ -337,6 +447,7 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
     try:
         apps = storage.appliances()
         clones = storage.clone_states()
+        attested = storage.attestations()
         healths = {h.name: h for h in storage.health()}
         policy = health.Policy.load(storage)
     finally:
@@ -365,6 +476,9 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
                         "boot_counter": c.boot_counter if c else None,
                         "keystore": c.keystore if c else None,
                         "last_boot": c.last_boot if c else None,
+                        "attestation": _attestation(c, attested.get(a.id)),
+                        "pcr_state": (r := attested.get(a.id)) and r.pcr_state,
+                        "last_verified_boot": r.last_verified if r else None,
                     }
                     for a in apps
                 ],
@@ -377,7 +491,7 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
     rows = [
         [
             "NAME", "STATE", "HEALTH", "LAST SEEN", "UPTIME", "JOBS OK/FAILED", "KEYSTORE", "BOOTS",
-            "LAST BOOT", "ACTIVATED", "CERT SERIAL",
+            "LAST BOOT", "LAST VERIFIED BOOT", "ACTIVATED", "CERT SERIAL",
         ]
     ]  # fmt: skip
     for a in apps:
@@ -393,9 +507,10 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
                 _age(healths[a.name].last_seen, now),
                 f"{uptime:.0f}s" if isinstance(uptime, int | float) else "-",
                 jobs,
-                (c.keystore if c else None) or "-",
+                _keystore_label(c, attested.get(a.id)),
                 str(c.boot_counter) if c and c.boot_counter is not None else "-",
                 _ts(c.last_boot if c else None),
+                _ts(rec.last_verified if (rec := attested.get(a.id)) else None),
                 _ts(a.activated_at),
                 a.cert_serial or "-",
             ]
@@ -406,7 +521,35 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
         if c is not None and c.quarantined_since is not None and a.state == db.STATE_ACTIVE:
             why = _printable(c.quarantine_reason or "", 200)
             print(f"{a.name}: quarantined since {_ts(c.quarantined_since)}: {why}")
+        rec = attested.get(a.id)
+        if rec is not None and rec.pcr_state == db_attestation.PCR_MISMATCH and a.state == db.STATE_ACTIVE:
+            print(
+                f"{a.name}: boot refused since {_ts(rec.pending_at)}: PCR values differ from the baseline "
+                f"(see 'scanner-platform appliance baseline {a.name}')"
+            )
     return EXIT_OK
+
+
+def _attestation(c: db.CloneState | None, rec: db_attestation.Attestation | None) -> str | None:
+    """``attested`` (enrolled TPM, current session verified), ``enrolled`` (TPM enrolled, no
+    verified session yet), ``claimed`` (a tpm keystore reported, nothing proven), ``none``
+    (file keystore) or None (never booted)."""
+    if rec is not None and rec.state == db_attestation.ATTEST_ATTESTED:
+        return "attested" if c is not None and c.attested else "enrolled"
+    if c is None or c.keystore is None:
+        return None
+    return "claimed" if c.keystore == "tpm" else "none"
+
+
+def _keystore_label(c: db.CloneState | None, rec: db_attestation.Attestation | None) -> str:
+    kind = c.keystore if c is not None else None
+    verdict = _attestation(c, rec)
+    if kind is None:
+        return "tpm (enrolled)" if verdict == "enrolled" else "-"
+    if kind == "file":
+        return "file (unattested)"
+    mismatch = rec is not None and rec.pcr_state == db_attestation.PCR_MISMATCH
+    return f"{kind} ({verdict}{', PCR mismatch' if mismatch else ''})"
 
 
 def cmd_alert_hook_set(args: argparse.Namespace) -> int:
@@ -735,6 +878,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="the alert hook is killed after this long",
     )
+    sp.add_argument(
+        "--ek-ca",
+        metavar="FILE",
+        help="PEM bundle of the TPM manufacturers' CAs whose EK certificates are trusted (attestation)",
+    )
 
     sp = leaf(sub, "serve", cmd_serve, "serve the HTTPS API (mutual TLS)", state_flag=False)
     sp.add_argument("state_dir", metavar="STATE_DIR")
@@ -793,9 +941,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--json", action="store_true")
     sp = leaf(
-        asub, "clear", cmd_appliance_clear, "lift a clone quarantine (after stopping any copy of the appliance)"
-    )
+        asub, "clear", cmd_appliance_clear,
+        "lift a clone quarantine (after stopping any copy): say which boot is legitimate; every other session ends",
+    )  # fmt: skip
     sp.add_argument("name", type=_name)
+    decision = sp.add_mutually_exclusive_group()
+    decision.add_argument(
+        "--keep", metavar="SESSION", help="the legitimate session (see 'appliance sessions'); default: the current one"
+    )
+    decision.add_argument(
+        "--next-boot", action="store_true", help="keep no session: the next (attested) boot sets the counter baseline"
+    )
+    sp = leaf(asub, "sessions", cmd_appliance_sessions, "list an appliance's kept boot sessions (for 'clear --keep')")
+    sp.add_argument("name", type=_name)
+    sp = leaf(
+        asub, "baseline", cmd_appliance_baseline,
+        "show an attested appliance's PCR baseline and the last refused quote; --accept makes that the baseline",
+    )  # fmt: skip
+    sp.add_argument("name", type=_name)
+    sp.add_argument("--accept", action="store_true", help="accept the last refused quote's PCR values")
+
+    ek = sub.add_parser("ek-ca", help="TPM manufacturers' CAs trusted for attestation (EK certificates)")
+    eksub = ek.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sp = leaf(eksub, "set", cmd_ek_ca_set, "trust the EK CAs of a PEM bundle (replaces the current ones)")
+    sp.add_argument("file", metavar="FILE")
+    leaf(eksub, "show", cmd_ek_ca_show, "show the trusted EK CAs")
+    leaf(eksub, "clear", cmd_ek_ca_clear, "trust no EK CA (no new enrollments)")
 
     pol = sub.add_parser("policy", help="platform policies")
     psub = pol.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)

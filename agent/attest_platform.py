@@ -59,7 +59,14 @@ async def enroll(client: PlatformClient, state: AgentState) -> str:
     """
     if not isinstance(state.keystore, TpmKeystore):
         raise TypeError("only a tpm keystore can be attested")
-    attestor = Attestor(state.keystore)
+    x25519_public, hybrid_public = state.sealing_publics()
+    return await enroll_keys(client, Attestor(state.keystore), state.cert_pem, x25519_public, hybrid_public)
+
+
+async def enroll_keys(
+    client: PlatformClient, attestor: Attestor, cert_pem: bytes, x25519_public: bytes, hybrid_public: bytes
+) -> str:
+    """`enroll` for an appliance given by its attestor, certificate and sealing public keys."""
     enrollment = await trio.to_thread.run_sync(attestor.enrollment)
     blob, encrypted = await client.attestation_enroll({
         api.F_EK_CERTIFICATE: _b64(enrollment.ek_certificate),
@@ -68,11 +75,10 @@ async def enroll(client: PlatformClient, state: AgentState) -> str:
         api.F_COUNTER_PUBLIC: _b64(enrollment.counter_public),
         api.F_PCRS: list(enrollment.pcrs),
         api.F_COUNTER_BASE: enrollment.counter_base,
-        api.F_CERTIFICATE: state.cert_pem.decode("ascii"),
+        api.F_CERTIFICATE: cert_pem.decode("ascii"),
     })  # fmt: skip
     secret = await trio.to_thread.run_sync(attestor.activate_credential, blob, encrypted)
-    x25519_public, hybrid_public = state.sealing_publics()
-    binding = api.attestation_binding(secret, tls_public_der(state.cert_pem), x25519_public, hybrid_public)
+    binding = api.attestation_binding(secret, tls_public_der(cert_pem), x25519_public, hybrid_public)
     certify = await trio.to_thread.run_sync(attestor.certify_kek, binding)
     quote, values = await trio.to_thread.run_sync(attestor.quote, binding)
     verdict = await client.attestation_activate(

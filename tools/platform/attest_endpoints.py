@@ -55,14 +55,15 @@ def _evidence(doc: dict[str, Any], key: str) -> tuple[bytes, bytes, dict[str, An
     return _b64(ev, api.F_ATTEST, api.MAX_EVIDENCE), _b64(ev, api.F_SIGNATURE, api.MAX_EVIDENCE), ev
 
 
-def _pcr_values(ev: dict[str, Any], count: int) -> list[bytes] | None:
+def _pcr_values(ev: dict[str, Any]) -> list[bytes] | None:
+    # What the appliance says the quoted PCRs hold; kept only if they hash to the signed digest.
     values = ev.get(api.F_PCR_VALUES)
     if values is None:
         return None
-    if not isinstance(values, list) or len(values) != count or not all(
+    if not isinstance(values, list) or len(values) > api.MAX_PCR_INDEX + 1 or not all(
         isinstance(v, str) and api.SHA256_HEX_RE.match(v) for v in values
     ):
-        raise _bad(f"field {api.F_PCR_VALUES!r} must list {count} lowercase hex SHA-256 values")
+        raise _bad(f"field {api.F_PCR_VALUES!r} must list at most {api.MAX_PCR_INDEX + 1} hex SHA-256 values")
     return [bytes.fromhex(v) for v in values]
 
 
@@ -161,7 +162,7 @@ class AttestationEndpoints:
         c_attest, c_sig, _ = _evidence(doc, api.F_CERTIFY)
         q_attest, q_sig, q_doc = _evidence(doc, api.F_QUOTE)
         pcrs = api.attested_pcrs(record.pcrs)
-        values = _pcr_values(q_doc, len(pcrs))
+        values = _pcr_values(q_doc)
         try:
             ak = at.parse_public(record.ak_public, "the AK public area")
             binding = at.qualifying_data(c_attest)
@@ -204,7 +205,7 @@ class AttestationEndpoints:
             q_attest, q_sig, q_doc = _evidence(doc, api.F_QUOTE)
             n_attest, n_sig, _ = _evidence(doc, api.F_COUNTER)
             pcrs = api.attested_pcrs(record.pcrs)
-            values = _pcr_values(q_doc, len(pcrs))
+            values = _pcr_values(q_doc)
             if not await self.db.run(self.db.storage.consume_nonce, app.id, nonce, now):
                 raise at.AttestationError(
                     api.REASON_NONCE_INVALID,

@@ -60,7 +60,6 @@ from scratchfs.keyholder.hardening import harden_process
 from scratchfs.keyholder.wipe import wipe
 
 PROG = "scanner-agent"
-log = logging.getLogger("agent.cli")
 LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
 
 
@@ -338,7 +337,7 @@ async def _enroll(state: statemod.AgentState) -> str:
         if e.reason == api.REASON_ATTESTATION_UNAVAILABLE:
             raise AttestationUnavailable(
                 "the platform trusts no EK CA, so it cannot verify TPMs",
-                "the operator configures one with 'scanner-platform config --ek-ca FILE'",
+                "the operator configures one with 'scanner-platform ek-ca set FILE'",
             ) from None
         raise platform_error(e, "attestation") from None
 
@@ -351,7 +350,6 @@ def attest_state(state_dir: Path, tcti: str | None) -> str:
     try:
         return trio.run(_enroll, state)
     except AttestationUnavailable as e:
-        log.warning("event=attestation_unavailable detail=%s", e.message.replace(" ", "_"))
         return f"unattested: {e.message}"
     finally:
         state.forget()

@@ -106,7 +106,7 @@ class AttestationEndpoints:
         if not isinstance(bundle, str):
             raise HttpError(
                 409, api.REASON_ATTESTATION_UNAVAILABLE,
-                "this platform trusts no EK CA (operator: 'scanner-platform config --ek-ca FILE')",
+                "this platform trusts no EK CA (operator: 'scanner-platform ek-ca set FILE')",
             )  # fmt: skip
         cas = at.load_ek_cas(bundle.encode())
         ek_der = _b64(doc, api.F_EK_CERTIFICATE, api.MAX_EK_CERTIFICATE)

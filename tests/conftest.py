@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.scratch import SCRATCHFS_OPTIONS
+from scratchfs.keyholder import procs
 from tests.mounting import Mounted, fuse_mounts_under, mount, unmount
 
 # Filesystem tests run over each configuration that changes behaviour.
@@ -30,6 +35,33 @@ def _no_leftover_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     for mnt in left:
         subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, check=False)
     assert not left, f"FUSE mounts left behind by the tests: {left}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fail the run if a process the tests started outlives them: a descendant of this
+    pytest process, or a daemonized one (reparented away) whose command line names the
+    test temp root. Each is named, then killed, so one leak does not poison the next run."""
+    root = str(tmp_path_factory.getbasetemp())
+    before = set(procs.descendants(os.getpid()))
+    yield
+    left: dict[int, str] = {}
+    deadline = time.monotonic() + 10  # servers stopped by the last test may still be exiting
+    while True:
+        left = {pid: " ".join(procs.cmdline(pid))[:160]
+                for pid in procs.descendants(os.getpid()) if pid not in before}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                cmd = " ".join(procs.cmdline(int(entry)))
+                if root in cmd:
+                    left[int(entry)] = cmd[:160]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind by the tests: {left}"
 
 
 @pytest.fixture

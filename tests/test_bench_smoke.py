@@ -104,10 +104,36 @@ def test_quick_run_over_all_targets(tmp_path: Path) -> None:
     assert_nothing_left(work)
 
 
+def harness_state(pid: int, work: Path) -> str:
+    """What the harness and everything it started are doing: for a failure message."""
+    lines = []
+    for p in [pid, *processes_mentioning(str(work))]:
+        try:
+            wchan = Path(f"/proc/{p}/wchan").read_text()
+            stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            stack = Path(f"/proc/{p}/stack").read_text().strip().replace("\n", " < ")
+        except OSError:
+            continue
+        cmd = " ".join(mountinfo_cmd(p))[:100]
+        lines.append(f"pid {p} state {stat} wchan {wchan} [{cmd}] stack: {stack[:300]}")
+    lines.append(f"mounts under the work dir: {mounts_under(work)}")
+    return "\n".join(lines)
+
+
+def mountinfo_cmd(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
 @needs_root_fuse
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_interrupt_cleans_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("phase", ["mounting", "fio"])
+def test_interrupt_cleans_up(tmp_path: Path, phase: str) -> None:
+    """SIGINT while the daemon starts or while fio runs inside the mount: the harness exits
+    130 within a bound, with a clean (not lazy) unmount and nothing left running."""
     work = tmp_path / "work"
     work.mkdir()
     out = tmp_path / "out"
@@ -116,26 +142,68 @@ def test_interrupt_cleans_up(tmp_path: Path) -> None:
          "--fio-runtime", "60", "--workdir", str(work), "--out", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    seen: list[str] = []
     try:
         assert proc.stderr is not None
-        # Interrupt once fio runs inside the mount: a daemon, a mount and fio are all live.
         for line in proc.stderr:
-            if line.rstrip().endswith("zerofs: fio"):
+            seen.append(line)
+            if line.rstrip().endswith(f"zerofs: {phase}"):
                 break
         else:
-            pytest.fail("the harness never reached the fio workload")
-        time.sleep(1.0)
-        assert mounts_under(work), "expected the zerofs mount to be live"
+            pytest.fail(f"the harness never reached the {phase} phase: {''.join(seen)[-2000:]}")
+        if phase == "fio":
+            # Interrupt once fio's job processes run inside the mount (they outlive a
+            # killed fio unless the harness ends them too).
+            deadline = time.monotonic() + 60
+            while not any("fio" in " ".join(mountinfo_cmd(p))
+                          for p in processes_mentioning(str(work))):
+                assert time.monotonic() < deadline, "fio never started"
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert mounts_under(work), "expected the zerofs mount to be live"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the harness did not exit within 60 s of SIGINT; it and its children "
+                        f"were doing:\n{harness_state(proc.pid, work)}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    err = "".join(seen) + err
     assert proc.returncode == 130, err
+    assert "lazily" not in err and "still running" not in err, err
     assert (out / "latest.json").exists()
     assert json.loads((out / "latest.json").read_text())["interrupted"] is True
     assert_nothing_left(work)
+
+
+def test_kill_tree_ends_workers_in_their_own_sessions() -> None:
+    """fio's jobs call setsid(): a group kill misses them, a tree kill must not."""
+    from scratchfs.keyholder import procs
+    from tools.children import kill_tree
+
+    script = ("import os, subprocess, sys, time\n"
+              "subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); "
+              "time.sleep(60)'])\n"
+              "time.sleep(60)\n")
+    leader = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            workers = list(procs.descendants(leader.pid))
+            if workers and os.getsid(workers[0]) != leader.pid:
+                break  # the worker runs in a session of its own, as fio's jobs do
+            assert time.monotonic() < deadline, "the worker never started its own session"
+            time.sleep(0.02)
+        (worker,) = workers
+        assert kill_tree(leader.pid, leader) == []
+        assert not procs.alive(worker) and leader.poll() is not None
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
 
 
 def test_usage_errors_are_one_line_exit_2(tmp_path: Path) -> None:

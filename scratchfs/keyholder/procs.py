@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 
-__all__ = ["alive", "cmdline", "start_time", "stop", "wait_gone"]
+__all__ = ["alive", "children", "cmdline", "descendants", "start_time", "stop", "wait_gone"]
 
 _POLL = 0.02
 
@@ -98,3 +98,39 @@ def cmdline(pid: int) -> list[str]:
             return [os.fsdecode(a) for a in f.read().split(b"\0") if a]
     except OSError:
         return []
+
+
+def _live_stats() -> list[tuple[int, list[str]]]:
+    """(pid, stat fields after comm) of every process that is not a zombie."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        rest = _stat_fields(int(entry))
+        if rest is not None and rest[0] not in ("Z", "X"):
+            found.append((int(entry), rest))
+    return found
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """Live descendants of *pid* (children, grandchildren, ...) with their start times.
+
+    By parentage, not by process group or session: fio's job processes call setsid(), so
+    a group kill of fio misses them."""
+    stats = _live_stats()
+    kids: dict[int, list[tuple[int, int]]] = {}
+    for child, rest in stats:
+        kids.setdefault(int(rest[1]), []).append((child, int(rest[19])))
+    found: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        for child, started in kids.get(todo.pop(), []):
+            if child not in found:
+                found[child] = started
+                todo.append(child)
+    return found
+
+
+def children(ppid: int) -> list[int]:
+    """Live direct children of *ppid*."""
+    return [pid for pid, rest in _live_stats() if int(rest[1]) == ppid]

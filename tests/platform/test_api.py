@@ -29,7 +29,7 @@ async def test_activation_flow_and_volume_key(platform: Platform) -> None:
     assert len(vk) == 32
     # It is the key stored (wrapped) for this appliance, and the access was logged.
     kek = platform.paths.kek.read_bytes()
-    wrapped = platform.storage.wrapped_volume_key(row.id)
+    wrapped = platform.storage.wrapped_keyslot_passphrase(row.id)
     assert wrapped is not None
     assert bytes(keys.unwrap(kek, wrapped, row.id, "alpha")) == bytes(vk)
     assert bytes(vk) not in wrapped

@@ -159,7 +159,7 @@ async def test_deactivated_appliance_gets_403_everywhere(platform: Platform) -> 
     a = await platform.activate("victim")
     b = await platform.activate("bystander")
     row = platform.storage.appliance("victim")
-    wrapped = platform.storage.wrapped_volume_key(row.id)
+    wrapped = platform.storage.wrapped_keyslot_passphrase(row.id)
     assert wrapped is not None
     job_id = platform.storage.add_job("victim", ["127.0.0.1"], "22", "builtin", None, time.time())
     platform.storage.deactivate("victim", time.time())
@@ -176,7 +176,7 @@ async def test_deactivated_appliance_gets_403_everywhere(platform: Platform) -> 
             await call
         assert (ei.value.status, ei.value.reason) == (403, api.REASON_DEACTIVATED)
     # Crypto-shred: the wrapped key is gone from every database file, not just the row.
-    assert platform.storage.wrapped_volume_key(row.id) is None
+    assert platform.storage.wrapped_keyslot_passphrase(row.id) is None
     for p in platform.paths.root.iterdir():
         if p.name.startswith("platform.db"):
             assert wrapped not in p.read_bytes(), p.name

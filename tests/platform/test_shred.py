@@ -25,7 +25,7 @@ def activated(storage: db.Storage, kek: bytes, name: str) -> bytes:
         lambda n: (b"pem", f"{abs(hash(n)):x}", f"fp-{n}"),
         lambda aid, n: keys.wrap(kek, keys.new_key(), aid, n),
     )
-    wrapped = storage.wrapped_volume_key(grant.appliance.id)
+    wrapped = storage.wrapped_keyslot_passphrase(grant.appliance.id)
     assert wrapped is not None
     return wrapped
 
@@ -89,7 +89,7 @@ def test_postgresql_heap_no_longer_holds_the_key(tmp_path: Path, pg_cluster: Tem
     try:
         wrapped = activated(storage, paths.kek.read_bytes(), "victim")
         storage.deactivate("victim", time.time())
-        assert storage.wrapped_volume_key(storage.appliance("victim").id) is None
+        assert storage.wrapped_keyslot_passphrase(storage.appliance("victim").id) is None
         import psycopg
 
         with psycopg.connect(database_url) as conn:

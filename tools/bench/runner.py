@@ -8,6 +8,7 @@ every process the harness started is stopped by its PID, and the tmpfs is unmoun
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -26,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 from scratchfs.keyholder import mountinfo, procs
+from tools import children
 from tools.bench import workloads
 from tools.bench.workloads import Sizes, WorkloadError
 
@@ -102,11 +104,11 @@ def fuse_unmount(mnt: Path) -> list[str]:
     if mount_fstype(mnt) is None:
         return []
     r = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True,
-                       check=False, timeout=60)
+                       check=False, timeout=30)
     if r.returncode == 0:
         return []
     subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False,
-                   timeout=60)
+                   timeout=30)
     return [f"fusermount3 -u {mnt} failed ({r.stderr.strip()}); unmounted lazily"]
 
 
@@ -450,6 +452,8 @@ def run(cfg: RunConfig, progress: Progress = print) -> RunResult:
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} not found; install it (make apt)")
     old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
+    # Workers orphaned by a killed tool come back to us, so cleanup can still end them.
+    children.become_subreaper()
     top = Path(tempfile.mkdtemp(prefix="scratchfs-bench-", dir=cfg.workdir_parent))
     result = RunResult(samples=[])
     tmpfs_mounted = False
@@ -492,6 +496,10 @@ def run(cfg: RunConfig, progress: Progress = print) -> RunResult:
         result.interrupted = True
         progress("interrupted: cleaning up")
     finally:
+        # Tools first: a process still working inside a mount keeps it busy, and its unmount
+        # would only be lazy.
+        for p in _kill_stray_tools({t.pid for t in active}):
+            progress(f"cleanup: {p}")
         for target in active:
             for p in target.stop():
                 progress(f"cleanup {target.name}: {p}")
@@ -503,6 +511,26 @@ def run(cfg: RunConfig, progress: Progress = print) -> RunResult:
             progress(f"cleanup: cannot remove {top}: {e}")
         signal.signal(signal.SIGTERM, old_term)
     return result
+
+
+def _kill_stray_tools(daemons: set[int | None]) -> list[str]:
+    """Kill every child of ours (and its descendants) that is not a target's daemon.
+
+    `workloads.run_tool` kills its tool's tree however it ends; this covers the windows it
+    cannot see: a Ctrl-C between fork and Popen returning (a child we never learned the pid
+    of), and workers orphaned by a dead tool, which the subreaper flag (`run`) hands to us.
+    Returns problems seen."""
+    problems = []
+    for pid in procs.children(os.getpid()):
+        if pid in daemons:
+            continue
+        what = " ".join(procs.cmdline(pid))[:80]
+        left = children.kill_tree(pid)
+        problems.append(f"killed stray tool pid {pid} ({what})"
+                        + (f"; still alive: {left}" if left else ""))
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    return problems
 
 
 def _unmount_tmpfs(top: Path, progress: Progress) -> None:

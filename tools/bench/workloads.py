@@ -24,12 +24,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools import children
+
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 CHUNK = MIB
 # Generous bounds: a hung filesystem must fail the measurement, not hang the harness.
 TOOL_TIMEOUT = 1800.0
+DROP_CACHES_TIMEOUT = 120.0
 
 WORKLOADS = ("stream", "fio", "tree", "files", "scan")
 
@@ -66,24 +69,39 @@ def syncfs(path: Path) -> None:
 
 
 def drop_caches(path: Path) -> None:
-    """Write back *path*'s filesystem, then drop the page cache, dentries and inodes."""
+    """Write back *path*'s filesystem, then drop the page cache, dentries and inodes.
+
+    The drop runs in a child process, bounded: it takes every superblock's s_umount lock,
+    so one wedged mount elsewhere on the machine (an unmount waiting on a stopped FUSE
+    daemon) would otherwise block the harness, and its Ctrl-C, for as long as that lasts."""
     syncfs(path)
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
+    run_tool(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], "drop_caches",
+             timeout=DROP_CACHES_TIMEOUT)
 
 
-def run_tool(argv: list[str], what: str, stdout: int | None = subprocess.DEVNULL) -> str:
+def run_tool(argv: list[str], what: str, stdout: int | None = subprocess.DEVNULL,
+             timeout: float | None = None) -> str:
     """Run an external tool in its own session (Ctrl-C reaches only the harness, which then
-    cleans up); raise WorkloadError with its stderr on failure."""
-    try:
-        r = subprocess.run(argv, stdout=stdout, stderr=subprocess.PIPE, text=True,
-                           timeout=TOOL_TIMEOUT, check=False, start_new_session=True)
-    except subprocess.TimeoutExpired:
-        raise WorkloadError(f"{what}: timed out after {TOOL_TIMEOUT:.0f} s") from None
-    if r.returncode != 0:
-        tail = " | ".join(r.stderr.strip().splitlines()[-3:])
-        raise WorkloadError(f"{what}: exit {r.returncode}: {tail}")
-    return r.stdout or ""
+    cleans up); raise WorkloadError with its stderr on failure.
+
+    However the call ends (exit, timeout, Ctrl-C, SIGTERM), the tool's whole process group
+    is killed before we return: fio's forked job processes outlive a killed fio and would
+    keep the mount busy."""
+    limit = TOOL_TIMEOUT if timeout is None else timeout
+    with subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            raise WorkloadError(f"{what}: timed out after {limit:.0f} s") from None
+        finally:
+            left = children.kill_tree(proc.pid, proc)
+            if left:
+                log.warning("event=tool_survivors tool=%s pids=%s", argv[0], left)
+    if proc.returncode != 0:
+        tail = " | ".join(err.strip().splitlines()[-3:])
+        raise WorkloadError(f"{what}: exit {proc.returncode}: {tail}")
+    return out or ""
 
 
 def timed_tool(argv: list[str], what: str) -> float:

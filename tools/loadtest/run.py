@@ -524,10 +524,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loadtest: {e}", file=sys.stderr)
             return EXIT_START
         run = Run(args, paths, ports)
-        try:
+        with run.storage:
             trio.run(run.main)
-        finally:
-            run.storage.close()
         print(render(run.report))
         if args.json:
             Path(args.json).write_text(json.dumps(run.report, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
 `handlers.PlatformApp` routes the requests here (enrollment, nonces) and asks
 `session_counter` for the counter of every session it opens. Verification itself is
-`tools.platform.attestation` (pure); records are `db_attestation`. Every refusal is an
+`tools.platform.attestation` (pure); records are `db.attestation`. Every refusal is an
 HttpError with a documented reason (docs/platform.md "Attestation") and an audit event.
 """
 
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from protocol import api
 from tools.platform import attestation as at
 from tools.platform import ca, db
-from tools.platform.db_attestation import ATTEST_ATTESTED, SETTING_EK_CA
+from tools.platform.db import ATTEST_ATTESTED, SETTING_EK_CA
 from tools.platform.http import HttpError
 
 if TYPE_CHECKING:

@@ -1,5 +1,6 @@
 """The platform's endpoints: who is calling (from the verified client certificate) and what
-each request does. HTTP framing lives in `http`, TLS and sockets in `server`, SQL in `db`.
+each request does. Which handler serves a request, and who may call it, is the route table's
+(`routes`); HTTP framing lives in `http`, TLS and sockets in `server`, SQL in `db`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ import trio
 
 from protocol import api, sealing
 from scratchfs.keyholder.wipe import wipe
-from tools.platform import ca, db, health, keys
+from tools.platform import ca, db, health, keys, routes
 from tools.platform.attest_endpoints import AttestationEndpoints
 from tools.platform.http import Exchange, HttpError, Response, json_response
 
 log = logging.getLogger("scanner-platform")
 T = TypeVar("T")
+# A bound endpoint method: (exchange, calling appliance or None, *path values) -> response.
+# The appliance is never None on a route that needs a certificate: the dispatcher checked.
+Handler = Callable[..., Awaitable[Response]]
+_TABLE = routes.Table(routes.ROUTES)
 _QUARANTINED_TEXT = (
     "this appliance is quarantined (suspected clone); an operator must run 'scanner-platform appliance clear'"
 )
@@ -227,21 +232,13 @@ class PlatformApp:
         self.config = config
         self.waker = JobWaker(database, config.poll_interval)
         self.attestation = AttestationEndpoints(database)
-        self._routes: dict[str, dict[str, Callable[[Exchange, bytes | None], Awaitable[Response]]]]
-        self._routes = {
-            api.PATH_TIME: {"GET": self.get_time},
-            api.PATH_ACTIVATE: {"POST": self.post_activate},
-            api.PATH_VOLUME_KEY: {"GET": self.get_volume_key},
-            api.PATH_CONFIG: {"GET": self.get_config},
-            api.PATH_NEXT_JOB: {"GET": self.get_next_job},
-            api.PATH_SESSION: {"POST": self.post_session},
-            api.PATH_CERTIFICATE: {"POST": self.post_certificate},
-            api.PATH_HEARTBEAT: {"POST": self.post_heartbeat},
-            api.PATH_SEAL_KEY: {"POST": self.post_seal_key},
-            api.PATH_SESSION_NONCE: {"POST": self.post_session_nonce},
-            api.PATH_ATTEST_ENROLL: {"POST": self.post_attest_enroll},
-            api.PATH_ATTEST_ACTIVATE: {"POST": self.post_attest_activate},
-        }
+        # The table's handlers bound to this app, by template and method.
+        self._routes: dict[str, dict[str, Handler]] = {}
+        for route in routes.ROUTES:
+            handler = getattr(self, route.handler, None)
+            if not callable(handler):
+                raise TypeError(f"route {route.method} {route.template}: no handler {route.handler!r}")
+            self._routes.setdefault(route.template, {})[route.method] = handler
 
     def __repr__(self) -> str:
         return "PlatformApp()"
@@ -251,28 +248,26 @@ class PlatformApp:
         await self.waker.run()
 
     async def handle(self, ex: Exchange, peer_der: bytes | None) -> Response:
-        """Route a request (headers read, body not yet) to its handler."""
-        methods = self._routes.get(ex.path)
-        if methods is None and ex.path.startswith(api.PATH_JOB_PREFIX):
-            rest = ex.path[len(api.PATH_JOB_PREFIX) :]
-            for suffix, handler in (
-                (api.RESULT_SUFFIX, self.post_result),
-                (api.PROGRESS_SUFFIX, self.post_progress),
-            ):
-                if rest.endswith(suffix):
-                    job_id = api.parse_job_id(rest[: -len(suffix)])
-                    if job_id is None:
-                        raise HttpError(404, api.REASON_NOT_FOUND, "no such job")
-                    if ex.method != "POST":
-                        raise HttpError(405, api.REASON_METHOD_NOT_ALLOWED, "use POST", {"allow": "POST"})
-                    return await handler(ex, peer_der, job_id)
-        if methods is None:
-            raise HttpError(404, api.REASON_NOT_FOUND, "no such endpoint")
-        fn = methods.get(ex.method)
-        if fn is None:
-            allow = ", ".join(methods)
-            raise HttpError(405, api.REASON_METHOD_NOT_ALLOWED, f"use {allow}", {"allow": allow})
-        return await fn(ex, peer_der)
+        """Route a request (headers read, body not yet) to its handler, after checking that
+        its caller may call it (and has the session it needs), as its route row says."""
+        try:
+            found = _TABLE.find(ex.method, ex.path)
+        except routes.NoRoute as e:
+            raise HttpError(404, api.REASON_NOT_FOUND, e.text) from None
+        except routes.WrongMethod as e:
+            allow = ", ".join(e.allow)
+            raise HttpError(405, api.REASON_METHOD_NOT_ALLOWED, f"use {allow}", {"allow": allow}) from None
+        route = found.route
+        caller: db.Appliance | None
+        if route.caller is routes.Caller.APPLIANCE:
+            caller = await self._required(peer_der)
+            if route.session:
+                await self._check_session(ex, caller)
+        else:
+            # Even where no certificate is needed, one that was presented is checked.
+            known = await self.identify(peer_der, required=False)
+            caller = known if route.caller is routes.Caller.OPTIONAL else None
+        return await self._routes[route.template][route.method](ex, caller, *found.values)
 
     # --- identity ---
 
@@ -307,9 +302,8 @@ class PlatformApp:
         assert app is not None  # identify(required=True) raises instead of returning None
         return app
 
-    async def _in_session(self, ex: Exchange, peer_der: bytes | None) -> db.Appliance:
-        """The caller, which must present the token of its latest session (clone detection)."""
-        app = await self._required(peer_der)
+    async def _check_session(self, ex: Exchange, app: db.Appliance) -> None:
+        """The caller must present the token of its latest session (clone detection)."""
         token = ex.headers.get(api.HEADER_SESSION, "")
         if not token:
             raise HttpError(
@@ -323,17 +317,15 @@ class PlatformApp:
             raise HttpError(
                 428, api.REASON_SESSION_REQUIRED, f"unknown session; open one (POST {api.PATH_SESSION})"
             )
-        return app
 
     # --- endpoints ---
 
-    async def post_session(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def post_session(self, ex: Exchange, app: db.Appliance) -> Response:
         """POST /v1/session: {boot_counter, keystore[, nonce, quote, counter]} -> {session}.
 
         An enrolled appliance's counter is the TPM-certified one (attest_endpoints); a counter
         that goes back or jumps quarantines.
         """
-        app = await self._required(peer_der)
         doc = await ex.read_json()
         counter = doc.get(api.F_BOOT_COUNTER)
         keystore = doc.get(api.F_KEYSTORE)
@@ -363,25 +355,21 @@ class PlatformApp:
         )  # fmt: skip
         return json_response(200, {api.F_SESSION: token})
 
-    async def post_session_nonce(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def post_session_nonce(self, ex: Exchange, app: db.Appliance) -> Response:
         """POST /v1/session/nonce: a fresh nonce for the next session's TPM evidence."""
-        app = await self._required(peer_der)
         await ex.read_json()
         return json_response(200, await self.attestation.nonce(app))
 
-    async def post_attest_enroll(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def post_attest_enroll(self, ex: Exchange, app: db.Appliance) -> Response:
         """POST /v1/attestation/enroll: EK certificate, AK, key objects -> MakeCredential."""
-        app = await self._required(peer_der)
         return json_response(200, await self.attestation.enroll(app, await ex.read_json()))
 
-    async def post_attest_activate(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def post_attest_activate(self, ex: Exchange, app: db.Appliance) -> Response:
         """POST /v1/attestation/activate: Certify + baseline quote -> attested."""
-        app = await self._required(peer_der)
         return json_response(200, await self.attestation.activate(app, await ex.read_json()))
 
-    async def post_certificate(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def post_certificate(self, ex: Exchange, app: db.Appliance) -> Response:
         """POST /v1/appliance/certificate: {csr} -> {certificate}; the caller's cert is revoked."""
-        app = await self._in_session(ex, peer_der)
         doc = await ex.read_json()
         csr_pem = _str_field(doc, api.F_CSR, 16 * 1024)
         try:
@@ -400,14 +388,12 @@ class PlatformApp:
         log.info("certificate renewed appliance=%s old_serial=%s", app.name, app.cert_serial)
         return json_response(200, {api.F_CERTIFICATE: cert_pem.decode()})
 
-    async def get_time(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def get_time(self, ex: Exchange, _app: db.Appliance | None) -> Response:
         """GET /v1/time: platform UTC epoch seconds."""
-        await self.identify(peer_der, required=False)
         return json_response(200, {api.F_TIME: time.time()})
 
-    async def post_activate(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def post_activate(self, ex: Exchange, _caller: None) -> Response:
         """POST /v1/activate: code + CSR + X25519 key -> client certificate."""
-        await self.identify(peer_der, required=False)
         doc = await ex.read_json()
         code = _str_field(doc, api.F_CODE, 64)
         csr_pem = _str_field(doc, api.F_CSR, 16 * 1024)
@@ -453,10 +439,9 @@ class PlatformApp:
             },
         )
 
-    async def get_volume_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def get_keyslot_passphrase(self, ex: Exchange, app: db.Appliance) -> Response:
         """GET /v1/volume-key: the caller's own keyslot passphrase, sealed to its X25519 key."""
-        app = await self._in_session(ex, peer_der)
-        wrapped = await self.db.run(self.db.storage.wrapped_volume_key, app.id)
+        wrapped = await self.db.run(self.db.storage.wrapped_keyslot_passphrase, app.id)
         if wrapped is None or app.x25519_public is None:
             raise HttpError(503, api.REASON_UNAVAILABLE, "no keyslot passphrase on record")
         passphrase = keys.unwrap(self._kek, wrapped, app.id, app.name)
@@ -471,13 +456,12 @@ class PlatformApp:
         log.info("event=keyslot_passphrase_handed_out appliance=%s", app.name)
         return json_response(200, {api.F_SEALED: base64.b64encode(sealed).decode()})
 
-    async def post_seal_key(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def post_seal_key(self, ex: Exchange, app: db.Appliance) -> Response:
         """POST /v1/appliance/seal-key: the caller's hybrid public key (sealing v2).
 
         Authenticated by the client certificate, so only the appliance itself can set it;
         idempotent for the same key (an upgrade that crashed after sending may resend).
         """
-        app = await self._required(peer_der)
         doc = await ex.read_json()
         public = _hybrid_field(doc)
         try:
@@ -491,23 +475,21 @@ class PlatformApp:
         log.info("event=seal_key_upgraded appliance=%s changed=%s", app.name, changed)
         return json_response(200, {api.F_APPLIANCE: app.name})
 
-    async def get_config(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def get_config(self, ex: Exchange, app: db.Appliance) -> Response:
         """GET /v1/config: syslog target and heartbeat interval."""
-        await self._required(peer_der)
         syslog = await self.db.run(self.db.storage.get_setting, "syslog")
         policy = await self.db.run(health.Policy.load, self.db.storage)
         return json_response(200, {api.F_SYSLOG: _syslog_doc(syslog), api.F_HEARTBEAT_INTERVAL: policy.interval})
 
-    async def post_heartbeat(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def post_heartbeat(self, ex: Exchange, app: db.Appliance) -> Response:
         """POST /v1/heartbeat: store the caller's health; answer with the current interval.
 
         In session like the job and key endpoints: a quarantined appliance is refused (403
         quarantined, nothing recorded: its health shows ``quarantined``), and a beat from
         a superseded session is a clone sign like any other request from one.
         """
-        app = await self._in_session(ex, peer_der)
         status = _heartbeat_status(await ex.read_json())
-        token = ex.headers.get(api.HEADER_SESSION, "")  # present and current: _in_session
+        token = ex.headers.get(api.HEADER_SESSION, "")  # present and current: the dispatcher checked
         counter = await self.db.run(self.db.storage.session_boot_counter, app.id, _token_hash(token))
         claimed = (status[api.HB_BOOT_SESSION], status[api.HB_BOOT_COUNTER])
         # Record the session that authenticated this beat, not what the body claims.
@@ -522,9 +504,8 @@ class PlatformApp:
         policy = await self.db.run(health.Policy.load, self.db.storage)
         return json_response(200, {api.F_HEARTBEAT_INTERVAL: policy.interval})
 
-    async def get_next_job(self, ex: Exchange, peer_der: bytes | None) -> Response:
+    async def get_next_job(self, ex: Exchange, app: db.Appliance) -> Response:
         """GET /v1/jobs/next?wait=S: lease the next job, long-polling up to S seconds."""
-        app = await self._in_session(ex, peer_der)
         raw = ex.query.get(api.QUERY_WAIT, ["0"])[-1]
         try:
             wait = float(raw[:32])
@@ -571,9 +552,8 @@ class PlatformApp:
             raise HttpError(404, api.REASON_NOT_FOUND, "no such job for this appliance")
         return owner[1]
 
-    async def post_result(self, ex: Exchange, peer_der: bytes | None, job_id: int) -> Response:
+    async def post_result(self, ex: Exchange, app: db.Appliance, job_id: int) -> Response:
         """POST /v1/jobs/{id}/result: body + X-Content-SHA256 -> stored once, digest ack."""
-        app = await self._in_session(ex, peer_der)
         claimed = ex.headers.get(api.HEADER_CONTENT_SHA256, "").strip().lower()
         if not api.SHA256_HEX_RE.match(claimed):
             raise HttpError(400, api.REASON_BAD_REQUEST, f"header {api.HEADER_CONTENT_SHA256} must be 64 hex digits")
@@ -597,9 +577,8 @@ class PlatformApp:
         )
         return json_response(200, {api.F_SHA256: actual, api.F_JOB: str(job_id)})
 
-    async def post_progress(self, ex: Exchange, peer_der: bytes | None, job_id: int) -> Response:
+    async def post_progress(self, ex: Exchange, app: db.Appliance, job_id: int) -> Response:
         """POST /v1/jobs/{id}/progress: {"text": ...} -> 204."""
-        app = await self._in_session(ex, peer_der)
         await self._own_job(app, job_id)
         doc = await ex.read_json()
         value = doc.get(api.F_TEXT)

@@ -1,8 +1,11 @@
 """Key-encryption key (KEK) and keyslot-passphrase wrapping: AES-256-GCM, nothing else.
 
 The platform stores each appliance's 256-bit keyslot passphrase (the key that unlocks the
-appliance's LUKS2 keyslot; the wire and the database call it the volume key) only wrapped
-under the KEK (a 0600 file in the state dir). Deleting the wrapped copy crypto-shreds the appliance's disk.
+appliance's LUKS2 keyslot; not the LUKS volume master key, which never leaves the appliance)
+only wrapped under the KEK (a 0600 file in the state dir). Deleting the wrapped copy
+crypto-shreds the appliance's disk. Wire and storage names predate this one and stay: the
+wire's ``/v1/volume-key``, the column ``wrapped_volume_key`` and this module's associated
+data label ``scratchfs-volume-key/v1`` (changing it would make every stored key unwrappable).
 Format: version byte 0x01 | 12-byte nonce | ciphertext+tag. The associated data binds the
 appliance id and name, so a wrapped key moved to another appliance's row does not unwrap.
 """
@@ -25,7 +28,7 @@ class WrapError(Exception):
 
 
 def new_key() -> bytes:
-    """A fresh random 256-bit key (KEK or keyslot passphrase)."""
+    """A fresh random 256-bit key (the KEK, or a keyslot passphrase)."""
     return os.urandom(KEY_LEN)
 
 
@@ -34,7 +37,7 @@ def _aad(appliance_id: int, name: str) -> bytes:
 
 
 def wrap(kek: bytes, key: bytes, appliance_id: int, name: str) -> bytes:
-    """Wrap *key* under *kek* for one appliance row."""
+    """Wrap *key* (a keyslot passphrase) under *kek* for one appliance row."""
     nonce = os.urandom(_NONCE_LEN)
     return _VERSION + nonce + AESGCM(kek).encrypt(nonce, key, _aad(appliance_id, name))
 

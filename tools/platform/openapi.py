@@ -1,5 +1,6 @@
 """The OpenAPI 3.1 description of the wire API, built from `protocol.api` (the names and
-limits) so that the two cannot drift: `python -m tools.platform.openapi > protocol/openapi.json`.
+limits) and the route table (`routes`: who may call each operation, which need a session) so
+that none of them can drift: `python -m tools.platform.openapi > protocol/openapi.json`.
 tests/platform/test_openapi.py checks that the committed file is what this module builds,
 and fuzzes a live server against it with schemathesis.
 """
@@ -10,6 +11,14 @@ import json
 from typing import Any
 
 from protocol import api, sealing
+from tools.platform.routes import ROUTES, Caller
+
+# Who may call an operation, in the document's terms (the route table decides it).
+_SECURITY: dict[Caller, list[dict[str, list[str]]]] = {
+    Caller.ANYONE: [{}],
+    Caller.OPTIONAL: [{}, {"mtls": []}],
+    Caller.APPLIANCE: [{"mtls": []}],
+}
 
 
 def _err(desc: str) -> dict[str, Any]:
@@ -21,6 +30,50 @@ def _ok(desc: str, schema_ref: str) -> dict[str, Any]:
         "description": desc,
         "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}},
     }
+
+
+def _insert_after(mapping: dict[str, Any], anchor: str, key: str, value: Any) -> dict[str, Any]:
+    """A copy of *mapping* with *key* right after *anchor*: the committed document's key
+    order is kept, so that regenerating it changes no byte."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        out[k] = v
+        if k == anchor:
+            out[key] = value
+    if key not in out:
+        raise ValueError(f"no {anchor!r} to put {key!r} after")
+    return out
+
+
+def _apply_routes(paths: dict[str, Any]) -> None:
+    """Give every operation its security, 401 refusal and session parts from its route row;
+    an operation without a row, or a row without an operation, is an error."""
+    documented = {(path, method.upper()) for path, ops in paths.items() for method in ops}
+    declared = {(route.template, route.method) for route in ROUTES}
+    if documented != declared:
+        raise ValueError(
+            f"document and route table disagree: undeclared {sorted(documented - declared)}, "
+            f"undocumented {sorted(declared - documented)}"
+        )
+    session_header = {
+        "name": api.HEADER_SESSION,
+        "in": "header",
+        "required": True,
+        "description": f"token from POST {api.PATH_SESSION}",
+        "schema": {"type": "string"},
+    }
+    for route in ROUTES:
+        ops = paths[route.template]
+        method = route.method.lower()
+        op = _insert_after(ops[method], "summary", "security", _SECURITY[route.caller])
+        if route.caller is Caller.APPLIANCE:
+            refusal = _err("no client certificate: this endpoint needs mutual TLS")
+            op["responses"] = _insert_after(op["responses"], "500", "401", refusal)
+        if route.session:
+            # Endpoints that hand out keys or jobs, or take results, need the latest session's token.
+            op["parameters"] = [*op.get("parameters", []), session_header]
+            op["responses"]["428"] = _err("`session_required`: no or unknown session token; open a session")
+        ops[method] = op
 
 
 def build() -> dict[str, Any]:
@@ -36,7 +89,6 @@ def build() -> dict[str, Any]:
         "431": _err("request headers too large"),
         "500": _err("internal error: generic message and an `incident` id found in the server log"),
     }
-    mtls = {"401": _err("no client certificate: this endpoint needs mutual TLS")}
     job_id = {
         "name": "id",
         "in": "path",
@@ -177,7 +229,6 @@ def build() -> dict[str, Any]:
                 "get": {
                     "operationId": "getTime",
                     "summary": "platform UTC time; a certificate is optional but checked when presented",
-                    "security": [{}, {"mtls": []}],
                     "responses": {"200": _ok("epoch seconds", "Time"), **common},
                 }
             },
@@ -185,7 +236,6 @@ def build() -> dict[str, Any]:
                 "post": {
                     "operationId": "activate",
                     "summary": "one-time code + CSR + X25519 key -> client certificate",
-                    "security": [{}],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ActivationRequest"}}},
@@ -202,11 +252,9 @@ def build() -> dict[str, Any]:
                 "get": {
                     "operationId": "getVolumeKey",
                     "summary": "this appliance's volume key sealed to its X25519 key",
-                    "security": [{"mtls": []}],
                     "responses": {
                         "200": _ok("sealed volume key", "VolumeKey"),
                         **common,
-                        **mtls,
                         "503": _err("no volume key on record"),
                     },
                 }
@@ -215,7 +263,6 @@ def build() -> dict[str, Any]:
                 "post": {
                     "operationId": "uploadSealKey",
                     "summary": "this appliance's hybrid sealing key (idempotent)",
-                    "security": [{"mtls": []}],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SealKey"}}},
@@ -223,7 +270,6 @@ def build() -> dict[str, Any]:
                     "responses": {
                         "200": _ok("recorded (or the same key again)", "SealKeyAck"),
                         **common,
-                        **mtls,
                         "408": _err("request not received in time"),
                         "409": _err("`key_conflict`: a different hybrid key is on record"),
                     },
@@ -233,15 +279,13 @@ def build() -> dict[str, Any]:
                 "get": {
                     "operationId": "getConfig",
                     "summary": "syslog target",
-                    "security": [{"mtls": []}],
-                    "responses": {"200": _ok("configuration", "Config"), **common, **mtls},
+                    "responses": {"200": _ok("configuration", "Config"), **common},
                 }
             },
             api.PATH_NEXT_JOB: {
                 "get": {
                     "operationId": "nextJob",
                     "summary": "lease the next job, long-polling up to `wait` seconds",
-                    "security": [{"mtls": []}],
                     "parameters": [
                         {
                             "name": api.QUERY_WAIT,
@@ -254,7 +298,6 @@ def build() -> dict[str, Any]:
                         "200": _ok("a leased job", "NextJob"),
                         "204": {"description": "no job within `wait`"},
                         **common,
-                        **mtls,
                     },
                 }
             },
@@ -262,7 +305,6 @@ def build() -> dict[str, Any]:
                 "post": {
                     "operationId": "uploadResult",
                     "summary": "the job's result document; stored exactly once, acknowledged by digest",
-                    "security": [{"mtls": []}],
                     "parameters": [
                         job_id,
                         {
@@ -279,7 +321,6 @@ def build() -> dict[str, Any]:
                     "responses": {
                         "200": _ok("stored (or the same body again)", "ResultAck"),
                         **common,
-                        **mtls,
                         "408": _err("request not received in time"),
                         "409": _err("job already has a different result"),
                         "411": _err("length required"),
@@ -290,7 +331,6 @@ def build() -> dict[str, Any]:
                 "post": {
                     "operationId": "reportProgress",
                     "summary": "latest progress line",
-                    "security": [{"mtls": []}],
                     "parameters": [job_id],
                     "requestBody": {
                         "required": True,
@@ -299,7 +339,6 @@ def build() -> dict[str, Any]:
                     "responses": {
                         "204": {"description": "recorded"},
                         **common,
-                        **mtls,
                         "408": _err("request not received in time"),
                     },
                 }
@@ -311,7 +350,6 @@ def build() -> dict[str, Any]:
         "post": {
             "operationId": "openSession",
             "summary": "open this boot's session; a boot counter that does not grow quarantines (clone)",
-            "security": [{"mtls": []}],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SessionRequest"}}},
@@ -319,7 +357,6 @@ def build() -> dict[str, Any]:
             "responses": {
                 "200": _ok("the session token", "Session"),
                 **common,
-                **mtls,
                 "408": _err("request not received in time"),
             },
         }
@@ -335,7 +372,6 @@ def build() -> dict[str, Any]:
             "post": {
                 "operationId": op_id,
                 "summary": summary,
-                "security": [{"mtls": []}],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}},
@@ -343,7 +379,6 @@ def build() -> dict[str, Any]:
                 "responses": {
                     "200": _ok(desc, answer),
                     **common,
-                    **mtls,
                     "403": refused,
                     "408": _err("request not received in time"),
                     "409": _err("`attestation_unavailable` (no EK CA trusted) or `already_enrolled`"),
@@ -366,7 +401,6 @@ def build() -> dict[str, Any]:
         "post": {
             "operationId": "renewCertificate",
             "summary": "a new client certificate for a new key; the calling certificate is revoked",
-            "security": [{"mtls": []}],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CertificateRequest"}}},
@@ -374,7 +408,6 @@ def build() -> dict[str, Any]:
             "responses": {
                 "200": _ok("the new certificate", "Certificate"),
                 **common,
-                **mtls,
                 "408": _err("request not received in time"),
             },
         }
@@ -383,7 +416,6 @@ def build() -> dict[str, Any]:
         "post": {
             "operationId": "heartbeat",
             "summary": "the appliance's health (whitelisted fields only); answers the interval to keep",
-            "security": [{"mtls": []}],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Heartbeat"}}},
@@ -391,7 +423,6 @@ def build() -> dict[str, Any]:
             "responses": {
                 "200": _ok("recorded", "HeartbeatAck"),
                 **common,
-                **mtls,
                 "408": _err("request not received in time"),
             },
         }
@@ -497,25 +528,7 @@ def build() -> dict[str, Any]:
         "required": [api.F_CERTIFICATE],
         "properties": {api.F_CERTIFICATE: {"type": "string"}},
     }
-    # Endpoints that hand out keys or jobs, or take results, need the latest session's token.
-    session_header = {
-        "name": api.HEADER_SESSION,
-        "in": "header",
-        "required": True,
-        "description": f"token from POST {api.PATH_SESSION}",
-        "schema": {"type": "string"},
-    }
-    for path, method in (
-        (api.PATH_VOLUME_KEY, "get"),
-        (api.PATH_NEXT_JOB, "get"),
-        (api.result_path("{id}"), "post"),
-        (api.progress_path("{id}"), "post"),
-        (api.PATH_CERTIFICATE, "post"),
-        (api.PATH_HEARTBEAT, "post"),
-    ):
-        op = paths[path][method]
-        op["parameters"] = [*op.get("parameters", []), session_header]
-        op["responses"]["428"] = _err("`session_required`: no or unknown session token; open a session")
+    _apply_routes(paths)
     return spec
 
 

@@ -1,4 +1,4 @@
-"""Storage of remote attestation: enrolled TPMs, PCR baselines, session nonces (a Storage mixin).
+"""Remote attestation records: enrolled TPMs, PCR baselines, session nonces.
 
 What is verified is decided in `tools.platform.attestation` (pure); this module only keeps
 the records: per appliance the EK certificate, the AK public area, the names of the sealed
@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
+
+from tools.platform.db.dialect import Conn
+from tools.platform.db.events import Events, add_event
 
 ATTEST_ENROLLING: Final = "enrolling"  # challenge sent, proof not yet received
 ATTEST_ATTESTED: Final = "attested"
@@ -26,39 +28,6 @@ EVENT_REFUSED: Final = "attestation_refused"
 EVENT_PCR_MISMATCH: Final = "pcr_mismatch"
 EVENT_BASELINE_CHANGED: Final = "pcr_baseline_changed"
 
-MIGRATION: Final = [
-    """CREATE TABLE attestations (
-        appliance_id INTEGER PRIMARY KEY REFERENCES appliances(id),
-        state TEXT NOT NULL CHECK (state IN ('enrolling', 'attested')),
-        ek_certificate BLOB NOT NULL,
-        ek_fingerprint TEXT NOT NULL,
-        ak_public BLOB NOT NULL,
-        kek_name BLOB NOT NULL,
-        counter_name BLOB NOT NULL,
-        counter_base INTEGER NOT NULL,
-        pcrs TEXT NOT NULL,
-        challenge_hash BLOB,
-        challenge_expires REAL,
-        pcr_values TEXT,
-        pcr_digest BLOB,
-        pcr_state TEXT NOT NULL DEFAULT 'ok',
-        pending_pcr_values TEXT,
-        pending_at REAL,
-        enrolled_at REAL,
-        last_verified REAL
-    )""",
-    "CREATE INDEX attestations_by_ek ON attestations (ek_fingerprint)",
-    # One outstanding session nonce per appliance (a new one replaces it): bounded.
-    """CREATE TABLE session_nonces (
-        appliance_id INTEGER PRIMARY KEY REFERENCES appliances(id),
-        nonce_hash BLOB NOT NULL,
-        expires REAL NOT NULL
-    )""",
-    # Whether a session's counter came from a verified TPM certification, and its public id
-    # (api.session_id) so that an operator can name the boot to keep (appliance clear --keep).
-    "ALTER TABLE sessions ADD COLUMN attested INTEGER NOT NULL DEFAULT 0",
-    "ALTER TABLE sessions ADD COLUMN public_id TEXT",
-]
 
 
 def _hash(data: bytes) -> bytes:
@@ -105,19 +74,12 @@ def _record(r: Any) -> Attestation:
     )  # fmt: skip
 
 
-def _event(db: Any, now: float, appliance_id: int, kind: str, detail: str) -> None:
-    db.execute(
-        "INSERT INTO events (at, appliance_id, kind, detail) VALUES (?, ?, ?, ?)", (now, appliance_id, kind, detail)
-    )
+def _event(db: Conn, now: float, appliance_id: int, kind: str, detail: str) -> None:
+    add_event(db, now, appliance_id, kind, detail)
 
 
-class Attestations:
-    """Attestation records; mixed into `Storage` (one transaction per method)."""
-
-    if TYPE_CHECKING:
-
-        def _tx(self) -> AbstractContextManager[Any]: ...
-        def _read(self) -> AbstractContextManager[Any]: ...
+class Attestations(Events):
+    """Attestation records (one transaction per method)."""
 
     def attestation(self, appliance_id: int) -> Attestation | None:
         """The appliance's attestation record, or None (never enrolled)."""

@@ -66,8 +66,8 @@ def session_id(token: str) -> str:
 
 
 def attested_pcrs(bound: tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    """The PCRs a quote covers: those the keystore is bound to, else DEFAULT_ATTESTED_PCRS."""
-    return tuple(sorted(set(bound))) if bound else DEFAULT_ATTESTED_PCRS
+    """The PCRs a quote covers: DEFAULT_ATTESTED_PCRS and those the keystore is bound to."""
+    return tuple(sorted(set(bound) | set(DEFAULT_ATTESTED_PCRS)))
 
 
 def attestation_binding(secret: bytes, tls_public_der: bytes, x25519_public: bytes, hybrid_public: bytes) -> bytes:
@@ -232,9 +232,10 @@ NONCE_TTL: Final = 120.0  # seconds a session nonce stays usable
 MAX_EVIDENCE: Final = 2048  # bytes of one marshalled TPM structure (attest, signature, public)
 MAX_EK_CERTIFICATE: Final = 4096  # bytes (DER)
 MAX_PCR_INDEX: Final = 23
-# A keystore bound to no PCR is still quoted over the firmware and boot-loader PCRs, so that
-# the platform sees what booted even where the keys do not depend on it.
-DEFAULT_ATTESTED_PCRS: Final = (0, 1, 2, 3, 4, 5, 6, 7)
+# Every quote covers the boot chain's PCRs (firmware 0-7; GRUB's commands and kernel command
+# line 8, the files it loaded 9) besides those the keystore is bound to, so that the platform
+# sees what booted even where the keys do not depend on it.
+DEFAULT_ATTESTED_PCRS: Final = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
 # A boot counter that advances by more than this in one step is clone evidence like one that
 # goes back (an agent advances it once per boot attempt; a forged one jumps).
 MAX_BOOT_COUNTER_STEP: Final = 1000

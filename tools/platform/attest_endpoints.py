@@ -113,7 +113,7 @@ class AttestationEndpoints:
         ak_raw = _b64(doc, api.F_AK_PUBLIC, api.MAX_EVIDENCE)
         kek_raw = _b64(doc, api.F_KEK_PUBLIC, api.MAX_EVIDENCE)
         counter_raw = _b64(doc, api.F_COUNTER_PUBLIC, api.MAX_EVIDENCE)
-        pcrs = _pcrs(doc)
+        pcrs = api.attested_pcrs(_pcrs(doc))  # recorded as quoted: later quotes must cover exactly these
         base = doc.get(api.F_COUNTER_BASE)
         if not isinstance(base, int) or isinstance(base, bool) or not 0 <= base <= api.MAX_BOOT_COUNTER // 2:
             raise _bad(f"field {api.F_COUNTER_BASE!r} must be an integer >= 0")
@@ -161,7 +161,7 @@ class AttestationEndpoints:
                             "no enrollment of this appliance is in progress")  # fmt: skip
         c_attest, c_sig, _ = _evidence(doc, api.F_CERTIFY)
         q_attest, q_sig, q_doc = _evidence(doc, api.F_QUOTE)
-        pcrs = api.attested_pcrs(record.pcrs)
+        pcrs = record.pcrs
         values = _pcr_values(q_doc)
         try:
             ak = at.parse_public(record.ak_public, "the AK public area")
@@ -204,7 +204,7 @@ class AttestationEndpoints:
             nonce = _b64(doc, api.F_NONCE, api.NONCE_BYTES)
             q_attest, q_sig, q_doc = _evidence(doc, api.F_QUOTE)
             n_attest, n_sig, _ = _evidence(doc, api.F_COUNTER)
-            pcrs = api.attested_pcrs(record.pcrs)
+            pcrs = record.pcrs
             values = _pcr_values(q_doc)
             if not await self.db.run(self.db.storage.consume_nonce, app.id, nonce, now):
                 raise at.AttestationError(

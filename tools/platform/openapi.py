@@ -486,7 +486,7 @@ def build() -> dict[str, Any]:
             api.F_PCRS: {
                 "type": "array",
                 "items": {"type": "integer", "minimum": 0, "maximum": api.MAX_PCR_INDEX},
-                "description": "PCRs the keystore is bound to (none: the quote covers PCRs 0-7)",
+                "description": "PCRs the keystore is bound to (quotes cover these and PCRs 0-9)",
             },
             api.F_COUNTER_BASE: {"type": "integer", "minimum": 0},
             api.F_CERTIFICATE: {"type": "string", "description": "the client certificate of this connection (PEM)"},

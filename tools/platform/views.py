@@ -131,7 +131,7 @@ def baseline_table(name: str, rec: db.Attestation) -> str:
     baseline = rec.pcr_values or ()
     pending = rec.pending_pcr_values
     rows = [["PCR", "BASELINE", "LAST REFUSED QUOTE" if pending else ""]]
-    for i, pcr in enumerate(api.attested_pcrs(rec.pcrs)):
+    for i, pcr in enumerate(rec.pcrs):
         new = pending[i] if pending else ""
         mark = " (changed)" if pending and new != baseline[i] else ""
         rows.append([str(pcr), baseline[i], new + mark])

@@ -45,7 +45,7 @@ class Attestation:
     kek_name: bytes
     counter_name: bytes
     counter_base: int
-    pcrs: tuple[int, ...]
+    pcrs: tuple[int, ...]  # the PCRs every quote must cover (api.attested_pcrs at enrollment)
     pcr_values: tuple[str, ...] | None  # hex, the baseline
     pcr_digest: bytes | None
     pcr_state: str

@@ -7,7 +7,7 @@
     scanner-agent migrate-keystore STATE_DIR [--tcti TCTI] [--tpm-pcrs 7[,..]]
     scanner-agent attest STATE_DIR [--tcti TCTI]
 
-Exit codes (docs/agent.md): 0 ok, 2 usage, 20 state, 21 tampered state, 22 platform/TLS,
+Exit codes (agent/exitcodes.py, docs/agent.md): 0 ok, 2 usage, 20 state, 21 tampered state, 22 platform/TLS,
 23 activation refused, 24 deactivated (keyslots erased), 25 volume, 26 scratchfs,
 27 time sync, 28 internal error, 29 keystore/TPM, 30 PCR mismatch, 31 quarantined,
 32 attestation refused.
@@ -17,12 +17,9 @@ Every error is one line on stderr; --debug adds a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shutil
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import NoReturn
@@ -35,19 +32,14 @@ from agent import timesync
 from agent.attest import AttestationUnavailable
 from agent.attest_platform import enroll
 from agent.errors import (
-    EXIT_ATTESTATION,
-    EXIT_INTERNAL,
-    EXIT_OK,
-    EXIT_USAGE,
     ActivationError,
     AgentError,
     KeystoreError,
-    StateError,
 )
+from agent.exitcodes import EXIT_ATTESTATION, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
 from agent.jobs import JobSettings
-from agent.keystore.base import BOOT_COUNTER_FILE
-from agent.keystore.file import FileKeystore
-from agent.keystore.tpm import TpmKeystore, parse_pcrs
+from agent.keystore.migrate import migrate_to_tpm
+from agent.keystore.tpm import parse_pcrs
 from agent.lifecycle import Agent, RunSettings, platform_client_for, platform_error
 from agent.scan.model import ScanOptions
 from agent.tls import client_context
@@ -55,12 +47,11 @@ from protocol import api, sealing
 from protocol.client import PlatformClient, PlatformError, new_client_key_and_csr
 from protocol.proxy import ProxyConfig
 from protocol.sealing import generate_hybrid_keypair, generate_keypair
-from scratchfs.keyholder import mountinfo
+from scratchfs.keyholder import logformat
 from scratchfs.keyholder.hardening import harden_process
 from scratchfs.keyholder.wipe import wipe
 
 PROG = "scanner-agent"
-LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
 
 
 class UsageError(Exception):
@@ -148,16 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(debug: bool, clock: timesync.Clock) -> None:
-    """Local logs to stderr, timestamps in platform-synced UTC."""
-    handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
-    formatter.converter = lambda t: time.gmtime((t or time.time()) + clock.offset)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    """Local logs to stderr in the one format, timestamps in platform-synced UTC."""
+    logformat.setup(logging.DEBUG if debug else logging.INFO, offset=lambda: clock.offset)
 
 
 def choose_keystore(state_dir: Path, kind: str | None, tcti: str | None,
@@ -441,132 +424,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return trio.run(agent.run)
 
 
-async def migrate(state: statemod.AgentState, new: ksmod.Keystore, staging: Path) -> None:
-    """Get a certificate for a new TPM-held TLS key (revoking the old one) and stage the
-    new state dir: same appliance, same sealing key (wrapped by the TPM now), same volume."""
-    clock = timesync.Clock()
-    try:
-        # Both through the factory, so a migration behind the activation's proxy works.
-        await timesync.sync(platform_client_for(state, clock, mutual=False).time, clock)
-        client = platform_client_for(state, clock, mutual=True)
-        boots = state.keystore.next_boot()
-        await client.open_session(boots, state.keystore.kind)
-        if isinstance(new, TpmKeystore):
-            new.counter_base = boots  # the TPM's counter continues where the file's stopped
-        pem, csr_pem = new_client_key_and_csr("scanner-appliance")
-        key_pem = bytearray(pem)
-        del pem
-        try:
-            cert_pem = await client.renew_certificate(csr_pem)
-            doc = (state.root / statemod.STATE_JSON).read_bytes()
-            activated_at = float(json.loads(doc).get("activated_at", clock.now()))
-            hybrid = statemod.load_hybrid_key(state.keystore)  # moves too, when there is one
-            try:
-                # The proxy (URL and credentials) moves too: its credentials into the TPM.
-                statemod.write_state(
-                    staging, state.endpoint, state.appliance, state.ca_pem, cert_pem, key_pem,
-                    state.seal_private(), activated_at, new, hybrid, state.proxy,
-                )
-            finally:
-                if hybrid is not None:
-                    wipe(hybrid)
-        finally:
-            wipe(key_pem)
-    except PlatformError as e:
-        raise platform_error(e, "renewing the certificate") from None
-
-
-MIGRATE_DIR = ".migrate"
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
-    """``scanner-agent migrate-keystore``: file keystore -> TPM, without re-imaging.
-
-    The staged state dir is written completely (and verified) before anything in the live
-    one changes; then its files replace the old ones, binding.mac last, and the clear key
-    files are overwritten and removed. A staged dir that holds binding.mac is complete:
-    if a crash interrupted the swap, running the command again finishes it (the old
-    certificate is already revoked, so starting over is not an option).
-    """
+    """``scanner-agent migrate-keystore``: file keystore -> TPM (agent.keystore.migrate)."""
     harden_process()
     ksmod.quiet_tss_logging()
-    root = args.state_dir.absolute()
-    staging = root / MIGRATE_DIR
-    if (staging / statemod.BINDING).exists():
-        _commit_migration(root, staging)
-        resumed = statemod.load_state(root, args.tcti)
-        resumed.forget()
-        print(f"appliance {resumed.appliance}: interrupted migration finished; keys in the TPM")
-        return EXIT_OK
-    state = statemod.load_state(root)
-    try:
-        if state.keystore.kind != ksmod.KIND_FILE:
-            raise KeystoreError(
-                f"appliance {state.appliance} already uses the {state.keystore.kind} keystore",
-                "nothing to migrate",
-            )
-        if mountinfo.find(state.run_dir / "volume") is not None:
-            # A running agent would keep using the old certificate and an older session.
-            raise StateError(
-                f"the volume of {root} is mounted (the agent is running, or a crashed run was "
-                "not recovered yet)",
-                "stop the agent (or run it once to recover) and retry",
-            )
-        if staging.exists():
-            shutil.rmtree(staging)  # incomplete (no binding.mac): nothing was renewed with it
-        tcti = args.tcti or ksmod.default_tcti()
-        pcrs = parse_pcrs(args.tpm_pcrs) if args.tpm_pcrs else ()
-        new = ksmod.create_keystore(staging, ksmod.KIND_TPM, tcti, pcrs)
-        try:
-            trio.run(migrate, state, new, staging)
-            statemod.load_state(staging, tcti).forget()  # the staged state verifies
-        except BaseException:
-            new.discard()
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        new.close()
-    finally:
-        state.forget()
-    _commit_migration(root, staging)
-    verdict = attest_state(root, tcti)
-    print(f"appliance {state.appliance} now keeps its keys in the TPM ({tcti}, {verdict}); "
-          "new TLS key and certificate, old certificate revoked")
+    done = migrate_to_tpm(args.state_dir.absolute(), args.tcti, args.tpm_pcrs)
+    if done.resumed:
+        print(f"appliance {done.appliance}: interrupted migration finished; keys in the TPM")
+    else:
+        verdict = attest_state(args.state_dir.absolute(), done.tcti)
+        print(f"appliance {done.appliance} now keeps its keys in the TPM ({done.tcti}, {verdict}); "
+              "new TLS key and certificate, old certificate revoked")
     return EXIT_OK
-
-
-def _commit_migration(root: Path, staging: Path) -> None:
-    """Move the staged state into place (binding.mac last), then shred the clear keys.
-
-    Idempotent: after a crash part-way, what is left in *staging* is moved on the next run.
-    """
-    staged = sorted(p.name for p in staging.iterdir() if p.name != statemod.BINDING)
-    for name in (*staged, statemod.BINDING):
-        os.replace(staging / name, root / name)
-    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    old = FileKeystore(root).files(
-        (*statemod.SECRET_NAMES, statemod.SEAL_KEY_HYBRID, statemod.PROXY_CREDENTIALS)
-    )
-    for name in (*old, BOOT_COUNTER_FILE):
-        _shred(root / name)
-    staging.rmdir()
-
-
-def _shred(path: Path) -> None:
-    """Overwrite then remove a clear key file (best effort on journaling/flash storage)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    try:
-        os.write(fd, os.urandom(os.fstat(fd).st_size))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,9 +459,6 @@ def main(argv: list[str] | None = None) -> int:
     except AgentError as e:
         if debug:
             traceback.print_exc()
-        print(f"{PROG}: {e.one_line()}", file=sys.stderr)
-        return e.exit_code
-    except StateError as e:  # pragma: no cover - StateError is an AgentError; kept for clarity
         print(f"{PROG}: {e.one_line()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""The agent's exceptions and its process exit codes (documented in docs/agent.md).
+"""The agent's exceptions, each carrying its exit code (declared in agent/exitcodes.py).
 
 Every failure the CLI reports maps to exactly one exception class, and each class carries
 its exit code, so `cli.py` prints one line and exits with the documented number.
@@ -8,21 +8,21 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_STATE = 20  # state dir missing, not activated, unreadable or insecure permissions
-EXIT_TAMPERED = 21  # state dir fails its binding check (edited platform URL, CA, cert...)
-EXIT_PLATFORM = 22  # platform unreachable or refused TLS/HTTP for a reason we cannot fix
-EXIT_ACTIVATION = 23  # activation refused (bad/expired code) or state dir not empty
-EXIT_DEACTIVATED = 24  # platform says the appliance is deactivated; keyslots erased
-EXIT_VOLUME = 25  # the encrypted volume could not be formatted, opened or closed
-EXIT_SCRATCH = 26  # scratchfs could not be mounted or died while running
-EXIT_TIME = 27  # clock sync with the platform failed
-EXIT_INTERNAL = 28  # unexpected internal error (a bug): run with --debug for a traceback
-EXIT_KEYSTORE = 29  # the keystore (TPM) is unreachable or refuses the appliance's keys
-EXIT_PCR = 30  # the TPM refuses to unseal: a bound PCR changed (measured boot state changed)
-EXIT_QUARANTINED = 31  # the platform quarantined this appliance (suspected clone)
-EXIT_ATTESTATION = 32  # the platform refused the TPM's attestation (evidence, EK, AK, keys)
+from agent.exitcodes import (
+    EXIT_ACTIVATION,
+    EXIT_ATTESTATION,
+    EXIT_DEACTIVATED,
+    EXIT_INTERNAL,
+    EXIT_KEYSTORE,
+    EXIT_PCR,
+    EXIT_PLATFORM,
+    EXIT_QUARANTINED,
+    EXIT_SCRATCH,
+    EXIT_STATE,
+    EXIT_TAMPERED,
+    EXIT_TIME,
+    EXIT_VOLUME,
+)
 
 
 class AgentError(Exception):

@@ -28,6 +28,7 @@ from pathlib import Path
 import trio
 
 from agent.errors import Deactivated, Quarantined
+from agent.exitcodes import SCAN_OK
 from agent.scan.model import ScanOptions
 from agent.scan.runner import JOB_FILE, RESULT_FILE
 from protocol import api
@@ -210,7 +211,7 @@ class JobRunner:
                 with trio.CancelScope(shield=True):
                     await proc.wait()
         result = jdir / RESULT_FILE
-        if proc.returncode == 0 and result.exists():
+        if proc.returncode == SCAN_OK and result.exists():
             return result.read_bytes()
         log.error("event=scan_failed job=%s rc=%s", job.id, proc.returncode)
         self.last_failure = f"scan_failed job={job.id} rc={proc.returncode}"

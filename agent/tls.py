@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import ssl
 from datetime import UTC, datetime
-from typing import Any
 
 from cryptography import x509
 
@@ -116,12 +115,3 @@ def client_context(
     ctx.sslobject_class = _sslobject_class(clock, anchors)
     return ctx
 
-
-def context_summary(ctx: ssl.SSLContext) -> dict[str, Any]:
-    """The security-relevant settings of a context (for tests and the debug log)."""
-    return {
-        "minimum_version": ctx.minimum_version,
-        "verify_mode": ctx.verify_mode,
-        "check_hostname": ctx.check_hostname,
-        "ca_count": len(ctx.get_ca_certs()),
-    }

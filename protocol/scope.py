@@ -12,13 +12,15 @@ Canonical form: compact JSON with sorted keys, fields
     ports      port spec ("22,443,8000-8100")
     protocols  subset of PROTOCOLS
     expires    UTC epoch seconds or null
-    cleartext  bool: HTTP Basic may travel without TLS (default false)
+    cleartext  bool: HTTP Basic may travel without TLS (default false); void when
+               tls_sha256 is non-empty (a pin means TLS: see Scope.sends_cleartext)
     tls_sha256 list of lowercase hex SHA-256 of the DER certificate; non-empty = pinned
     ssh_sha256 list of lowercase hex SHA-256 of the SSH host key blob; non-empty = pinned
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import re
@@ -176,6 +178,17 @@ class Scope:
 
     # --- matching ---
 
+    @property
+    def sends_cleartext(self) -> bool:
+        """Whether HTTP Basic may travel without TLS under this scope.
+
+        A TLS pin says "only to this certificate"; a cleartext port has no certificate, and
+        an active attacker in front of the pinned service can answer the scan's probe in
+        plain HTTP. So pins void ``cleartext``: the pair is refused by ``scanner-seal`` but
+        may still arrive sealed (older sealers, other tools), and must then mean TLS only.
+        """
+        return self.cleartext and not self.tls_sha256
+
     def networks(self) -> list[Network]:
         """The IP and CIDR targets as networks (a single IP is a /32 or /128)."""
         out: list[Network] = []
@@ -219,7 +232,8 @@ class Scope:
         """None when the credential may be sent to (address, port, protocol), else why not.
 
         *resolved* maps each scope hostname to the addresses it resolves to now. The TLS
-        certificate pin is checked on the very connection that carries the secret, not here.
+        certificate pin is checked on the very connection that carries the secret, not here;
+        a pinned scope never sends HTTP Basic without TLS, whatever ``cleartext`` says.
         """
         if protocol not in self.protocols:
             return OUT_OF_SCOPE
@@ -235,9 +249,23 @@ class Scope:
             return OUT_OF_SCOPE
         if self.expires is not None and now >= self.expires:
             return EXPIRED
-        if protocol == PROTO_HTTP_BASIC and not tls and not self.cleartext:
+        if protocol == PROTO_HTTP_BASIC and not tls and not self.sends_cleartext:
             return NEEDS_TLS
         return None
+
+
+def pin_matches(fingerprint: str, pins: tuple[str, ...]) -> bool:
+    """Constant-time membership of a hex SHA-256 in a scope's pins (no pins: anything matches).
+
+    Used by both credential checks (TLS certificate, SSH host key) on the very connection
+    that would carry the secret.
+    """
+    if not pins:
+        return True
+    ok = False
+    for pin in pins:
+        ok |= hmac.compare_digest(fingerprint.encode(), pin.encode())
+    return ok
 
 
 def _is_ip_or_cidr(t: str) -> bool:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import os
 import struct
 from typing import Final
@@ -419,7 +418,3 @@ def load_hybrid_public_key(data: bytes) -> bytes:
     _hybrid_public(raw)  # refuse keys that do not parse, at the customer's side already
     return raw
 
-
-def same_key(a: bytes, b: bytes) -> bool:
-    """Constant-time equality for key material."""
-    return hmac.compare_digest(a, b)

@@ -1,6 +1,7 @@
 """`scratchfs` command line: mount, umount, verify, volume.
 
-Every user mistake ends in one line on stderr and a documented exit code (README.md); a
+Every user mistake ends in one line on stderr and a documented exit code (README.md,
+declared in scratchfs/exitcodes.py); a
 traceback appears only with --debug.
 """
 
@@ -15,15 +16,11 @@ import sys
 from pathlib import Path
 
 from scratchfs import blocks
-from scratchfs.keyholder import mountinfo, procs, ready
+from scratchfs.exitcodes import EXIT_BUSY, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOT_MOUNTED, EXIT_OK, EXIT_USAGE
+from scratchfs.keyholder import logformat, mountinfo, procs, ready
 from scratchfs.limits import DEFAULT_MAX_INODES, DEFAULT_MAX_XATTR_BYTES, DEFAULT_MAX_XATTRS, DEFAULT_MEMORY_BUDGET
 from scratchfs.mount import (
     DEFAULT_READAHEAD_KB,
-    EXIT_BUSY,
-    EXIT_INTERNAL,
-    EXIT_NOT_MOUNTED,
-    EXIT_OK,
-    EXIT_USAGE,
     FSTYPE,
     MountError,
     MountOptions,
@@ -37,7 +34,6 @@ from scratchfs.mount import (
 from scratchfs.reaper import DEFAULT_CAPACITY
 
 PROG = "scratchfs"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class UsageError(Exception):
@@ -197,19 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: int, log_file: Path | None, daemon: bool) -> None:
-    root = logging.getLogger()
-    root.setLevel(level)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler: logging.Handler
     if log_file is not None or not daemon:
-        handler = logging.StreamHandler(sys.stderr)
+        logformat.setup(level)
     elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        # syslog stamps the line itself.
+        logformat.setup(level, logging.handlers.SysLogHandler(address="/dev/log"), timestamps=False)
     else:
-        handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root.addHandler(handler)
+        logformat.setup(level, logging.NullHandler())
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -348,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:
         if debug:
             raise

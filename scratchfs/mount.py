@@ -23,6 +23,15 @@ import trio
 
 from scratchfs import blocks
 from scratchfs.errors import StoreError
+from scratchfs.exitcodes import (
+    EXIT_BACKING,
+    EXIT_DAEMON,
+    EXIT_INTERNAL,
+    EXIT_MOUNTPOINT,
+    EXIT_NO_FUSE,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 from scratchfs.fuse_ops import ScratchOps
 from scratchfs.keyholder import mountinfo, ready
 from scratchfs.keyholder.hardening import harden_process
@@ -39,18 +48,6 @@ from scratchfs.stats import RequestStats
 from scratchfs.store import BlobStore
 
 log = logging.getLogger("scratchfs.mount")
-
-# Exit codes (documented in README.md).
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_BACKING = 3
-EXIT_MOUNTPOINT = 4
-EXIT_NO_FUSE = 5
-EXIT_DAEMON = 6
-EXIT_NOT_MOUNTED = 7
-EXIT_CORRUPT = 8
-EXIT_BUSY = 9
 
 FSTYPE = "fuse.scratchfs"
 # Requests carry at most 1 MiB (libfuse's max_pages 256); a 4 MiB readahead window keeps up to

@@ -22,9 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-EXIT_CLEAN = 0
-EXIT_CORRUPT = 8
-EXIT_UNREADABLE = 1
+from scratchfs.exitcodes import EXIT_CORRUPT, EXIT_OK, EXIT_UNREADABLE
+
 CHUNK = 1 << 20
 PROGRESS_SECONDS = 5.0
 CHECK_RANGES = "user.scratchfs.check_ranges."
@@ -172,5 +171,5 @@ def verify_tree(
     )
     if corrupt:
         return EXIT_CORRUPT
-    return EXIT_UNREADABLE if errors else EXIT_CLEAN
+    return EXIT_UNREADABLE if errors else EXIT_OK
 

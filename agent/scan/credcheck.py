@@ -8,7 +8,8 @@ per (address, port, protocol), before a single secret byte is written to a socke
 - outside the scope's targets (hostnames: the addresses they resolve to now), ports or
   protocols -> ``credential_out_of_scope``;
 - past the scope's expiry -> ``credential_expired``;
-- HTTP Basic on a cleartext port unless the scope allows cleartext -> ``credential_needs_tls``;
+- HTTP Basic on a cleartext port unless the scope allows cleartext and pins no TLS
+  certificate (a pin always means TLS) -> ``credential_needs_tls``;
 - TLS (or SSH) peer whose certificate (host key) SHA-256 is not among the scope's pins,
   checked on the very connection that would carry the secret -> ``credential_cert_mismatch``.
 
@@ -20,7 +21,6 @@ nothing here logs, raises or returns secret bytes.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import socket
 import ssl
@@ -86,16 +86,6 @@ def tls_client_context() -> ssl.SSLContext:
     return ctx
 
 
-def pin_matches(fingerprint: str, pins: tuple[str, ...]) -> bool:
-    """Constant-time membership of a hex SHA-256 in the pins (no pins: anything matches)."""
-    if not pins:
-        return True
-    ok = False
-    for pin in pins:
-        ok |= hmac.compare_digest(fingerprint.encode(), pin.encode())
-    return ok
-
-
 async def _read_some(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
     data = bytearray()
     while len(data) < limit:
@@ -123,9 +113,13 @@ async def http_basic_check(
     """Try the credential on http(s)://address:port/; return (auth outcome, banner seen).
 
     Over TLS, the certificate of this very connection is checked against *pins* before the
-    request is built. The banner is the status line plus the first line of the body, which
-    for an accepted login is what the protected service shows its users.
+    request is built. Without TLS a pin cannot be checked, so with *pins* nothing is even
+    connected to (the scope check refuses this first; this is the last line). The banner
+    is the status line plus the first line of the body, which for an accepted login is what
+    the protected service shows its users.
     """
+    if pins and not tls:
+        return scopemod.NEEDS_TLS, "a pinned credential travels over TLS only"
     request = bytearray()
     raw = b""
     try:
@@ -142,7 +136,7 @@ async def http_basic_check(
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
                     der = stream.getpeercert(binary_form=True) or b""
-                    if not pin_matches(hashlib.sha256(der).hexdigest(), pins):
+                    if not scopemod.pin_matches(hashlib.sha256(der).hexdigest(), pins):
                         return scopemod.CERT_MISMATCH, "certificate is not the pinned one"
                 request = basic_auth_request(address, username, password)
                 await stream.send_all(request)

@@ -25,10 +25,12 @@ from typing import Any
 
 import trio
 
+from agent.exitcodes import SCAN_FAILED, SCAN_OK, SCAN_USAGE
 from agent.scan import nmap, tcp
 from agent.scan.model import HostResult, ScanOptions, result_document
 from agent.scan.targets import TargetError, resolve
 from protocol import api
+from scratchfs.keyholder import logformat
 from scratchfs.keyholder.wipe import wipe
 
 log = logging.getLogger("agent.scan")
@@ -146,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connect-timeout", type=float, default=ScanOptions.connect_timeout)
     p.add_argument("--banner-timeout", type=float, default=ScanOptions.banner_timeout)
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
-    )
+    # No time: the agent re-logs each line (agent/jobs.py) and stamps it then.
+    logformat.setup(logging.INFO, timestamps=False)
     try:
         opts = ScanOptions(
             concurrency=args.concurrency,
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         print(f"agent.scan: {e}; fix the option", file=sys.stderr)
-        return 2
+        return SCAN_USAGE
     source = None
     if args.cred_request_fd is not None and args.cred_fd is not None:
         source = make_credential_source(args.cred_request_fd, args.cred_fd)
@@ -165,5 +166,5 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(run_job, args.job_dir, opts, args.time_offset, source)
     except ScanFailed as e:
         print(f"agent.scan: {e}; the job is reported as failed", file=sys.stderr)
-        return 1
-    return 0
+        return SCAN_FAILED
+    return SCAN_OK

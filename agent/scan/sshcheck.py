@@ -24,7 +24,6 @@ from typing import Final
 
 import paramiko
 
-from agent.scan.credcheck import pin_matches
 from agent.scan.model import AUTH_ACCEPTED, AUTH_FAILED, AUTH_REJECTED
 from protocol import credential as credmod
 from protocol import scope as scopemod
@@ -88,7 +87,7 @@ def ssh_check(
         transport.start_client(timeout=timeout)
         banner = transport.remote_version or ""
         host_key = transport.get_remote_server_key()
-        if not pin_matches(hashlib.sha256(host_key.asbytes()).hexdigest(), pins):
+        if not scopemod.pin_matches(hashlib.sha256(host_key.asbytes()).hexdigest(), pins):
             return scopemod.CERT_MISMATCH, "host key is not the pinned one", None
         try:
             if kind == credmod.KIND_SSH_KEY:

@@ -1,7 +1,8 @@
 """`scratchfs volume ...`: format, open, close, erase, dump (and rekey) LUKS2 volumes.
 
 Keys are read only from a file descriptor (``--key-fd FD``: a pipe, or 0 for stdin), all of it
-up to EOF, as raw bytes. Errors are one line on stderr; exit codes are in docs/volume.md.
+up to EOF, as raw bytes. Errors are one line on stderr; exit codes are in docs/volume.md
+(declared in scratchfs/exitcodes.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from scratchfs.exitcodes import EXIT_INTERRUPTED, EXIT_VOLUME_INTERNAL
+from scratchfs.keyholder import logformat
 from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api
-from scratchfs.volume.errors import EXIT_INTERNAL, KeyInputError, VolumeError
+from scratchfs.volume.errors import KeyInputError, VolumeError
 from scratchfs.volume.state import DEFAULT_RUN_DIR
 
 PROG = "scratchfs"
@@ -176,14 +179,14 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
             return e.exit_code
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; run the command again", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
             if debug:
                 traceback.print_exc()
             print(
                 f"{PROG}: internal error ({type(e).__name__}: {e}); rerun with --debug and report it", file=sys.stderr
             )
-            return EXIT_INTERNAL
+            return EXIT_VOLUME_INTERNAL
 
     run.__name__ = fn.__name__
     return run
@@ -271,9 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run one volume command; returns the exit code."""
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logformat.setup(logging.DEBUG if debug else logging.WARNING)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)

@@ -1,29 +1,29 @@
-"""Volume-layer exceptions, each carrying the CLI exit code documented in docs/volume.md.
+"""Volume-layer exceptions, each carrying its CLI exit code (scratchfs/exitcodes.py, docs/volume.md).
 
 Messages never contain key material: they name the image, the step that failed and what to do.
 """
 
 from __future__ import annotations
 
-# Exit codes of `scratchfs volume ...` (2 is argparse's usage error, as everywhere).
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_WRONG_KEY = 10
-EXIT_BAD_IMAGE = 11
-EXIT_NO_DEVICE_MAPPER = 12
-EXIT_BUSY = 13
-EXIT_NOT_OPEN = 14
-EXIT_TOOL_FAILED = 15
-EXIT_BAD_KEY_INPUT = 16
-EXIT_ERASED = 17
-EXIT_IMAGE_ACCESS = 18
-EXIT_INTERNAL = 19
+from scratchfs.exitcodes import (
+    EXIT_BAD_IMAGE,
+    EXIT_BAD_KEY_INPUT,
+    EXIT_ERASED,
+    EXIT_IMAGE_ACCESS,
+    EXIT_NO_DEVICE_MAPPER,
+    EXIT_NOT_OPEN,
+    EXIT_TOOL_FAILED,
+    EXIT_USAGE,
+    EXIT_VOLUME_BUSY,
+    EXIT_VOLUME_INTERNAL,
+    EXIT_WRONG_KEY,
+)
 
 
 class VolumeError(Exception):
     """Base class: a volume operation failed; ``exit_code`` is the CLI's exit status."""
 
-    exit_code = EXIT_INTERNAL
+    exit_code = EXIT_VOLUME_INTERNAL
 
 
 class WrongKeyError(VolumeError):
@@ -47,7 +47,7 @@ class DeviceMapperMissingError(VolumeError):
 class BusyError(VolumeError):
     """The target is in use: mountpoint busy or already mounted, image already exists/open."""
 
-    exit_code = EXIT_BUSY
+    exit_code = EXIT_VOLUME_BUSY
 
 
 class NotOpenError(VolumeError):

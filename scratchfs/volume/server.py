@@ -26,7 +26,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from scratchfs.keyholder import ready
+from scratchfs.exitcodes import EXIT_VOLUME_SERVER
+from scratchfs.keyholder import logformat, ready
 from scratchfs.keyholder.hardening import die_with_parent, harden_process
 from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume.xts import SectorCodec, sector_span
@@ -37,8 +38,6 @@ DATA_NAME = b"data"
 DATA_INODE = pyfuse3.ROOT_INODE + 1
 # Requests at least this big go to a worker thread; smaller ones are cheaper inline.
 THREAD_THRESHOLD = 64 * 1024
-# Exit code (and readiness-pipe code) for every start-up failure; the opener turns it into its own.
-EXIT_SERVER = 1
 
 
 class SectorLocks:
@@ -280,21 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the server process."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logformat.setup(logging.DEBUG if args.debug else logging.INFO)
     # Hardened before the key is read: from here on this process holds the volume master key
     # for the life of the mount, so it gets what the scratchfs daemon gets (mlockall included).
     harden_process()
     if args.die_with_parent and not die_with_parent(signal.SIGTERM, args.parent_pid):
-        ready.write_error(args.status_fd, EXIT_SERVER, "its starter died before it was supervised")
-        return EXIT_SERVER
+        ready.write_error(args.status_fd, EXIT_VOLUME_SERVER, "its starter died before it was supervised")
+        return EXIT_VOLUME_SERVER
     try:
         key = read_exact(args.key_fd, args.key_size)
     except (OSError, ValueError) as e:
-        ready.write_error(args.status_fd, EXIT_SERVER, f"cannot read the volume master key: {e}")
-        return EXIT_SERVER
+        ready.write_error(args.status_fd, EXIT_VOLUME_SERVER, f"cannot read the volume master key: {e}")
+        return EXIT_VOLUME_SERVER
     finally:
         os.close(args.key_fd)
     try:
@@ -304,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fd = os.open(args.image, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        ready.write_error(args.status_fd, EXIT_SERVER, f"cannot open {args.image}: {e.strerror}")
-        return EXIT_SERVER
+        ready.write_error(args.status_fd, EXIT_VOLUME_SERVER, f"cannot open {args.image}: {e.strerror}")
+        return EXIT_VOLUME_SERVER
     seg = SegmentFile(fd, codec, args.data_offset, args.size)
     ops = VolumeOps(seg)
     options = set(pyfuse3.default_options)
@@ -314,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pyfuse3.init(ops, args.mountpoint, options)
     except RuntimeError as e:
-        ready.write_error(args.status_fd, EXIT_SERVER, f"FUSE mount on {args.mountpoint} failed: {e}")
+        ready.write_error(args.status_fd, EXIT_VOLUME_SERVER, f"FUSE mount on {args.mountpoint} failed: {e}")
         os.close(fd)
-        return EXIT_SERVER
+        return EXIT_VOLUME_SERVER
     log.info(
         "event=serving image=%s mountpoint=%s size=%d sector_size=%d",
         args.image,

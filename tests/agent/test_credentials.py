@@ -148,6 +148,60 @@ def test_cleartext_only_where_allowed_and_hostnames_match_resolved_addresses(
     assert svcs["cleartext"].authorized == 1
 
 
+def test_a_tls_pin_is_never_downgraded_to_cleartext(
+    listeners: tuple[dict[str, Service], str], tmp_path: Path
+) -> None:
+    """Issue 24 item 4: a scope with cleartext allowed AND a TLS pin (sealed before
+    scanner-seal refused the pair, or by another sealer) must not hand HTTP Basic to a port
+    that answers the probe in plain HTTP with 401: an active attacker in front of the pinned
+    service would be exactly that port."""
+    svcs, pin = listeners
+    clear, pinned = svcs["cleartext"].port, svcs["in_scope_tls"].port
+    sc = scope.Scope.build(
+        ["127.0.0.1"], f"{clear},{pinned}", ["http-basic"], cleartext=True, tls_sha256=[pin]
+    )
+    doc, err = run_child(tmp_path / "job", ["127.0.0.1"], [clear, pinned], plaintext_for(sc))
+    assert auth_of(doc, "127.0.0.1", clear) == scope.NEEDS_TLS
+    assert svcs["cleartext"].connections >= 1  # it answered the probe with 401: a candidate
+    got = bytes(svcs["cleartext"].received)
+    assert b"authorization" not in got.lower()
+    for secret in FORBIDDEN:
+        assert secret not in got
+    assert svcs["cleartext"].authorized == 0
+    # The pinned TLS port still gets it: the pin, not cleartext, decides.
+    assert auth_of(doc, "127.0.0.1", pinned) == "accepted"
+    assert b"event=credential_refused" in err and b"reason=credential_needs_tls" in err
+
+
+def test_scanner_seal_refuses_cleartext_with_a_tls_pin(tmp_path: Path) -> None:
+    from protocol import sealing
+    from tools.seal.exitcodes import EXIT_OK, EXIT_USAGE
+
+    _, hybrid_public = sealing.generate_hybrid_keypair()
+    key = tmp_path / "appliance.pub"
+    key.write_bytes(sealing.hybrid_public_to_pem(hybrid_public))
+    flags = ["--appliance-key", str(key), "--username", USER, "--target", "127.0.0.1",
+             "--ports", "80,443", "--protocol", "http-basic", "--force"]  # fmt: skip
+
+    def seal(*extra: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "tools.seal", *flags, *extra], input=PASSWORD + b"\n",
+            capture_output=True, timeout=60, check=False, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )  # fmt: skip
+
+    refused = seal("--allow-cleartext", "--pin-tls-sha256", "ab" * 32)
+    err = refused.stderr.decode()
+    assert refused.returncode == EXIT_USAGE, err
+    assert refused.stdout == b""  # nothing sealed
+    assert err.count("\n") == 1 and err.startswith("scanner-seal: ") and "Traceback" not in err
+    assert "--allow-cleartext" in err and "--pin-tls-sha256" in err and "drop one" in err
+    # Each flag alone still seals.
+    for extra in (["--allow-cleartext"], ["--pin-tls-sha256", "ab" * 32]):
+        ok = seal(*extra)
+        assert ok.returncode == EXIT_OK, ok.stderr
+        assert sealing.check_format(ok.stdout) == 2
+
+
 def test_expired_scope_sends_nothing(listeners: tuple[dict[str, Service], str], tmp_path: Path) -> None:
     svcs, pin = listeners
     port = svcs["in_scope_tls"].port
@@ -178,6 +232,12 @@ def test_scope_decide_unit() -> None:
     assert sc.covers_job_target("10.0.0.128/25") and not sc.covers_job_target("10.0.0.0/23")
     assert sc.covers_job_target("DB.example") and not sc.covers_job_target("other.example")
     assert scope.Scope.from_bytes(sc.to_bytes()) == sc
+    clear = scope.Scope.build(["10.0.0.0/24"], "80", ["http-basic"], cleartext=True)
+    assert clear.decide("10.0.0.9", {}, 80, "http-basic", False, 1000.0) is None
+    pinned = scope.Scope.build(["10.0.0.0/24"], "80", ["http-basic"], cleartext=True, tls_sha256=["ab" * 32])
+    assert pinned.decide("10.0.0.9", {}, 80, "http-basic", False, 1000.0) == scope.NEEDS_TLS
+    assert pinned.decide("10.0.0.9", {}, 80, "http-basic", True, 1000.0) is None
+    assert clear.sends_cleartext and not pinned.sends_cleartext
     with pytest.raises(scope.ScopeError):
         scope.Scope.build(["10.0.0.0/33"], "22", ["ssh"])
     with pytest.raises(scope.ScopeError):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.errors import EXIT_QUARANTINED
+from agent.exitcodes import EXIT_QUARANTINED
 from tests.agent.conftest import AgentRun
 from tools.demo import Platform, activate, start_banner_service
 from tools.platform import db

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import state as statemod
-from agent.errors import EXIT_KEYSTORE, EXIT_PCR, EXIT_QUARANTINED, EXIT_TAMPERED
+from agent.exitcodes import EXIT_KEYSTORE, EXIT_PCR, EXIT_QUARANTINED, EXIT_TAMPERED
 from agent.keystore.tpm import KEK_PRIV, TpmKeystore
 from protocol import sealing
 from tests.agent.conftest import AgentRun, run_agent_cli

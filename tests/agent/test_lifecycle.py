@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from agent import state as statemod
-from agent.errors import EXIT_DEACTIVATED
+from agent.exitcodes import EXIT_DEACTIVATED
 from agent.jobs import JobRunner, JobSettings
 from agent.scan.model import ScanOptions
 from agent.scratch import clear_stale

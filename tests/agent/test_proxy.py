@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from agent import state as statemod
-from agent.errors import EXIT_PLATFORM, EXIT_TAMPERED, EXIT_USAGE, AgentError, TamperedError
+from agent.errors import AgentError, TamperedError
+from agent.exitcodes import EXIT_PLATFORM, EXIT_TAMPERED, EXIT_USAGE
 from agent.keystore.file import FileKeystore
 from agent.keystore.tpm import TpmKeystore
 from protocol.client import new_client_key_and_csr

@@ -291,3 +291,43 @@ def test_scan_child_nmap_engine_writes_xml_to_the_job_dir(
     doc = json.loads((job_dir / RESULT_FILE).read_bytes())
     assert doc["engine"] == "nmap"
     assert [p["port"] for h in doc["hosts"] for p in h["ports"]] == [services["ssh"].port]
+
+
+def _imports_of(path: Path, known: set[str]) -> set[str]:
+    """Modules of *known* that *path* imports, at module level or inside functions (a lazy
+    import is still a dependency: it only hides the circle until the function runs)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        found |= {n for n in names if n in known}
+    return found
+
+
+def test_agent_and_protocol_import_no_circle() -> None:
+    """The agent's and protocol's modules form a DAG (credcheck <-> sshcheck was the last
+    circle: both now take pin matching from protocol.scope)."""
+    modules = {}
+    for pkg in ("agent", "protocol"):
+        for f in (ROOT / pkg).rglob("*.py"):
+            name = ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = f
+    graph = {m: _imports_of(f, set(modules)) - {m} for m, f in modules.items()}
+    done: set[str] = set()
+
+    def visit(module: str, stack: list[str]) -> None:
+        if module in stack:
+            raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(module):], module]))
+        if module in done:
+            return
+        for dep in sorted(graph[module]):
+            visit(dep, [*stack, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])

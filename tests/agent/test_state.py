@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent import state as statemod
-from agent.errors import EXIT_STATE, EXIT_TAMPERED, StateError, TamperedError
+from agent.errors import StateError, TamperedError
+from agent.exitcodes import EXIT_STATE, EXIT_TAMPERED
 from agent.keystore.file import FileKeystore
 from protocol.client import new_client_key_and_csr
 from protocol.proxy import ProxyConfig

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from agent.errors import EXIT_PLATFORM
+from agent.exitcodes import EXIT_PLATFORM
 from agent.timesync import Clock
 from agent.tls import CertificateTimeError, client_context
 from tests.agent.conftest import Pki, make_pki, run_agent_cli

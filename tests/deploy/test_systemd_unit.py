@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import errors
+from agent import exitcodes
 
 UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "scanner-agent.service"
 INSTALLED_EXEC = "/opt/scanner-agent/.venv/bin/scanner-agent"
@@ -92,10 +92,11 @@ def test_restart_policy_matches_the_agents_exit_codes() -> None:
     prevented = {int(code) for code in settings["RestartPreventExitStatus"][0].split()}
     # A restart cannot fix these: the operator must act (docs/agent.md exit codes).
     assert {
-        errors.EXIT_USAGE, errors.EXIT_STATE, errors.EXIT_TAMPERED, errors.EXIT_DEACTIVATED, errors.EXIT_PCR
+        exitcodes.EXIT_USAGE, exitcodes.EXIT_STATE, exitcodes.EXIT_TAMPERED,
+        exitcodes.EXIT_DEACTIVATED, exitcodes.EXIT_PCR,
     } <= prevented
     # ...and it must fix the transient ones.
-    assert not {errors.EXIT_PLATFORM, errors.EXIT_TIME, errors.EXIT_SCRATCH} & prevented
+    assert not {exitcodes.EXIT_PLATFORM, exitcodes.EXIT_TIME, exitcodes.EXIT_SCRATCH} & prevented
 
 
 def test_exec_start_is_the_real_command_line(unit_here: Path) -> None:

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from scratchfs.volume.errors import EXIT_BAD_IMAGE, BadImageError
+from scratchfs.exitcodes import EXIT_BAD_IMAGE
+from scratchfs.volume.errors import BadImageError
 from scratchfs.volume.unlock_bounds import MAX_ARGON2_MEMORY_KIB, MAX_PBKDF2_ITERATIONS, check_unlock_cost
 
 IMG = Path("/v.img")

@@ -14,11 +14,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from scratchfs.keyholder import logformat
 from tools.bench import report, runner
+from tools.bench.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from tools.bench.workloads import MIB, WORKLOADS, Sizes
 
 PROG = "tools.bench"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 QUICK = Sizes(stream_bytes=8 * MIB, fio_file_bytes=8 * MIB, fio_runtime_s=0.3, tree_files=200,
               empty_files=300, scan_scale=0.01)
@@ -112,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logformat.setup(logging.DEBUG if args.debug else logging.WARNING)
     base = QUICK if args.quick else Sizes()
     sizes = dataclasses.replace(
         base,

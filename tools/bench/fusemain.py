@@ -18,13 +18,10 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 import trio
 
-from scratchfs.keyholder import mountinfo
+from scratchfs.keyholder import logformat, mountinfo
+from tools.bench.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -59,10 +56,7 @@ def setup_logging(log_file: str | None, debug: bool) -> None:
     handler: logging.Handler = (
         logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logformat.setup(logging.DEBUG if debug else logging.INFO, handler)
 
 
 async def _serve(max_tasks: int) -> None:
@@ -96,7 +90,7 @@ def serve(
     except RuntimeError as e:
         print(f"{prog}: cannot mount on {args.mountpoint}: {e}; check the directory exists "
               "and nothing is mounted there", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_FAILED
     if args.pid_file:
         with open(args.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")
@@ -147,4 +141,4 @@ def run_main(
             raise
         print(f"{prog}: daemon failed: {type(e).__name__}: {e}; rerun with --debug",
               file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_FAILED

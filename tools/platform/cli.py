@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import api, sealing
+from scratchfs.keyholder import logformat
 from tools.platform import attestation, ca, cliargs, db, exitcodes, health, policy, state, views
 
 STATE_ENV = "SCANNER_PLATFORM_STATE"
@@ -640,11 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `scanner-platform`; returns the exit code."""
     os.umask(0o077)  # database, WAL and anything else we create: owner only
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logformat.setup(getattr(logging, args.log_level))
     try:
         return int(args.func(args))
     except cliargs.CliError as e:

@@ -11,8 +11,12 @@ seals it, with its scope, to the appliance's hybrid public key (as printed by
 appliance enforces it) and also copied into the blob's public header (the platform checks
 jobs against it). Writes the binary blob to stdout; only the appliance can open it.
 
-Exit codes: 0 sealed; 1 cannot write the output; 2 usage error (bad flags or scope,
-unreadable or invalid key file, empty or oversized secret, stdout is a terminal).
+A TLS pin means TLS: --allow-cleartext together with --pin-tls-sha256 is refused (the
+appliance would never use the credential in clear anyway, since it cannot check a pin there).
+
+Exit codes (tools/seal/exitcodes.py): 0 sealed; 1 cannot write the output; 2 usage error
+(bad flags or scope, unreadable or invalid key file, empty or oversized secret, stdout is a
+terminal).
 """
 
 from __future__ import annotations
@@ -26,11 +30,9 @@ from typing import NoReturn
 
 from protocol import api, credential, scope, sealing
 from scratchfs.keyholder.wipe import wipe
+from tools.seal.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 PROG = "scanner-seal"
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,13 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--expires", type=_expiry, metavar="WHEN",
                    help="not used after this time (ISO 8601, UTC if no zone, or epoch seconds)")
     p.add_argument("--allow-cleartext", action="store_true",
-                   help="allow HTTP Basic without TLS (default: TLS only)")
+                   help="allow HTTP Basic without TLS (default: TLS only); not with "
+                        "--pin-tls-sha256")
     p.add_argument("--pin-tls-sha256", action="append", default=[], metavar="HEX",
                    help="only send over TLS to a certificate with this SHA-256 (repeat)")
     p.add_argument("--pin-ssh-sha256", action="append", default=[], metavar="HEX",
                    help="only send over SSH to a host key with this SHA-256 (repeat)")
     p.add_argument("--force", action="store_true", help="write binary output to a terminal")
     args = p.parse_args(argv)
+    if args.allow_cleartext and args.pin_tls_sha256:
+        # The appliance would honour the pin and never send in clear (protocol.scope's
+        # Scope.sends_cleartext); refusing says so now instead of sealing a dead flag.
+        return _fail(
+            "--allow-cleartext contradicts --pin-tls-sha256 (a pinned certificate is only "
+            "checked over TLS, so the credential never travels in clear); drop one of them",
+            EXIT_USAGE,
+        )
     try:
         key_data = Path(args.appliance_key).read_bytes()
     except OSError as e:

@@ -38,6 +38,7 @@ from agent.scratch import ScratchMount, clear_stale
 from agent.state import AgentState, ensure_run_dir
 from agent.syslog import SyslogForwarder
 from agent.tls import client_context
+from agent.unlock import Unlocker
 from protocol import api
 from protocol.client import (
     REASON_PROXY,
@@ -48,7 +49,6 @@ from protocol.client import (
     PlatformTLSError,
     QuarantinedError,
 )
-from protocol.sealing import SealError
 from scratchfs.keyholder import mountinfo
 from scratchfs.keyholder.wipe import wipe
 from scratchfs.volume import api as volume_api
@@ -264,25 +264,29 @@ class Agent:
     # -- step 3: keyslot passphrase, volume, scratchfs --
 
     async def open_volume(self, client: PlatformClient) -> None:
-        """Fetch and unseal the keyslot passphrase, open (first boot: format) the volume."""
-        try:
-            sealed = await client.keyslot_passphrase()
-        except PlatformError as e:
-            raise platform_error(e, "fetching the keyslot passphrase") from None
-        try:
-            passphrase = self.state.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
-        except SealError as e:
-            raise PlatformUnavailable(f"the keyslot passphrase does not unseal ({e})") from None
+        """Work out this boot's keyslot passphrase from the platform's share and the
+        appliance's own (agent.unlock: migration and rotation included), format the volume
+        on first boot, and open it."""
         image = self.state.volume_image
-        try:
-            if not image.exists():
-                log.info("event=first_boot_format size=%d", self.settings.volume_size)
-                await trio.to_thread.run_sync(
-                    lambda: volume_api.format_volume(
-                        image, self.settings.volume_size, passphrase,
-                        backend=self.settings.backend, run_dir=self.volume_run,
-                    )
+
+        async def format_volume(passphrase: bytearray) -> None:
+            log.info("event=first_boot_format size=%d", self.settings.volume_size)
+            await trio.to_thread.run_sync(
+                lambda: volume_api.format_volume(
+                    image, self.settings.volume_size, passphrase,
+                    backend=self.settings.backend, run_dir=self.volume_run,
                 )
+            )
+
+        unlocker = Unlocker(client, self.state.keystore, self.state.open_sealed, self.state.appliance,
+                            image, format_volume)
+        try:
+            passphrase = await unlocker.passphrase()
+        except PlatformError as e:
+            raise platform_error(e, "fetching the volume key") from None
+        except VolumeError as e:
+            raise VolumeFailure(f"volume {image}: {e}") from None
+        try:
             self.volume = await trio.to_thread.run_sync(
                 lambda: volume_api.open_volume(
                     image, self.volume_mnt, passphrase, self.settings.backend, run_dir=self.volume_run

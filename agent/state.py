@@ -50,6 +50,7 @@ import hmac
 import json
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -239,11 +240,14 @@ def write_state(
     keystore: Keystore,
     hybrid_private: bytes | bytearray | None = None,
     proxy: ProxyConfig | None = None,
+    volume_shares: Mapping[str, bytes | bytearray] | None = None,
 ) -> None:
     """Create the state directory (must be absent or empty) and bind it; binding.mac last.
 
     The secrets go through *keystore* (created for *root*): any secret stored there by name
-    is covered, whatever the backend; that includes *proxy*'s credentials.
+    is covered, whatever the backend; that includes *proxy*'s credentials. *volume_shares*
+    (a keystore migration) are the appliance's volume-key shares by name, stored before
+    binding.mac so that a staged state that is complete has them too.
     """
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if any(root.iterdir()):
@@ -275,6 +279,8 @@ def write_state(
     if proxy is not None and proxy.credentials is not None:
         store_proxy_credentials(keystore, proxy.credentials)
         contents[PROXY_CREDENTIALS] = proxy.credentials
+    for name, share in (volume_shares or {}).items():
+        keystore.store(name, share)
     mac = _binding_mac(_binding_key(tls_key_pem, seal_private), contents)
     write_new(root / BINDING, (mac + "\n").encode())
     dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)

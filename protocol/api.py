@@ -23,7 +23,16 @@ API_VERSION: Final = "v1"
 # --- endpoint paths ---------------------------------------------------------------------
 PATH_TIME: Final = "/v1/time"  # GET; client certificate optional
 PATH_ACTIVATE: Final = "/v1/activate"  # POST; no client certificate needed
-PATH_VOLUME_KEY: Final = "/v1/volume-key"  # GET; mutual TLS
+PATH_VOLUME_KEY: Final = "/v1/volume-key"  # GET; mutual TLS + session
+# Split volume key (two shares; see agent/volumekey.py). POST {} ; mutual TLS + session ->
+# the pending share {"epoch": N, "sealed": ...}: created on the first call (the migration of
+# an appliance whose volume opens with a platform-held passphrase), or by the operator's
+# `appliance rotate-volume-key`; repeating the call returns the same pending share.
+PATH_VOLUME_KEY_NEXT: Final = "/v1/volume-key/next"
+# POST {"epoch": N}; mutual TLS + session. The appliance's keyslot now opens with epoch N
+# only: the platform makes the pending share current and destroys the one before it (or the
+# legacy passphrase) with the same proof as deactivation. Repeating it is a no-op (200).
+PATH_VOLUME_KEY_COMMIT: Final = "/v1/volume-key/commit"
 PATH_CONFIG: Final = "/v1/config"  # GET; mutual TLS
 PATH_SEAL_KEY: Final = "/v1/appliance/seal-key"  # POST {hybrid_public}; mutual TLS
 PATH_NEXT_JOB: Final = "/v1/jobs/next"  # GET ?wait=SECONDS; mutual TLS
@@ -149,6 +158,15 @@ F_ATTEST: Final = "attest"  # in evidence: TPM2B_ATTEST
 F_SIGNATURE: Final = "signature"  # in evidence: TPMT_SIGNATURE
 F_PCR_VALUES: Final = "pcr_values"  # in a quote: list of lowercase hex SHA-256 PCR values
 F_ATTESTATION: Final = "attestation"  # "attested"
+# GET /v1/volume-key: "passphrase" (F_SEALED is the keyslot passphrase itself: appliances
+# activated before split keys, until they migrate) or "split" (F_SEALED is the platform's
+# share of key epoch F_EPOCH); F_NEXT is a pending share {"epoch", "sealed"} or null.
+F_KEY_SCHEME: Final = "key_scheme"
+F_EPOCH: Final = "epoch"  # int >= 1: the key epoch of a platform share
+F_NEXT: Final = "next"
+F_SHRED_PROVEN: Final = "shred_proven"  # commit answer: the old share is proven gone
+KEY_SCHEME_PASSPHRASE: Final = "passphrase"  # noqa: S105 - a scheme name, not a secret
+KEY_SCHEME_SPLIT: Final = "split"
 
 # Heartbeat document (POST PATH_HEARTBEAT). Health only: never scan data, targets, banners,
 # credentials or keys. The platform stores these fields and nothing else.
@@ -186,6 +204,7 @@ ENGINES: Final = (ENGINE_BUILTIN, ENGINE_NMAP)
 # Labels bound into protocol.sealing blobs; a blob sealed for one purpose never opens for another.
 SEAL_CONTEXT_CREDENTIAL: Final = b"credential"
 SEAL_CONTEXT_VOLUME_KEY: Final = b"volume-key"
+SEAL_CONTEXT_VOLUME_SHARE: Final = b"volume-share"  # a platform share, never a passphrase
 
 # --- reasons (the machine-readable part of every error) ---------------------------------
 REASON_BAD_REQUEST: Final = "bad_request"  # 400: malformed JSON, missing/invalid fields
@@ -215,6 +234,7 @@ REASON_NONCE_INVALID: Final = "nonce_invalid"  # unknown, used or expired nonce 
 REASON_PCR_MISMATCH: Final = "pcr_mismatch"  # the quote's PCRs differ from the recorded baseline
 REASON_NOT_TPM_RESIDENT: Final = "not_tpm_resident"  # certified key is not FIXEDTPM|FIXEDPARENT
 REASON_ALREADY_ENROLLED: Final = "already_enrolled"  # 409: this appliance's TPM is enrolled already
+REASON_EPOCH_MISMATCH: Final = "epoch_mismatch"  # 409: commit of an epoch that is not pending
 
 # --- limits -----------------------------------------------------------------------------
 MAX_JSON_BODY: Final = 64 * 1024  # bytes, for every JSON request body

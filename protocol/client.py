@@ -16,7 +16,7 @@ Typical use by the agent::
     ctx = agent.tls.client_context(ca_pem, clock, cert_path, key_path)  # the one TLS client policy
     client = PlatformClient("https://platform.example:8443", ctx)
     now = await client.time()
-    sealed = await client.keyslot_passphrase()   # open with sealing.open_sealed(..., b"volume-key")
+    offer = await client.volume_key()   # open each part with sealing.open_sealed (api.SEAL_CONTEXT_*)
     job = await client.next_job(wait=30)         # None when no job arrived within `wait`
     digest = await client.upload_result(job.id, body)
 
@@ -128,6 +128,23 @@ class PlatformConfig:
 
     syslog: SyslogTarget | None
     heartbeat_interval: float | None = None  # seconds; None: the platform sets none
+
+
+@dataclass(frozen=True)
+class SealedShare:
+    """A sealed volume-key part: the legacy passphrase (epoch 0) or a platform share."""
+
+    epoch: int
+    sealed: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class VolumeKeyOffer:
+    """GET /v1/volume-key: the current key part (api.KEY_SCHEME_*) and any pending share."""
+
+    scheme: str
+    current: SealedShare
+    pending: SealedShare | None
 
 
 @dataclass(frozen=True)
@@ -248,6 +265,18 @@ def _syslog_from(value: object) -> SyslogTarget | None:
     if not isinstance(host, str) or not isinstance(port, int) or not isinstance(ca, str):
         raise PlatformError(None, "protocol", "platform response: syslog fields are malformed")
     return SyslogTarget(host=host, port=port, ca_pem=ca.encode())
+
+
+def _epoch_from(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**32:
+        raise PlatformError(None, "protocol", "platform response: key epoch is not an integer in 1..2^32-1")
+    return value
+
+
+def _share_from(value: object) -> SealedShare:
+    if not isinstance(value, dict):
+        raise PlatformError(None, "protocol", "platform response: pending share is not an object")
+    return SealedShare(_epoch_from(value.get(api.F_EPOCH)), _b64decode(value.get(api.F_SEALED), "sealed share"))
 
 
 def _interval_from(value: object) -> float | None:
@@ -383,11 +412,42 @@ class PlatformClient:
             raise PlatformError(None, "protocol", "platform response: certificate is malformed")
         return cert.encode()
 
-    async def keyslot_passphrase(self) -> bytes:
-        """This appliance's keyslot passphrase (the 32 bytes that unlock its LUKS2 keyslot; the
-        wire calls it the volume key), sealed to its hybrid key (v2) or X25519 key (v1)."""
+    async def volume_key(self) -> VolumeKeyOffer:
+        """What unlocks this appliance's volume: the keyslot passphrase itself (appliances not
+        yet migrated) or the platform's share of the current key epoch, plus any pending
+        share (migration or rotation); each sealed to the appliance's hybrid (v2) or X25519
+        (v1) key."""
         data = await self._json("GET", api.PATH_VOLUME_KEY)
-        return _b64decode(data.get(api.F_SEALED), "sealed keyslot passphrase")
+        scheme = data.get(api.F_KEY_SCHEME, api.KEY_SCHEME_PASSPHRASE)  # older platforms: passphrase
+        sealed = _b64decode(data.get(api.F_SEALED), "sealed volume key")
+        if scheme == api.KEY_SCHEME_PASSPHRASE:
+            current = SealedShare(0, sealed)
+        elif scheme == api.KEY_SCHEME_SPLIT:
+            current = SealedShare(_epoch_from(data.get(api.F_EPOCH)), sealed)
+        else:
+            raise PlatformError(200, "protocol", "platform named an unknown key scheme")
+        nxt = data.get(api.F_NEXT)
+        return VolumeKeyOffer(scheme, current, None if nxt is None else _share_from(nxt))
+
+    async def keyslot_passphrase(self) -> bytes:
+        """The sealed keyslot passphrase of an appliance that has not moved to split keys.
+
+        Raises PlatformError("protocol") once it has: what the platform then holds is only a
+        share, and `volume_key` is the call that says so."""
+        offer = await self.volume_key()
+        if offer.scheme != api.KEY_SCHEME_PASSPHRASE:
+            raise PlatformError(200, "protocol", "this appliance uses split volume keys; use volume_key()")
+        return offer.current.sealed
+
+    async def volume_key_next(self) -> SealedShare:
+        """Ask for the pending platform share (created on the first call: migration)."""
+        return _share_from(await self._json("POST", api.PATH_VOLUME_KEY_NEXT, {}))
+
+    async def volume_key_commit(self, epoch: int) -> bool:
+        """Tell the platform the keyslot now opens with *epoch* only; True once the platform
+        proved the previous share (or passphrase) destroyed."""
+        data = await self._json("POST", api.PATH_VOLUME_KEY_COMMIT, {api.F_EPOCH: epoch})
+        return data.get(api.F_SHRED_PROVEN) is True
 
     async def upload_seal_key(self, hybrid_public: bytes) -> None:
         """Tell the platform this appliance's hybrid sealing key (mutual TLS; idempotent)."""

@@ -435,7 +435,7 @@ def demo(work: Path) -> int:
     """Run every step in *work*; return 0 only if all of them held."""
     from tools.swtpm import Swtpm, start_swtpm
 
-    step = Step(16)
+    step = Step(17)
     services: list[Service] = []
     platform: Platform | None = None
     sshd: sshdmod.Sshd | None = None
@@ -503,7 +503,8 @@ def demo(work: Path) -> int:
             log_lines = proc.stderr.decode(errors="replace").splitlines()
             for line in log_lines:
                 if "event=" in line and any(k in line for k in (
-                    "time_sync", "session_opened", "volume_open", "scratch_mounted", "job_received",
+                    "time_sync", "session_opened", "split_key", "volume_key_committed", "volume_open",
+                    "scratch_mounted", "job_received",
                     "credential_check", "credential_refused", "upload_acknowledged",
                     "job_shredded", "shutdown",
                 )):
@@ -511,6 +512,20 @@ def demo(work: Path) -> int:
             if proc.returncode != 0:
                 raise RuntimeError(f"agent exited {proc.returncode}: {log_lines[-1:]}")
             notes.append(f"agent exited 0 after {took:.1f} s")
+        with step("the volume opened with the platform share + the appliance share") as notes:
+            [app] = json.loads(platform.cli("appliance", "list", "--json").stdout)
+            if app["key_scheme"] != "split" or app["key_pending_epoch"] is not None:
+                raise RuntimeError(f"the volume key is not split: {app['key_scheme']}")
+            epoch = app["key_epoch"]
+            committed = [ln for ln in log_lines if f"event=volume_key_committed epoch={epoch} " in ln]
+            if not committed or "old_destroyed_proven=True" not in committed[0]:
+                raise RuntimeError("the agent did not commit the split key with a proven shred")
+            if not (agent_state / f"volume-share-{epoch}.tpm").exists():
+                raise RuntimeError("the appliance share is not TPM-wrapped in the keystore")
+            notes.append(f"keyslot passphrase = HKDF(platform share, appliance share), key epoch {epoch}")
+            notes.append("platform share: KEK-wrapped in the platform's database, sealed to this boot's session")
+            notes.append(f"appliance share: volume-share-{epoch}.tpm, wrapped by this TPM; never leaves it")
+            notes.append("the platform's activation passphrase: destroyed, proven gone from its database")
         with step("the platform's results") as notes:
             table = platform.cli("results", "show", job_id).stdout.decode()
             print("\n".join("        " + ln for ln in table.rstrip().splitlines()), flush=True)

@@ -104,6 +104,19 @@ class Keystore(abc.ABC):
         """Whether secret *name* is stored (optional secrets, e.g. a key added later)."""
         return (self.root / self.files((name,))[0]).exists()
 
+    def remove(self, name: str) -> None:
+        """Delete secret *name* durably (no-op if absent): a share of a retired key epoch."""
+        path = self.root / self.files((name,))[0]
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
     @abc.abstractmethod
     def load(self, name: str) -> bytearray:
         """Secret *name* in a fresh bytearray; the caller wipes it after use."""

@@ -33,6 +33,7 @@ from agent.keystore.base import BOOT_COUNTER_FILE
 from agent.keystore.file import FileKeystore
 from agent.keystore.tpm import TpmKeystore, parse_pcrs
 from agent.lifecycle import platform_client_for, platform_error
+from agent.unlock import appliance_share_names, is_clear_share_file
 from protocol.client import PlatformError, new_client_key_and_csr
 from scratchfs.keyholder import mountinfo
 from scratchfs.keyholder.wipe import wipe
@@ -117,15 +118,19 @@ async def renew_and_stage(state: statemod.AgentState, new: ksmod.Keystore, stagi
             doc = (state.root / statemod.STATE_JSON).read_bytes()
             activated_at = float(json.loads(doc).get("activated_at", clock.now()))
             hybrid = statemod.load_hybrid_key(state.keystore)  # moves too, when there is one
+            # The appliance's volume-key shares move too: without them the volume never opens.
+            shares = {name: state.keystore.load(name) for name in appliance_share_names(state.keystore)}
             try:
                 # The proxy (URL and credentials) moves too: its credentials into the TPM.
                 statemod.write_state(
                     staging, state.endpoint, state.appliance, state.ca_pem, cert_pem, key_pem,
-                    state.seal_private(), activated_at, new, hybrid, state.proxy,
+                    state.seal_private(), activated_at, new, hybrid, state.proxy, shares,
                 )
             finally:
                 if hybrid is not None:
                     wipe(hybrid)
+                for share in shares.values():
+                    wipe(share)
         finally:
             wipe(key_pem)
     except PlatformError as e:
@@ -148,7 +153,9 @@ def commit(root: Path, staging: Path) -> None:
     old = FileKeystore(root).files(
         (*statemod.SECRET_NAMES, statemod.SEAL_KEY_HYBRID, statemod.PROXY_CREDENTIALS)
     )
-    for name in (*old, BOOT_COUNTER_FILE):
+    # Clear appliance shares whose TPM-wrapped copy is in place now.
+    shares = [p.name for p in root.iterdir() if is_clear_share_file(p.name) and (root / f"{p.name}.tpm").exists()]
+    for name in (*old, *shares, BOOT_COUNTER_FILE):
         _shred(root / name)
     staging.rmdir()
 

@@ -34,6 +34,7 @@ from scratchfs.volume.errors import (
     NotOpenError,
     UsageError,
     VolumeError,
+    WrongKeyError,
 )
 from scratchfs.volume.libcryptsetup import (
     CryptDevice,
@@ -323,6 +324,49 @@ def change_passphrase(image: Path, old_passphrase: bytes | bytearray, new_passph
             wipe(master_key)
         dev.destroy_keyslot(old_slot)
     log.info("event=key_changed image=%s old_slot=%d new_slot=%d", image, old_slot, new_slot)
+
+
+def rotate_passphrase(image: Path, old_passphrase: bytes | bytearray, new_passphrase: bytes | bytearray) -> str:
+    """Move *image* from *old_passphrase* to *new_passphrase*; safe to repeat after any crash.
+
+    Where `change_passphrase` assumes the old passphrase still opens, this looks at what
+    a power cut may have left and finishes from there:
+
+    - only the old one opens: add a keyslot for the new one, then destroy the old one;
+    - both open (cut after the add): destroy the old one's keyslot(s);
+    - only the new one opens (cut after the destroy): nothing is left to do.
+
+    Returns which of the three it found ("rotated", "finished", "done"). Raises
+    WrongKeyError when neither passphrase opens the volume.
+    """
+    check_passphrase(old_passphrase, new_keyslot=False)
+    check_passphrase(new_passphrase, new_keyslot=True)
+    if _opens(image, new_passphrase) is None:
+        change_passphrase(image, old_passphrase, new_passphrase)
+        return "rotated"
+    removed = 0
+    with open_loaded(image) as dev:
+        while True:
+            try:
+                old_slot, probe = dev.master_key(old_passphrase)
+            except WrongKeyError:
+                break
+            wipe(probe)
+            dev.destroy_keyslot(old_slot)
+            removed += 1
+    log.info("event=key_rotation_resumed image=%s old_slots_destroyed=%d", image, removed)
+    return "finished" if removed else "done"
+
+
+def _opens(image: Path, passphrase: bytes | bytearray) -> int | None:
+    """The keyslot *passphrase* opens, or None."""
+    with open_loaded(image) as dev:
+        try:
+            slot, probe = dev.master_key(passphrase)
+        except WrongKeyError:
+            return None
+    wipe(probe)
+    return slot
 
 
 def _bound_keyslots(meta: dict[str, Any]) -> set[str]:

@@ -267,8 +267,9 @@ def test_file_appliance_keeps_booting_then_migrates_into_the_tpm(
     assert "now keeps its keys in the TPM" in proc.stdout
     doc = json.loads((state / "state.json").read_text())
     assert doc["keystore"]["kind"] == "tpm" and doc["appliance"] == "app1"
-    for gone in (statemod.KEY_PEM, statemod.SEAL_KEY, "boot-counter", ".migrate"):
+    for gone in (statemod.KEY_PEM, statemod.SEAL_KEY, "boot-counter", ".migrate", "volume-share-1"):
         assert not (state / gone).exists(), gone
+    assert (state / "volume-share-1.tpm").exists()  # the appliance's volume-key share moved too
     after = key_forms(state, swtpm.tcti)
     assert after["seal raw"] == before["seal raw"]  # re-wrapped, not regenerated
     assert after["hybrid raw"] == before["hybrid raw"]  # the hybrid sealing key too

@@ -27,6 +27,8 @@ from agent.scan.model import ScanOptions
 from agent.scratch import clear_stale
 from agent.timesync import Clock
 from agent.tls import client_context
+from agent.unlock import share_name
+from agent.volumekey import derive_keyslot_passphrase
 from protocol import api, sealing
 from protocol.client import PlatformClient
 from scratchfs.keyholder import mountinfo, procs
@@ -181,12 +183,28 @@ async def open_boot(st: statemod.AgentState, client: PlatformClient) -> None:
     await client.open_session(st.keystore.next_boot(), st.keystore.kind)
 
 
-def backing_of_closed_volume(state_dir: Path, where: Path) -> list[str]:
-    """Open the agent's volume with its own key (as the agent would) and list the backing."""
+def volume_passphrase(state_dir: Path) -> bytearray:
+    """The passphrase that opens the appliance's volume now, worked out as the agent does:
+    the platform-held passphrase, or (split keys) the platform's share of the current
+    epoch combined with the appliance share in the keystore. The caller wipes it."""
     st, client = appliance_client(state_dir)
     trio.run(open_boot, st, client)
-    sealed = trio.run(client.keyslot_passphrase)
-    key = st.open_sealed(sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+    current = trio.run(client.volume_key).current
+    if current.epoch == 0:
+        return st.open_sealed(current.sealed, api.SEAL_CONTEXT_VOLUME_KEY)
+    platform_share = st.open_sealed(current.sealed, api.SEAL_CONTEXT_VOLUME_SHARE)
+    appliance_share = st.keystore.load(share_name(current.epoch))
+    try:
+        return derive_keyslot_passphrase(platform_share, appliance_share, st.appliance, current.epoch)
+    finally:
+        wipe(platform_share)
+        wipe(appliance_share)
+
+
+def backing_of_closed_volume(state_dir: Path, where: Path) -> list[str]:
+    """Open the agent's volume with its own key (as the agent would) and list the backing."""
+    key = volume_passphrase(state_dir)
+    st = statemod.load_state(state_dir)
     where.mkdir(exist_ok=True)
     try:
         vol = volume_api.open_volume(st.volume_image, where, key, run_dir=where.parent / "vr")
@@ -338,7 +356,7 @@ def test_appliance_from_before_v2_upgrades_its_sealing_key_without_reimaging(
     assert b"MLKEM768X25519" in platform.cli("appliance", "pubkey", "app1").stdout
     st, client = appliance_client(activated)
     trio.run(open_boot, st, client)
-    assert sealing.check_format(trio.run(client.keyslot_passphrase)) == 2
+    assert sealing.check_format(trio.run(client.volume_key).current.sealed) == 2
     second = agent_factory(activated, "--once")
     job2 = add_job(platform, str(closed_port()))
     second.proc.wait(timeout=240)

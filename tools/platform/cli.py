@@ -24,7 +24,8 @@ from typing import Any
 
 from protocol import api, sealing
 from scratchfs.keyholder import logformat
-from tools.platform import attestation, ca, cliargs, db, exitcodes, health, policy, state, views
+from scratchfs.keyholder.wipe import wipe
+from tools.platform import attestation, ca, cliargs, db, exitcodes, health, keys, policy, state, views
 
 STATE_ENV = "SCANNER_PLATFORM_STATE"
 DEFAULT_CODE_TTL = 24 * 3600.0
@@ -143,6 +144,29 @@ def cmd_appliance_deactivate(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def cmd_appliance_rotate_volume_key(args: argparse.Namespace) -> int:
+    paths = _paths(args)
+    with _storage(args) as storage:
+        kek = state.load_kek(paths)
+        epoch, created = storage.rotate_volume_key(args.name, time.time(), functools.partial(_wrap_new_share, kek))
+    if created:
+        print(
+            f"appliance {args.name}: volume key epoch {epoch} pending; its next boot re-keys the volume to it "
+            "and the platform then destroys the old share (see 'appliance list')"
+        )
+    else:
+        print(f"appliance {args.name}: volume key epoch {epoch} is pending already; its next boot completes it")
+    return exitcodes.OK
+
+
+def _wrap_new_share(kek: bytes, appliance_id: int, name: str, epoch: int) -> bytes:
+    share = bytearray(keys.new_key())
+    try:
+        return keys.wrap_share(kek, bytes(share), appliance_id, name, epoch)
+    finally:
+        wipe(share)
+
+
 def cmd_appliance_clear(args: argparse.Namespace) -> int:
     keep = db.CLEAR_NEXT_BOOT if args.next_boot else args.keep  # None: the current session
     with _storage(args) as storage:
@@ -235,10 +259,11 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
     with _storage(args) as storage:
         apps = storage.appliances()
         clones = storage.clone_states()
+        key_states = storage.key_states()
         healths = {h.name: h for h in storage.health()}
         beat_policy = health.Policy.load(storage)
         attested = storage.attestations()
-    fleet = views.Fleet(apps, clones, healths, beat_policy, time.time(), attested)
+    fleet = views.Fleet(apps, clones, healths, beat_policy, time.time(), attested, key_states)
     print(json.dumps(views.appliance_docs(fleet), indent=2) if args.json else views.appliance_table(fleet))
     return exitcodes.OK
 
@@ -530,7 +555,16 @@ def _add_appliance(sub: Any) -> None:
     sp = _leaf(asub, "pubkey", cmd_appliance_pubkey, "print the appliance's hybrid sealing key (for scanner-seal)")
     sp.add_argument("name", type=cliargs.name)
     sp.add_argument("--x25519", action="store_true", help="print the v1 X25519 key (PEM) instead")
-    sp = _leaf(asub, "deactivate", cmd_appliance_deactivate, "destroy the keyslot passphrase, revoke the certificate")
+    sp = _leaf(
+        asub, "deactivate", cmd_appliance_deactivate, "destroy the volume key's platform part, revoke the certificate"
+    )
+    sp.add_argument("name", type=cliargs.name)
+    sp = _leaf(
+        asub,
+        "rotate-volume-key",
+        cmd_appliance_rotate_volume_key,
+        "new volume key epoch: the next boot re-keys the volume, then the old share is destroyed",
+    )
     sp.add_argument("name", type=cliargs.name)
     sp = _leaf(
         asub, "list", cmd_appliance_list, "list appliances: state, health (heartbeats, quarantine), keystore, boots"

@@ -176,8 +176,20 @@ def build() -> dict[str, Any]:
                 },
                 "VolumeKey": {
                     "type": "object",
+                    "description": (
+                        "key_scheme `passphrase`: sealed is the keyslot passphrase itself (context "
+                        "`volume-key`; appliances not yet on split keys, epoch 0). `split`: sealed is the "
+                        "platform's share of key epoch `epoch` (context `volume-share`), which opens "
+                        "nothing without the appliance's own share. `next`: a pending share (migration "
+                        "or rotation) until the appliance commits it"
+                    ),
                     "required": ["sealed"],
-                    "properties": {"sealed": {"type": "string", "contentEncoding": "base64"}},
+                    "properties": {
+                        "sealed": {"type": "string", "contentEncoding": "base64"},
+                        api.F_KEY_SCHEME: {"type": "string", "enum": [api.KEY_SCHEME_PASSPHRASE, api.KEY_SCHEME_SPLIT]},
+                        api.F_EPOCH: {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+                        api.F_NEXT: {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/VolumeShare"}]},
+                    },
                 },
                 "Config": {
                     "type": "object",
@@ -251,9 +263,9 @@ def build() -> dict[str, Any]:
             api.PATH_VOLUME_KEY: {
                 "get": {
                     "operationId": "getVolumeKey",
-                    "summary": "this appliance's volume key sealed to its X25519 key",
+                    "summary": "this appliance's part of its volume key (passphrase or platform share), sealed to it",
                     "responses": {
-                        "200": _ok("sealed volume key", "VolumeKey"),
+                        "200": _ok("sealed volume-key parts", "VolumeKey"),
                         **common,
                         "503": _err("no volume key on record"),
                     },
@@ -427,7 +439,57 @@ def build() -> dict[str, Any]:
             },
         }
     }
+    paths[api.PATH_VOLUME_KEY_NEXT] = {
+        "post": {
+            "operationId": "nextVolumeKeyShare",
+            "summary": "the pending platform share of the next key epoch, created on the first call (idempotent)",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            "responses": {
+                "200": _ok("the pending share, sealed (context `volume-share`)", "VolumeShare"),
+                **common,
+                "408": _err("request not received in time"),
+                "503": _err("no volume key on record"),
+            },
+        }
+    }
+    paths[api.PATH_VOLUME_KEY_COMMIT] = {
+        "post": {
+            "operationId": "commitVolumeKeyShare",
+            "summary": "the keyslot opens with this epoch only: the pending share becomes current and the "
+            "part it replaces is destroyed with proof (repeating it is a no-op)",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/VolumeKeyCommit"}}},
+            },
+            "responses": {
+                "200": _ok("committed; shred_proven: the replaced part is proven gone", "VolumeKeyCommitted"),
+                **common,
+                "408": _err("request not received in time"),
+                "409": _err("`epoch_mismatch`: the epoch is neither pending nor current"),
+                "503": _err("no volume key on record"),
+            },
+        }
+    }
     schemas = spec["components"]["schemas"]
+    epoch_schema = {"type": "integer", "minimum": 1, "maximum": 2**32 - 1}
+    schemas["VolumeShare"] = {
+        "type": "object",
+        "required": [api.F_EPOCH, api.F_SEALED],
+        "properties": {api.F_EPOCH: epoch_schema, api.F_SEALED: {"type": "string", "contentEncoding": "base64"}},
+    }
+    schemas["VolumeKeyCommit"] = {
+        "type": "object",
+        "required": [api.F_EPOCH],
+        "properties": {api.F_EPOCH: epoch_schema},
+    }
+    schemas["VolumeKeyCommitted"] = {
+        "type": "object",
+        "required": [api.F_EPOCH, api.F_SHRED_PROVEN],
+        "properties": {api.F_EPOCH: epoch_schema, api.F_SHRED_PROVEN: {"type": "boolean"}},
+    }
     schemas["Heartbeat"] = {
         "type": "object",
         "description": "fields: " + ", ".join(api.HEARTBEAT_FIELDS) + " (others are dropped, never stored)",

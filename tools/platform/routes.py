@@ -95,6 +95,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", api.PATH_SEAL_KEY, "post_seal_key", Caller.APPLIANCE),
     Route("GET", api.PATH_CONFIG, "get_config", Caller.APPLIANCE),
     Route("GET", api.PATH_VOLUME_KEY, "get_keyslot_passphrase", Caller.APPLIANCE, session=True),
+    Route("POST", api.PATH_VOLUME_KEY_NEXT, "post_volume_key_next", Caller.APPLIANCE, session=True),
+    Route("POST", api.PATH_VOLUME_KEY_COMMIT, "post_volume_key_commit", Caller.APPLIANCE, session=True),
     Route("POST", api.PATH_CERTIFICATE, "post_certificate", Caller.APPLIANCE, session=True),
     Route("POST", api.PATH_HEARTBEAT, "post_heartbeat", Caller.APPLIANCE, session=True),
     Route("GET", api.PATH_NEXT_JOB, "get_next_job", Caller.APPLIANCE, session=True),

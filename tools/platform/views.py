@@ -53,6 +53,19 @@ class Fleet:
     policy: health.Policy
     now: float
     attestations: dict[int, db.Attestation] = field(default_factory=dict)  # by appliance id
+    keys: dict[int, db.KeyState] | None = None  # volume-key scheme and epochs, by appliance id
+
+    def volume_key(self, a: db.Appliance) -> str:
+        """The volume key in a few words: "passphrase" (platform-held, not yet migrated),
+        "split epoch N" (two shares), "+ N pending" (migration or rotation waiting for the
+        appliance's next boot); "destroyed" after deactivation, "-" before activation."""
+        k = (self.keys or {}).get(a.id)
+        if a.state == db.STATE_DEACTIVATED:
+            return "destroyed"
+        if a.state != db.STATE_ACTIVE or k is None:
+            return "-"
+        text = k.scheme if k.epoch is None else f"{k.scheme} epoch {k.epoch}"
+        return text if k.pending_epoch is None else f"{text} + {k.pending_epoch} pending"
 
     def derived(self, name: str) -> health.Derived:
         """The appliance's health state now (quarantine and deactivation override heartbeats)."""
@@ -87,6 +100,7 @@ def appliance_docs(fleet: Fleet) -> list[dict[str, Any]]:
                 "attestation": attestation(c, rec := fleet.attestations.get(a.id)),
                 "pcr_state": rec.pcr_state if rec else None,
                 "last_verified_boot": rec.last_verified if rec else None,
+                **_key_doc(fleet, a),
             }
         )
     return docs
@@ -137,6 +151,14 @@ def baseline_table(name: str, rec: db.Attestation) -> str:
         rows.append([str(pcr), baseline[i], new + mark])
     head = f"appliance {name}: PCR baseline (SHA-256 bank), state {rec.pcr_state}"
     return head + "\n" + table(rows)
+def _key_doc(fleet: Fleet, a: db.Appliance) -> dict[str, Any]:
+    k = (fleet.keys or {}).get(a.id)
+    active = a.state == db.STATE_ACTIVE and k is not None
+    return {
+        "key_scheme": k.scheme if active and k else None,
+        "key_epoch": k.epoch if active and k else None,
+        "key_pending_epoch": k.pending_epoch if active and k else None,
+    }
 
 
 def appliance_table(fleet: Fleet) -> str:
@@ -146,7 +168,7 @@ def appliance_table(fleet: Fleet) -> str:
     rows = [
         [
             "NAME", "STATE", "HEALTH", "LAST SEEN", "UPTIME", "JOBS OK/FAILED", "KEYSTORE", "BOOTS",
-            "LAST BOOT", "LAST VERIFIED BOOT", "ACTIVATED", "CERT SERIAL",
+            "LAST BOOT", "LAST VERIFIED BOOT", "ACTIVATED", "CERT SERIAL", "VOLUME KEY",
         ]
     ]  # fmt: skip
     for a in fleet.apps:
@@ -168,6 +190,7 @@ def appliance_table(fleet: Fleet) -> str:
                 ts(rec.last_verified if rec else None),
                 ts(a.activated_at),
                 a.cert_serial or "-",
+                fleet.volume_key(a),
             ]
         )
     lines = [table(rows)]

@@ -13,7 +13,8 @@ Split by what it stores, each part a class over `connection.Database`:
 - `events`      settings and the audit log
 - `appliances`  appliance rows, activation, certificates, revocation
 - `sessions`    boot sessions, clone detection, quarantine; `attestation` enrolled TPMs, PCR baselines, nonces
-- `keyslots`    wrapped keyslot passphrases and deactivation that provably shreds them
+- `keyslots`    wrapped volume-key parts (passphrase or split shares), rotation, and
+                deactivation that provably shreds them
 - `credentials` sealed credentials; `jobs` jobs and results; `heartbeats` heartbeats, health
 Policy (which jobs a credential may serve) is not storage: `tools/platform/policy.py`.
 
@@ -75,7 +76,14 @@ from tools.platform.db.heartbeats import (
     Heartbeats,
 )
 from tools.platform.db.jobs import Completion, JobRow, Jobs, Result
-from tools.platform.db.keyslots import Keyslots
+from tools.platform.db.keyslots import (
+    MAX_EPOCH,
+    SCHEME_PASSPHRASE,
+    SCHEME_SPLIT,
+    Keyslots,
+    KeyState,
+    VolumeKeyRecord,
+)
 from tools.platform.db.migrations import MIGRATIONS, SCHEMA_VERSION
 from tools.platform.db.sessions import (
     CLEAR_NEXT_BOOT,
@@ -111,12 +119,15 @@ __all__ = [
     "HEALTH_PENDING",
     "HEALTH_QUARANTINED",
     "HEARTBEAT_HISTORY",
+    "MAX_EPOCH",
     "MAX_SESSIONS_PER_APPLIANCE",
     "MIGRATIONS",
     "NOTIFY_CHANNEL",
     "PCR_MISMATCH",
     "PCR_OK",
     "SCHEMA_VERSION",
+    "SCHEME_PASSPHRASE",
+    "SCHEME_SPLIT",
     "SETTING_CLONE_QUARANTINE",
     "SETTING_EK_CA",
     "STATE_ACTIVE",
@@ -130,6 +141,7 @@ __all__ = [
     "Conflict",
     "Health",
     "JobRow",
+    "KeyState",
     "NotFound",
     "OutOfScope",
     "Result",
@@ -138,6 +150,7 @@ __all__ = [
     "ShredUnproven",
     "Storage",
     "StorageError",
+    "VolumeKeyRecord",
     "_Dialect",
     "is_database_url",
     "redact_url",

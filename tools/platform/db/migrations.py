@@ -148,6 +148,22 @@ MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
     (
         7,
         [
+            # Split volume keys (agent/volumekey.py). key_scheme 'passphrase': the platform
+            # holds the keyslot passphrase itself (wrapped_volume_key; every appliance
+            # activated so far, until its agent migrates); 'split': it holds only its share
+            # of key epoch share_epoch (wrapped_share, KEK-wrapped with the epoch bound).
+            # A pending share (migration or rotation) waits in the pending_* columns until
+            # the appliance commits it; the value it replaces is then shredded.
+            "ALTER TABLE appliances ADD COLUMN key_scheme TEXT NOT NULL DEFAULT 'passphrase'",
+            "ALTER TABLE appliances ADD COLUMN share_epoch INTEGER",
+            "ALTER TABLE appliances ADD COLUMN wrapped_share BLOB",
+            "ALTER TABLE appliances ADD COLUMN pending_epoch INTEGER",
+            "ALTER TABLE appliances ADD COLUMN wrapped_pending_share BLOB",
+        ],
+    ),
+    (
+        8,
+        [
             # Remote attestation (db/attestation.py): per appliance the enrolled TPM (EK
             # certificate, AK public area, names of the sealed KEK object and NV counter),
             # the PCR baseline and the last verified boot.

@@ -5,10 +5,12 @@
                   [--proxy http://HOST:PORT [--proxy-auth-fd FD]]
     scanner-agent run STATE_DIR [--once] [--tcti TCTI]
     scanner-agent migrate-keystore STATE_DIR [--tcti TCTI] [--tpm-pcrs 7[,..]]
+    scanner-agent attest STATE_DIR [--tcti TCTI]
 
 Exit codes (agent/exitcodes.py, docs/agent.md): 0 ok, 2 usage, 20 state, 21 tampered state, 22 platform/TLS,
 23 activation refused, 24 deactivated (keyslots erased), 25 volume, 26 scratchfs,
-27 time sync, 28 internal error, 29 keystore/TPM, 30 PCR mismatch, 31 quarantined.
+27 time sync, 28 internal error, 29 keystore/TPM, 30 PCR mismatch, 31 quarantined,
+32 attestation refused.
 Every error is one line on stderr; --debug adds a traceback.
 """
 
@@ -27,12 +29,14 @@ import trio
 from agent import keystore as ksmod
 from agent import state as statemod
 from agent import timesync
+from agent.attest import AttestationUnavailable
+from agent.attest_platform import enroll
 from agent.errors import (
     ActivationError,
     AgentError,
     KeystoreError,
 )
-from agent.exitcodes import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from agent.exitcodes import EXIT_ATTESTATION, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
 from agent.jobs import JobSettings
 from agent.keystore.migrate import migrate_to_tpm
 from agent.keystore.tpm import parse_pcrs
@@ -125,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TPM to use, tpm2-tools syntax (default device:/dev/tpmrm0)")
     m.add_argument("--tpm-pcrs", metavar="PCRS",
                    help="seal the keys to these SHA-256 PCRs' current values, e.g. 7 or 0,2,7")
+
+    t = sub.add_parser("attest", help="enroll this appliance's TPM with the platform (activation "
+                                      "and migration do it; this retries it)")
+    t.add_argument("state_dir", type=Path, metavar="STATE_DIR")
+    t.add_argument("--tcti", metavar="TCTI",
+                   help="TPM to use instead of the one recorded at activation (device renamed)")
     return p
 
 
@@ -288,8 +298,62 @@ def cmd_activate(args: argparse.Namespace) -> int:
     finally:
         if proxy is not None and isinstance(proxy.credentials, bytearray):
             wipe(proxy.credentials)  # read into a bytearray by _read_proxy_credentials
-    print(f"activated appliance {name} with the {keystore.kind} keystore; state in {args.state_dir}")
+    label = keystore.kind
+    if keystore.kind == ksmod.KIND_TPM:
+        label = f"tpm keystore ({attest_state(state_dir, args.tcti)})"
+    else:
+        label = "file keystore (unattested)"
+    print(f"activated appliance {name} with the {label}; state in {args.state_dir}")
     return EXIT_OK
+
+
+async def _enroll(state: statemod.AgentState) -> str:
+    clock = timesync.Clock()
+    try:
+        await timesync.sync(platform_client_for(state, clock, mutual=False).time, clock)
+        client = platform_client_for(state, clock, mutual=True)
+        try:
+            return await enroll(client, state)
+        finally:
+            await client.aclose()
+    except PlatformError as e:
+        if e.reason == api.REASON_ATTESTATION_UNAVAILABLE:
+            raise AttestationUnavailable(
+                "the platform trusts no EK CA, so it cannot verify TPMs",
+                "the operator configures one with 'scanner-platform ek-ca set FILE'",
+            ) from None
+        raise platform_error(e, "attestation") from None
+
+
+def attest_state(state_dir: Path, tcti: str | None) -> str:
+    """Enroll an activated TPM appliance with its platform; return what to show (attested or
+    why not). An unattestable TPM (no EK certificate, platform without EK CAs) is not an
+    error: the appliance runs unattested. A refusal raises AttestationRefused (exit 32)."""
+    state = statemod.load_state(state_dir, tcti)
+    try:
+        return trio.run(_enroll, state)
+    except AttestationUnavailable as e:
+        return f"unattested: {e.message}"
+    finally:
+        state.forget()
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    """``scanner-agent attest``: (re)try enrolling the TPM with the platform."""
+    harden_process()
+    ksmod.quiet_tss_logging()
+    root = args.state_dir.absolute()
+    state = statemod.load_state(root, args.tcti)
+    kind = state.keystore.kind
+    state.forget()
+    if kind != ksmod.KIND_TPM:
+        raise KeystoreError(
+            f"{root} uses the {kind} keystore: there is no TPM to attest",
+            "move the keys into the TPM with 'scanner-agent migrate-keystore' (it attests too)",
+        )
+    verdict = attest_state(root, args.tcti)
+    print(f"appliance TPM: {verdict}")
+    return EXIT_OK if not verdict.startswith("unattested") else EXIT_ATTESTATION
 
 
 async def upgrade_seal_key(state_dir: Path) -> str:
@@ -368,7 +432,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if done.resumed:
         print(f"appliance {done.appliance}: interrupted migration finished; keys in the TPM")
     else:
-        print(f"appliance {done.appliance} now keeps its keys in the TPM ({done.tcti}); "
+        verdict = attest_state(args.state_dir.absolute(), done.tcti)
+        print(f"appliance {done.appliance} now keeps its keys in the TPM ({done.tcti}, {verdict}); "
               "new TLS key and certificate, old certificate revoked")
     return EXIT_OK
 
@@ -385,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_migrate(args)
         if args.command == "seal-key":
             return cmd_seal_key(args)
+        if args.command == "attest":
+            return cmd_attest(args)
         return cmd_run(args)
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from agent.exitcodes import (
     EXIT_ACTIVATION,
+    EXIT_ATTESTATION,
     EXIT_DEACTIVATED,
     EXIT_INTERNAL,
     EXIT_KEYSTORE,
@@ -121,4 +122,14 @@ class Quarantined(AgentError):
     hint = (
         "stop any copy of this appliance, then ask the platform operator to run "
         "'scanner-platform appliance clear NAME'"
+    )
+
+
+class AttestationRefused(AgentError):
+    """The platform refused this appliance's TPM evidence (enrollment or a boot session)."""
+
+    exit_code = EXIT_ATTESTATION
+    hint = (
+        "see the platform's events for this appliance; a TPM that cannot prove the keys "
+        "(another TPM, a cleared one, a copied state dir) needs re-activation"
     )

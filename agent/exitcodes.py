@@ -45,6 +45,9 @@ EXIT_KEYSTORE: Final = 29
 EXIT_PCR: Final = 30
 # The platform quarantined this appliance (suspected clone).
 EXIT_QUARANTINED: Final = 31
+# The platform refused the TPM's attestation (evidence, EK, AK, keys not TPM-resident), or
+# `scanner-agent attest` could not attest (no EK certificate, no EK CA on the platform).
+EXIT_ATTESTATION: Final = 32
 
 # --- the scan child (``python -m agent.scan``, internal: read by agent/jobs.py) ----------
 

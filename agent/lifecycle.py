@@ -21,9 +21,12 @@ from pathlib import Path
 import trio
 
 from agent import timesync
+from agent.attest_platform import attestor_for, boot_evidence
 from agent.errors import (
     AgentError,
+    AttestationRefused,
     Deactivated,
+    PcrMismatchError,
     PlatformUnavailable,
     Quarantined,
     VolumeFailure,
@@ -76,12 +79,27 @@ def platform_error(e: PlatformError, step: str) -> AgentError:
         return Quarantined(f"{step}: the platform quarantined this appliance (suspected clone)")
     if isinstance(e, PlatformTLSError):
         return PlatformUnavailable(f"{step}: {e}", "check the platform's certificate and CA")
+    if e.reason == api.REASON_PCR_MISMATCH:
+        return PcrMismatchError(
+            f"{step}: the platform refuses this boot: the TPM's quote shows PCR values other than "
+            "the appliance's recorded baseline (the measured boot state changed)",
+            "if the change was intended, the operator accepts it with "
+            "'scanner-platform appliance baseline NAME --accept'; otherwise investigate the boot chain",
+        )
+    if e.reason in ATTESTATION_REASONS:
+        return AttestationRefused(f"{step}: the platform refused the TPM's evidence ({e.reason}): {e}")
     if e.reason == REASON_PROXY:
         return PlatformUnavailable(
             f"{step}: {e}",
             "check the proxy fixed at activation (reachable, credentials, CONNECT allowed)",
         )
     return PlatformUnavailable(f"{step}: {e}")
+
+
+ATTESTATION_REASONS = frozenset({
+    api.REASON_ATTESTATION_REQUIRED, api.REASON_ATTESTATION_INVALID, api.REASON_NONCE_INVALID,
+    api.REASON_NOT_TPM_RESIDENT, api.REASON_ALREADY_ENROLLED,
+})  # fmt: skip
 
 
 def platform_client_for(state: AgentState, clock: timesync.Clock, *, mutual: bool) -> PlatformClient:
@@ -187,15 +205,24 @@ class Agent:
                 "event=keystore_insecure keystore=file detail=private_keys_in_clear_on_disk "
                 "action=run_scanner-agent_migrate-keystore"
             )
-        counter = await trio.to_thread.run_sync(self.state.keystore.next_boot)
+        attestor = attestor_for(self.state)
         try:
-            token = await client.open_session(counter, kind)
+            if attestor is None:
+                counter = await trio.to_thread.run_sync(self.state.keystore.next_boot)
+                evidence = None
+            else:
+                # The platform takes the counter from the TPM's certification of it.
+                counter, evidence = await boot_evidence(client, attestor)
+            token = await client.open_session(counter, kind, evidence)
         except PlatformError as e:
             raise platform_error(e, "opening the boot session") from None
         # Heartbeats name the session by its public id: the token itself is a credential.
         self.health.boot_session = api.session_id(token)
         self.health.boot_counter = counter
-        log.info("event=session_opened boot_counter=%d keystore=%s", counter, kind)
+        log.info(
+            "event=session_opened boot_counter=%d keystore=%s attested=%s",
+            counter, kind, "yes" if attestor is not None else "no",
+        )  # fmt: skip
 
     async def fetch_config(self, client: PlatformClient) -> PlatformConfig:
         """Syslog target and heartbeat interval."""

@@ -175,6 +175,11 @@ class AgentState:
         """Whether this appliance holds a hybrid (sealing v2) key."""
         return self._hybrid_private is not None
 
+    def sealing_publics(self) -> tuple[bytes, bytes]:
+        """The X25519 and hybrid (empty without one) public keys, as the platform records them."""
+        hybrid = b"" if self._hybrid_private is None else sealing.hybrid_public_from_private(self._hybrid_private)
+        return sealing.public_from_private(bytes(self.seal_private())), hybrid
+
     def open_sealed(self, sealed: bytes, context: bytes) -> bytearray:
         """Open a v1 or v2 blob with whichever key it needs; the caller wipes the result.
 

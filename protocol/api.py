@@ -49,6 +49,16 @@ PATH_SESSION: Final = "/v1/session"
 PATH_CERTIFICATE: Final = "/v1/appliance/certificate"
 # POST; mutual TLS + session. The heartbeat document (HB_*) -> {"heartbeat_interval": S}.
 PATH_HEARTBEAT: Final = "/v1/heartbeat"
+# POST; mutual TLS, no session. {} -> {"nonce": B64}: a fresh nonce for this appliance's next
+# PATH_SESSION (single use, NONCE_TTL seconds). TPM evidence must be signed over it.
+PATH_SESSION_NONCE: Final = "/v1/session/nonce"
+# TPM enrollment (docs/platform.md "Attestation"); mutual TLS, no session; once per appliance.
+# POST {ek_certificate, ak_public, kek_public, counter_public, pcrs, counter_base}
+#   -> {credential_blob, encrypted_secret}: MakeCredential(EK, secret, name(AK))
+PATH_ATTEST_ENROLL: Final = "/v1/attestation/enroll"
+# POST {certify: EVIDENCE, quote: EVIDENCE + pcr_values} -> {"attestation": "attested"}
+# Both signed by the AK over attestation_binding(secret, TLS key, sealing keys).
+PATH_ATTEST_ACTIVATE: Final = "/v1/attestation/activate"
 
 
 SESSION_ID_LEN: Final = 16  # hex digits of session_id()
@@ -62,6 +72,26 @@ def session_id(token: str) -> str:
     """
     digest = hashlib.sha256(b"scanner-session-id\x00" + token.encode("utf-8", "replace"))
     return digest.hexdigest()[:SESSION_ID_LEN]
+
+
+def attested_pcrs(bound: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """The PCRs a quote covers: DEFAULT_ATTESTED_PCRS and those the keystore is bound to."""
+    return tuple(sorted(set(bound) | set(DEFAULT_ATTESTED_PCRS)))
+
+
+def attestation_binding(secret: bytes, tls_public_der: bytes, x25519_public: bytes, hybrid_public: bytes) -> bytes:
+    """The qualifying data of the enrollment's Certify and quote (SHA-256, 32 bytes).
+
+    Binds the platform's credential secret (only the TPM holding the EK could recover it,
+    and only for the AK it names) to the appliance's TLS public key (SubjectPublicKeyInfo
+    DER of its client certificate) and its sealing public keys (raw X25519; the hybrid key
+    or empty): the AK vouches that these keys belong with the certified TPM-sealed KEK.
+    """
+    digest = hashlib.sha256(b"scanner-attestation-binding/v1\x00")
+    for part in (secret, tls_public_der, x25519_public, hybrid_public):
+        digest.update(len(part).to_bytes(4, "big"))
+        digest.update(part)
+    return digest.digest()
 
 
 def result_path(job_id: str) -> str:
@@ -111,6 +141,23 @@ F_SESSION: Final = "session"  # opaque session token (string)
 F_ERROR: Final = "error"
 F_INCIDENT: Final = "incident"  # 500 only: id of the server's log entry (hex string)
 F_HEARTBEAT_INTERVAL: Final = "heartbeat_interval"  # float seconds (config, heartbeat answer)
+# Attestation (all TPM structures base64 of their TPM marshalling).
+F_NONCE: Final = "nonce"  # base64 of NONCE_BYTES from PATH_SESSION_NONCE
+F_EK_CERTIFICATE: Final = "ek_certificate"  # base64 DER of the TPM's EK certificate
+F_AK_PUBLIC: Final = "ak_public"  # TPM2B_PUBLIC of the attestation key
+F_KEK_PUBLIC: Final = "kek_public"  # TPM2B_PUBLIC of the sealed wrapping-key object
+F_COUNTER_PUBLIC: Final = "counter_public"  # TPM2B_NV_PUBLIC of the boot counter index
+F_PCRS: Final = "pcrs"  # list of PCR indices (SHA-256 bank) the keystore is bound to
+F_COUNTER_BASE: Final = "counter_base"  # int >= 0 added to the NV counter (file-keystore past)
+F_CREDENTIAL_BLOB: Final = "credential_blob"  # TPM2B_ID_OBJECT
+F_ENCRYPTED_SECRET: Final = "encrypted_secret"  # noqa: S105 - a field name: TPM2B_ENCRYPTED_SECRET
+F_CERTIFY: Final = "certify"  # evidence: TPM2_Certify of the KEK object by the AK
+F_QUOTE: Final = "quote"  # evidence: TPM2_Quote over attested_pcrs(pcrs) + F_PCR_VALUES
+F_COUNTER: Final = "counter"  # evidence: TPM2_NV_Certify of the boot counter (8 bytes)
+F_ATTEST: Final = "attest"  # in evidence: TPM2B_ATTEST
+F_SIGNATURE: Final = "signature"  # in evidence: TPMT_SIGNATURE
+F_PCR_VALUES: Final = "pcr_values"  # in a quote: list of lowercase hex SHA-256 PCR values
+F_ATTESTATION: Final = "attestation"  # "attested"
 # GET /v1/volume-key: "passphrase" (F_SEALED is the keyslot passphrase itself: appliances
 # activated before split keys, until they migrate) or "split" (F_SEALED is the platform's
 # share of key epoch F_EPOCH); F_NEXT is a pending share {"epoch", "sealed"} or null.
@@ -179,6 +226,14 @@ REASON_INTERNAL: Final = "internal"  # 500: generic; F_INCIDENT names the server
 REASON_SESSION_REQUIRED: Final = "session_required"  # 428: no or unknown session token
 REASON_QUARANTINED: Final = "quarantined"  # 403: suspected clone; operator must clear it
 REASON_KEY_CONFLICT: Final = "key_conflict"  # 409: a different hybrid key is on record
+# Attestation (403 unless noted); docs/platform.md lists what each one means.
+REASON_ATTESTATION_REQUIRED: Final = "attestation_required"  # enrolled: a session needs TPM evidence
+REASON_ATTESTATION_UNAVAILABLE: Final = "attestation_unavailable"  # 409: platform trusts no EK CA
+REASON_ATTESTATION_INVALID: Final = "attestation_invalid"  # bad signature/structure/EK/AK/counter name
+REASON_NONCE_INVALID: Final = "nonce_invalid"  # unknown, used or expired nonce (replayed evidence)
+REASON_PCR_MISMATCH: Final = "pcr_mismatch"  # the quote's PCRs differ from the recorded baseline
+REASON_NOT_TPM_RESIDENT: Final = "not_tpm_resident"  # certified key is not FIXEDTPM|FIXEDPARENT
+REASON_ALREADY_ENROLLED: Final = "already_enrolled"  # 409: this appliance's TPM is enrolled already
 REASON_EPOCH_MISMATCH: Final = "epoch_mismatch"  # 409: commit of an epoch that is not pending
 
 # --- limits -----------------------------------------------------------------------------
@@ -192,6 +247,18 @@ MAX_RESPONSE_BODY: Final = 4 * 1024 * 1024  # what the client accepts from the p
 MAX_HEADER_BYTES: Final = 16 * 1024
 MAX_BOOT_COUNTER: Final = 2**63 - 1  # fits SQLite's INTEGER
 KEYSTORES: Final = ("tpm", "file")
+NONCE_BYTES: Final = 32
+NONCE_TTL: Final = 120.0  # seconds a session nonce stays usable
+MAX_EVIDENCE: Final = 2048  # bytes of one marshalled TPM structure (attest, signature, public)
+MAX_EK_CERTIFICATE: Final = 4096  # bytes (DER)
+MAX_PCR_INDEX: Final = 23
+# Every quote covers the boot chain's PCRs (firmware 0-7; GRUB's commands and kernel command
+# line 8, the files it loaded 9) besides those the keystore is bound to, so that the platform
+# sees what booted even where the keys do not depend on it.
+DEFAULT_ATTESTED_PCRS: Final = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+# A boot counter that advances by more than this in one step is clone evidence like one that
+# goes back (an agent advances it once per boot attempt; a forged one jumps).
+MAX_BOOT_COUNTER_STEP: Final = 1000
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 JOB_ID_RE: Final = re.compile(r"^[1-9][0-9]{0,18}$")
 SHA256_HEX_RE: Final = re.compile(r"^[0-9a-f]{64}$")

@@ -356,21 +356,49 @@ class PlatformClient:
             syslog=_syslog_from(data.get(api.F_SYSLOG)),
         )
 
-    async def open_session(self, boot_counter: int, keystore: str) -> str:
+    async def open_session(
+        self, boot_counter: int, keystore: str, evidence: Mapping[str, Any] | None = None
+    ) -> str:
         """Register this boot with the platform; later requests carry the returned token.
 
         *boot_counter* must grow with every boot (the TPM's NV counter where there is one):
         a counter that goes back, or requests with an older session after a newer one
-        opened, look like a cloned appliance, and the platform quarantines it.
+        opened, look like a cloned appliance, and the platform quarantines it. *evidence*
+        (F_NONCE, F_QUOTE, F_COUNTER; agent.attest_platform) is the TPM's proof of this
+        boot; an enrolled appliance's platform takes the counter from it, not from the body.
         """
-        data = await self._json(
-            "POST", api.PATH_SESSION, {api.F_BOOT_COUNTER: boot_counter, api.F_KEYSTORE: keystore}
-        )
+        payload: dict[str, Any] = {api.F_BOOT_COUNTER: boot_counter, api.F_KEYSTORE: keystore}
+        if evidence is not None:
+            payload.update(evidence)
+        data = await self._json("POST", api.PATH_SESSION, payload)
         token = data.get(api.F_SESSION)
         if not isinstance(token, str) or not token or len(token) > 128:
             raise PlatformError(None, "protocol", "platform response: session is malformed")
         self.session = token
         return token
+
+    async def session_nonce(self) -> bytes:
+        """A fresh, single-use nonce for this appliance's next session's TPM evidence."""
+        data = await self._json("POST", api.PATH_SESSION_NONCE, {})
+        nonce = _b64decode(data.get(api.F_NONCE), "nonce")
+        if len(nonce) != api.NONCE_BYTES:
+            raise PlatformError(None, "protocol", "platform response: nonce is malformed")
+        return nonce
+
+    async def attestation_enroll(self, enrollment: Mapping[str, Any]) -> tuple[bytes, bytes]:
+        """Enroll this appliance's TPM: -> (credential blob, encrypted secret) of MakeCredential."""
+        data = await self._json("POST", api.PATH_ATTEST_ENROLL, enrollment)
+        blob = _b64decode(data.get(api.F_CREDENTIAL_BLOB), "credential blob")
+        secret = _b64decode(data.get(api.F_ENCRYPTED_SECRET), "encrypted secret")
+        return blob, secret
+
+    async def attestation_activate(self, proof: Mapping[str, Any]) -> str:
+        """Send the Certify and baseline quote; -> the platform's verdict (``attested``)."""
+        data = await self._json("POST", api.PATH_ATTEST_ACTIVATE, proof)
+        verdict = data.get(api.F_ATTESTATION)
+        if not isinstance(verdict, str):
+            raise PlatformError(None, "protocol", "platform response: attestation is malformed")
+        return verdict
 
     async def renew_certificate(self, csr_pem: bytes) -> bytes:
         """A new client certificate for the key in *csr_pem*; the current one is revoked."""

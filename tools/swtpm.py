@@ -7,11 +7,24 @@
 
 Each instance has its own state directory (its own endorsement and owner seeds), so two
 instances are two different TPMs: what one sealed, the other cannot load.
+
+With an `EkCa` the TPM is "manufactured" first (``swtpm_setup --create-ek-cert``): it gets
+an RSA-2048 endorsement key and an EK certificate in NV index 0x01c00002, signed by a local
+CA (swtpm_localca) standing in for the TPM vendor, whose certificates a platform can then be
+told to trust (``scanner-platform init --ek-ca``)::
+
+    ca = EkCa(Path("/tmp/x/ek-ca"))          # the "manufacturer"; created on first use
+    tpm = start_swtpm(Path("/tmp/x/tpm"), ek_ca=ca)
+    ca.bundle                                 # root + issuing CA, PEM, for --ek-ca
+
+A copy of a swtpm state directory is a second TPM with the same endorsement key and EK
+certificate: exactly the clone a hardware TPM makes impossible (`copy_state`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -54,10 +67,84 @@ class Swtpm:
         stop_child(self.proc)
 
 
-def start_swtpm(directory: Path) -> Swtpm:
-    """Start swtpm in socket mode with its state in *directory* and run TPM2_Startup(CLEAR)."""
+@dataclass
+class EkCa:
+    """A local "TPM manufacturer" CA (swtpm_localca's root + issuing CA) in *directory*."""
+
+    directory: Path
+
+    @property
+    def root(self) -> Path:
+        """The self-signed root certificate (PEM)."""
+        return self.directory / "swtpm-localca-rootca-cert.pem"
+
+    @property
+    def issuer(self) -> Path:
+        """The issuing CA that signs EK certificates (PEM)."""
+        return self.directory / "issuercert.pem"
+
+    @property
+    def bundle(self) -> Path:
+        """Root and issuing CA in one PEM file (what the platform is told to trust)."""
+        path = self.directory / "ek-ca-bundle.pem"
+        if not path.exists():
+            path.write_bytes(self.issuer.read_bytes() + self.root.read_bytes())
+        return path
+
+    def setup_config(self) -> Path:
+        """swtpm_setup's configuration naming swtpm_localca with its state in *directory*."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        localca = self.directory / "localca.conf"
+        localca.write_text(
+            f"statedir = {self.directory}\n"
+            f"signingkey = {self.directory / 'signkey.pem'}\n"
+            f"issuercert = {self.issuer}\n"
+            f"certserial = {self.directory / 'certserial'}\n"
+        )
+        options = self.directory / "localca.options"
+        options.write_text("")
+        setup = self.directory / "swtpm_setup.conf"
+        setup.write_text(
+            "create_certs_tool = /usr/bin/swtpm_localca\n"
+            f"create_certs_tool_config = {localca}\n"
+            f"create_certs_tool_options = {options}\n"
+            "active_pcr_banks = sha256\n"
+        )
+        return setup
+
+
+def manufacture(state: Path, ek_ca: EkCa, log: Path) -> None:
+    """``swtpm_setup``: EK + EK certificate signed by *ek_ca* into a new TPM state dir."""
+    proc = subprocess.run(
+        [
+            "swtpm_setup", "--tpm2", "--tpmstate", str(state), "--create-ek-cert",
+            "--config", str(ek_ca.setup_config()), "--logfile", str(log),
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"swtpm_setup failed ({proc.returncode}); see {log}")
+
+
+def copy_state(source: Swtpm, directory: Path) -> Path:
+    """Copy a (stopped or idle) swtpm's state into *directory*/state: the software-TPM clone."""
+    target = directory / "state"
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shutil.copytree(source.directory / "state", target)
+    return target
+
+
+def start_swtpm(directory: Path, ek_ca: EkCa | None = None) -> Swtpm:
+    """Start swtpm in socket mode with its state in *directory* and run TPM2_Startup(CLEAR).
+
+    With *ek_ca* a new state dir is manufactured first (EK certificate signed by that CA);
+    an existing state dir (a restart, a copy) is used as it is.
+    """
     state = directory / "state"
+    fresh = not state.exists()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if ek_ca is not None and fresh:
+        manufacture(state, ek_ca, directory / "swtpm_setup.log")
     sock = directory / "sock"
     proc = subprocess.Popen(
         [

@@ -278,7 +278,7 @@ class TpmKeystore(Keystore):
     def files(self, names: tuple[str, ...]) -> list[str]:
         return [check_name(n) + SUFFIX for n in names] + [KEK_PUB, KEK_PRIV]
 
-    def _unseal(self) -> bytearray:
+    def _sealed_kek(self) -> tuple[Any, Any]:
         try:
             pub, _ = TPM2B_PUBLIC.unmarshal(bytes(read_into(self.root / KEK_PUB)))
             priv, _ = TPM2B_PRIVATE.unmarshal(bytes(read_into(self.root / KEK_PRIV)))
@@ -286,20 +286,44 @@ class TpmKeystore(Keystore):
             raise StateError(f"{e.filename} is missing", _REACTIVATE) from None
         except (TSS2_Exception, ValueError, IndexError):
             raise StateError(f"{KEK_PUB}/{KEK_PRIV} do not parse as a TPM object", _REACTIVATE) from None
-        esapi = self._esapi
+        return pub, priv
+
+    # -- what attestation (agent.attest) uses: the TPM, its storage key, the sealed KEK object --
+
+    @property
+    def esapi(self) -> ESAPI:
+        """The open TPM connection (agent.attest signs evidence through it)."""
+        return self._esapi
+
+    def storage_primary(self) -> Any:
+        """A handle of the owner hierarchy's storage primary key; the caller flushes it."""
         try:
-            primary = self._primary(esapi)
+            return self._primary(self._esapi)
         except TSS2_Exception as e:
             raise _tpm_error("the TPM refused to create its storage key", e, "check the TPM and retry") from None
+
+    def kek_public(self) -> bytes:
+        """The sealed KEK object's public area (TPM2B_PUBLIC, marshalled): what Certify names."""
+        pub, _ = self._sealed_kek()
+        return bytes(pub.marshal())
+
+    def load_kek(self, primary: Any) -> Any:
+        """Load the sealed KEK object under *primary*; the caller flushes the handle."""
+        pub, priv = self._sealed_kek()
         try:
-            try:
-                obj = esapi.load(primary, priv, pub)
-            except TSS2_Exception as e:
-                raise KeystoreError(
-                    f"the TPM at {self.tcti} does not accept the appliance's sealed key ({e}): this state "
-                    "dir was sealed by another TPM (a copied disk?) or this TPM was cleared",
-                    _REACTIVATE,
-                ) from None
+            return self._esapi.load(primary, priv, pub)
+        except TSS2_Exception as e:
+            raise KeystoreError(
+                f"the TPM at {self.tcti} does not accept the appliance's sealed key ({e}): this state "
+                "dir was sealed by another TPM (a copied disk?) or this TPM was cleared",
+                _REACTIVATE,
+            ) from None
+
+    def _unseal(self) -> bytearray:
+        esapi = self._esapi
+        primary = self.storage_primary()
+        try:
+            obj = self.load_kek(primary)
             session = esapi.start_auth_session(
                 primary, ESYS_TR.NONE, TPM2_SE.POLICY if self.pcrs else TPM2_SE.HMAC, _aes_cfb(), TPM2_ALG.SHA256
             )

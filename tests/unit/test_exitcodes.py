@@ -68,8 +68,8 @@ def test_volume_table_is_the_volume_range() -> None:
 
 def test_programs_do_not_share_numbers_beyond_the_conventional_ones() -> None:
     """0 and 2 (argparse) mean the same everywhere; scratchfs's 0-19/130 and the agent's
-    20-31 stay apart, so a status in the agent's log names its program."""
+    20-32 stay apart, so a status in the agent's log names its program."""
     agent_own = declared(agent_codes) - {0, 2}
-    assert agent_own == set(range(20, 32))
+    assert agent_own == set(range(20, 33))
     assert not agent_own & declared(scratchfs_codes)
     assert declared(agent_codes, "SCAN_") == {0, 1, 2}

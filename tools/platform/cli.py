@@ -25,7 +25,7 @@ from typing import Any
 from protocol import api, sealing
 from scratchfs.keyholder import logformat
 from scratchfs.keyholder.wipe import wipe
-from tools.platform import bounds, ca, cliargs, db, exitcodes, health, keys, policy, state, views
+from tools.platform import attestation, bounds, ca, cliargs, db, exitcodes, health, keys, policy, state, views
 
 STATE_ENV = "SCANNER_PLATFORM_STATE"
 DEFAULT_CODE_TTL = 24 * 3600.0
@@ -53,6 +53,7 @@ def _storage(args: argparse.Namespace) -> db.Storage:
 def cmd_init(args: argparse.Namespace) -> int:
     # Check the hook before creating anything: a typo must not leave a half-made platform.
     argv = cliargs.hook_argv(args.alert_hook) if args.alert_hook else None
+    ek_ca = _read_ek_ca(args.ek_ca) if args.ek_ca else None
     paths = state.init_state(Path(args.state_dir), args.hostname, args.database)
     with state.open_storage(paths, pool_size=1) as storage:
         storage.set_setting("hostname", args.hostname)
@@ -61,6 +62,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
         if argv is not None:
             storage.set_setting(health.SETTING_ALERT_HOOK, health.Hook(tuple(argv), args.alert_timeout).to_setting())
+        if ek_ca is not None:
+            storage.set_setting(db.SETTING_EK_CA, ek_ca)
     print(f"platform initialised in {paths.root} for {args.hostname}; give appliances {paths.ca_cert}")
     return exitcodes.OK
 
@@ -160,9 +163,81 @@ def _wrap_new_share(kek: bytes, appliance_id: int, name: str, epoch: int) -> byt
 
 
 def cmd_appliance_clear(args: argparse.Namespace) -> int:
+    keep = db.CLEAR_NEXT_BOOT if args.next_boot else args.keep  # None: the current session
     with _storage(args) as storage:
-        reason = storage.clear_quarantine(args.name, time.time())
-    print(f"appliance {args.name} released from quarantine (was: {reason})")
+        reason, kept = storage.clear_quarantine(args.name, time.time(), keep)
+    if kept is not None:
+        decision = f"kept boot session {kept.public_id or '(current)'} (boot counter {kept.boot_counter})"
+    else:
+        decision = "no session kept: the next boot (attested, if the TPM is enrolled) sets the counter baseline"
+    print(f"appliance {args.name} released from quarantine (was: {reason}); {decision}; every other session ended")
+    return exitcodes.OK
+
+
+def cmd_appliance_sessions(args: argparse.Namespace) -> int:
+    with _storage(args) as storage:
+        rows = storage.sessions(args.name)
+    print(views.sessions_table(rows))
+    return exitcodes.OK
+
+
+def cmd_appliance_baseline(args: argparse.Namespace) -> int:
+    with _storage(args) as storage:
+        app = storage.appliance(args.name)
+        rec = storage.attestation(app.id)
+        if rec is None or rec.state != db.ATTEST_ATTESTED or rec.pcr_values is None:
+            raise cliargs.CliError(f"appliance {args.name} has no attested TPM, so no PCR baseline", exitcodes.STATE)
+        print(views.baseline_table(args.name, rec))
+        pending = rec.pending_pcr_values
+        if not args.accept:
+            if pending:
+                print(f"to accept the refused values: scanner-platform appliance baseline {args.name} --accept")
+            return exitcodes.OK
+        if not pending:
+            raise cliargs.CliError(f"appliance {args.name} has no refused quote to accept", exitcodes.CONFLICT)
+        digest = attestation.pcr_digest([bytes.fromhex(v) for v in pending])
+        try:
+            storage.accept_pcr_baseline(app.id, pending, digest, time.time())
+        except ValueError as e:
+            raise cliargs.CliError(f"{e}; run the command again to see the values", exitcodes.CONFLICT) from None
+    print(f"appliance {args.name}: new PCR baseline accepted (digest {digest.hex()})")
+    return exitcodes.OK
+
+
+def _read_ek_ca(file: str) -> str:
+    try:
+        text = Path(file).read_text("ascii")
+        attestation.load_ek_cas(text.encode())
+    except (OSError, UnicodeDecodeError) as e:
+        raise cliargs.CliError(f"cannot read EK CA file {file}: {e}; pass a PEM bundle", exitcodes.USAGE) from None
+    except ValueError as e:
+        raise cliargs.CliError(f"{file} {e}; pass the TPM manufacturers' CA certificates", exitcodes.USAGE) from None
+    return text
+
+
+def cmd_ek_ca_set(args: argparse.Namespace) -> int:
+    bundle = _read_ek_ca(args.file)
+    with _storage(args) as storage:
+        storage.set_setting(db.SETTING_EK_CA, bundle)
+    print(f"trusted EK CAs set from {args.file}: TPMs with EK certificates they issued can be attested")
+    return exitcodes.OK
+
+
+def cmd_ek_ca_show(args: argparse.Namespace) -> int:
+    with _storage(args) as storage:
+        value = storage.get_setting(db.SETTING_EK_CA)
+    if not isinstance(value, str):
+        print("none (no TPM can be attested)")
+    else:
+        for cert in attestation.load_ek_cas(value.encode()):
+            print(f"{cert.subject.rfc4514_string()}  (until {cert.not_valid_after_utc:%Y-%m-%d})")
+    return exitcodes.OK
+
+
+def cmd_ek_ca_clear(args: argparse.Namespace) -> int:
+    with _storage(args) as storage:
+        storage.delete_setting(db.SETTING_EK_CA)
+    print("trusted EK CAs cleared: no new TPM can be enrolled (enrolled ones stay attested)")
     return exitcodes.OK
 
 
@@ -182,7 +257,8 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
         key_states = storage.key_states()
         healths = {h.name: h for h in storage.health()}
         beat_policy = health.Policy.load(storage)
-    fleet = views.Fleet(apps, clones, healths, beat_policy, time.time(), key_states)
+        attested = storage.attestations()
+    fleet = views.Fleet(apps, clones, healths, beat_policy, time.time(), attested, key_states)
     print(json.dumps(views.appliance_docs(fleet), indent=2) if args.json else views.appliance_table(fleet))
     return exitcodes.OK
 
@@ -409,6 +485,11 @@ def _add_init(sub: Any) -> None:
         metavar="SECONDS",
         help="the alert hook is killed after this long",
     )
+    sp.add_argument(
+        "--ek-ca",
+        metavar="FILE",
+        help="PEM bundle of the TPM manufacturers' CAs whose EK certificates are trusted (attestation)",
+    )
 
 
 def _add_serve(sub: Any) -> None:
@@ -472,8 +553,32 @@ def _add_appliance(sub: Any) -> None:
         asub, "list", cmd_appliance_list, "list appliances: state, health (heartbeats, quarantine), keystore, boots"
     )
     sp.add_argument("--json", action="store_true")
-    sp = _leaf(asub, "clear", cmd_appliance_clear, "lift a clone quarantine (after stopping any copy of the appliance)")
+    sp = _leaf(
+        asub, "clear", cmd_appliance_clear,
+        "lift a clone quarantine (after stopping any copy): say which boot is legitimate; every other session ends",
+    )  # fmt: skip
     sp.add_argument("name", type=cliargs.name)
+    decision = sp.add_mutually_exclusive_group()
+    decision.add_argument(
+        "--keep", metavar="SESSION", help="the legitimate session (see 'appliance sessions'); default: the current one"
+    )
+    decision.add_argument(
+        "--next-boot", action="store_true", help="keep no session: the next (attested) boot sets the counter baseline"
+    )
+    sp = _leaf(asub, "sessions", cmd_appliance_sessions, "list an appliance's kept boot sessions (for 'clear --keep')")
+    sp.add_argument("name", type=cliargs.name)
+    sp = _leaf(
+        asub, "baseline", cmd_appliance_baseline,
+        "show an attested appliance's PCR baseline and the last refused quote; --accept makes that the baseline",
+    )  # fmt: skip
+    sp.add_argument("name", type=cliargs.name)
+    sp.add_argument("--accept", action="store_true", help="accept the last refused quote's PCR values")
+
+    eksub = _group(sub, "ek-ca", "TPM manufacturers' CAs trusted for attestation (EK certificates)")
+    sp = _leaf(eksub, "set", cmd_ek_ca_set, "trust the EK CAs of a PEM bundle (replaces the current ones)")
+    sp.add_argument("file", metavar="FILE")
+    _leaf(eksub, "show", cmd_ek_ca_show, "show the trusted EK CAs")
+    _leaf(eksub, "clear", cmd_ek_ca_clear, "trust no EK CA (no new enrollments)")
 
 
 def _add_policies(sub: Any) -> None:

@@ -23,6 +23,7 @@ import trio
 from protocol import api, sealing
 from scratchfs.keyholder.wipe import wipe
 from tools.platform import ca, db, health, keys, routes
+from tools.platform.attest_endpoints import AttestationEndpoints
 from tools.platform.http import Exchange, HttpError, Response, json_response
 
 log = logging.getLogger("scanner-platform")
@@ -230,6 +231,7 @@ class PlatformApp:
         self._kek = kek
         self.config = config
         self.waker = JobWaker(database, config.poll_interval)
+        self.attestation = AttestationEndpoints(database)
         # The table's handlers bound to this app, by template and method.
         self._routes: dict[str, dict[str, Handler]] = {}
         for route in routes.ROUTES:
@@ -319,7 +321,11 @@ class PlatformApp:
     # --- endpoints ---
 
     async def post_session(self, ex: Exchange, app: db.Appliance) -> Response:
-        """POST /v1/session: {boot_counter, keystore} -> {session}; a stale counter quarantines."""
+        """POST /v1/session: {boot_counter, keystore[, nonce, quote, counter]} -> {session}.
+
+        An enrolled appliance's counter is the TPM-certified one (attest_endpoints); a counter
+        that goes back or jumps quarantines.
+        """
         doc = await ex.read_json()
         counter = doc.get(api.F_BOOT_COUNTER)
         keystore = doc.get(api.F_KEYSTORE)
@@ -327,15 +333,40 @@ class PlatformApp:
             raise HttpError(400, api.REASON_BAD_REQUEST, f"field {api.F_BOOT_COUNTER!r} must be a positive integer")
         if keystore not in api.KEYSTORES:
             raise HttpError(400, api.REASON_BAD_REQUEST, f"field {api.F_KEYSTORE!r} must be one of {api.KEYSTORES}")
+        if await self.db.run(self.db.storage.quarantined_at, app.id) is not None:
+            raise HttpError(403, api.REASON_QUARANTINED, _QUARANTINED_TEXT)  # before a nonce is used up
+        counter, attested = await self.attestation.session_counter(app, doc, counter)
         token = secrets.token_urlsafe(32)
+        now = time.time()
         verdict = await self.db.run(
-            self.db.storage.open_session, app.id, _token_hash(token), counter, keystore, time.time()
-        )
+            functools.partial(
+                self.db.storage.open_session, app.id, _token_hash(token), counter, keystore, now,
+                attested=attested, public_id=api.session_id(token),
+            )
+        )  # fmt: skip
         if verdict is db.SessionVerdict.QUARANTINED:
             log.warning("session refused appliance=%s reason=quarantined boot_counter=%d", app.name, counter)
             raise HttpError(403, api.REASON_QUARANTINED, _QUARANTINED_TEXT)
-        log.info("session opened appliance=%s boot_counter=%d keystore=%s", app.name, counter, keystore)
+        if attested:
+            await self.db.run(self.db.storage.record_verified_boot, app.id, now)
+        log.info(
+            "session opened appliance=%s boot_counter=%d keystore=%s attested=%s",
+            app.name, counter, keystore, "yes" if attested else "no",
+        )  # fmt: skip
         return json_response(200, {api.F_SESSION: token})
+
+    async def post_session_nonce(self, ex: Exchange, app: db.Appliance) -> Response:
+        """POST /v1/session/nonce: a fresh nonce for the next session's TPM evidence."""
+        await ex.read_json()
+        return json_response(200, await self.attestation.nonce(app))
+
+    async def post_attest_enroll(self, ex: Exchange, app: db.Appliance) -> Response:
+        """POST /v1/attestation/enroll: EK certificate, AK, key objects -> MakeCredential."""
+        return json_response(200, await self.attestation.enroll(app, await ex.read_json()))
+
+    async def post_attest_activate(self, ex: Exchange, app: db.Appliance) -> Response:
+        """POST /v1/attestation/activate: Certify + baseline quote -> attested."""
+        return json_response(200, await self.attestation.activate(app, await ex.read_json()))
 
     async def post_certificate(self, ex: Exchange, app: db.Appliance) -> Response:
         """POST /v1/appliance/certificate: {csr} -> {certificate}; the caller's cert is revoked."""

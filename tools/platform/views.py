@@ -5,7 +5,7 @@ every function takes what the command read from storage and returns text or a do
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from protocol import api
@@ -52,6 +52,7 @@ class Fleet:
     healths: dict[str, db.Health]  # by appliance name
     policy: health.Policy
     now: float
+    attestations: dict[int, db.Attestation] = field(default_factory=dict)  # by appliance id
     keys: dict[int, db.KeyState] | None = None  # volume-key scheme and epochs, by appliance id
 
     def volume_key(self, a: db.Appliance) -> str:
@@ -96,12 +97,60 @@ def appliance_docs(fleet: Fleet) -> list[dict[str, Any]]:
                 "boot_counter": c.boot_counter if c else None,
                 "keystore": c.keystore if c else None,
                 "last_boot": c.last_boot if c else None,
+                "attestation": attestation(c, rec := fleet.attestations.get(a.id)),
+                "pcr_state": rec.pcr_state if rec else None,
+                "last_verified_boot": rec.last_verified if rec else None,
                 **_key_doc(fleet, a),
             }
         )
     return docs
 
 
+def attestation(c: db.CloneState | None, rec: db.Attestation | None) -> str | None:
+    """``attested`` (enrolled TPM, current session verified), ``enrolled`` (TPM enrolled, no
+    verified session yet), ``claimed`` (a tpm keystore reported, nothing proven), ``none``
+    (file keystore) or None (never booted)."""
+    if rec is not None and rec.state == db.ATTEST_ATTESTED:
+        return "attested" if c is not None and c.attested else "enrolled"
+    if c is None or c.keystore is None:
+        return None
+    return "claimed" if c.keystore == "tpm" else "none"
+
+
+def keystore_label(c: db.CloneState | None, rec: db.Attestation | None) -> str:
+    """The KEYSTORE column: ``tpm (attested)``, ``tpm (claimed)``, ``file (unattested)``..."""
+    kind = c.keystore if c is not None else None
+    verdict = attestation(c, rec)
+    if kind is None:
+        return "tpm (enrolled)" if verdict == "enrolled" else "-"
+    if kind == "file":
+        return "file (unattested)"
+    mismatch = rec is not None and rec.pcr_state == db.PCR_MISMATCH
+    return f"{kind} ({verdict}{', PCR mismatch' if mismatch else ''})"
+
+
+def sessions_table(rows: list[db.SessionRow]) -> str:
+    """`appliance sessions`: the kept boot sessions, newest first."""
+    out = [["SESSION", "BOOT COUNTER", "KEYSTORE", "EVIDENCE", "OPENED", "CURRENT"]]
+    for r in rows:
+        out.append([
+            r.public_id or "-", str(r.boot_counter), r.keystore, "attested" if r.attested else "claimed",
+            ts(r.created_at), "yes" if r.current else "",
+        ])  # fmt: skip
+    return table(out)
+
+
+def baseline_table(name: str, rec: db.Attestation) -> str:
+    """`appliance baseline`: the recorded PCR values next to the last refused quote's."""
+    baseline = rec.pcr_values or ()
+    pending = rec.pending_pcr_values
+    rows = [["PCR", "BASELINE", "LAST REFUSED QUOTE" if pending else ""]]
+    for i, pcr in enumerate(rec.pcrs):
+        new = pending[i] if pending else ""
+        mark = " (changed)" if pending and new != baseline[i] else ""
+        rows.append([str(pcr), baseline[i], new + mark])
+    head = f"appliance {name}: PCR baseline (SHA-256 bank), state {rec.pcr_state}"
+    return head + "\n" + table(rows)
 def _key_doc(fleet: Fleet, a: db.Appliance) -> dict[str, Any]:
     k = (fleet.keys or {}).get(a.id)
     active = a.state == db.STATE_ACTIVE and k is not None
@@ -119,7 +168,7 @@ def appliance_table(fleet: Fleet) -> str:
     rows = [
         [
             "NAME", "STATE", "HEALTH", "LAST SEEN", "UPTIME", "JOBS OK/FAILED", "KEYSTORE", "BOOTS",
-            "LAST BOOT", "ACTIVATED", "CERT SERIAL", "VOLUME KEY",
+            "LAST BOOT", "LAST VERIFIED BOOT", "ACTIVATED", "CERT SERIAL", "VOLUME KEY",
         ]
     ]  # fmt: skip
     for a in fleet.apps:
@@ -135,9 +184,10 @@ def appliance_table(fleet: Fleet) -> str:
                 age(fleet.healths[a.name].last_seen, fleet.now),
                 f"{uptime:.0f}s" if isinstance(uptime, int | float) else "-",
                 jobs,
-                (c.keystore if c else None) or "-",
+                keystore_label(c, rec := fleet.attestations.get(a.id)),
                 str(c.boot_counter) if c and c.boot_counter is not None else "-",
                 ts(c.last_boot if c else None),
+                ts(rec.last_verified if rec else None),
                 ts(a.activated_at),
                 a.cert_serial or "-",
                 fleet.volume_key(a),
@@ -149,6 +199,12 @@ def appliance_table(fleet: Fleet) -> str:
         if c is not None and c.quarantined_since is not None and a.state == db.STATE_ACTIVE:
             why = printable(c.quarantine_reason or "", 200)
             lines.append(f"{a.name}: quarantined since {ts(c.quarantined_since)}: {why}")
+        rec = fleet.attestations.get(a.id)
+        if rec is not None and rec.pcr_state == db.PCR_MISMATCH and a.state == db.STATE_ACTIVE:
+            lines.append(
+                f"{a.name}: boot refused since {ts(rec.pending_at)}: PCR values differ from the baseline "
+                f"(see 'scanner-platform appliance baseline {a.name}')"
+            )
     return "\n".join(lines)
 
 

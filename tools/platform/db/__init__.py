@@ -12,7 +12,7 @@ Split by what it stores, each part a class over `connection.Database`:
 - `dialect`     the ONE place SQLite and PostgreSQL differ; `migrations` the schema
 - `events`      settings and the audit log
 - `appliances`  appliance rows, activation, certificates, revocation
-- `sessions`    boot sessions, clone detection, quarantine
+- `sessions`    boot sessions, clone detection, quarantine; `attestation` enrolled TPMs, PCR baselines, nonces
 - `keyslots`    wrapped volume-key parts (passphrase or split shares), rotation, and
                 deactivation that provably shreds them
 - `credentials` sealed credentials; `jobs` jobs and results; `heartbeats` heartbeats, health
@@ -50,6 +50,15 @@ from tools.platform.db.appliances import (
     ActivationGrant,
     Appliance,
 )
+from tools.platform.db.attestation import (
+    ATTEST_ATTESTED,
+    ATTEST_ENROLLING,
+    PCR_MISMATCH,
+    PCR_OK,
+    SETTING_EK_CA,
+    Attestation,
+    Attestations,
+)
 from tools.platform.db.connection import NOTIFY_CHANNEL
 from tools.platform.db.credentials import Credentials
 from tools.platform.db.dialect import Dialect as _Dialect
@@ -77,17 +86,19 @@ from tools.platform.db.keyslots import (
 )
 from tools.platform.db.migrations import MIGRATIONS, SCHEMA_VERSION
 from tools.platform.db.sessions import (
+    CLEAR_NEXT_BOOT,
     EVENT_CLONE_SUSPECTED,
     MAX_SESSIONS_PER_APPLIANCE,
     SETTING_CLONE_QUARANTINE,
     CloneState,
+    SessionRow,
     Sessions,
     SessionVerdict,
 )
 from tools.platform.policy import OutOfScope
 
 
-class Storage(Keyslots, Sessions, Credentials, Jobs, Heartbeats):
+class Storage(Keyslots, Sessions, Attestations, Credentials, Jobs, Heartbeats):
     """The platform's database: a SQLite file path or a ``postgresql://`` URL.
 
     SQLite: one connection, not thread-safe (``max_concurrency`` 1: use from one thread
@@ -97,6 +108,9 @@ class Storage(Keyslots, Sessions, Credentials, Jobs, Heartbeats):
 
 
 __all__ = [
+    "ATTEST_ATTESTED",
+    "ATTEST_ENROLLING",
+    "CLEAR_NEXT_BOOT",
     "EVENT_CLONE_SUSPECTED",
     "HEALTH_DEACTIVATED",
     "HEALTH_LATE",
@@ -109,15 +123,19 @@ __all__ = [
     "MAX_SESSIONS_PER_APPLIANCE",
     "MIGRATIONS",
     "NOTIFY_CHANNEL",
+    "PCR_MISMATCH",
+    "PCR_OK",
     "SCHEMA_VERSION",
     "SCHEME_PASSPHRASE",
     "SCHEME_SPLIT",
     "SETTING_CLONE_QUARANTINE",
+    "SETTING_EK_CA",
     "STATE_ACTIVE",
     "STATE_DEACTIVATED",
     "STATE_PENDING",
     "ActivationGrant",
     "Appliance",
+    "Attestation",
     "CloneState",
     "Completion",
     "Conflict",
@@ -127,6 +145,7 @@ __all__ = [
     "NotFound",
     "OutOfScope",
     "Result",
+    "SessionRow",
     "SessionVerdict",
     "ShredUnproven",
     "Storage",

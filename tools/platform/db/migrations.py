@@ -161,5 +161,44 @@ MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
             "ALTER TABLE appliances ADD COLUMN wrapped_pending_share BLOB",
         ],
     ),
+    (
+        8,
+        [
+            # Remote attestation (db/attestation.py): per appliance the enrolled TPM (EK
+            # certificate, AK public area, names of the sealed KEK object and NV counter),
+            # the PCR baseline and the last verified boot.
+            """CREATE TABLE attestations (
+                appliance_id INTEGER PRIMARY KEY REFERENCES appliances(id),
+                state TEXT NOT NULL CHECK (state IN ('enrolling', 'attested')),
+                ek_certificate BLOB NOT NULL,
+                ek_fingerprint TEXT NOT NULL,
+                ak_public BLOB NOT NULL,
+                kek_name BLOB NOT NULL,
+                counter_name BLOB NOT NULL,
+                counter_base INTEGER NOT NULL,
+                pcrs TEXT NOT NULL,
+                challenge_hash BLOB,
+                challenge_expires REAL,
+                pcr_values TEXT,
+                pcr_digest BLOB,
+                pcr_state TEXT NOT NULL DEFAULT 'ok',
+                pending_pcr_values TEXT,
+                pending_at REAL,
+                enrolled_at REAL,
+                last_verified REAL
+            )""",
+            "CREATE INDEX attestations_by_ek ON attestations (ek_fingerprint)",
+            # One outstanding session nonce per appliance (a new one replaces it): bounded.
+            """CREATE TABLE session_nonces (
+                appliance_id INTEGER PRIMARY KEY REFERENCES appliances(id),
+                nonce_hash BLOB NOT NULL,
+                expires REAL NOT NULL
+            )""",
+            # Whether a session's counter came from a verified TPM certification, and its public id
+            # (api.session_id) so that an operator can name the boot to keep (appliance clear --keep).
+            "ALTER TABLE sessions ADD COLUMN attested INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE sessions ADD COLUMN public_id TEXT",
+        ],
+    ),
 ]
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]

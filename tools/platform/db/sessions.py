@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
+from protocol import api
 from tools.platform.db.dialect import Conn
 from tools.platform.db.errors import Conflict, NotFound
 from tools.platform.db.events import Events, add_event, read_setting
@@ -34,6 +35,23 @@ class CloneState:
     boot_counter: int | None  # of the current session
     keystore: str | None  # as reported by the current session
     last_boot: float | None
+    attested: bool = False  # the current session's counter and PCRs were verified TPM evidence
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """One kept boot session (operator view: ``appliance sessions``)."""
+
+    public_id: str | None  # api.session_id of its token (None: opened before it was kept)
+    boot_counter: int
+    keystore: str
+    attested: bool
+    created_at: float
+    current: bool
+
+
+# What `clear_quarantine` keeps: one session by public id, or none (the next boot decides).
+CLEAR_NEXT_BOOT: Final = "next-boot"
 
 
 def quarantined_since(db: Conn, appliance_id: int) -> float | None:
@@ -61,9 +79,11 @@ class Sessions(Events):
     """One row per boot of an appliance; quarantine when two instances show up."""
 
     def open_session(
-        self, appliance_id: int, token_hash: bytes, boot_counter: int, keystore: str, now: float
+        self, appliance_id: int, token_hash: bytes, boot_counter: int, keystore: str, now: float,
+        *, attested: bool = False, public_id: str | None = None,
     ) -> SessionVerdict:
-        """Register a boot. A boot counter not above every earlier one is a clone sign."""
+        """Register a boot. A boot counter not above every earlier one (a second copy
+        booting), or far above the last (a forged one, api.MAX_BOOT_COUNTER_STEP), is a clone sign."""
         with self._tx() as db:
             if quarantined_since(db, appliance_id) is not None:
                 return SessionVerdict.QUARANTINED
@@ -71,22 +91,28 @@ class Sessions(Events):
                 "SELECT MAX(boot_counter) FROM sessions WHERE appliance_id = ?", (appliance_id,)
             ).fetchone()
             last = row[0]
+            detail = None
             if last is not None and boot_counter <= last:
                 detail = f"boot counter {boot_counter} is not above {last} (a copy booting?)"
-                if _suspect(db, appliance_id, now, detail):
-                    return SessionVerdict.QUARANTINED
+            elif last is not None and boot_counter - last > api.MAX_BOOT_COUNTER_STEP:
+                detail = f"boot counter {boot_counter} jumps from {last} (forged, or a copy advanced on its own?)"
+            if detail is not None and _suspect(db, appliance_id, now, detail):
+                return SessionVerdict.QUARANTINED
             db.execute("UPDATE sessions SET current = 0 WHERE appliance_id = ?", (appliance_id,))
             db.execute(
-                "INSERT INTO sessions (appliance_id, token_hash, boot_counter, keystore, created_at, current) "
-                "VALUES (?, ?, ?, ?, ?, 1)",
-                (appliance_id, token_hash, boot_counter, keystore, now),
+                "INSERT INTO sessions (appliance_id, token_hash, boot_counter, keystore, created_at, current, "
+                "attested, public_id) VALUES (?, ?, ?, ?, ?, 1, ?, ?)",
+                (appliance_id, token_hash, boot_counter, keystore, now, int(attested), public_id),
             )
             db.execute(
                 "DELETE FROM sessions WHERE appliance_id = ? AND id NOT IN "
                 "(SELECT id FROM sessions WHERE appliance_id = ? ORDER BY id DESC LIMIT ?)",
                 (appliance_id, appliance_id, MAX_SESSIONS_PER_APPLIANCE),
             )
-            add_event(db, now, appliance_id, "session_opened", f"boot_counter={boot_counter} keystore={keystore}")
+            add_event(
+                db, now, appliance_id, "session_opened",
+                f"boot_counter={boot_counter} keystore={keystore} attested={'yes' if attested else 'no'}",
+            )  # fmt: skip
         return SessionVerdict.OK
 
     def check_session(self, appliance_id: int, token_hash: bytes, now: float) -> SessionVerdict:
@@ -125,27 +151,68 @@ class Sessions(Events):
         with self._read() as db:
             return quarantined_since(db, appliance_id)
 
-    def clear_quarantine(self, name: str, now: float) -> str:
-        """Lift an appliance's quarantine (operator decision); returns the reason it had."""
+    def clear_quarantine(
+        self, name: str, now: float, keep: str | None = None
+    ) -> tuple[str, SessionRow | None]:
+        """Lift an appliance's quarantine with the operator's decision; returns the reason it
+        had and the session kept.
+
+        *keep* names the legitimate boot: a session's public id, None for the current
+        session (the last one the platform accepted), or CLEAR_NEXT_BOOT for none. Every
+        other session ends (its token no longer works) and the counter baseline becomes the
+        kept session's counter, or none: the next boot that opens a session (an attested
+        one, for an enrolled appliance) sets it.
+        """
         with self._tx() as db:
             row = db.execute("SELECT id FROM appliances WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise NotFound(f"no appliance named {name!r}; see 'scanner-platform appliance list'")
-            q = db.execute("SELECT reason FROM quarantine WHERE appliance_id = ?", (row[0],)).fetchone()
+            app_id = row[0]
+            q = db.execute("SELECT reason FROM quarantine WHERE appliance_id = ?", (app_id,)).fetchone()
             if q is None:
                 raise Conflict(f"appliance {name!r} is not quarantined")
-            db.execute("DELETE FROM quarantine WHERE appliance_id = ?", (row[0],))
-            add_event(db, now, row[0], "quarantine_cleared", str(q[0]))
-        return str(q[0])
+            select = (
+                "SELECT id, public_id, boot_counter, keystore, attested, created_at FROM sessions "
+                "WHERE appliance_id = ? AND "
+            )
+            s = None
+            if keep is None:
+                s = db.execute(select + "current = 1", (app_id,)).fetchone()
+            elif keep != CLEAR_NEXT_BOOT:
+                s = db.execute(select + "public_id = ?", (app_id, keep)).fetchone()
+                if s is None:
+                    raise NotFound(
+                        f"appliance {name!r} has no session {keep!r}; see 'scanner-platform appliance sessions {name}'"
+                    )
+            kept = None if s is None else SessionRow(s[1], int(s[2]), s[3], bool(s[4]), float(s[5]), True)
+            db.execute("DELETE FROM sessions WHERE appliance_id = ? AND id <> ?", (app_id, -1 if s is None else s[0]))
+            db.execute("UPDATE sessions SET current = 1 WHERE appliance_id = ?", (app_id,))
+            db.execute("DELETE FROM quarantine WHERE appliance_id = ?", (app_id,))
+            decision = "the next boot decides" if kept is None else f"kept boot {kept.boot_counter}"
+            add_event(db, now, app_id, "quarantine_cleared", f"{q[0]}; decision: {decision}")
+        return str(q[0]), kept
+
+    def sessions(self, name: str) -> list[SessionRow]:
+        """The kept boot sessions of an appliance, newest first."""
+        with self._read() as db:
+            row = db.execute("SELECT id FROM appliances WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no appliance named {name!r}; see 'scanner-platform appliance list'")
+            rows = db.execute(
+                "SELECT public_id, boot_counter, keystore, attested, created_at, current FROM sessions "
+                "WHERE appliance_id = ? ORDER BY id DESC",
+                (row[0],),
+            ).fetchall()
+        return [SessionRow(r[0], int(r[1]), r[2], bool(r[3]), float(r[4]), bool(r[5])) for r in rows]
 
     def clone_states(self) -> dict[int, CloneState]:
         """Quarantine and current-session facts of every appliance that has any."""
         out: dict[int, CloneState] = {}
         with self._read() as db:
             sessions = {
-                r[0]: (r[1], r[2], r[3])
+                r[0]: (r[1], r[2], r[3], bool(r[4]))
                 for r in db.execute(
-                    "SELECT appliance_id, boot_counter, keystore, created_at FROM sessions WHERE current = 1"
+                    "SELECT appliance_id, boot_counter, keystore, created_at, attested FROM sessions WHERE current = 1"
                 ).fetchall()
             }
             quarantined = {
@@ -160,5 +227,6 @@ class Sessions(Events):
                 boot_counter=s[0] if s else None,
                 keystore=s[1] if s else None,
                 last_boot=s[2] if s else None,
+                attested=s[3] if s else False,
             )
         return out

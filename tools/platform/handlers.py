@@ -561,7 +561,9 @@ class PlatformApp:
                 "heartbeat session fields differ from its session appliance=%s boot_counter=%s claimed=%s",
                 app.name, counter, claimed[1],
             )  # fmt: skip
-        await self.db.run(self.db.storage.record_heartbeat, app.id, status, time.time())
+        if not await self.db.run(self.db.storage.record_heartbeat, app.id, status, time.time()):
+            log.warning("request refused appliance=%s reason=quarantined path=%s", app.name, ex.path)
+            raise HttpError(403, api.REASON_QUARANTINED, _QUARANTINED_TEXT)
         policy = await self.db.run(health.Policy.load, self.db.storage)
         return json_response(200, {api.F_HEARTBEAT_INTERVAL: policy.interval})
 

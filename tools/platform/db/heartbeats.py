@@ -10,6 +10,7 @@ from typing import Any, Final
 
 from tools.platform.db.connection import Database
 from tools.platform.db.events import add_event
+from tools.platform.db.sessions import quarantined_since
 
 # Health states shown by `appliance list` (pending appliances show "pending").
 HEALTH_OK: Final = "ok"
@@ -39,10 +40,15 @@ class Health:
 class Heartbeats(Database):
     """Heartbeat status, history and recorded health of every appliance."""
 
-    def record_heartbeat(self, appliance_id: int, status: dict[str, Any], now: float) -> None:
-        """Store the latest status and append it to the bounded history."""
+    def record_heartbeat(self, appliance_id: int, status: dict[str, Any], now: float) -> bool:
+        """Store the latest status and append it to the bounded history; False (nothing
+        stored) if the appliance is quarantined by now. Checked in the same transaction:
+        the session check before it may predate a quarantine that a clone's boot just
+        caused, and a quarantined appliance's health must not show fresh beats."""
         doc = json.dumps(status, sort_keys=True, separators=(",", ":"))
         with self._tx() as db:
+            if quarantined_since(db, appliance_id) is not None:
+                return False
             db.execute(
                 "INSERT INTO appliance_health (appliance_id, last_seen, status, health, health_since) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (appliance_id) DO UPDATE SET "
@@ -58,6 +64,7 @@ class Heartbeats(Database):
                 "(SELECT id FROM heartbeats WHERE appliance_id = ? ORDER BY id DESC LIMIT ?)",
                 (appliance_id, appliance_id, HEARTBEAT_HISTORY),
             )
+        return True
 
     def health(self) -> list[Health]:
         """Heartbeat knowledge of every appliance, by name."""

@@ -86,16 +86,20 @@ class Sshd:
         shutil.rmtree(self.keys_dir, ignore_errors=True)
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind((host, 0))
     port = int(s.getsockname()[1])
     s.close()
     return port
 
 
-def start(workdir: Path, authorized_keys: bytes, timeout: float = 10.0) -> Sshd:
-    """Start sshd in *workdir* (created) and wait until it accepts connections."""
+def start(workdir: Path, authorized_keys: bytes, timeout: float = 10.0, listen: str = "127.0.0.1") -> Sshd:
+    """Start sshd in *workdir* (created) and wait until it accepts connections.
+
+    *listen* is the one address it binds (loopback unless a test bed, e.g. the appliance
+    test's bridge in its own network namespace, needs another).
+    """
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation chroot
     host_key = workdir / "host_ed25519"
@@ -111,10 +115,10 @@ def start(workdir: Path, authorized_keys: bytes, timeout: float = 10.0) -> Sshd:
     os.chmod(keys_dir, 0o755)  # noqa: S103 - public keys only; the user must read them
     (keys_dir / "authorized_keys").write_bytes(authorized_keys)
     os.chmod(keys_dir / "authorized_keys", 0o644)
-    port = _free_port()
+    port = _free_port(listen)
     config = workdir / "sshd_config"
     config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {workdir / 'sshd.pid'}\n"
+        f"Port {port}\nListenAddress {listen}\nHostKey {host_key}\nPidFile {workdir / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {keys_dir / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
         "PasswordAuthentication yes\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
         f"AllowUsers {SSH_USER}\nPermitRootLogin no\nPrintMotd no\nLogLevel ERROR\n"
@@ -131,9 +135,9 @@ def start(workdir: Path, authorized_keys: bytes, timeout: float = 10.0) -> Sshd:
             log = (workdir / "sshd.log").read_text(errors="replace").strip().splitlines()
             raise SshdError(f"sshd exited with {proc.returncode}: {log[-1] if log else 'no output'}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((listen, port), timeout=0.5):
                 return server
         except OSError:
             time.sleep(0.05)
     server.stop()
-    raise SshdError(f"sshd did not listen on 127.0.0.1:{port} within {timeout:g} s")
+    raise SshdError(f"sshd did not listen on {listen}:{port} within {timeout:g} s")

@@ -78,7 +78,7 @@ appliance: setup apt-appliance
 # Boots the image under qemu (TCG) with OVMF + swtpm on a bridge in a network namespace and
 # checks it from outside (tests/appliance; ~15 min).
 appliance-test: appliance
-	$(PY) -m pytest -p no:cacheprovider tests/appliance --appliance $(PYTEST_ARGS)
+	APPLIANCE_TEST=1 $(PY) -m pytest -p no:cacheprovider -rA tests/appliance $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) results build .mypy_cache .ruff_cache .pytest_cache

@@ -109,9 +109,26 @@ def packages() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+def initramfs_modules() -> list[str]:
+    """The modules of the initramfs (deploy/appliance/initramfs-modules)."""
+    lines = (DEPLOY / "initramfs-modules").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def base_hooks() -> list[str]:
+    """mmdebstrap hooks of the base: a small initramfs (MODULES=list) rebuilt with /proc and /dev."""
+    modules = " ".join(initramfs_modules())
+    return [
+        '--customize-hook=echo MODULES=list > "$1/etc/initramfs-tools/conf.d/appliance.conf"',
+        f'--customize-hook=printf "%s\\n" {modules} >> "$1/etc/initramfs-tools/modules"',
+        '--customize-hook=chroot "$1" update-initramfs -u -k all',
+    ]
+
+
 def base_key() -> str:
     """Cache key of the Debian base layer."""
-    return hashlib.sha256(json.dumps([SUITE, MIRROR, packages()]).encode()).hexdigest()[:16]
+    material = json.dumps([SUITE, MIRROR, packages(), base_hooks()])
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 def project_files() -> list[Path]:
@@ -136,16 +153,17 @@ def build_base(paths: Paths) -> Path:
     if tar.exists():
         return tar
     paths.cache.mkdir(parents=True, exist_ok=True)
-    for old in paths.cache.glob("base-*.tar"):
-        old.unlink()
     tmp = tar.with_suffix(".tmp.tar")
     started = time.monotonic()
     print(f"appliance: mmdebstrap {SUITE} ({len(packages())} packages) ...", flush=True)
     sh("mmdebstrap", "--variant=minbase", "--include=" + ",".join(packages()),
        "--aptopt=Acquire::Retries 3", "--dpkgopt=path-exclude=/usr/share/doc/*",
        "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
-       SUITE, tmp, MIRROR)
+       *base_hooks(), SUITE, tmp, MIRROR)
     tmp.rename(tar)
+    for old in paths.cache.glob("base-*.tar"):
+        if old != tar:
+            old.unlink()
     print(f"appliance: base layer in {time.monotonic() - started:.0f} s", flush=True)
     return tar
 
@@ -229,7 +247,8 @@ def lock_down(root: Path) -> None:
     (root / "etc" / "fstab").write_text(
         "# The root is read-only; the agent's state partition is the only persistent writable place.\n"
         f"PARTUUID={ROOT_PARTUUID} / ext4 ro,nodev 0 0\n"
-        f"PARTUUID={STATE_PARTUUID} /var/lib/scanner-agent ext4 nodev,nosuid,noexec 0 2\n"
+        # A slow boot (TCG on a busy host) can take minutes to coldplug the disk.
+        f"PARTUUID={STATE_PARTUUID} /var/lib/scanner-agent ext4 nodev,nosuid,noexec,x-systemd.device-timeout=15min 0 0\n"
         "tmpfs /tmp tmpfs nodev,nosuid,noexec,mode=1777,size=64m 0 0\n"
         "tmpfs /var/tmp tmpfs nodev,nosuid,noexec,mode=1777,size=16m 0 0\n"
     )

@@ -248,7 +248,8 @@ def lock_down(root: Path) -> None:
         "# The root is read-only; the agent's state partition is the only persistent writable place.\n"
         f"PARTUUID={ROOT_PARTUUID} / ext4 ro,nodev 0 0\n"
         # A slow boot (TCG on a busy host) can take minutes to coldplug the disk.
-        f"PARTUUID={STATE_PARTUUID} /var/lib/scanner-agent ext4 nodev,nosuid,noexec,x-systemd.device-timeout=15min 0 0\n"
+        f"PARTUUID={STATE_PARTUUID} /var/lib/scanner-agent ext4 "
+        "nodev,nosuid,noexec,x-systemd.device-timeout=15min 0 0\n"
         "tmpfs /tmp tmpfs nodev,nosuid,noexec,mode=1777,size=64m 0 0\n"
         "tmpfs /var/tmp tmpfs nodev,nosuid,noexec,mode=1777,size=16m 0 0\n"
     )

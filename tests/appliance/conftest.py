@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent.conftest import Rsyslog, make_pki, start_rsyslog
 from tools import sshd as sshdmod
 from tools.appliance import build as buildmod
 from tools.appliance.testbed import Platform, Testbed, qemu_problem
+from tools.children import stop_child
 
 IMAGE = buildmod.ROOT / "build" / "appliance.raw"
 
@@ -47,6 +49,7 @@ class Bed:
     bed: Testbed
     platform: Platform
     sshd: sshdmod.Sshd
+    rsyslog: Rsyslog
     password: bytes
     image: Path
     work: Path
@@ -54,16 +57,24 @@ class Bed:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    """Image (warm build), namespace + bridge + dnsmasq, the platform and an sshd on the bridge."""
+    """Image (warm build), namespace + bridge + dnsmasq, the platform, an sshd (the scan
+    target) and an rsyslog (RFC 5425, the platform's syslog target) on the bridge."""
     buildmod.build(IMAGE)
     work = tmp_path_factory.mktemp("appliance")
     password = b"appl-pw-" + secrets.token_hex(8).encode() + b"-MARKER"
     with Testbed.create(work) as testbed:
+        host = testbed.netns.host_ip
         platform = testbed.start_platform()
-        sshdmod.ensure_user(password)
-        server = testbed.netns.call(lambda: sshdmod.start(work / "sshd", b"", listen=testbed.netns.host_ip))
+        pki = make_pki(work / "syslog-pki", names=(host,))
+        syslog = testbed.netns.call(lambda: start_rsyslog(work / "rsyslog", pki=pki, address=host))
         try:
-            yield Bed(testbed, platform, server, password, IMAGE, work)
+            platform.cli("syslog", "set", "--host", host, "--port", str(syslog.port), "--ca", str(pki.ca_path))
+            sshdmod.ensure_user(password)
+            server = testbed.netns.call(lambda: sshdmod.start(work / "sshd", b"", listen=host))
+            try:
+                yield Bed(testbed, platform, server, syslog, password, IMAGE, work)
+            finally:
+                server.stop()
+                sshdmod.remove_user()
         finally:
-            server.stop()
-            sshdmod.remove_user()
+            stop_child(syslog.proc)

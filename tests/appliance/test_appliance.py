@@ -60,14 +60,16 @@ def state(bed: Bed) -> Iterator[Run]:
 
 
 @contextmanager
-def console_on_failure(guest: Guest) -> Iterator[None]:
-    """Re-raise any failure with the end of the guest's console attached."""
+def console_on_failure(guest: Guest, bed: Bed) -> Iterator[None]:
+    """Re-raise any failure with the end of the guest's console and of the agent's syslog."""
     try:
         yield
     except BaseException as e:
         tail = "\n".join(guest.console_text().splitlines()[-150:])
+        syslog = "\n".join(bed.rsyslog.lines()[-60:])
         guest.stop()
-        raise AssertionError(f"{e}\n--- {guest.console} (last 150 lines) ---\n{tail}") from e
+        raise AssertionError(f"{e}\n--- {guest.console} (last 150 lines) ---\n{tail}\n"
+                             f"--- agent syslog {bed.rsyslog.out} (last 60 lines) ---\n{syslog}") from e
 
 
 def exit_status(guest: Guest, timeout: float = BOOT_TIMEOUT) -> int:
@@ -100,7 +102,7 @@ def test_first_boot_activation_job_and_audit(bed: Bed, state: Run) -> None:
     provision = {"code": code, "platform": bed.platform.url, "ca": (bed.platform.state / "ca.pem").read_text()}
     started = time.monotonic()
     guest.boot(provision=provision, report=True)
-    with console_on_failure(guest):
+    with console_on_failure(guest, bed):
         guest.wait_console(r"appliance-provision: activated", BOOT_TIMEOUT)
         state.times["boot_to_activation_s"] = round(time.monotonic() - started, 1)
         assert bed.platform.appliance(NAME)["state"] == "active"
@@ -129,6 +131,9 @@ def test_first_boot_activation_job_and_audit(bed: Bed, state: Run) -> None:
         assert port.get("auth") == "accepted", port
         assert "Linux" in port.get("inventory", {}).get("uname -a", "")
         assert bed.password not in json.dumps(doc).encode()
+        # The agent's own log reached the syslog server on the bridge (RFC 5425, TLS).
+        wait_for("the agent's job lines in rsyslog", lambda: any(f"job={job_id}" in ln for ln in bed.rsyslog.lines()),
+                 120, 1.0, log=bed.rsyslog.out)
 
         # The guest's own audit report (under systemd, live).
         guest.wait_console(r"APPLIANCE-REPORT done", BOOT_TIMEOUT)
@@ -195,7 +200,7 @@ def test_reboot_fetches_the_key_again(bed: Bed, state: Run) -> None:
     before = bed.platform.appliance(NAME)["boot_counter"]
     started = time.monotonic()
     guest.boot()
-    with console_on_failure(guest):
+    with console_on_failure(guest, bed):
         guest.wait_console(r"event=volume_open", BOOT_TIMEOUT)
         state.times["reboot_to_volume_open_s"] = round(time.monotonic() - started, 1)
         assert "first_boot_format" not in guest.console_text()
@@ -207,7 +212,7 @@ def test_clone_with_copied_tpm_is_quarantined(bed: Bed, state: Run) -> None:
     assert state.pristine_tpm is not None, "the first boot failed"
     clone = bed.bed.guest("clone", bed.work / "clone.raw", state.pristine_tpm)
     clone.boot()
-    with console_on_failure(clone):
+    with console_on_failure(clone, bed):
         assert exit_status(clone) == 31
         assert "event=volume_open" not in clone.console_text()
         assert bed.platform.appliance(NAME)["quarantined"] is True
@@ -218,7 +223,7 @@ def test_clone_with_copied_tpm_is_quarantined(bed: Bed, state: Run) -> None:
 def test_fresh_tpm_cannot_unlock(bed: Bed, state: Run) -> None:
     stranger = bed.bed.guest("fresh-tpm", bed.work / "clone.raw", bed.work / "tpm-fresh")
     stranger.boot()
-    with console_on_failure(stranger):
+    with console_on_failure(stranger, bed):
         assert exit_status(stranger) == 29
         assert "event=volume_open" not in stranger.console_text()
         stranger.stop()
@@ -233,7 +238,7 @@ def test_changed_kernel_command_line_refuses_with_30(bed: Bed, state: Run) -> No
     diskmod.esp_write(guest.disk, "/EFI/appliance/grub.cfg", changed)
     try:
         guest.boot()
-        with console_on_failure(guest):
+        with console_on_failure(guest, bed):
             assert exit_status(guest) == 30
             assert "event=volume_open" not in guest.console_text()
             assert "session_opened" not in guest.console_text()
@@ -247,7 +252,7 @@ def test_deactivated_appliance_stays_locked(bed: Bed, state: Run) -> None:
     assert guest is not None, "the first boot failed"
     bed.platform.cli("appliance", "deactivate", NAME)
     guest.boot()
-    with console_on_failure(guest):
+    with console_on_failure(guest, bed):
         assert exit_status(guest) == 24
         assert "event=volume_open" not in guest.console_text()
         time.sleep(15)  # RestartPreventExitStatus: no second start

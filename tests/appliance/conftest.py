@@ -22,6 +22,7 @@ from tools.appliance.testbed import Platform, Testbed, qemu_problem
 from tools.children import stop_child
 
 IMAGE = buildmod.ROOT / "build" / "appliance.raw"
+SSH_USER = "sfs-appl-scan"  # its own account: the test runs for many minutes
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -69,12 +70,12 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         syslog = testbed.netns.call(lambda: start_rsyslog(work / "rsyslog", pki=pki, address=host))
         try:
             platform.cli("syslog", "set", "--host", host, "--port", str(syslog.port), "--ca", str(pki.ca_path))
-            sshdmod.ensure_user(password)
-            server = testbed.netns.call(lambda: sshdmod.start(work / "sshd", b"", listen=host))
+            sshdmod.ensure_user(password, SSH_USER)
+            server = testbed.netns.call(lambda: sshdmod.start(work / "sshd", b"", listen=host, user=SSH_USER))
             try:
                 yield Bed(testbed, platform, server, syslog, password, IMAGE, work)
             finally:
                 server.stop()
-                sshdmod.remove_user()
+                sshdmod.remove_user(SSH_USER)
         finally:
             stop_child(syslog.proc)

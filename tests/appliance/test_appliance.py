@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.appliance.conftest import Bed
-from tools import sshd as sshdmod
+from tests.appliance.conftest import SSH_USER, Bed
 from tools.appliance import disk as diskmod
 from tools.appliance.testbed import Guest, run, wait_for
 
@@ -64,7 +63,10 @@ def console_on_failure(guest: Guest, bed: Bed) -> Iterator[None]:
     """Re-raise any failure with the end of the guest's console and of the agent's syslog."""
     try:
         yield
-    except BaseException as e:
+    except KeyboardInterrupt:
+        guest.stop()
+        raise
+    except Exception as e:
         tail = "\n".join(guest.console_text().splitlines()[-150:])
         syslog = "\n".join(bed.rsyslog.lines()[-60:])
         guest.stop()
@@ -116,7 +118,7 @@ def test_first_boot_activation_job_and_audit(bed: Bed, state: Run) -> None:
         pub.write_bytes(bed.platform.cli("appliance", "pubkey", NAME).stdout)
         target = bed.bed.netns.host_ip
         sealed = run([sys.executable, "-m", "tools.seal", "--appliance-key", str(pub), "--username",
-                      sshdmod.SSH_USER, "--target", target, "--ports", str(bed.sshd.port), "--protocol", "ssh",
+                      SSH_USER, "--target", target, "--ports", str(bed.sshd.port), "--protocol", "ssh",
                       "--pin-ssh-sha256", bed.sshd.host_key_sha256], input_=bed.password).stdout
         blob = work / "cred.sealed"
         blob.write_bytes(sealed)

@@ -20,6 +20,7 @@ vfat module: the ESP is written with mtools, partitions are placed by offset.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -352,16 +353,22 @@ def require_tools() -> None:
 
 
 def build(out: Path) -> bool:
-    """Build *out* unless its inputs are unchanged; return True when it was (re)built."""
+    """Build *out* unless its inputs are unchanged; return True when it was (re)built.
+
+    One build at a time per output (an exclusive lock next to it): a second ``make
+    appliance`` waits, then finds the image current.
+    """
     require_tools()
     paths = Paths(out.absolute())
-    key = image_key()
-    if paths.out.exists() and paths.stamp.exists() and paths.stamp.read_text().strip() == key:
-        return False
     paths.build.mkdir(parents=True, exist_ok=True)
-    paths.stamp.unlink(missing_ok=True)
-    build_image(paths)
-    paths.stamp.write_text(key + "\n")
+    with open(paths.out.with_name(paths.out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        key = image_key()
+        if paths.out.exists() and paths.stamp.exists() and paths.stamp.read_text().strip() == key:
+            return False
+        paths.stamp.unlink(missing_ok=True)
+        build_image(paths)
+        paths.stamp.write_text(key + "\n")
     return True
 
 

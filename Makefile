@@ -9,7 +9,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
 	postgresql postgresql-common
 # The appliance image and its test bed (issue 20; `make appliance`, `make appliance-test`).
 APPLIANCE_PACKAGES := mmdebstrap qemu-system-x86 ovmf dnsmasq-base nftables mtools dosfstools \
-	grub-efi-amd64-bin iproute2 fdisk
+	grub-efi-amd64-bin iproute2 fdisk iputils-ping
 PYTEST_ARGS ?=
 
 .PHONY: all setup apt apt-appliance apt-install venv test lint typecheck pytest demo bench loadtest clean \

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -80,14 +81,15 @@ def exit_status(guest: Guest, timeout: float = BOOT_TIMEOUT) -> int:
     return int(m.group(1))
 
 
-def guest_ip(bed: Bed, guest: Guest) -> str:
+def guest_ip(bed: Bed, guest: Guest, mac: str | None = None, leases_dir: str = "dnsmasq") -> str:
     """The guest's address from dnsmasq's lease file (by its MAC)."""
-    leases = bed.work / "dnsmasq" / "leases"
+    leases = bed.work / leases_dir / "leases"
+    mac = mac or guest.mac
 
     def lookup() -> str | None:
         for line in leases.read_text().splitlines() if leases.exists() else []:
             fields = line.split()
-            if len(fields) >= 3 and fields[1].lower() == guest.mac:
+            if len(fields) >= 3 and fields[1].lower() == mac:
                 return fields[2]
         return None
 
@@ -222,12 +224,53 @@ def test_clone_with_copied_tpm_is_quarantined(bed: Bed, state: Run) -> None:
     bed.platform.cli("appliance", "clear", NAME)
 
 
-def test_fresh_tpm_cannot_unlock(bed: Bed, state: Run) -> None:
-    stranger = bed.bed.guest("fresh-tpm", bed.work / "clone.raw", bed.work / "tpm-fresh")
+def test_fresh_tpm_cannot_unlock_and_two_nics_do_not_forward(bed: Bed, state: Run) -> None:
+    stranger = bed.bed.guest("fresh-tpm", bed.work / "clone.raw", bed.work / "tpm-fresh", second_nic=True)
     stranger.boot()
     with console_on_failure(stranger, bed):
         assert exit_status(stranger) == 29
         assert "event=volume_open" not in stranger.console_text()
+        # The guest sits on two networks; each side routes the other's /24 through it. A
+        # connection from one side to a listener on the other must not get through.
+        assert stranger.second_nic is not None
+        other, _tap, mac2 = stranger.second_nic
+        ns = bed.bed.netns
+        ip1 = guest_ip(bed, stranger)
+        ip2 = guest_ip(bed, stranger, mac2, "dnsmasq2")
+        run(ns.exec("ip", "route", "add", f"{other.net}.0/24", "via", ip1))
+        run(other.exec("ip", "route", "add", f"{ns.net}.0/24", "via", ip2))
+
+        def listen() -> socket.socket:
+            srv = socket.create_server((other.host_ip, 0))
+            srv.settimeout(1.0)
+            return srv
+
+        server = other.call(listen)
+        try:
+            port = server.getsockname()[1]
+
+            def connect() -> str:
+                try:
+                    with socket.create_connection((other.host_ip, port), timeout=10):
+                        return "connected"
+                except OSError as e:
+                    return f"failed: {e}"
+
+            outcome = ns.call(connect)
+            try:
+                conn, peer = server.accept()
+                conn.close()
+                arrived = f"accepted from {peer}"
+            except TimeoutError:
+                arrived = "nothing arrived"
+        finally:
+            server.close()
+        ping = run(ns.exec("ping", "-c", "3", "-W", "2", other.host_ip), check=False, timeout=30)
+        state.times["forwarding_check"] = {"tcp": outcome, "listener": arrived,
+                                           "ping_exit": ping.returncode}
+        assert outcome.startswith("failed"), outcome
+        assert arrived == "nothing arrived"
+        assert ping.returncode != 0
         stranger.stop()
 
 

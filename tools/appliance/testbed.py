@@ -15,11 +15,13 @@ names the log to read (the guest's serial console is a file in its directory).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -37,6 +39,9 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 QEMU = "qemu-system-x86_64"
 CLONE_NEWNET = 0x40000000
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
 T = TypeVar("T")
 
 
@@ -48,7 +53,7 @@ def qemu_problem() -> str | None:
     """Why this machine cannot boot the appliance at all, or None if it can."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, tap devices)"
-    for tool in (QEMU, "swtpm", "dnsmasq", "ip", "nmap"):
+    for tool in (QEMU, "swtpm", "dnsmasq", "ip", "nmap", "ping"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (make appliance-test installs it)"
     if not OVMF_CODE.exists():
@@ -87,12 +92,18 @@ class Netns:
     """A network namespace with a bridge (the appliance's LAN)."""
 
     name: str
-    subnet: int  # 10.77.<subnet>.0/24
+    subnet: int  # <prefix>.<subnet>.0/24
+    prefix: str = "10.77"
+
+    @property
+    def net(self) -> str:
+        """The first three octets of the bridge's /24."""
+        return f"{self.prefix}.{self.subnet}"
 
     @property
     def host_ip(self) -> str:
         """The bridge's address: the platform, DHCP and the scan targets live here."""
-        return f"10.77.{self.subnet}.1"
+        return f"{self.net}.1"
 
     def exec(self, *args: str) -> list[str]:
         """argv running *args* inside the namespace."""
@@ -136,15 +147,29 @@ class Netns:
         self.ip("tuntap", "add", "dev", tap, "mode", "tap")
         self.ip("link", "set", tap, "master", "br0", "up")
 
+    def open_tap(self, tap: str) -> int:
+        """An fd attached to *tap* of this namespace (qemu ``-netdev tap,fd=N`` runs elsewhere)."""
+
+        def attach() -> int:
+            fd = os.open("/dev/net/tun", os.O_RDWR)
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", tap.encode(), IFF_TAP | IFF_NO_PI))
+            except OSError:
+                os.close(fd)
+                raise
+            return fd
+
+        return self.call(attach)
+
     def delete(self) -> None:
         """Delete the namespace (its bridge and taps go with it)."""
         run(["ip", "netns", "delete", self.name], check=False)
 
 
-def create_netns(name: str, subnet: int) -> Netns:
-    """A namespace with lo up and a bridge br0 at 10.77.<subnet>.1/24."""
+def create_netns(name: str, subnet: int, prefix: str = "10.77") -> Netns:
+    """A namespace with lo up and a bridge br0 at <prefix>.<subnet>.1/24."""
     run(["ip", "netns", "add", name])
-    ns = Netns(name, subnet)
+    ns = Netns(name, subnet, prefix)
     try:
         ns.ip("link", "set", "lo", "up")
         ns.ip("link", "add", "br0", "type", "bridge")
@@ -200,6 +225,8 @@ class Guest:
     qemu: subprocess.Popen[bytes] | None = None
     swtpm: subprocess.Popen[bytes] | None = None
     boots: int = 0
+    # A second NIC on another network (its own namespace), for the no-forwarding check.
+    second_nic: tuple[Netns, str, str] | None = None
 
     @property
     def console(self) -> Path:
@@ -279,11 +306,20 @@ class Guest:
             argv += ["-fw_cfg", f"name=opt/scanner/provision,file={blob}"]
         if report:
             argv += ["-fw_cfg", "name=opt/scanner/report,string=1"]
+        pass_fds: tuple[int, ...] = ()
+        if self.second_nic is not None:
+            other, tap, mac = self.second_nic
+            fd = other.open_tap(tap)
+            pass_fds = (fd,)
+            argv += ["-netdev", f"tap,id=net1,fd={fd}", "-device", f"virtio-net-pci,netdev=net1,mac={mac},romfile="]
         log = open(self.directory / "qemu.log", "ab")
         try:
-            self.qemu = subprocess.Popen(self.netns.exec(*argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.qemu = subprocess.Popen(self.netns.exec(*argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         pass_fds=pass_fds)
         finally:
             log.close()
+            for fd in pass_fds:
+                os.close(fd)
 
     def _qmp(self, *commands: dict[str, Any]) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -338,6 +374,7 @@ class Testbed:
 
     work: Path
     netns: Netns
+    other: Netns  # a second network (10.78.N.0/24) behind the guests' second NIC, if any
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     guests: list[Guest] = field(default_factory=list)
     platform: Platform | None = None
@@ -348,19 +385,24 @@ class Testbed:
         """Namespace + bridge + dnsmasq; everything stopped and deleted on exit."""
         subnet = 100 + os.getpid() % 100
         ns = create_netns(f"sfs-appl-{os.getpid()}", subnet)
-        bed = cls(work, ns)
         try:
-            bed._start_dnsmasq()
+            other = create_netns(f"sfs-appl2-{os.getpid()}", subnet, "10.78")
+        except BaseException:
+            ns.delete()
+            raise
+        bed = cls(work, ns, other)
+        try:
+            bed._start_dnsmasq(ns, work / "dnsmasq")
+            bed._start_dnsmasq(other, work / "dnsmasq2")
             yield bed
         finally:
             bed.stop()
 
-    def _start_dnsmasq(self) -> None:
-        d = self.work / "dnsmasq"
+    def _start_dnsmasq(self, ns: Netns, d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
-        net = f"10.77.{self.netns.subnet}"
+        net = ns.net
         proc = subprocess.Popen(
-            self.netns.exec("dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+            ns.exec("dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
                             "--interface=br0", "--bind-interfaces", "--except-interface=lo",
                             f"--dhcp-range={net}.50,{net}.99,255.255.255.0,1h", "--dhcp-authoritative",
                             f"--dhcp-leasefile={d / 'leases'}", "--log-dhcp", f"--log-facility={d / 'dnsmasq.log'}",
@@ -396,14 +438,19 @@ class Testbed:
         self.platform.cli("heartbeat", "set", "--interval", str(heartbeat), "--missing-after", "3")
         return self.platform
 
-    def guest(self, name: str, disk: Path, tpm_state: Path) -> Guest:
-        """A guest on its own tap; *disk* and *tpm_state* may be shared with another (clones)."""
+    def guest(self, name: str, disk: Path, tpm_state: Path, second_nic: bool = False) -> Guest:
+        """A guest on its own tap; *disk* and *tpm_state* may be shared with another (clones).
+
+        With *second_nic* it also has a NIC on the other network (10.78.N.0/24)."""
         index = len(self.guests)
         d = self.work / f"guest-{name}"
         d.mkdir(parents=True, exist_ok=True)
         tap = f"tap{index}"
         self.netns.add_tap(tap)
         g = Guest(name, d, disk, tpm_state, self.netns, tap, f"52:54:00:77:{self.netns.subnet % 256:02x}:{index:02x}")
+        if second_nic:
+            self.other.add_tap(tap)
+            g.second_nic = (self.other, tap, f"52:54:00:78:{self.other.subnet % 256:02x}:{index:02x}")
         self.guests.append(g)
         return g
 
@@ -414,3 +461,4 @@ class Testbed:
         for proc in reversed(self.children):
             stop_child(proc)
         self.netns.delete()
+        self.other.delete()

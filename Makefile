@@ -7,15 +7,25 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
 	rsyslog rsyslog-gnutls nmap procps psmisc systemd openssh-server passwd tinyproxy \
 	libtss2-dev swtpm swtpm-tools tpm2-tools \
 	postgresql postgresql-common
+# The appliance image and its test bed (issue 20; `make appliance`, `make appliance-test`).
+APPLIANCE_PACKAGES := mmdebstrap qemu-system-x86 ovmf dnsmasq-base nftables mtools dosfstools \
+	grub-efi-amd64-bin iproute2 fdisk iputils-ping
 PYTEST_ARGS ?=
 
-.PHONY: all setup apt venv test lint typecheck pytest demo bench loadtest clean
+.PHONY: all setup apt apt-appliance apt-install venv test lint typecheck pytest demo bench loadtest clean \
+	appliance appliance-test
 
 all: test
 
 # Idempotent: apt-get only runs when a package is missing.
 apt:
-	@missing=""; for p in $(APT_PACKAGES); do \
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"
+
+apt-appliance:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APPLIANCE_PACKAGES)"
+
+apt-install:
+	@missing=""; for p in $(PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -62,5 +72,15 @@ loadtest: setup
 	$(PY) -m tools.loadtest --appliances $(LOADTEST_APPLIANCES) --duration $(LOADTEST_DURATION) \
 		--backend sqlite --attack
 
+# The appliance's raw disk (GPT: ESP with GRUB + kernel + initrd, root, state), rebuilt only
+# when an input changed; prints its path (build/appliance.raw). See docs/appliance.md.
+appliance: setup apt-appliance
+	$(PY) -m tools.appliance.build
+
+# Boots the image under qemu (TCG) with OVMF + swtpm on a bridge in a network namespace and
+# checks it from outside (tests/appliance; ~15 min).
+appliance-test: appliance
+	APPLIANCE_TEST=1 $(PY) -m pytest -p no:cacheprovider -rA tests/appliance $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) results .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) results build .mypy_cache .ruff_cache .pytest_cache

@@ -37,25 +37,25 @@ def available() -> bool:
     return os.path.exists(SSHD) and os.geteuid() == 0
 
 
-def ensure_user(password: bytes) -> None:
-    """Create SSH_USER if missing and set its password (over stdin, never argv)."""
+def ensure_user(password: bytes, user: str = SSH_USER) -> None:
+    """Create *user* if missing and set its password (over stdin, never argv)."""
     try:
-        pwd.getpwnam(SSH_USER)
+        pwd.getpwnam(user)
     except KeyError:
         subprocess.run(
-            ["useradd", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/bin/sh", SSH_USER],
+            ["useradd", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/bin/sh", user],
             check=True, capture_output=True, timeout=30,
         )  # fmt: skip
     subprocess.run(
-        ["chpasswd"], input=SSH_USER.encode() + b":" + password + b"\n",
+        ["chpasswd"], input=user.encode() + b":" + password + b"\n",
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
 
 
-def remove_user() -> None:
-    """Delete SSH_USER (best effort: a leftover is locked, not usable)."""
-    subprocess.run(["usermod", "--lock", SSH_USER], capture_output=True, timeout=30, check=False)
-    subprocess.run(["userdel", SSH_USER], capture_output=True, timeout=30, check=False)
+def remove_user(user: str = SSH_USER) -> None:
+    """Delete *user* (best effort: a leftover is locked, not usable)."""
+    subprocess.run(["usermod", "--lock", user], capture_output=True, timeout=30, check=False)
+    subprocess.run(["userdel", user], capture_output=True, timeout=30, check=False)
 
 
 def new_client_key(workdir: Path) -> tuple[bytes, bytes]:
@@ -86,16 +86,23 @@ class Sshd:
         shutil.rmtree(self.keys_dir, ignore_errors=True)
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind((host, 0))
     port = int(s.getsockname()[1])
     s.close()
     return port
 
 
-def start(workdir: Path, authorized_keys: bytes, timeout: float = 10.0) -> Sshd:
-    """Start sshd in *workdir* (created) and wait until it accepts connections."""
+def start(workdir: Path, authorized_keys: bytes, timeout: float = 10.0, listen: str = "127.0.0.1",
+          user: str = SSH_USER) -> Sshd:
+    """Start sshd in *workdir* (created) and wait until it accepts connections.
+
+    *listen* is the one address it binds (loopback unless a test bed, e.g. the appliance
+    test's bridge in its own network namespace, needs another); *user* the one account it
+    lets in (a test that runs for many minutes uses its own, so that other tests creating
+    and removing SSH_USER meanwhile do not change its password under it).
+    """
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation chroot
     host_key = workdir / "host_ed25519"
@@ -111,13 +118,13 @@ def start(workdir: Path, authorized_keys: bytes, timeout: float = 10.0) -> Sshd:
     os.chmod(keys_dir, 0o755)  # noqa: S103 - public keys only; the user must read them
     (keys_dir / "authorized_keys").write_bytes(authorized_keys)
     os.chmod(keys_dir / "authorized_keys", 0o644)
-    port = _free_port()
+    port = _free_port(listen)
     config = workdir / "sshd_config"
     config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {workdir / 'sshd.pid'}\n"
+        f"Port {port}\nListenAddress {listen}\nHostKey {host_key}\nPidFile {workdir / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {keys_dir / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
         "PasswordAuthentication yes\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-        f"AllowUsers {SSH_USER}\nPermitRootLogin no\nPrintMotd no\nLogLevel ERROR\n"
+        f"AllowUsers {user}\nPermitRootLogin no\nPrintMotd no\nLogLevel ERROR\n"
         "MaxStartups 10:30:20\nLoginGraceTime 20\nX11Forwarding no\nAllowTcpForwarding no\n"
     )
     proc = subprocess.Popen(
@@ -131,9 +138,9 @@ def start(workdir: Path, authorized_keys: bytes, timeout: float = 10.0) -> Sshd:
             log = (workdir / "sshd.log").read_text(errors="replace").strip().splitlines()
             raise SshdError(f"sshd exited with {proc.returncode}: {log[-1] if log else 'no output'}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((listen, port), timeout=0.5):
                 return server
         except OSError:
             time.sleep(0.05)
     server.stop()
-    raise SshdError(f"sshd did not listen on 127.0.0.1:{port} within {timeout:g} s")
+    raise SshdError(f"sshd did not listen on {listen}:{port} within {timeout:g} s")

@@ -148,8 +148,12 @@ class Rsyslog:
         return self.lines()
 
 
-def start_rsyslog(directory: Path, port: int = 0, pki: Pki | None = None) -> Rsyslog:
-    """rsyslogd -n with imtcp + gtls (anon client auth), own config, work dir and pid file."""
+def start_rsyslog(directory: Path, port: int = 0, pki: Pki | None = None, address: str = "127.0.0.1") -> Rsyslog:
+    """rsyslogd -n with imtcp + gtls (anon client auth), own config, work dir and pid file.
+
+    It listens on *address* only (loopback unless a test bed needs another, e.g. the
+    appliance test's bridge in its own network namespace).
+    """
     pki = pki or make_pki(directory / "pki")
     work = directory / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -164,7 +168,7 @@ def start_rsyslog(directory: Path, port: int = 0, pki: Pki | None = None) -> Rsy
         f'       DefaultNetstreamDriverKeyFile="{pki.key_path}")\n'
         'module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1"\n'
         '       StreamDriver.AuthMode="anon")\n'
-        f'input(type="imtcp" address="127.0.0.1" port="{port}" listenPortFileName="{port_file}")\n'
+        f'input(type="imtcp" address="{address}" port="{port}" listenPortFileName="{port_file}")\n'
         f'action(type="omfile" file="{out}" template="RSYSLOG_SyslogProtocol23Format")\n'
     )
     proc = subprocess.Popen(
@@ -178,7 +182,7 @@ def start_rsyslog(directory: Path, port: int = 0, pki: Pki | None = None) -> Rsy
             return port_file.exists() and bool(port_file.read_text().strip())
         # rsyslog writes listenPortFileName only for port 0: probe the fixed port instead.
         with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
+            return s.connect_ex((address, port)) == 0
 
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -2,9 +2,9 @@
 
 This is the only module that knows FUSE exists. Every handler is wrapped so that our own
 exceptions become errno replies exactly once: FsError -> its errno, IntegrityError -> EIO with
-one WARNING line naming the file and block, OSError from the backing store -> its errno (ENOSPC,
-EDQUOT, EFBIG pass through; anything else becomes EIO), and any other exception -> EIO with an
-ERROR line (which fails strict-mode tests).
+one WARNING line naming the file (the open-file table stamps its inode) and block, OSError
+from the backing store -> its errno (ENOSPC, EDQUOT, EFBIG pass through; anything else becomes
+EIO), and any other exception -> EIO with an ERROR line (which fails strict-mode tests).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -81,6 +81,9 @@ def handler(fn: Callable[Concatenate[ScratchOps, P], Coroutine[Any, Any, R]]) ->
             raise
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
+        except IntegrityError as e:
+            self._log_integrity(e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as e:
             code = e.errno if e.errno in PASS_THROUGH_ERRNOS else errno.EIO
             if code == errno.EIO:
@@ -199,15 +202,21 @@ class ScratchOps(pyfuse3.Operations):
             content = node.content = FileContent(self.store, self.block_size, self.ns.budget)
         return content
 
-    def _integrity(self, node: Inode, e: IntegrityError) -> FsError:
+    def _log_integrity(self, e: IntegrityError) -> None:
+        """The WARNING line for a file whose blob failed a check (its reply is EIO)."""
+        path = "-"
+        if e.ino is not None:
+            try:
+                path = self.ns.path_of(self.ns.get(e.ino))
+            except FsError:
+                path = "<released>"
         log.warning(
-            "event=integrity_failure path=%s ino=%d block=%s reason=%s",
-            self.ns.path_of(node),
-            node.ino,
+            "event=integrity_failure path=%s ino=%s block=%s reason=%s",
+            path,
+            "-" if e.ino is None else e.ino,
             "-" if e.block is None else e.block,
             e.reason,
         )
-        return FsError(errno.EIO)
 
     async def _run(self, nbytes: int, fn: Callable[..., R], *args: Any) -> R:
         """Run a content operation inline, or on a worker thread if it is large."""
@@ -215,17 +224,12 @@ class ScratchOps(pyfuse3.Operations):
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         return fn(*args)
 
-    @asynccontextmanager
-    async def _using(self, node: Inode, *, write: bool) -> AsyncIterator[FileContent]:
-        """The open-file rule (OpenFileTable.using) for a FUSE handler: the content engine made
-        on first use, and an IntegrityError anywhere inside (a missing, replaced or tampered
-        blob) answered as EIO with one WARNING line."""
+    def _using(self, node: Inode, *, write: bool) -> AsyncContextManager[FileContent]:
+        """The open-file rule (OpenFileTable.using), the content engine made on first use. An
+        IntegrityError inside (a missing, replaced or tampered blob) leaves stamped with the
+        inode and becomes EIO with one WARNING line in `handler`."""
         self._content(node)
-        try:
-            async with self.files.using(node, write=write) as content:
-                yield content
-        except IntegrityError as e:
-            raise self._integrity(node, e) from None
+        return self.files.using(node, write=write)
 
     async def _truncate(self, node: Inode, size: int) -> None:
         async with self._using(node, write=True) as content:

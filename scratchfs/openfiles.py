@@ -22,7 +22,7 @@ import errno
 from types import TracebackType
 
 from scratchfs.content import FileContent
-from scratchfs.errors import FsError
+from scratchfs.errors import FsError, IntegrityError
 from scratchfs.locks import RWLock
 from scratchfs.tree import Inode
 
@@ -98,7 +98,7 @@ class OpenFileTable:
 
         *node* must have content (a regular file's engine, made by the caller). Errors from
         opening the blob (IntegrityError for a missing or replaced blob, OSError) propagate
-        with nothing held.
+        with nothing held; an IntegrityError leaving the block carries the inode number (`ino`).
         """
         return _Using(node, self.lock(node), write)
 
@@ -146,8 +146,9 @@ class _Using:
             await self._lock.acquire_read()
         try:
             self._content.ready(create=self._write)
-        except BaseException:
+        except BaseException as e:
             self._leave()
+            self._stamp(e)
             raise
         return self._content
 
@@ -155,6 +156,12 @@ class _Using:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._leave()
+        if exc is not None:
+            self._stamp(exc)
+
+    def _stamp(self, exc: BaseException) -> None:
+        if isinstance(exc, IntegrityError) and exc.ino is None:
+            exc.ino = self._node.ino
 
     def _leave(self) -> None:
         if self._write:

@@ -80,6 +80,8 @@ def handler(fn: Callable[Concatenate[ScratchOps, P], Coroutine[Any, Any, R]]) ->
         except pyfuse3.FUSEError:
             raise
         except FsError as e:
+            if self.debug:
+                log.debug("op=%s errno=%s", name, errno.errorcode.get(e.errno, e.errno))
             raise pyfuse3.FUSEError(e.errno) from None
         except IntegrityError as e:
             self._log_integrity(e)
@@ -430,7 +432,8 @@ class ScratchOps(pyfuse3.Operations):
         h = self.files.get(fh)
         node = h.node
         room = self.limits.max_file_size - off
-        if room < len(buf):
+        crossing = room < len(buf)
+        if crossing:
             if self.enable_writeback_cache:
                 self._lose_writes(node, off)
             if room <= 0:
@@ -449,6 +452,11 @@ class ScratchOps(pyfuse3.Operations):
                     raise
                 written = await self._run(len(buf), content.write, off, buf)
         node.mtime_ns = node.ctime_ns = now_ns()
+        if crossing and self.enable_writeback_cache:
+            # The kernel ignores a short count from writeback (the writer already got its full
+            # count from write(2)), so the tail would vanish without a word: keep what fits and
+            # fail the request, which the writer then sees as EFBIG at fsync and EIO at close.
+            raise FsError(errno.EFBIG)
         return written
 
     def _lose_writes(self, node: Inode, off: int) -> None:

@@ -165,7 +165,9 @@ def test_scratch_profile_is_the_agents_fast_configuration(
     m = mount_factory(*SCRATCHFS_OPTIONS, "--stats-file", str(stats))
     path = m.mountpoint / "f"
     data = os.urandom(50_000)
-    path.write_bytes(data)
+    with open(path, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())  # written back: no attribute invalidation still on its way
     try:
         os.setxattr(path, "user.x", b"1")
         raise AssertionError("xattrs work under --profile scratch")
@@ -175,8 +177,8 @@ def test_scratch_profile_is_the_agents_fast_configuration(
     os.stat(path)
     first = _dump(m, stats, 0)
     time.sleep(1.5)  # past the posix profile's attribute timeout
-    assert path.read_bytes() == data  # reopened: served by the kept pages
     assert os.stat(path).st_size == len(data)
+    assert path.read_bytes() == data  # reopened: served by the kept pages
     second = _dump(m, stats, first["dumps"])
     delta = {op: n - first["requests"][op] for op, n in second["requests"].items()}
     assert delta["read"] == 0 and delta["getattr"] == 0 and delta["lookup"] == 0, delta

@@ -173,14 +173,21 @@ def test_scratch_profile_is_the_agents_fast_configuration(
         raise AssertionError("xattrs work under --profile scratch")
     except OSError as e:
         assert e.errno == errno.EOPNOTSUPP
-    assert path.read_bytes() == data
-    os.stat(path)
-    first = _dump(m, stats, 0)
-    time.sleep(1.5)  # past the posix profile's attribute timeout
-    assert os.stat(path).st_size == len(data)
-    assert path.read_bytes() == data  # reopened: served by the kept pages
-    second = _dump(m, stats, first["dumps"])
-    delta = {op: n - first["requests"][op] for op, n in second["requests"].items()}
+    dumps = 0
+    for _ in range(3):
+        assert path.read_bytes() == data
+        os.stat(path)
+        first = _dump(m, stats, dumps)
+        time.sleep(1.5)  # past the posix profile's attribute timeout
+        assert os.stat(path).st_size == len(data)
+        assert path.read_bytes() == data  # reopened: served by the kept pages
+        second = _dump(m, stats, first["dumps"])
+        dumps = second["dumps"]
+        delta = {op: n - first["requests"][op] for op, n in second["requests"].items()}
+        if delta["forget"] == 0:
+            break
+        # Someone dropped the machine's caches meanwhile (drop_caches by a benchmark): the
+        # kernel forgot the inode and its pages, so this window proves nothing; try again.
     assert delta["read"] == 0 and delta["getattr"] == 0 and delta["lookup"] == 0, delta
 
 

@@ -15,7 +15,7 @@ Left out, each for a reason outside scratchfs:
   check what the cut-short emulation left ("FIOQSIZE ... size 1048576 vs ...", or "fallocate
   unexpectedly succeeded" with no SIGXFSZ at the RLIMIT_FSIZE boundary). Run alone they pass.
   The fallocate and fpunch stressors run and pass (they accept EOPNOTSUPP);
-- io under the writeback cache: see _stress.
+- io: see _stress.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ def _stress(m: Mounted, work: Path) -> list[str]:
     flags = effective_flags(m.options)
     if "--no-xattr" in flags:
         excluded.append("xattr")
-    if "--writeback-cache" in flags:
-        # io loops on syncfs(2). Under the writeback cache the kernel flushes c/mtime with its
-        # own SETATTR (fuse_write_inode); when another stressor is signalled at its timeout
-        # while in such a flush, the request ends with EINTR/EIO, which the kernel records in
-        # the superblock's error sequence, and io's next syncfs reports it. The daemon never
-        # sees or answers an error there (checked with --debug, which logs every refused request).
-        excluded.append("io")
+    # io loops on syncfs(2), which reports any writeback error the kernel recorded on the
+    # superblock. In about 1 run of 4, in every configuration, it got EIO (EINTR once) while
+    # the daemon refused no request at all (checked with --debug, which logs every refused
+    # request): the error arises in the kernel (a FUSE request of another stressor cut short
+    # when stress-ng signals it at its timeout is the suspect). Not found in issue 23's
+    # session; left out rather than made flaky.
+    excluded.append("io")
     cmd = [
         stress_ng, "--class", "filesystem", "--all", "1", "--exclude", ",".join(excluded),
         "--timeout", f"{SECONDS_PER_STRESSOR}s", "--verify", "--temp-path", str(work),

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
-	fio gocryptfs cryptsetup-bin libcryptsetup12 e2fsprogs util-linux \
+	fio stress-ng gocryptfs cryptsetup-bin libcryptsetup12 e2fsprogs util-linux \
 	rsyslog rsyslog-gnutls nmap procps psmisc systemd openssh-server passwd tinyproxy \
 	libtss2-dev swtpm swtpm-tools tpm2-tools \
 	postgresql postgresql-common

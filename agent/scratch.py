@@ -26,14 +26,18 @@ log = logging.getLogger("agent.scratch")
 
 READY_TIMEOUT = 60.0
 UMOUNT_TIMEOUT = 60.0
-# How the agent mounts its scratch space; the bench's `scratchfs-agent` target uses the same
-# tuple, so what is measured is what runs (README "Performance" says why each one).
-# --no-xattr: scan engines never use xattrs, and without it every buffered write costs the
-#   kernel's extra GETXATTR(security.capability) request.
-# --writeback-cache: result files are written in small pieces; the kernel batches them.
-# --keep-cache: every result is read back once for upload right after it was written; the
-#   kernel's pages serve that read instead of a decryption per block.
-SCRATCHFS_OPTIONS: tuple[str, ...] = ("--no-xattr", "--writeback-cache", "--keep-cache")
+# How the agent mounts its scratch space: scratchfs's `scratch` profile (scratchfs/profiles.py),
+# the one the README recommends for local mounts, so that what people run is what the agent
+# runs; the bench's `scratchfs-agent` target uses the same tuple, so what is measured is what
+# runs. What the profile gives the agent (README "Performance" says more):
+# - no xattrs: scan engines never use them, and without them every buffered write costs the
+#   kernel's extra GETXATTR(security.capability) request;
+# - the writeback cache: result files are written in small pieces; the kernel batches them;
+# - keep cache: every result is read back once for upload right after it was written; the
+#   kernel's pages serve that read instead of a decryption per block;
+# - names and attributes cached for a minute: the shred after an upload walks and deletes
+#   thousands of files without a GETATTR each.
+SCRATCHFS_OPTIONS: tuple[str, ...] = ("--profile", "scratch")
 
 
 def clear_stale(mountpoint: Path, pid_file: Path) -> bool:

@@ -31,6 +31,7 @@ from scratchfs.mount import (
     serve,
     spawn_daemon,
 )
+from scratchfs.profiles import DEFAULT_PROFILE, PROFILES
 from scratchfs.reaper import DEFAULT_CAPACITY
 
 PROG = "scratchfs"
@@ -99,8 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=blocks.DEFAULT_BLOCK_SIZE,
         help="plaintext block size in bytes (power of two, 512..1048576)",
     )
+    m.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default=DEFAULT_PROFILE,
+        help="; ".join(f"{name}: {p.summary}" for name, p in PROFILES.items())
+        + " (options below add to the profile; --attr-timeout replaces its timeout)",
+    )
     m.add_argument("--writeback-cache", action="store_true", help="let the kernel batch writes in its page cache")
-    m.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel may cache attributes")
+    m.add_argument(
+        "--attr-timeout",
+        type=float,
+        default=None,
+        help="seconds the kernel may cache names and attributes (default: the profile's, 1 for posix)",
+    )
     m.add_argument(
         "--readahead-kb",
         type=int,
@@ -204,6 +217,7 @@ def _setup_logging(level: int, log_file: Path | None, daemon: bool) -> None:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     """`scratchfs mount`: daemonize (default) or serve in the foreground."""
+    profile = PROFILES[args.profile]
     opts = MountOptions(
         backing=args.backing.absolute(),
         mountpoint=args.mountpoint.absolute(),
@@ -211,8 +225,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         allow_other=args.allow_other,
         debug=args.debug_mount or args.debug,
         strict=args.strict,
-        attr_timeout=args.attr_timeout,
-        writeback=args.writeback_cache,
+        attr_timeout=profile.attr_timeout if args.attr_timeout is None else args.attr_timeout,
+        writeback=args.writeback_cache or profile.writeback,
         lock_memory=not args.no_mlock,
         readahead_kb=args.readahead_kb,
         direct_io=args.direct_io,
@@ -222,8 +236,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         max_xattrs=args.max_xattrs,
         max_xattr_bytes=args.max_xattr_bytes,
         memory_budget=args.memory_budget,
-        no_xattr=args.no_xattr,
-        keep_cache=args.keep_cache,
+        no_xattr=args.no_xattr or profile.no_xattr,
+        keep_cache=args.keep_cache or profile.keep_cache,
         removal_queue=args.removal_queue,
         stats_file=args.stats_file.absolute() if args.stats_file else None,
     )

@@ -95,9 +95,16 @@ class FileContent:
         return f"<FileContent size={self.size} blocks={self.allocated}>"
 
     # --- blob and fd management ------------------------------------------------------------
-    def ensure_blob(self) -> int:
-        """Create the blob and key on first write, or reopen the blob's fd; returns the fd."""
+    def ready(self, create: bool = False) -> int:
+        """Open the blobs' fds if the file has blobs; with *create* (a write), first make the
+        blob and key if the file has none. Returns the main blob's fd (-1 without a blob).
+
+        The FUSE layer calls this on the trio thread under the inode's lock
+        (OpenFileTable.using), so worker threads find the fds open and never open or close one.
+        """
         if self.blob_id is None:
+            if not create:
+                return -1
             self.budget.reserve(CONTENT_COST)
             try:
                 self.blob_id, self.fd = self.store.new_blob()
@@ -107,14 +114,14 @@ class FileContent:
             self.key = FileKey.new()
         elif self.fd < 0:
             self.fd = self.store.open_blob(self.blob_id)
-        return self.fd
-
-    def ready(self) -> None:
-        """Make sure the blobs' fds are open if the file has blobs (call on the trio thread)."""
-        if self.blob_id is not None and self.fd < 0:
-            self.fd = self.store.open_blob(self.blob_id)
         if self.ovf_id is not None and self.ovf_fd < 0:
             self.ovf_fd = self.store.open_blob(self.ovf_id)
+        return self.fd
+
+    def _main_fd(self) -> int:
+        """The main blob's fd, made or reopened if ready() did not run (direct use, tests)."""
+        fd = self.fd
+        return fd if fd >= 0 else self.ready(create=True)
 
     def _overflow_fd(self) -> int:
         """The overflow blob's fd, creating the blob on first use."""
@@ -158,7 +165,7 @@ class FileContent:
         """fsync/fdatasync the blob (durable for the life of the mount, nothing more)."""
         if self.blob_id is None:
             return
-        fd = self.ensure_blob()
+        fd = self._main_fd()
         fds = [fd] if self.ovf_id is None else [fd, self._overflow_fd()]
         for one in fds:
             if datasync:
@@ -263,7 +270,7 @@ class FileContent:
             return out
         if last >= self.ident_blocks:
             return self._read_overflow(first, last, out)
-        fd = self.ensure_blob()
+        fd = self._main_fd()
         base = blocks.record_offset(first, bs)
         end = blocks.record_offset(last, bs) + blocks.block_length(last, size, bs) + blocks.OVERHEAD
         self._check_blob_len(fd, first, last)
@@ -408,7 +415,7 @@ class FileContent:
         end = offset + length
         old_size = self.size
         new_size = max(old_size, end)
-        fd = self.ensure_blob()
+        fd = self._main_fd()
         runs: list[tuple[int, bytes | bytearray, list[int]]] = []
         # Growing past a short last block: it must be re-sealed at its new, longer length.
         old_last = (old_size - 1) // bs if old_size else -1
@@ -470,7 +477,7 @@ class FileContent:
         if self.blob_id is None:
             self.size = new_size
             return
-        fd = self.ensure_blob()
+        fd = self._main_fd()
         if new_size > old_size:
             if old_size % bs:
                 self._write_runs(fd, [self._reseal_grown((old_size - 1) // bs, new_size)])

@@ -21,12 +21,14 @@ class IntegrityError(ScratchError):
     """Backing data failed authentication or does not match what this process wrote.
 
     *block* is the plaintext block index (or None when the whole blob is wrong); *reason* says
-    which check failed. The FUSE layer adds the file's path and logs one WARNING line.
+    which check failed; *ino* is the file's inode number, stamped by the open-file table on the
+    way out of a use of the file. The FUSE layer adds the file's path and logs one WARNING line.
     """
 
     def __init__(self, reason: str, block: int | None = None) -> None:
         self.reason = reason
         self.block = block
+        self.ino: int | None = None
         where = f" block={block}" if block is not None else ""
         super().__init__(f"integrity check failed:{where} reason={reason}")
 

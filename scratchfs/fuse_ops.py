@@ -2,9 +2,9 @@
 
 This is the only module that knows FUSE exists. Every handler is wrapped so that our own
 exceptions become errno replies exactly once: FsError -> its errno, IntegrityError -> EIO with
-one WARNING line naming the file and block, OSError from the backing store -> its errno (ENOSPC,
-EDQUOT, EFBIG pass through; anything else becomes EIO), and any other exception -> EIO with an
-ERROR line (which fails strict-mode tests).
+one WARNING line naming the file (the open-file table stamps its inode) and block, OSError
+from the backing store -> its errno (ENOSPC, EDQUOT, EFBIG pass through; anything else becomes
+EIO), and any other exception -> EIO with an ERROR line (which fails strict-mode tests).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -79,7 +80,12 @@ def handler(fn: Callable[Concatenate[ScratchOps, P], Coroutine[Any, Any, R]]) ->
         except pyfuse3.FUSEError:
             raise
         except FsError as e:
+            if self.debug:
+                log.debug("op=%s errno=%s", name, errno.errorcode.get(e.errno, e.errno))
             raise pyfuse3.FUSEError(e.errno) from None
+        except IntegrityError as e:
+            self._log_integrity(e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as e:
             code = e.errno if e.errno in PASS_THROUGH_ERRNOS else errno.EIO
             if code == errno.EIO:
@@ -198,44 +204,38 @@ class ScratchOps(pyfuse3.Operations):
             content = node.content = FileContent(self.store, self.block_size, self.ns.budget)
         return content
 
-    def _integrity(self, node: Inode, e: IntegrityError) -> FsError:
+    def _log_integrity(self, e: IntegrityError) -> None:
+        """The WARNING line for a file whose blob failed a check (its reply is EIO)."""
+        path = "-"
+        if e.ino is not None:
+            try:
+                path = self.ns.path_of(self.ns.get(e.ino))
+            except FsError:
+                path = "<released>"
         log.warning(
-            "event=integrity_failure path=%s ino=%d block=%s reason=%s",
-            self.ns.path_of(node),
-            node.ino,
+            "event=integrity_failure path=%s ino=%s block=%s reason=%s",
+            path,
+            "-" if e.ino is None else e.ino,
             "-" if e.block is None else e.block,
             e.reason,
         )
-        return FsError(errno.EIO)
 
-    async def _run(self, node: Inode, nbytes: int, fn: Callable[..., R], *args: Any) -> R:
-        """Run a content operation inline or on a worker thread; IntegrityError -> EIO + log."""
-        try:
-            if nbytes >= THREAD_MIN_BYTES:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-            return fn(*args)
-        except IntegrityError as e:
-            raise self._integrity(node, e) from None
+    async def _run(self, nbytes: int, fn: Callable[..., R], *args: Any) -> R:
+        """Run a content operation inline, or on a worker thread if it is large."""
+        if nbytes >= THREAD_MIN_BYTES:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return fn(*args)
+
+    def _using(self, node: Inode, *, write: bool) -> AsyncContextManager[FileContent]:
+        """The open-file rule (OpenFileTable.using), the content engine made on first use. An
+        IntegrityError inside (a missing, replaced or tampered blob) leaves stamped with the
+        inode and becomes EIO with one WARNING line in `handler`."""
+        self._content(node)
+        return self.files.using(node, write=write)
 
     async def _truncate(self, node: Inode, size: int) -> None:
-        content = self._content(node)
-        lock = self.files.lock(node)
-        await lock.acquire_write()
-        try:
-            self._ready(node, content)
-            await self._run(node, 0, content.truncate, size)
-        finally:
-            release_fd = node.opens == 0
-            lock.release_write()
-        if release_fd:
-            content.close_fd()
-
-    def _ready(self, node: Inode, content: FileContent) -> None:
-        """Open the blob's fd if needed; a missing or replaced blob is an integrity failure."""
-        try:
-            content.ready()
-        except IntegrityError as e:
-            raise self._integrity(node, e) from None
+        async with self._using(node, write=True) as content:
+            content.truncate(size)
 
     def _release(self, node: Inode | None) -> None:
         """Destroy a dropped inode's key and blob. Never raises (forget cannot fail)."""
@@ -389,8 +389,8 @@ class ScratchOps(pyfuse3.Operations):
             self._release(self.ns.release_if_unused(released))
 
     # --- files -----------------------------------------------------------------------------------
-    def _open_handle(self, node: Inode, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fh = self.files.open(node, flags, kill_suid=ctx.uid != 0)
+    def _open_handle(self, node: Inode, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh = self.files.open(node, kill_suid=ctx.uid != 0)
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.keep_cache, direct_io=self.direct_io)
 
     @handler
@@ -404,14 +404,14 @@ class ScratchOps(pyfuse3.Operations):
             # libfuse negotiates atomic O_TRUNC: the kernel leaves the truncation to us.
             await self._truncate(node, 0)
             node.mtime_ns = node.ctime_ns = now_ns()
-        return self._open_handle(node, flags, ctx)
+        return self._open_handle(node, ctx)
 
     @handler
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._new_node(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
-        return self._open_handle(node, flags, ctx), self._attrs(node)
+        return self._open_handle(node, ctx), self._attrs(node)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -419,13 +419,8 @@ class ScratchOps(pyfuse3.Operations):
         content = self._content(node)
         if node.ino in self._lost_writes and off + size > content.size:
             raise FsError(errno.EIO)  # the kernel thinks data is there that we could never store
-        lock = self.files.lock(node)
-        await lock.acquire_read()
-        try:
-            self._ready(node, content)
-            data = await self._run(node, size, content.read, off, size)
-        finally:
-            lock.release_read()
+        async with self._using(node, write=False):
+            data = await self._run(size, content.read, off, size)
         # pyfuse3 takes any contiguous buffer (PyObject_GetBuffer); its stub says bytes.
         # relatime: atime moves only if older than mtime/ctime or a day old.
         if node.atime_ns <= node.mtime_ns or node.atime_ns <= node.ctime_ns or now_ns() - node.atime_ns > DAY_NS:
@@ -437,7 +432,8 @@ class ScratchOps(pyfuse3.Operations):
         h = self.files.get(fh)
         node = h.node
         room = self.limits.max_file_size - off
-        if room < len(buf):
+        crossing = room < len(buf)
+        if crossing:
             if self.enable_writeback_cache:
                 self._lose_writes(node, off)
             if room <= 0:
@@ -445,26 +441,22 @@ class ScratchOps(pyfuse3.Operations):
             buf = memoryview(buf)[:room]  # type: ignore[assignment]  # a short write up to the limit, as POSIX asks
         if self.direct_io and h.kill_suid and node.mode & (stat.S_ISUID | stat.S_ISGID):
             self._kill_suid(node)
-        content = self._content(node)
-        lock = self.files.lock(node)
-        await lock.acquire_write()
-        try:
+        async with self._using(node, write=True) as content:
             try:
-                content.ensure_blob()
-            except IntegrityError as e:
-                raise self._integrity(node, e) from None
-            try:
-                written = await self._run(node, len(buf), content.write, off, buf)
+                written = await self._run(len(buf), content.write, off, buf)
             except OSError as e:
                 # Deleted files' blobs may still wait in the removal queue (scratchfs/reaper.py):
                 # free that space now and retry once, so that rm then write works as anywhere.
                 # content.write leaves the old state on failure, so the retry starts clean.
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.store.free_queued():
                     raise
-                written = await self._run(node, len(buf), content.write, off, buf)
-        finally:
-            lock.release_write()
+                written = await self._run(len(buf), content.write, off, buf)
         node.mtime_ns = node.ctime_ns = now_ns()
+        if crossing and self.enable_writeback_cache:
+            # The kernel ignores a short count from writeback (the writer already got its full
+            # count from write(2)), so the tail would vanish without a word: keep what fits and
+            # fail the request, which the writer then sees as EFBIG at fsync and EIO at close.
+            raise FsError(errno.EFBIG)
         return written
 
     def _lose_writes(self, node: Inode, off: int) -> None:
@@ -509,14 +501,8 @@ class ScratchOps(pyfuse3.Operations):
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         node = self.files.get(fh).node
-        content = self._content(node)
-        lock = self.files.lock(node)
-        await lock.acquire_read()
-        try:
-            self._ready(node, content)
+        async with self._using(node, write=False) as content:
             await trio.to_thread.run_sync(content.sync, datasync, limiter=self._limiter)
-        finally:
-            lock.release_read()
 
     # --- directories -------------------------------------------------------------------------------
     @handler
@@ -584,7 +570,7 @@ class ScratchOps(pyfuse3.Operations):
             raise FsError(errno.E2BIG)
         self.ns.setxattr(self.ns.get(inode), name, value)
 
-    def _virtual_xattr(self, node: Inode, name: bytes) -> bytes:
+    async def _virtual_xattr(self, node: Inode, name: bytes) -> bytes:
         """`user.scratchfs.block_size`, or `user.scratchfs.check_ranges.<offset>`: the byte
         ranges from <offset> on that `verify` must read ("first-last ...", then "next=<offset>"
         when there are more), so that it skips holes instead of reading 2^44 bytes of zeros."""
@@ -595,16 +581,11 @@ class ScratchOps(pyfuse3.Operations):
         tail = name[len(CHECK_RANGES_XATTR) :]
         if not tail.isdigit():
             raise FsError(errno.EINVAL)
-        content: FileContent | None = node.content
-        if content is None:
+        if node.content is None:
             return b""
         bs = self.block_size
-        self._ready(node, content)
-        try:
+        async with self._using(node, write=False) as content:
             runs = list(itertools.islice(content.check_runs(int(tail) // bs), CHECK_RANGES_PER_REPLY + 1))
-        finally:
-            if node.opens == 0 and not self.files.busy(node):
-                content.close_fd()
         parts = [b"%d-%d" % (first * bs, min(content.size, (last + 1) * bs) - 1) for first, last in runs]
         if len(runs) > CHECK_RANGES_PER_REPLY:
             parts[-1] = b"next=%d" % (runs[-1][0] * bs)
@@ -618,7 +599,7 @@ class ScratchOps(pyfuse3.Operations):
         if len(name) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE)
         if name.startswith(VIRTUAL_XATTR_PREFIX):
-            return self._virtual_xattr(node, name)
+            return await self._virtual_xattr(node, name)
         if not node.xattrs or name not in node.xattrs:
             raise FsError(pyfuse3.ENOATTR)
         return node.xattrs[name]

@@ -13,7 +13,7 @@ import errno
 import stat
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 ROOT_INO = 1
 NAME_MAX = 255
@@ -26,6 +26,9 @@ CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # Linux's id;
 
 from scratchfs.errors import FsError  # noqa: E402
 from scratchfs.limits import ENTRY_COST, INODE_COST, XATTR_COST, Limits, MemoryBudget  # noqa: E402
+
+if TYPE_CHECKING:  # for the annotation only: the namespace never touches content
+    from scratchfs.content import FileContent
 
 
 class Directory:
@@ -97,7 +100,8 @@ class Directory:
 
 
 class Inode:
-    """One file, directory or symlink. `content` is opaque here (the content engine's object)."""
+    """One file, directory or symlink. `content` is a regular file's content engine (None until
+    the file's first use of content); the namespace only carries it."""
 
     __slots__ = (
         "atime_ns",
@@ -129,7 +133,7 @@ class Inode:
         self.xattrs: dict[bytes, bytes] | None = None
         self.directory: Directory | None = Directory() if stat.S_ISDIR(mode) else None
         self.target: bytes | None = None
-        self.content: Any = None
+        self.content: FileContent | None = None
         self.lookups = 0
         self.opens = 0
         # (parent ino, name) of one of this inode's names, for log lines only.

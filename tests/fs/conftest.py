@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from scratchfs import blocks
+from scratchfs.profiles import effective_flags
 from tests.conftest import MOUNT_MATRIX
 from tests.mounting import Mounted, is_mounted, mount, pid_alive, unmount
 
@@ -54,7 +55,7 @@ class Target:
     @property
     def writeback(self) -> bool:
         """Mounted with the kernel's writeback cache (st_blocks lags until a flush)."""
-        return self.mounted is not None and "--writeback-cache" in self.mounted.options
+        return self.mounted is not None and "--writeback-cache" in effective_flags(self.mounted.options)
 
 
 def _block_size_of(options: list[str]) -> int:
@@ -181,5 +182,5 @@ def umask0() -> Iterator[None]:
 def needs_xattrs(fs: Target) -> None:
     """Skip in configurations mounted with --no-xattr, where xattrs are off by design
     (tests/fs/test_stats.py checks what such a mount answers instead)."""
-    if fs.mounted is not None and "--no-xattr" in fs.mounted.options:
+    if fs.mounted is not None and "--no-xattr" in effective_flags(fs.mounted.options):
         pytest.skip("mounted with --no-xattr")

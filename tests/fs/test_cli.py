@@ -92,12 +92,13 @@ def refused_mount(backing: Path, mnt: Path, code: int, *extra: str) -> None:
         ["mount", "/tmp/a", "/tmp/b", "--max-inodes", "lots"],
         ["mount", "/tmp/a", "/tmp/b", "--max-file-size", "0"],
         ["mount", "/tmp/a", "/tmp/b", "--memory-budget", "9E"],
+        ["mount", "/tmp/a", "/tmp/b", "--profile", "fastest"],
         ["umount"],
         ["frobnicate"],
     ],
     ids=["none", "mount-no-args", "mount-one-arg", "unknown-option", "block-size-nan",
          "block-size-not-pow2", "max-inodes-nan", "max-file-size-zero", "memory-budget-too-big",
-         "umount-no-args", "unknown-command"],
+         "unknown-profile", "umount-no-args", "unknown-command"],
 )
 def test_usage_errors(args: list[str]) -> None:
     result = run_cli(*args)

@@ -153,3 +153,55 @@ def test_new_files_cost_no_setattr_at_close_under_the_agent_options(
         st = os.stat(m.mountpoint / f"f{i}")
         assert st.st_size == 5000 and st.st_mtime_ns == st.st_ctime_ns
     assert (m.mountpoint / "f7").read_bytes() == b"x" * 5000
+
+
+def test_scratch_profile_is_the_agents_fast_configuration(
+    mount_factory: Callable[..., Mounted], tmp_path: Path
+) -> None:
+    """`--profile scratch` (what agent/scratch.py mounts with): no xattrs and the page cache
+    kept across opens (a reopened file is read without a READ request)."""
+    assert SCRATCHFS_OPTIONS == ("--profile", "scratch")
+    stats = tmp_path / "stats.json"
+    m = mount_factory(*SCRATCHFS_OPTIONS, "--stats-file", str(stats))
+    path = m.mountpoint / "f"
+    data = os.urandom(50_000)
+    with open(path, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())  # written back: no attribute invalidation still on its way
+    try:
+        os.setxattr(path, "user.x", b"1")
+        raise AssertionError("xattrs work under --profile scratch")
+    except OSError as e:
+        assert e.errno == errno.EOPNOTSUPP
+    dumps = 0
+    for _ in range(3):
+        assert path.read_bytes() == data
+        os.stat(path)
+        first = _dump(m, stats, dumps)
+        assert os.stat(path).st_size == len(data)
+        assert path.read_bytes() == data  # reopened: served by the kept pages
+        second = _dump(m, stats, first["dumps"])
+        dumps = second["dumps"]
+        delta = {op: n - first["requests"][op] for op, n in second["requests"].items()}
+        if delta["forget"] == 0:
+            break
+        # Someone dropped the machine's caches meanwhile (drop_caches by a benchmark): the
+        # kernel forgot the inode and its pages, so this window proves nothing; try again.
+    assert delta["read"] == 0 and delta["open"] == 1, delta
+
+
+def test_posix_profile_refreshes_attributes_after_a_second(
+    mount_factory: Callable[..., Mounted], tmp_path: Path
+) -> None:
+    stats = tmp_path / "stats.json"
+    m = mount_factory("--stats-file", str(stats))
+    path = m.mountpoint / "f"
+    path.write_bytes(b"x")
+    os.stat(path)
+    first = _dump(m, stats, 0)
+    time.sleep(1.5)
+    os.stat(path)
+    second = _dump(m, stats, first["dumps"])
+    assert second["requests"]["getattr"] + second["requests"]["lookup"] > (
+        first["requests"]["getattr"] + first["requests"]["lookup"]
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench.runner import RunResult
+from tools.bench.workloads import DAEMON_CPU
 
 
 @dataclass(frozen=True)
@@ -210,13 +211,18 @@ def requests_table(doc: dict[str, Any]) -> list[str]:
                 _, phase, op = key.split(".", 2)
                 phases.setdefault(phase, {})[op] = value
         for phase, ops in phases.items():
+            cpu = ops.pop(DAEMON_CPU, None)
+            total = ops.get("total", 0)
             detail = ", ".join(f"{op} {n:.0f}" for op, n in
                                sorted(ops.items(), key=lambda kv: -kv[1]) if op != "total")
-            rows.append(f"| {target} | {phase} | {ops.get('total', 0):.0f} | {detail} |")
+            per_req = f"{cpu / total:.0f}" if cpu is not None and total else "-"
+            cpu_ms = f"{cpu / 1000:.0f}" if cpu is not None else "-"
+            rows.append(f"| {target} | {phase} | {total:.0f} | {cpu_ms} | {per_req} | {detail} |")
     if not rows:
         return []
     return ["", "## FUSE requests per workload (daemon counters)", "",
-            "| target | phase | requests | by operation |", "|---|---|---:|---|", *rows]
+            "| target | phase | requests | daemon CPU ms | µs/request | by operation |",
+            "|---|---|---:|---:|---:|---|", *rows]
 
 
 def _tool_version(argv: list[str]) -> str:

@@ -126,17 +126,23 @@ def cpu_seconds(pid: int | None) -> float:
 
 # -- request counts -------------------------------------------------------------------------
 Counter = Callable[[], "dict[str, int] | None"]
+DAEMON_CPU = "daemon_cpu_us"  # not an operation: the daemon's CPU time in a phase
 
 
 @contextmanager
-def counted(res: dict[str, float], phase: str, counter: Counter | None) -> Iterator[None]:
+def counted(res: dict[str, float], phase: str, counter: Counter | None,
+            pid: int | None = None) -> Iterator[None]:
     """Record the requests the daemon served during the block as ``req.<phase>.<op>`` and
-    ``req.<phase>.total`` (only for a daemon that counts, i.e. scratchfs). Counts are
-    deterministic where times on a shared machine are not."""
+    ``req.<phase>.total``, and the daemon's CPU time in the block as
+    ``req.<phase>.daemon_cpu_us`` (only for a daemon that counts, i.e. scratchfs). Counts are
+    deterministic where times on a shared machine are not; CPU per request shows which
+    requests cost."""
     before = counter() if counter is not None else None
+    cpu_before = cpu_seconds(pid) if before is not None else 0.0
     yield
     if before is None or counter is None:
         return
+    cpu = cpu_seconds(pid) - cpu_before
     after = counter() or {}
     total = 0
     for op, n in after.items():
@@ -145,6 +151,8 @@ def counted(res: dict[str, float], phase: str, counter: Counter | None) -> Itera
             res[f"req.{phase}.{op}"] = float(delta)
             total += delta
     res[f"req.{phase}.total"] = float(total)
+    if pid is not None:
+        res[f"req.{phase}.{DAEMON_CPU}"] = cpu * 1e6
 
 
 # -- 1. streaming ----------------------------------------------------------------------------
@@ -159,7 +167,7 @@ def stream(mnt: Path, sizes: Sizes, pid: int | None = None,
     total = n * CHUNK
     drop_caches(mnt)
     counts: dict[str, float] = {}
-    with counted(counts, "stream_write", counter):
+    with counted(counts, "stream_write", counter, pid):
         c0 = cpu_seconds(pid)
         t0 = time.perf_counter()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -176,7 +184,7 @@ def stream(mnt: Path, sizes: Sizes, pid: int | None = None,
     drop_caches(mnt)
     rbuf = bytearray(CHUNK)
     got = 0
-    with counted(counts, "stream_read", counter):
+    with counted(counts, "stream_read", counter, pid):
         c0 = cpu_seconds(pid)
         t0 = time.perf_counter()
         with open(path, "rb", buffering=0) as f:
@@ -359,17 +367,17 @@ def tree(mnt: Path, tarball: Path, pid: int | None,
     res: dict[str, float] = {}
     with rss_peak(pid) as peak:
         drop_caches(mnt)
-        with counted(res, "tree_extract", counter):
+        with counted(res, "tree_extract", counter, pid):
             # tar's own fsync-free extract; syncfs inside the count so that writes the kernel
             # still holds (writeback cache) are counted in the phase that made them.
             res["tree_extract"] = timed_tool(["tar", "-xf", str(tarball), "-C", str(dest)],
                                              "tar extract")
             syncfs(mnt)
         drop_caches(mnt)
-        with counted(res, "tree_ls", counter):
+        with counted(res, "tree_ls", counter, pid):
             res["tree_ls"] = timed_tool(["ls", "-lR", str(dest)], "ls -lR")
         drop_caches(mnt)
-        with counted(res, "tree_rm", counter):
+        with counted(res, "tree_rm", counter, pid):
             res["tree_rm"] = timed_tool(["rm", "-rf", str(dest)], "rm -rf")
     if peak is not None:
         res["rss_tree"] = peak.peak_mib()
@@ -386,7 +394,7 @@ def files(mnt: Path, count: int, pid: int | None,
     root.mkdir()
     res: dict[str, float] = {}
     per_dir = 1000
-    with rss_peak(pid) as peak, counted(res, "files_create", counter):
+    with rss_peak(pid) as peak, counted(res, "files_create", counter, pid):
         t0 = time.perf_counter()
         for d in range(0, count, per_dir):
             sub = root / f"d{d // per_dir:04d}"
@@ -432,7 +440,7 @@ def scan(mnt: Path, sizes: Sizes, pid: int | None,
     res: dict[str, float] = {}
     drop_caches(mnt)
     t_start = time.perf_counter()
-    with counted(res, "scan_write", counter):
+    with counted(res, "scan_write", counter, pid):
         (job / "results").mkdir(parents=True)
         for i in range(nfiles):
             size = rng.randint(1024, 64 * 1024)
@@ -465,7 +473,7 @@ def scan(mnt: Path, sizes: Sizes, pid: int | None,
             db.close()
         syncfs(mnt)
     t_written = time.perf_counter()
-    with counted(res, "scan_upload", counter):
+    with counted(res, "scan_upload", counter, pid):
         rbuf = bytearray(CHUNK)
         for dirpath, _, names in os.walk(job):
             for name in names:
@@ -473,7 +481,7 @@ def scan(mnt: Path, sizes: Sizes, pid: int | None,
                     while f.readinto(rbuf):
                         pass
     t_uploaded = time.perf_counter()
-    with counted(res, "scan_shred", counter):
+    with counted(res, "scan_shred", counter, pid):
         run_tool(["rm", "-rf", str(job)], "rm -rf job")
     t_end = time.perf_counter()
     if job.exists():

@@ -171,6 +171,9 @@ def test_inode_limit_gives_enospc_and_frees_on_unlink() -> None:
 
 def test_budget_accounting_returns_to_idle() -> None:
     ns = Namespace()
+    # The root directory's tables are charged as sized and a dict keeps its table when emptied:
+    # give them their first table before taking the idle figure.
+    ns.release_if_unused(ns.unlink(ROOT_INO, ns.create(ROOT_INO, b"warm", stat.S_IFREG, 0, 0) and b"warm"))
     idle = ns.budget.used
     d = ns.create(ROOT_INO, b"dir", stat.S_IFDIR | 0o755, 0, 0)
     f = ns.create(d.ino, b"file", stat.S_IFREG | 0o644, 0, 0)

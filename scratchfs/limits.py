@@ -148,7 +148,7 @@ def dict_growth(table: Sized, appended: int) -> int:
     removals do not lower); keep it with `appended_after`.
     """
     size = sys.getsizeof(table)
-    slots = _SLOTS_BY_SIZE.get(size) if _DICT_MODEL_OK else None
+    slots = _SLOTS_BY_SIZE.get(size) if DICT_MODEL_EXACT else None
     if slots is None:
         # The empty dict's shared table, or an interpreter whose layout we do not know.
         return _dict_bytes(8) if not table else 2 * size
@@ -186,8 +186,8 @@ def _check_dict_model() -> bool:
     return True
 
 
-_DICT_MODEL_OK = True
-_DICT_MODEL_OK = _check_dict_model()
+DICT_MODEL_EXACT = True
+DICT_MODEL_EXACT = _check_dict_model()
 
 
 class MemoryBudget:

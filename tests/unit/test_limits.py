@@ -20,15 +20,15 @@ from scratchfs import blocks
 from scratchfs.content import DENSE_SLACK, FileContent
 from scratchfs.errors import FsError, IntegrityError
 from scratchfs.limits import (
-    _DICT_MODEL_OK,
-    appended_after,
-    dict_growth,
-    owner_request,
     CONTENT_COST,
+    DICT_MODEL_EXACT,
     FAR_VERSION_COST,
     MAX_LFS_FILESIZE,
     Limits,
     MemoryBudget,
+    appended_after,
+    dict_growth,
+    owner_request,
 )
 from scratchfs.store import BlobStore
 from scratchfs.tree import ROOT_INO, Namespace
@@ -339,7 +339,7 @@ def test_rename_to_a_longer_name_is_charged_first() -> None:
 
 
 def test_dict_growth_predicts_every_resize() -> None:
-    assert _DICT_MODEL_OK, "dict layout unknown: dict_growth falls back to doubling headroom"
+    assert DICT_MODEL_EXACT, "dict layout unknown: dict_growth falls back to doubling headroom"
     rng = random.Random(7)
     table: dict[object, object] = {}
     appended = 0

@@ -186,7 +186,7 @@ def _check_dict_model() -> bool:
     return True
 
 
-DICT_MODEL_EXACT = True
+DICT_MODEL_EXACT = True  # dict_growth reads it: assumed while it is being checked
 DICT_MODEL_EXACT = _check_dict_model()
 
 

@@ -419,3 +419,16 @@ def test_charges_match_real_memory_within_ten_percent(kind: str) -> None:
     real, charged = int(out[0]), int(out[1])
     print(f"{kind}: real {real / n:.0f} B, charged {charged / n:.0f} B per object")
     assert 0.9 <= charged / real <= 1.1, f"{kind}: charged {charged / n:.0f} B, real {real / n:.0f} B per object"
+
+
+def test_owner_reserve_option() -> None:
+    from scratchfs.cli import UsageError, build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["mount", "b", "m"]).owner_reserve == 5
+    assert parser.parse_args(["mount", "b", "m", "--owner-reserve", "0"]).owner_reserve == 0
+    assert parser.parse_args(["mount", "b", "m", "--owner-reserve", "12%"]).owner_reserve == 12
+    for bad in ("51", "-1", "five"):
+        with pytest.raises(UsageError) as e:
+            parser.parse_args(["mount", "b", "m", "--owner-reserve", bad])
+        assert "--owner-reserve" in str(e.value) and "\n" not in str(e.value)

@@ -50,8 +50,8 @@ log = logging.getLogger("scratchfs.limits")
 # (`python -m tools.bench.object_costs`: `nobody` fills a 24 MiB budget with one kind on an
 # `--allow-other` mount; docs/threat-model.md, "Memory"). Charged/real there, per kind: empty
 # file 1.02 (short name) and 1.01 (255 bytes), hard link 1.01 / 0.99, symlink 1.02 / 1.03,
-# directory 1.03 / 1.03, directory holding one file 1.02, xattr 1.02 / 1.02; open handle
-# 160 charged for 161 real. tests/unit/test_limits.py holds every kind within 10 %.
+# directory 1.03 / 1.03, directory holding one file 1.02, xattr 1.02 / 1.02, file truncated
+# once (content engine) 1.01; open handle 160 charged for 161 real. tests/unit/test_limits.py holds every kind within 10 %.
 INODE_COST = 416
 # Inode object (16 slots: 160) and what it keeps as a new inode: the int objects a request
 # hands us (ino, mode, uid, gid, the parent in name_hint, one time stamp: 6 x 32) and the
@@ -66,7 +66,7 @@ HANDLE_COST = 160
 ENGINE_COST = 896
 # a regular file's content engine, made on its first read, write or truncate even if it stays
 # empty: FileContent (19 slots with its empty array, dicts and list: ~610) and the file's
-# readers-writer lock with its slot in the lock table (~300). Measured 894-897.
+# readers-writer lock with its slot in the lock table (~300). Measured 894-897 in-process, 905 in the daemon.
 CONTENT_COST = 1024  # a file with content: key, AES-GCM context, blob id, blob pin (charged by content.py)
 DENSE_VERSION_COST = 8  # one slot of the contiguous version array (array('Q'))
 FAR_VERSION_COST = 104  # one block version in the sparse dict (entry + two ints)

@@ -51,7 +51,8 @@ log = logging.getLogger("scratchfs.limits")
 # `--allow-other` mount; docs/threat-model.md, "Memory"). Charged/real there, per kind: empty
 # file 1.02 (short name) and 1.01 (255 bytes), hard link 1.01 / 0.99, symlink 1.02 / 1.03,
 # directory 1.03 / 1.03, directory holding one file 1.02, xattr 1.02 / 1.02, file truncated
-# once (content engine) 1.01; open handle 160 charged for 161 real. tests/unit/test_limits.py holds every kind within 10 %.
+# once (content engine) 1.01; open handle 160 charged for 161 real. tests/unit/test_limits.py
+# holds every kind within 10 %.
 INODE_COST = 416
 # Inode object (16 slots: 160) and what it keeps as a new inode: the int objects a request
 # hands us (ino, mode, uid, gid, the parent in name_hint, one time stamp: 6 x 32) and the

@@ -68,7 +68,11 @@ ENGINE_COST = 896
 # a regular file's content engine, made on its first read, write or truncate even if it stays
 # empty: FileContent (19 slots with its empty array, dicts and list: ~610) and the file's
 # readers-writer lock with its slot in the lock table (~300). Measured 894-897 in-process, 905 in the daemon.
-CONTENT_COST = 1024  # a file with content: key, AES-GCM context, blob id, blob pin (charged by content.py)
+CONTENT_COST = 2816
+# a file with content (charged by content.py at its first write): the FileKey with its AES-GCM
+# context (OpenSSL's cipher context and key schedule, outside Python's heap), the blob id and
+# its pin, the version array's first allocation. Measured 2,736 B per file with one byte
+# written in the daemon, 2,964 in-process (it was charged 1,024 before issue 24).
 DENSE_VERSION_COST = 8  # one slot of the contiguous version array (array('Q'))
 FAR_VERSION_COST = 104  # one block version in the sparse dict (entry + two ints)
 

@@ -30,6 +30,7 @@ KINDS = {
     # opened with O_TRUNC once: the content engine and lock exist from then on, as after a read or write
     "file_truncated": 'os.close(os.open(f"f{n}", os.O_CREAT | os.O_WRONLY, 0o644)); '
     'os.close(os.open(f"f{n}", os.O_WRONLY | os.O_TRUNC))',
+    "file_written": 'fd = os.open(f"f{n}", os.O_CREAT | os.O_WRONLY, 0o644); os.write(fd, b"x"); os.close(fd)',
     "link_short": 'os.link("target", f"l{n}")',
     "link_255": 'os.link("target", f"{n}".ljust(255, "l"))',
     "symlink_short": 'os.symlink("t" * 64, f"s{n}")',

@@ -167,7 +167,8 @@ HOLDERS = 12  # processes holding handles open, as in issue 24
 HANDLES_EACH = 1000
 
 # Every kind of object the budget charges, with 255-byte and short names: files, hard links,
-# symlinks, directories (empty and holding a file), xattrs, files truncated once (content engine).
+# symlinks, directories (empty and holding a file), xattrs, files truncated once (content engine),
+# files with one byte written.
 SMALL_OBJECTS = r"""
 def long(prefix, i):
     return (prefix + str(i)).ljust(255, "x")
@@ -182,6 +183,9 @@ for i in range(KIND):
     os.setxattr(f"s{i}", "user.short", b"v" * 16)
     os.setxattr(f"s{i}", "user." + "n" * 250, b"v" * 16)
     os.close(os.open(f"s{i}", os.O_WRONLY | os.O_TRUNC))  # makes its content engine
+    fd = os.open(long("w", i), os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"x")  # a key and a cipher context
+    os.close(fd)
 R["small"] = "ok"
 """
 

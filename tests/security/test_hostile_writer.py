@@ -237,22 +237,27 @@ sys.stdin.read()  # hold them until the test closes our stdin
 def _hold_handles(cwd: Path) -> list[subprocess.Popen[str]]:
     """Start HOLDERS processes as nobody, each holding HANDLES_EACH handles of one file."""
     script = HOLDER.format(uid=NOBODY, count=HANDLES_EACH)
-    holders = []
-    for _ in range(HOLDERS):
-        holders.append(
-            subprocess.Popen(
-                [sys.executable, "-I", "-c", script, str(cwd)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
+    holders: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(HOLDERS):
+            holders.append(
+                subprocess.Popen(
+                    [sys.executable, "-I", "-c", script, str(cwd)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
             )
-        )
-    for p in holders:
-        assert p.stdout is not None and p.stdout.readline().strip() == str(HANDLES_EACH)
+        for p in holders:
+            assert p.stdout is not None and p.stdout.readline().strip() == str(HANDLES_EACH)
+    except BaseException:
+        _release_handles(holders)
+        raise
     return holders
 
 
 def _release_handles(holders: list[subprocess.Popen[str]]) -> None:
+    """End the holders (closing their stdin closes their handles), by PID if they hang."""
     for p in holders:
         if p.stdin is not None:
             p.stdin.close()

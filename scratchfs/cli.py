@@ -18,7 +18,14 @@ from pathlib import Path
 from scratchfs import blocks
 from scratchfs.exitcodes import EXIT_BUSY, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOT_MOUNTED, EXIT_OK, EXIT_USAGE
 from scratchfs.keyholder import logformat, mountinfo, procs, ready
-from scratchfs.limits import DEFAULT_MAX_INODES, DEFAULT_MAX_XATTR_BYTES, DEFAULT_MAX_XATTRS, DEFAULT_MEMORY_BUDGET
+from scratchfs.limits import (
+    DEFAULT_MAX_INODES,
+    DEFAULT_MAX_XATTR_BYTES,
+    DEFAULT_MAX_XATTRS,
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_OWNER_RESERVE_PERCENT,
+    MAX_OWNER_RESERVE_PERCENT,
+)
 from scratchfs.mount import (
     DEFAULT_READAHEAD_KB,
     FSTYPE,
@@ -61,6 +68,17 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
+    return value
+
+
+def _percent(text: str) -> int:
+    """A whole percentage of the budget, 0..MAX_OWNER_RESERVE_PERCENT."""
+    try:
+        value = int(text.strip().removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole percentage (example: 5)") from None
+    if not 0 <= value <= MAX_OWNER_RESERVE_PERCENT:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_OWNER_RESERVE_PERCENT}: {value}")
     return value
 
 
@@ -150,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MEMORY_BUDGET,
         help="bytes of metadata (inodes, names, xattrs, block maps) the daemon may hold (ENOSPC beyond)",
     )
+    m.add_argument(
+        "--owner-reserve",
+        type=_percent,
+        default=DEFAULT_OWNER_RESERVE_PERCENT,
+        metavar="PERCENT",
+        help="share of --memory-budget and --max-inodes that only the mount's owner and root may use, as ext4's "
+        f"reserved blocks: other users get ENOSPC first (0..{MAX_OWNER_RESERVE_PERCENT}, default "
+        f"{DEFAULT_OWNER_RESERVE_PERCENT})",
+    )
     m.add_argument("--strict", action="store_true", help="exit non-zero if any internal error happened (tests)")
     m.add_argument("--no-mlock", action="store_true", help="do not lock memory (mlockall)")
     m.add_argument("--pid-file", type=Path, help="write the daemon's PID here once the mount is live")
@@ -236,6 +263,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         max_xattrs=args.max_xattrs,
         max_xattr_bytes=args.max_xattr_bytes,
         memory_budget=args.memory_budget,
+        owner_reserve_percent=args.owner_reserve,
         no_xattr=args.no_xattr or profile.no_xattr,
         keep_cache=args.keep_cache or profile.keep_cache,
         removal_queue=args.removal_queue,

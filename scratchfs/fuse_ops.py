@@ -24,7 +24,7 @@ import trio
 
 from scratchfs.content import FileContent
 from scratchfs.errors import FsError, IntegrityError
-from scratchfs.limits import Limits
+from scratchfs.limits import ENGINE_COST, HANDLE_COST, Limits, owner_request
 from scratchfs.openfiles import OpenFileTable
 from scratchfs.stats import RequestStats
 from scratchfs.store import BlobStore
@@ -73,6 +73,8 @@ def handler(fn: Callable[Concatenate[ScratchOps, P], Coroutine[Any, Any, R]]) ->
 
     async def wrapper(self: ScratchOps, /, *args: P.args, **kwargs: P.kwargs) -> R:
         self.stats.counts[name] += 1
+        # Who may spend the owner's reserve (limits.py); requests without a context: see write.
+        owner_request.set(bool(args) and isinstance(args[-1], pyfuse3.RequestContext) and args[-1].uid in self.owners)
         if self.debug:
             log.debug("op=%s args=%r", name, _redact(name, tuple(args)))
         try:
@@ -149,6 +151,7 @@ class ScratchOps(pyfuse3.Operations):
         # (O_DIRECT, evicted pages), just not by reads the cache answers.
         self.keep_cache = False
         self.limits = limits if limits is not None else Limits()
+        self.owners = frozenset({0, os.getuid()})  # the mount's owner and root may use the reserve
         self.ns = Namespace(
             root_uid=os.getuid() if root_uid is None else root_uid,
             root_gid=os.getgid() if root_gid is None else root_gid,
@@ -201,6 +204,7 @@ class ScratchOps(pyfuse3.Operations):
                 raise FsError(errno.EISDIR)
             if not stat.S_ISREG(node.mode):
                 raise FsError(errno.EINVAL)
+            self.ns.budget.reserve(ENGINE_COST)  # given back in _release
             content = node.content = FileContent(self.store, self.block_size, self.ns.budget)
         return content
 
@@ -249,6 +253,7 @@ class ScratchOps(pyfuse3.Operations):
                     "event=shred_incomplete ino=%d errno=%s", node.ino, errno.errorcode.get(e.errno or 0, e.errno)
                 )
             node.content = None
+            self.ns.budget.adjust(-ENGINE_COST)
         self.files.forget_lock(node)
         self._lost_writes.discard(node.ino)
 
@@ -400,10 +405,17 @@ class ScratchOps(pyfuse3.Operations):
             raise FsError(errno.EISDIR)
         if not stat.S_ISREG(node.mode):
             raise FsError(errno.ENXIO)  # device nodes, fifos and sockets are not served by us
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            # libfuse negotiates atomic O_TRUNC: the kernel leaves the truncation to us.
-            await self._truncate(node, 0)
-            node.mtime_ns = node.ctime_ns = now_ns()
+        # Every handle is charged to the memory budget (ENFILE when it is spent), before the
+        # truncation below, so that a refused open changes nothing.
+        self.ns.budget.reserve(HANDLE_COST, err=errno.ENFILE)
+        try:
+            if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+                # libfuse negotiates atomic O_TRUNC: the kernel leaves the truncation to us.
+                await self._truncate(node, 0)
+                node.mtime_ns = node.ctime_ns = now_ns()
+        except BaseException:
+            self.ns.budget.adjust(-HANDLE_COST)
+            raise
         return self._open_handle(node, ctx)
 
     @handler
@@ -411,6 +423,8 @@ class ScratchOps(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._new_node(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        # The handle's charge cannot be refused once the file exists (at most one handle past the budget).
+        self.ns.budget.adjust(HANDLE_COST)
         return self._open_handle(node, ctx), self._attrs(node)
 
     @handler
@@ -431,6 +445,7 @@ class ScratchOps(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.files.get(fh)
         node = h.node
+        owner_request.set(node.uid in self.owners)  # no request context: the reserve serves the owner's files
         room = self.limits.max_file_size - off
         crossing = room < len(buf)
         if crossing:
@@ -496,6 +511,7 @@ class ScratchOps(pyfuse3.Operations):
         node = self.files.close(fh)
         if node is None:
             return
+        self.ns.budget.adjust(-HANDLE_COST)
         self._release(self.ns.release_if_unused(node))
 
     @handler

@@ -40,6 +40,7 @@ from scratchfs.limits import (
     DEFAULT_MAX_XATTR_BYTES,
     DEFAULT_MAX_XATTRS,
     DEFAULT_MEMORY_BUDGET,
+    DEFAULT_OWNER_RESERVE_PERCENT,
     MAX_LFS_FILESIZE,
     Limits,
 )
@@ -85,6 +86,7 @@ class MountOptions:
     max_xattrs: int = DEFAULT_MAX_XATTRS
     max_xattr_bytes: int = DEFAULT_MAX_XATTR_BYTES
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    owner_reserve_percent: int = DEFAULT_OWNER_RESERVE_PERCENT
     extra: list[str] = field(default_factory=list)
     no_xattr: bool = False
     keep_cache: bool = False
@@ -100,6 +102,7 @@ def mount_limits(opts: MountOptions) -> Limits:
         max_xattrs=opts.max_xattrs,
         max_xattr_bytes=opts.max_xattr_bytes,
         memory_budget=opts.memory_budget,
+        owner_reserve_percent=opts.owner_reserve_percent,
     )
 
 

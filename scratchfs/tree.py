@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import errno
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -25,7 +26,18 @@ RENAME_EXCHANGE = 2
 CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # Linux's id; Python does not export it
 
 from scratchfs.errors import FsError  # noqa: E402
-from scratchfs.limits import ENTRY_COST, INODE_COST, XATTR_COST, Limits, MemoryBudget  # noqa: E402
+from scratchfs.limits import (  # noqa: E402
+    DIR_OBJECT_COST,
+    ENTRY_COST,
+    INODE_COST,
+    Limits,
+    MemoryBudget,
+    appended_after,
+    bytes_cost,
+    dict_growth,
+    list_growth,
+    owner_request,
+)
 
 if TYPE_CHECKING:  # for the annotation only: the namespace never touches content
     from scratchfs.content import FileContent
@@ -39,7 +51,7 @@ class Directory:
     neither added nor removed is returned exactly once however the directory changes.
     """
 
-    __slots__ = ("_by_cookie", "_cookies", "_dead", "_entries", "_next_cookie")
+    __slots__ = ("_appended", "_by_cookie", "_cookies", "_dead", "_entries", "_next_cookie")
 
     FIRST_COOKIE = 3  # 1 and 2 are "." and ".."
 
@@ -49,6 +61,7 @@ class Directory:
         self._cookies: list[int] = []
         self._next_cookie = self.FIRST_COOKIE
         self._dead = 0
+        self._appended = 0  # entries added to the two dicts since they were last rebuilt (limits.dict_growth)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -58,11 +71,22 @@ class Directory:
         entry = self._entries.get(name)
         return entry[0] if entry else None
 
+    def footprint(self) -> int:
+        """Bytes its three containers take now (charged to the budget as they change)."""
+        return sys.getsizeof(self._entries) + sys.getsizeof(self._by_cookie) + sys.getsizeof(self._cookies)
+
+    def growth(self) -> int:
+        """Bytes the next `add` may allocate on top of the entry itself (resizes of its containers)."""
+        # Both dicts see the same insertions and removals, so they resize together.
+        return 2 * dict_growth(self._entries, self._appended) + list_growth(self._cookies)
+
     def add(self, name: bytes, ino: int) -> None:
         """Add a new entry (the caller checked that *name* is free)."""
         cookie = self._next_cookie
         self._next_cookie += 1
+        size_before = sys.getsizeof(self._entries)
         self._entries[name] = (ino, cookie)
+        self._appended = appended_after(self._entries, size_before, self._appended)
         self._by_cookie[cookie] = name
         self._cookies.append(cookie)
 
@@ -97,6 +121,15 @@ class Directory:
     def names(self) -> list[bytes]:
         """All names, in creation order."""
         return list(self._entries)
+
+
+EMPTY_DIRECTORY_FOOTPRINT = Directory().footprint()
+EMPTY_XATTRS_GROWTH = sys.getsizeof({}) + dict_growth({}, 0)  # a new xattr dict and its first table
+
+
+def _xattrs_cost(xattrs: dict[bytes, bytes]) -> int:
+    """What an inode's xattrs are charged: their dict as sized, names and values as bytes."""
+    return sys.getsizeof(xattrs) + sum(bytes_cost(len(k)) + bytes_cost(len(v)) for k, v in xattrs.items())
 
 
 class Inode:
@@ -172,7 +205,11 @@ class Namespace:
     """The inode table and every namespace operation.
 
     Bounded (limits.py): at most `limits.max_inodes` inodes (ENOSPC), and every inode, directory
-    entry and xattr is charged to `budget` before it is made (ENOSPC when it is spent).
+    entry and xattr is charged to `budget` before it is made (ENOSPC when it is spent), with what
+    it really costs: fixed-shape objects by measured constants, names and values by their size,
+    and tables (the inode table, directories, xattr dicts) by their real size after each change.
+    The last `limits.owner_reserve_percent` of both is left to the owner's requests
+    (`limits.owner_request`).
     """
 
     def __init__(
@@ -184,25 +221,48 @@ class Namespace:
         budget: MemoryBudget | None = None,
     ) -> None:
         self.limits = limits if limits is not None else Limits()
-        self.budget = budget if budget is not None else MemoryBudget(self.limits.memory_budget)
+        self.budget = (
+            budget if budget is not None else MemoryBudget(self.limits.memory_budget, self.limits.reserved_bytes)
+        )
         self._inodes: dict[int, Inode] = {}
+        self._inodes_appended = 0  # entries added since the table was last rebuilt (limits.dict_growth)
+        self._inodes_charged = 0  # sys.getsizeof(self._inodes) as charged to the budget
         self._next_ino = ROOT_INO
-        root = self._new(stat.S_IFDIR | root_mode, root_uid, root_gid)
+        root = self._new(stat.S_IFDIR | root_mode, root_uid, root_gid, 0, 0)
         root.nlink = 2
         root.name_hint = (ROOT_INO, b"")
         root.lookups = 1  # the kernel's reference to the root never goes away
 
     # --- inode table -------------------------------------------------------------------------
-    def _new(self, mode: int, uid: int, gid: int, name: bytes = b"") -> Inode:
-        """A new inode (with the cost of its first name); ENOSPC past the inode or memory limit."""
-        if len(self._inodes) >= self.limits.max_inodes:
+    def _new(self, mode: int, uid: int, gid: int, extra: int, headroom: int) -> Inode:
+        """A new inode; ENOSPC past the inode or memory limit.
+
+        Charges the inode itself, *extra* bytes (its first name, symlink target) and the inode
+        table's growth; *headroom*: what the caller's next step may allocate (its directory's).
+        """
+        max_inodes = self.limits.max_inodes
+        if not owner_request.get():
+            max_inodes -= self.limits.reserved_inodes
+        if len(self._inodes) >= max_inodes:
             raise self.budget.refuse("inodes")
-        self.budget.reserve(INODE_COST + ENTRY_COST + len(name))
+        cost = INODE_COST + extra
+        if stat.S_ISDIR(mode):
+            cost += DIR_OBJECT_COST + EMPTY_DIRECTORY_FOOTPRINT
+        self.budget.reserve(cost, headroom + dict_growth(self._inodes, self._inodes_appended))
         ino = self._next_ino
         self._next_ino += 1
         node = Inode(ino, mode, uid, gid, now_ns())
         self._inodes[ino] = node
+        self._inodes_appended = appended_after(self._inodes, self._inodes_charged, self._inodes_appended)
+        self._settle_table()
         return node
+
+    def _settle_table(self) -> None:
+        """Charge (or give back) what the inode table's own size changed by."""
+        size = sys.getsizeof(self._inodes)
+        if size != self._inodes_charged:
+            self.budget.adjust(size - self._inodes_charged)
+            self._inodes_charged = size
 
     def __len__(self) -> int:
         return len(self._inodes)
@@ -269,14 +329,15 @@ class Namespace:
             gid = pnode.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        node = self._new(mode, uid, gid, name)
+        extra = ENTRY_COST + bytes_cost(len(name)) + (bytes_cost(len(target)) if target is not None else 0)
+        dir_size = d.footprint()
+        node = self._new(mode, uid, gid, extra, d.growth())
         node.target = target
-        if target is not None:
-            self.budget.adjust(len(target))
         node.nlink = 2 if node.is_dir else 1
         if node.is_dir:
             pnode.nlink += 1
         d.add(name, node.ino)
+        self.budget.adjust(d.footprint() - dir_size)
         node.name_hint = (parent, name)
         self._touch_dir(pnode)
         return node
@@ -292,8 +353,10 @@ class Namespace:
             raise FsError(errno.EEXIST)
         if node.nlink == 0:
             raise FsError(errno.ENOENT)
-        self.budget.reserve(ENTRY_COST + len(new_name))
+        self.budget.reserve(ENTRY_COST + bytes_cost(len(new_name)), d.growth())
+        dir_size = d.footprint()
         d.add(new_name, node.ino)
+        self.budget.adjust(d.footprint() - dir_size)
         node.nlink += 1
         node.ctime_ns = now_ns()
         if node.name_hint[0] == 0:
@@ -308,8 +371,7 @@ class Namespace:
         node = self.lookup(parent, name)
         if node.is_dir:
             raise FsError(errno.EISDIR)
-        d.remove(name)
-        self.budget.adjust(-(ENTRY_COST + len(name)))
+        self._remove_entry(d, name)
         self._drop_name(node, parent, name)
         self._touch_dir(pnode)
         return node
@@ -326,20 +388,33 @@ class Namespace:
             raise FsError(errno.ENOTDIR)
         if len(node.directory):
             raise FsError(errno.ENOTEMPTY)
-        d.remove(name)
-        self.budget.adjust(-(ENTRY_COST + len(name)))
+        self._remove_entry(d, name)
         node.nlink = 0
-        node.name_hint = (0, name)
+        self._make_nameless(node, name)
         node.ctime_ns = now_ns()
         pnode.nlink -= 1
         self._touch_dir(pnode)
         return node
 
+    def _remove_entry(self, d: Directory, name: bytes) -> None:
+        """Remove *name* from *d* and give back what it cost (its containers may shrink)."""
+        dir_size = d.footprint()
+        d.remove(name)
+        self.budget.adjust(d.footprint() - dir_size - ENTRY_COST - bytes_cost(len(name)))
+
     def _drop_name(self, node: Inode, parent: int, name: bytes) -> None:
         node.nlink -= 1
         node.ctime_ns = now_ns()
         if node.name_hint == (parent, name):
-            node.name_hint = self._find_other_name(node) if node.nlink else (0, name)
+            if node.nlink:
+                node.name_hint = self._find_other_name(node)
+            else:
+                self._make_nameless(node, name)
+
+    def _make_nameless(self, node: Inode, name: bytes) -> None:
+        """*node* lost its last name; it keeps *name* for log lines while open, charged until released."""
+        node.name_hint = (0, name)
+        self.budget.adjust(bytes_cost(len(name)))
 
     def _find_other_name(self, node: Inode) -> tuple[int, bytes]:
         # Only used for log paths after a hard link's primary name goes; a bounded search.
@@ -402,18 +477,25 @@ class Namespace:
                     raise FsError(errno.ENOTEMPTY)
             elif node.is_dir:
                 raise FsError(errno.ENOTDIR)
+        # The new name's bytes (the old name's and a replaced entry's are given back below), and
+        # room for the new directory's containers to grow.
+        self.budget.reserve(bytes_cost(len(new_name)), nd.growth())
+        dirs_size = od.footprint() + (nd.footprint() if nd is not od else 0)
+        freed = bytes_cost(len(old_name))
+        if target is not None:
+            freed += ENTRY_COST + bytes_cost(len(new_name))
             nd.remove(new_name)
             if target.directory is not None:
                 target.nlink = 0
                 np_node.nlink -= 1
-                target.name_hint = (0, new_name)
+                self._make_nameless(target, new_name)
                 target.ctime_ns = now_ns()
             else:
                 self._drop_name(target, new_parent, new_name)
             released = target
         od.remove(old_name)
         nd.add(new_name, node.ino)
-        self.budget.adjust(len(new_name) - len(old_name) - (ENTRY_COST + len(new_name) if target is not None else 0))
+        self.budget.adjust(od.footprint() + (nd.footprint() if nd is not od else 0) - dirs_size - freed)
         if node.is_dir and old_parent != new_parent:
             op_node.nlink -= 1
             np_node.nlink += 1
@@ -457,15 +539,23 @@ class Namespace:
             if self._inodes.pop(node.ino, None) is not None:
                 self.budget.adjust(-self._inode_cost(node))
                 node.xattrs = None
+                self._settle_table()  # a dict never shrinks on removal; kept for other interpreters
             return node
         return None
 
     @staticmethod
     def _inode_cost(node: Inode) -> int:
         """What _new, create and setxattr charged for *node* itself (names are given back as they go)."""
-        cost = INODE_COST + len(node.target or b"")
-        if node.xattrs:
-            cost += sum(XATTR_COST + len(k) + len(v) for k, v in node.xattrs.items())
+        cost = INODE_COST
+        parent, name = node.name_hint
+        if not parent and name:
+            cost += bytes_cost(len(name))  # kept by _make_nameless
+        if node.target is not None:
+            cost += bytes_cost(len(node.target))
+        if node.directory is not None:
+            cost += DIR_OBJECT_COST + node.directory.footprint()
+        if node.xattrs is not None:
+            cost += _xattrs_cost(node.xattrs)
         return cost
 
     # --- xattrs --------------------------------------------------------------------------------
@@ -476,21 +566,29 @@ class Namespace:
         if old is None:
             if xattrs and len(xattrs) >= self.limits.max_xattrs:
                 raise self.budget.refuse("xattrs_per_inode")
-            delta = XATTR_COST + len(name) + len(value)
+            delta = bytes_cost(len(name)) + bytes_cost(len(value))
             grow = len(name) + len(value)
+            # its dict (<= max_xattrs entries, a few KiB): made now, or grown by up to double
+            headroom = sys.getsizeof(xattrs) if xattrs is not None else EMPTY_XATTRS_GROWTH
         else:
-            delta = grow = len(value) - len(old)
+            delta = bytes_cost(len(value)) - bytes_cost(len(old))
+            grow = len(value) - len(old)
+            headroom = 0
         # bounded by max_xattrs, so this sum is at most 128 short steps
         total = sum(len(k) + len(v) for k, v in xattrs.items()) if xattrs else 0
         if total + grow > self.limits.max_xattr_bytes:
             raise self.budget.refuse("xattr_bytes_per_inode")
         if delta > 0:
-            self.budget.reserve(delta)
+            self.budget.reserve(delta, headroom)
         else:
             self.budget.adjust(delta)
         if xattrs is None:
             xattrs = node.xattrs = {}
+            table_size = 0  # nothing charged for it yet
+        else:
+            table_size = sys.getsizeof(xattrs)
         xattrs[name] = bytes(value)
+        self.budget.adjust(sys.getsizeof(xattrs) - table_size)
         node.ctime_ns = now_ns()
 
     def removexattr(self, node: Inode, name: bytes) -> None:
@@ -498,7 +596,7 @@ class Namespace:
         if not node.xattrs or name not in node.xattrs:
             raise FsError(errno.ENODATA)
         value = node.xattrs.pop(name)
-        self.budget.adjust(-(XATTR_COST + len(name) + len(value)))
+        self.budget.adjust(-(bytes_cost(len(name)) + bytes_cost(len(value))))
         node.ctime_ns = now_ns()
 
     # --- helpers -------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import os
 import random
 import stat
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,14 @@ from scratchfs.content import DENSE_SLACK, FileContent
 from scratchfs.errors import FsError, IntegrityError
 from scratchfs.limits import (
     CONTENT_COST,
+    DICT_MODEL_EXACT,
     FAR_VERSION_COST,
     MAX_LFS_FILESIZE,
     Limits,
     MemoryBudget,
+    appended_after,
+    dict_growth,
+    owner_request,
 )
 from scratchfs.store import BlobStore
 from scratchfs.tree import ROOT_INO, Namespace
@@ -171,6 +176,10 @@ def test_inode_limit_gives_enospc_and_frees_on_unlink() -> None:
 
 def test_budget_accounting_returns_to_idle() -> None:
     ns = Namespace()
+    # The root directory's tables are charged as sized and a dict keeps its table when emptied:
+    # give them their first table before taking the idle figure.
+    ns.create(ROOT_INO, b"warm", stat.S_IFREG | 0o644, 0, 0)
+    ns.release_if_unused(ns.unlink(ROOT_INO, b"warm"))
     idle = ns.budget.used
     d = ns.create(ROOT_INO, b"dir", stat.S_IFDIR | 0o755, 0, 0)
     f = ns.create(d.ino, b"file", stat.S_IFREG | 0o644, 0, 0)
@@ -271,3 +280,155 @@ def test_overflow_write_failing_for_space_changes_nothing(tmp_path: Path) -> Non
         store.close()
     finally:
         subprocess.run(["umount", str(where)], check=True)
+
+
+def _as_owner(fn: Callable[[], object]) -> object:
+    token = owner_request.set(True)
+    try:
+        return fn()
+    finally:
+        owner_request.reset(token)
+
+
+def _fill(ns: Namespace, prefix: bytes, parent: int = ROOT_INO) -> int:
+    """Create files in *parent* until ENOSPC; returns how many were made."""
+    made = 0
+    with pytest.raises(FsError) as e:
+        while True:
+            ns.create(parent, b"%s%d" % (prefix, made), stat.S_IFREG | 0o644, 65534, 65534)
+            made += 1
+            assert ns.budget.used <= ns.budget.limit
+    assert e.value.errno == errno.ENOSPC
+    return made
+
+
+def test_owner_reserve_of_the_budget() -> None:
+    ns = Namespace(limits=Limits(memory_budget=1 << 20, owner_reserve_percent=10))
+    # The owner's own directory: a resize of the crowded one may need more than the reserve.
+    home = ns.create(ROOT_INO, b"home", stat.S_IFDIR | 0o755, 0, 0).ino
+    others = _fill(ns, b"nobody")
+    assert ns.budget.used <= ns.budget.limit - ns.budget.owner_reserve
+    assert ns.budget.limit - ns.budget.owner_reserve - ns.budget.used < 64 << 10  # the rest was spent
+    mine = _as_owner(lambda: _fill(ns, b"owner", home))
+    # 10 % of the budget, plus what the crowded directory's next resize left unused
+    assert isinstance(mine, int) and others // 12 < mine < others // 4
+    assert ns.budget.used <= ns.budget.limit
+
+
+def test_owner_reserve_of_the_inodes() -> None:
+    ns = Namespace(limits=Limits(max_inodes=100, owner_reserve_percent=10))
+    assert _fill(ns, b"nobody") == 100 - 10 - 1  # the root directory is one
+    assert _as_owner(lambda: _fill(ns, b"owner")) == 10
+
+
+def test_rename_to_a_longer_name_is_charged_first() -> None:
+    ns = Namespace(limits=Limits(memory_budget=64 << 10, owner_reserve_percent=0))
+    # into another directory: renaming within the crowded one may need its whole next table
+    other = ns.create(ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, 0).ino
+    made = _fill(ns, b"f")
+    for i in range(made - 3, made):  # room for a few longer names
+        ns.release_if_unused(ns.unlink(ROOT_INO, b"f%d" % i))
+    renamed = 0
+    with pytest.raises(FsError) as e:
+        for renamed in range(made):
+            ns.rename(ROOT_INO, b"f%d" % renamed, other, b"%d" % renamed + b"n" * 250, 0)
+            assert ns.budget.used <= ns.budget.limit
+    assert e.value.errno == errno.ENOSPC
+    assert 0 < renamed < 60  # each takes ~240 bytes more of the ~3 KiB freed and what was left
+    assert ns.lookup(ROOT_INO, b"f%d" % renamed)  # the refused rename changed nothing
+
+
+def test_dict_growth_predicts_every_resize() -> None:
+    assert DICT_MODEL_EXACT, "dict layout unknown: dict_growth falls back to doubling headroom"
+    rng = random.Random(7)
+    table: dict[object, object] = {}
+    appended = 0
+    live: list[int] = []
+    for i in range(20000):
+        due = dict_growth(table, appended)
+        before = sys.getsizeof(table)
+        table[i] = None
+        live.append(i)
+        after = sys.getsizeof(table)
+        assert (after != before) == (due > 0), i
+        assert not due or after == due, i
+        appended = appended_after(table, before, appended)
+        if rng.random() < 0.4:
+            del table[live.pop(rng.randrange(len(live)))]
+
+
+def test_a_table_resize_never_passes_the_budget() -> None:
+    # 1M-entry tables grow by tens of MiB in one step; here the directory's and the inode
+    # table's last resize must be refused rather than taken past the limit.
+    for budget in (200_000, 1_000_000, 3_000_000):
+        ns = Namespace(limits=Limits(memory_budget=budget, owner_reserve_percent=0, max_inodes=10**7))
+        _fill(ns, b"")
+        assert ns.budget.used <= budget
+
+
+# Charges against the real memory of the same structures, in a fresh interpreter (RSS per object
+# over N objects, fresh int and bytes objects as pyfuse3 hands them to us).
+COST_PROBE = r"""
+import os, stat, sys
+from scratchfs.limits import Limits
+from scratchfs.tree import Namespace, ROOT_INO
+kind, n = sys.argv[1], int(sys.argv[2])
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+def name(i, long):
+    s = b"%d" % i
+    return bytes(bytearray(s.ljust(255, b"x") if long else b"n" + s))
+def fresh(v):
+    return int(str(v))
+ns = Namespace(limits=Limits(max_inodes=10**8, memory_budget=1 << 45))
+d = ns.create(ROOT_INO, b"d", stat.S_IFDIR | 0o777, 0, 0)
+t = ns.create(d.ino, b"t", stat.S_IFREG | 0o666, 0, 0)
+long = kind.endswith("255")
+REG, DIR, LNK = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755, stat.S_IFLNK | 0o777
+hosts = [ns.create(d.ino, name(i, False), REG, 0, 0) for i in range(n // 100)] if kind.startswith("xattr") else []
+real, charged = rss(), ns.budget.used
+for i in range(n):
+    if kind.startswith("file"):
+        ns.remember(ns.create(fresh(d.ino), name(i, long), fresh(REG), fresh(65534), fresh(65534)))
+    elif kind.startswith("link"):
+        ns.link(fresh(t.ino), fresh(d.ino), name(i, long))
+    elif kind.startswith("symlink"):
+        ns.create(fresh(d.ino), name(i, long), fresh(LNK), fresh(65534), fresh(65534), target=name(i, True)[:64])
+    elif kind.startswith("dir"):
+        sub = ns.create(fresh(d.ino), name(i, long), fresh(DIR), fresh(65534), fresh(65534))
+        if kind == "dir_with_file":
+            ns.create(fresh(sub.ino), name(0, False), fresh(REG), fresh(65534), fresh(65534))
+    else:
+        key = (b"user.%d" % (i % 100)).ljust(255 if long else 8, b"k")
+        ns.setxattr(hosts[i // 100], bytes(bytearray(key)), bytes(bytearray(b"v" * 16)))
+print(rss() - real, ns.budget.used - charged)
+"""
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["file", "file_255", "link", "link_255", "symlink", "symlink_255", "dir", "dir_255", "dir_with_file",
+     "xattr", "xattr_255"],
+)
+def test_charges_match_real_memory_within_ten_percent(kind: str) -> None:
+    n = 150_000 if kind.startswith("xattr") else 60_000  # xattrs are small: more of them for a steady figure
+    out = subprocess.run(
+        [sys.executable, "-c", COST_PROBE, kind, str(n)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    real, charged = int(out[0]), int(out[1])
+    print(f"{kind}: real {real / n:.0f} B, charged {charged / n:.0f} B per object")
+    assert 0.9 <= charged / real <= 1.1, f"{kind}: charged {charged / n:.0f} B, real {real / n:.0f} B per object"
+
+
+def test_owner_reserve_option() -> None:
+    from scratchfs.cli import UsageError, build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["mount", "b", "m"]).owner_reserve == 5
+    assert parser.parse_args(["mount", "b", "m", "--owner-reserve", "0"]).owner_reserve == 0
+    assert parser.parse_args(["mount", "b", "m", "--owner-reserve", "12%"]).owner_reserve == 12
+    for bad in ("51", "-1", "five"):
+        with pytest.raises(UsageError) as e:
+            parser.parse_args(["mount", "b", "m", "--owner-reserve", bad])
+        assert "--owner-reserve" in str(e.value) and "\n" not in str(e.value)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Final
 
 from tools.children import stop_child
+from tools.loopback_targets import closed_port
 
 SSHD: Final = "/usr/sbin/sshd"
 SSH_USER: Final = "sfs-scan-test"
@@ -86,14 +87,6 @@ class Sshd:
         shutil.rmtree(self.keys_dir, ignore_errors=True)
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 def start(workdir: Path, authorized_keys: bytes, timeout: float = 10.0) -> Sshd:
     """Start sshd in *workdir* (created) and wait until it accepts connections."""
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -111,7 +104,7 @@ def start(workdir: Path, authorized_keys: bytes, timeout: float = 10.0) -> Sshd:
     os.chmod(keys_dir, 0o755)  # noqa: S103 - public keys only; the user must read them
     (keys_dir / "authorized_keys").write_bytes(authorized_keys)
     os.chmod(keys_dir / "authorized_keys", 0o644)
-    port = _free_port()
+    port = closed_port()
     config = workdir / "sshd_config"
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {workdir / 'sshd.pid'}\n"

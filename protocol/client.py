@@ -27,22 +27,21 @@ failed (wrong CA, wrong hostname, refused client certificate, protocol version);
 `PlatformUnavailableError` means the platform could not be reached or the connection broke
 (retry with backoff). Messages never contain keys, codes, credentials or bodies.
 
-Why one module above 600 lines: it is one public class with one method per endpoint, the
-errors and data types those methods return, and their response checks; the HTTP/1.1 and
-TLS plumbing below them is `protocol.http1`, shared with the platform server.
+The errors and data types the methods return, and the checks that parse response bodies
+into them, are `protocol.replies` (re-exported here); the HTTP/1.1 and TLS plumbing below
+the connections is `protocol.http1`, shared with the platform server.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import json
 import secrets
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
@@ -55,6 +54,51 @@ from cryptography.x509.oid import NameOID
 
 from protocol import api, http1
 from protocol.proxy import ProxyConfig, ProxyError, open_stream
+from protocol.replies import (
+    ActivationResult,
+    DeactivatedError,
+    DigestMismatchError,
+    Job,
+    PlatformConfig,
+    PlatformError,
+    PlatformTLSError,
+    PlatformUnavailableError,
+    QuarantinedError,
+    SealedShare,
+    SyslogTarget,
+    VolumeKeyOffer,
+    b64decode,
+    broken,
+    epoch_from,
+    error_for,
+    interval_from,
+    is_busy,
+    job_from,
+    json_object,
+    retry_after,
+    share_from,
+    syslog_from,
+)
+
+# The public names of `protocol.replies` stay importable from here, where callers always found them.
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "REASON_PROXY",
+    "ActivationResult",
+    "DeactivatedError",
+    "DigestMismatchError",
+    "Job",
+    "PlatformClient",
+    "PlatformConfig",
+    "PlatformError",
+    "PlatformTLSError",
+    "PlatformUnavailableError",
+    "QuarantinedError",
+    "SealedShare",
+    "SyslogTarget",
+    "VolumeKeyOffer",
+    "new_client_key_and_csr",
+]
 
 DEFAULT_TIMEOUT: Final = 30.0
 # How long to wait for "100 Continue" before sending a body anyway (RFC 9110 §10.1.1).
@@ -62,106 +106,6 @@ _EXPECT_CONTINUE_WAIT: Final = 2.0
 _USER_AGENT: Final = "scratchfs-agent/1"
 # Reason of a PlatformUnavailableError raised because the CONNECT proxy failed (not the platform).
 REASON_PROXY: Final = "proxy"
-
-
-# --- errors -----------------------------------------------------------------------------
-
-
-class PlatformError(Exception):
-    """The platform refused a request or could not be reached.
-
-    ``status`` is the HTTP status (None when no response arrived), ``reason`` a
-    `protocol.api` REASON_* constant or one of "tls", "unavailable", "proxy", "protocol".
-    """
-
-    def __init__(self, status: int | None, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(status={self.status!r}, reason={self.reason!r})"
-
-
-class DeactivatedError(PlatformError):
-    """The platform answered 403 ``deactivated``: this appliance must erase its keys and stop."""
-
-
-class QuarantinedError(PlatformError):
-    """The platform answered 403 ``quarantined``: it suspects a clone; an operator must clear it."""
-
-
-class PlatformTLSError(PlatformError):
-    """TLS failed: untrusted server certificate, hostname mismatch, refused client cert, etc."""
-
-
-class PlatformUnavailableError(PlatformError):
-    """No answer: connection refused, timeout, or the connection broke. Retry later."""
-
-
-class DigestMismatchError(PlatformError):
-    """The platform's acknowledged digest differs from what was sent (or it refused the body)."""
-
-
-# --- data returned ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SyslogTarget:
-    """Remote syslog (RFC 5425, TLS) target the appliance should forward scan logs to."""
-
-    host: str
-    port: int
-    ca_pem: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
-class ActivationResult:
-    """What activation returns: the client certificate, the CA, the syslog target."""
-
-    appliance: str
-    certificate_pem: bytes
-    ca_pem: bytes
-    syslog: SyslogTarget | None
-
-
-@dataclass(frozen=True)
-class PlatformConfig:
-    """Per-account configuration the appliance is told about."""
-
-    syslog: SyslogTarget | None
-    heartbeat_interval: float | None = None  # seconds; None: the platform sets none
-
-
-@dataclass(frozen=True)
-class SealedShare:
-    """A sealed volume-key part: the legacy passphrase (epoch 0) or a platform share."""
-
-    epoch: int
-    sealed: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
-class VolumeKeyOffer:
-    """GET /v1/volume-key: the current key part (api.KEY_SCHEME_*) and any pending share."""
-
-    scheme: str
-    current: SealedShare
-    pending: SealedShare | None
-
-
-@dataclass(frozen=True)
-class Job:
-    """A leased job. ``credential`` is a sealed blob (context b"credential") or None."""
-
-    id: str
-    targets: tuple[str, ...]
-    ports: str  # port spec, e.g. "22,80,8000-8100"; see api.parse_port_spec / expand_ports
-    engine: str  # api.ENGINE_BUILTIN or api.ENGINE_NMAP
-    credential: bytes | None = field(repr=False)
-    credential_name: str | None
-    lease_expires: float  # platform UTC epoch seconds
-    attempt: int  # 1 on first hand-out, more when re-offered after a lease expired
 
 
 # --- TLS key helpers -----------------------------------------------------------
@@ -212,75 +156,6 @@ class _Live:
 
 # 503 busy: how many times a request is sent again, after Retry-After (clamped to 1-5 s).
 _BUSY_RETRIES: Final = 5
-
-
-def _is_busy(resp: _Response) -> bool:
-    try:
-        data = json.loads(resp.body)
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and data.get(api.F_REASON) == api.REASON_BUSY
-
-
-def _retry_after(resp: _Response) -> float:
-    try:
-        return min(5.0, max(1.0, float(resp.headers.get("retry-after", "1"))))
-    except ValueError:
-        return 1.0
-
-
-def _tls_message(exc: ssl.SSLError) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message}"
-    return f"TLS failed: {exc.reason or type(exc).__name__}"
-
-
-def _broken(exc: http1.StreamBroken, what: str) -> PlatformError:
-    """The one mapping of a broken connection: TLS (a refused certificate, a protocol
-    version, the server's alert) or, without a TLS cause, unavailable (*what* broke)."""
-    if exc.tls_error is not None:
-        return PlatformTLSError(None, "tls", _tls_message(exc.tls_error))
-    return PlatformUnavailableError(None, "unavailable", what)
-
-
-def _b64decode(value: object, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise PlatformError(None, "protocol", f"platform response: {what} is not a string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise PlatformError(None, "protocol", f"platform response: {what} is not base64") from None
-
-
-def _syslog_from(value: object) -> SyslogTarget | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise PlatformError(None, "protocol", "platform response: syslog is not an object")
-    host, port, ca = value.get(api.F_HOST), value.get(api.F_PORT), value.get(api.F_CA)
-    if not isinstance(host, str) or not isinstance(port, int) or not isinstance(ca, str):
-        raise PlatformError(None, "protocol", "platform response: syslog fields are malformed")
-    return SyslogTarget(host=host, port=port, ca_pem=ca.encode())
-
-
-def _epoch_from(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**32:
-        raise PlatformError(None, "protocol", "platform response: key epoch is not an integer in 1..2^32-1")
-    return value
-
-
-def _share_from(value: object) -> SealedShare:
-    if not isinstance(value, dict):
-        raise PlatformError(None, "protocol", "platform response: pending share is not an object")
-    return SealedShare(_epoch_from(value.get(api.F_EPOCH)), _b64decode(value.get(api.F_SEALED), "sealed share"))
-
-
-def _interval_from(value: object) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise PlatformError(None, "protocol", "platform response: heartbeat_interval is not a number")
-    return min(max(float(value), api.MIN_HEARTBEAT_INTERVAL), api.MAX_HEARTBEAT_INTERVAL)
 
 
 class PlatformClient:
@@ -353,7 +228,7 @@ class PlatformClient:
             appliance=name,
             certificate_pem=cert.encode(),
             ca_pem=ca.encode(),
-            syslog=_syslog_from(data.get(api.F_SYSLOG)),
+            syslog=syslog_from(data.get(api.F_SYSLOG)),
         )
 
     async def open_session(
@@ -380,7 +255,7 @@ class PlatformClient:
     async def session_nonce(self) -> bytes:
         """A fresh, single-use nonce for this appliance's next session's TPM evidence."""
         data = await self._json("POST", api.PATH_SESSION_NONCE, {})
-        nonce = _b64decode(data.get(api.F_NONCE), "nonce")
+        nonce = b64decode(data.get(api.F_NONCE), "nonce")
         if len(nonce) != api.NONCE_BYTES:
             raise PlatformError(None, "protocol", "platform response: nonce is malformed")
         return nonce
@@ -388,8 +263,8 @@ class PlatformClient:
     async def attestation_enroll(self, enrollment: Mapping[str, Any]) -> tuple[bytes, bytes]:
         """Enroll this appliance's TPM: -> (credential blob, encrypted secret) of MakeCredential."""
         data = await self._json("POST", api.PATH_ATTEST_ENROLL, enrollment)
-        blob = _b64decode(data.get(api.F_CREDENTIAL_BLOB), "credential blob")
-        secret = _b64decode(data.get(api.F_ENCRYPTED_SECRET), "encrypted secret")
+        blob = b64decode(data.get(api.F_CREDENTIAL_BLOB), "credential blob")
+        secret = b64decode(data.get(api.F_ENCRYPTED_SECRET), "encrypted secret")
         return blob, secret
 
     async def attestation_activate(self, proof: Mapping[str, Any]) -> str:
@@ -415,15 +290,15 @@ class PlatformClient:
         (v1) key."""
         data = await self._json("GET", api.PATH_VOLUME_KEY)
         scheme = data.get(api.F_KEY_SCHEME, api.KEY_SCHEME_PASSPHRASE)  # older platforms: passphrase
-        sealed = _b64decode(data.get(api.F_SEALED), "sealed volume key")
+        sealed = b64decode(data.get(api.F_SEALED), "sealed volume key")
         if scheme == api.KEY_SCHEME_PASSPHRASE:
             current = SealedShare(0, sealed)
         elif scheme == api.KEY_SCHEME_SPLIT:
-            current = SealedShare(_epoch_from(data.get(api.F_EPOCH)), sealed)
+            current = SealedShare(epoch_from(data.get(api.F_EPOCH)), sealed)
         else:
             raise PlatformError(200, "protocol", "platform named an unknown key scheme")
         nxt = data.get(api.F_NEXT)
-        return VolumeKeyOffer(scheme, current, None if nxt is None else _share_from(nxt))
+        return VolumeKeyOffer(scheme, current, None if nxt is None else share_from(nxt))
 
     async def keyslot_passphrase(self) -> bytes:
         """The sealed keyslot passphrase of an appliance that has not moved to split keys.
@@ -437,7 +312,7 @@ class PlatformClient:
 
     async def volume_key_next(self) -> SealedShare:
         """Ask for the pending platform share (created on the first call: migration)."""
-        return _share_from(await self._json("POST", api.PATH_VOLUME_KEY_NEXT, {}))
+        return share_from(await self._json("POST", api.PATH_VOLUME_KEY_NEXT, {}))
 
     async def volume_key_commit(self, epoch: int) -> bool:
         """Tell the platform the keyslot now opens with *epoch* only; True once the platform
@@ -457,14 +332,14 @@ class PlatformClient:
         """The account's configuration (remote syslog target or None, heartbeat interval)."""
         data = await self._json("GET", api.PATH_CONFIG)
         return PlatformConfig(
-            syslog=_syslog_from(data.get(api.F_SYSLOG)),
-            heartbeat_interval=_interval_from(data.get(api.F_HEARTBEAT_INTERVAL)),
+            syslog=syslog_from(data.get(api.F_SYSLOG)),
+            heartbeat_interval=interval_from(data.get(api.F_HEARTBEAT_INTERVAL)),
         )
 
     async def heartbeat(self, status: Mapping[str, Any]) -> float | None:
         """Report health (the api.HB_* fields); return the interval the platform wants now."""
         data = await self._json("POST", api.PATH_HEARTBEAT, status)
-        return _interval_from(data.get(api.F_HEARTBEAT_INTERVAL))
+        return interval_from(data.get(api.F_HEARTBEAT_INTERVAL))
 
     async def next_job(self, wait: float) -> Job | None:
         """Long-poll up to *wait* seconds (clamped to api.MAX_WAIT_SECONDS) for a job.
@@ -480,11 +355,11 @@ class PlatformClient:
         )
         if resp.status == 204:
             return None
-        data = self._decode_json(resp)
+        data = json_object(resp.status, resp.body)
         job = data.get(api.F_JOB)
         if not isinstance(job, dict):
             raise PlatformError(None, "protocol", "platform response: job is not an object")
-        return self._job_from(job)
+        return job_from(job)
 
     async def upload_result(self, job_id: str, body: bytes) -> str:
         """Upload the job's result document with its SHA-256; return the acknowledged digest.
@@ -504,7 +379,7 @@ class PlatformClient:
             },
             timeout=self._timeout + len(body) / 1_000_000,
         )
-        data = self._decode_json(resp)
+        data = json_object(resp.status, resp.body)
         acked = data.get(api.F_SHA256)
         if not isinstance(acked, str) or not hmac.compare_digest(acked, digest):
             raise DigestMismatchError(
@@ -528,42 +403,6 @@ class PlatformClient:
 
     # -- plumbing --
 
-    def _job_from(self, job: Mapping[str, Any]) -> Job:
-        jid, targets, ports = job.get(api.F_ID), job.get(api.F_TARGETS), job.get(api.F_PORTS)
-        engine, lease, attempt = (
-            job.get(api.F_ENGINE),
-            job.get(api.F_LEASE_EXPIRES),
-            job.get(api.F_ATTEMPT),
-        )
-        if (
-            not isinstance(jid, str)
-            or not isinstance(targets, list)
-            or not all(isinstance(t, str) for t in targets)
-            or not isinstance(ports, str)
-            or not isinstance(engine, str)
-            or not isinstance(lease, int | float)
-            or not isinstance(attempt, int)
-        ):
-            raise PlatformError(None, "protocol", "platform response: job fields are malformed")
-        cred = job.get(api.F_CREDENTIAL)
-        sealed: bytes | None = None
-        cred_name: str | None = None
-        if cred is not None:
-            if not isinstance(cred, dict) or not isinstance(cred.get(api.F_NAME), str):
-                raise PlatformError(None, "protocol", "platform response: credential malformed")
-            cred_name = cred[api.F_NAME]
-            sealed = _b64decode(cred.get(api.F_SEALED), "sealed credential")
-        return Job(
-            id=jid,
-            targets=tuple(targets),
-            ports=ports,
-            engine=engine,
-            credential=sealed,
-            credential_name=cred_name,
-            lease_expires=float(lease),
-            attempt=attempt,
-        )
-
     async def _json(
         self, method: str, path: str, payload: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -573,40 +412,7 @@ class PlatformClient:
             body = json.dumps(payload).encode()
             headers["content-type"] = "application/json"
         resp = await self._request(method, path, body=body, headers=headers)
-        return self._decode_json(resp)
-
-    def _decode_json(self, resp: _Response) -> dict[str, Any]:
-        try:
-            data = json.loads(resp.body) if resp.body else {}
-        except (ValueError, UnicodeDecodeError):
-            raise PlatformError(
-                resp.status, "protocol", f"platform answered {resp.status} with a non-JSON body"
-            ) from None
-        if not isinstance(data, dict):
-            raise PlatformError(resp.status, "protocol", "platform response is not a JSON object")
-        return data
-
-    def _raise_for(self, resp: _Response) -> None:
-        reason, text = "protocol", ""
-        try:
-            data = json.loads(resp.body)
-            if isinstance(data, dict):
-                reason = str(data.get(api.F_REASON, reason))[:64]
-                text = str(data.get(api.F_ERROR, ""))[:200]
-        except (ValueError, UnicodeDecodeError):
-            pass
-        message = f"platform refused the request: {resp.status} {reason}" + (
-            f" ({text})" if text else ""
-        )
-        if resp.status == 403 and reason == api.REASON_DEACTIVATED:
-            raise DeactivatedError(
-                resp.status, reason, "platform says this appliance is deactivated"
-            )
-        if resp.status == 403 and reason == api.REASON_QUARANTINED:
-            raise QuarantinedError(resp.status, reason, message)
-        if reason == api.REASON_DIGEST_MISMATCH:
-            raise DigestMismatchError(resp.status, reason, message)
-        raise PlatformError(resp.status, reason, message)
+        return json_object(resp.status, resp.body)
 
     async def _request(
         self,
@@ -626,15 +432,15 @@ class PlatformClient:
                 raise PlatformUnavailableError(
                     None, "unavailable", f"platform did not answer within {limit:g} s"
                 ) from None
-            if resp.status == 503 and attempt < _BUSY_RETRIES and _is_busy(resp):
+            if resp.status == 503 and attempt < _BUSY_RETRIES and is_busy(resp.body):
                 # The platform's unauthenticated budget was full (e.g. many activations at
                 # once): it asked us to come back; spread the retries so we do not return
                 # as one wave.
-                await trio.sleep(_retry_after(resp) * (0.5 + secrets.randbelow(1000) / 1000))
+                await trio.sleep(retry_after(resp.headers) * (0.5 + secrets.randbelow(1000) / 1000))
                 continue
             break
         if not 200 <= resp.status < 300:
-            self._raise_for(resp)
+            raise error_for(resp.status, resp.body)
         return resp
 
     async def _open_tcp(self) -> trio.SocketStream:
@@ -665,7 +471,7 @@ class PlatformClient:
             await http1.tls_handshake(stream)
         except http1.StreamBroken as e:
             await trio.aclose_forcefully(stream)
-            raise _broken(e, "connection closed during TLS handshake") from None
+            raise broken(e, "connection closed during TLS handshake") from None
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
@@ -716,7 +522,7 @@ class PlatformClient:
                 data += http.h11.send(h11.EndOfMessage())  # no bytes; lets h11 reuse the connection
             await http.send_raw(data)
         except http1.StreamBroken as e:
-            raise _broken(e, "connection broke") from None
+            raise broken(e, "connection broke") from None
         early: h11.Response | None = None
         if body is not None:
             if len(body) > http1.RECEIVE_BYTES:
@@ -725,7 +531,7 @@ class PlatformClient:
                 try:
                     await http.send_body(body)
                 except http1.StreamBroken as e:
-                    raise _broken(e, "connection broke while sending the request body") from None
+                    raise broken(e, "connection broke while sending the request body") from None
         return await self._read_response(http, early)
 
     async def _receive(self, http: http1.Http1Stream) -> bytes:
@@ -734,7 +540,7 @@ class PlatformClient:
         except http1.StreamBroken as e:
             # With TLS 1.3 the server's verdict on our client certificate arrives as an
             # alert after our side of the handshake already finished.
-            raise _broken(e, "connection broke") from None
+            raise broken(e, "connection broke") from None
 
     async def _await_continue(self, http: http1.Http1Stream) -> h11.Response | None:
         with trio.move_on_after(_EXPECT_CONTINUE_WAIT):

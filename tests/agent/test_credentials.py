@@ -23,7 +23,8 @@ from cryptography.x509.oid import NameOID
 from agent.scan.runner import RESULT_FILE
 from protocol import credential, scope
 from tools import sshd as sshdmod
-from tools.demo import ROOT, Service, start_http_auth_service
+from tools.demo import ROOT
+from tools.loopback_targets import Service, start_http_auth_service
 
 USER = "scan-user"
 PASSWORD = b"pw-CANARY-4d1f9a"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from agent.exitcodes import EXIT_QUARANTINED
 from tests.agent.conftest import AgentRun
-from tools.demo import Platform, activate, start_banner_service
+from tools.demo import Platform, activate
+from tools.loopback_targets import start_banner_service
 from tools.platform import db
 
 INTERVAL = 0.5

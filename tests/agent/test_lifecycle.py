@@ -37,18 +37,8 @@ from scratchfs.volume import api as volume_api
 from scratchfs.volume import state as volume_statemod
 from tests.agent.conftest import AgentRun, Rsyslog, run_agent_cli
 from tests.mounting import is_mounted, mount
-from tools.demo import (
-    Platform,
-    Service,
-    _serve,
-    closed_port,
-    file_markers,
-    mounts_under,
-    seal_credential,
-    start_banner_service,
-    start_http_auth_service,
-    start_platform,
-)
+from tools.demo import Platform, file_markers, mounts_under, seal_credential, start_platform
+from tools.loopback_targets import Service, _serve, closed_port, start_banner_service, start_http_auth_service
 from tools.platform import db
 
 CRED = b"lifecycle-user:pw-LIFECYCLE-CANARY"

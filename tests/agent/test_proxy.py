@@ -31,7 +31,8 @@ from tests.agent.proxies import (
     start_tinyproxy,
 )
 from tests.agent.test_lifecycle import _descendants, _socket_inodes
-from tools.demo import Platform, agent_cmd, start_banner_service
+from tools.demo import Platform, agent_cmd
+from tools.loopback_targets import start_banner_service
 from tools.swtpm import Swtpm
 
 USER = "scanner-appliance"

@@ -22,13 +22,8 @@ from agent.scan.runner import RESULT_FILE
 from agent.scan.services import clean_banner, guess_service
 from agent.scan.targets import Address, TargetError, count_hosts, expand_literal, resolve
 from protocol import credential, scope
-from tools.demo import (
-    ROOT,
-    Service,
-    closed_port,
-    start_banner_service,
-    start_http_auth_service,
-)
+from tools.demo import ROOT
+from tools.loopback_targets import Service, closed_port, start_banner_service, start_http_auth_service
 
 CRED = b"scan-user:s3cret-pw-CANARY"
 PASSWORD = b"s3cret-pw-CANARY"

@@ -39,7 +39,8 @@ from scratchfs.volume.errors import WrongKeyError
 from tests.agent.conftest import AgentRun
 from tests.agent.test_lifecycle import add_job, appliance_client, open_boot, volume_passphrase
 from tests.volume.conftest import cryptsetup
-from tools.demo import Platform, activate, closed_port, mounts_under
+from tools.demo import Platform, activate, mounts_under
+from tools.loopback_targets import closed_port
 from tools.platform import keys
 
 ZERO = bytes(32)

@@ -22,7 +22,8 @@ certificate through `protocol.client.PlatformClient` (keep-alive included). The 
    when the platform closes them) for the whole run, while a probe measures a fresh
    ``GET /v1/time`` and an appliance poll once a second.
 
-Prints throughput, p50/p99 latency per endpoint, errors (5xx separately) and the checks;
+Prints throughput, p50/p99 latency per endpoint, errors (5xx separately) and the checks
+(measured and rendered by `tools.loadtest.report`);
 ``--json FILE`` writes the same numbers. Exit 0 only if every check held and no 5xx was seen.
 Exit codes: 0 pass; 1 a check failed (lost/duplicated job, corrupt result, 5xx, boot-storm
 miss); 2 usage error; 3 the platform or database could not be started.
@@ -43,11 +44,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
@@ -55,10 +56,10 @@ from agent.timesync import Clock
 from agent.tls import client_context
 from protocol import api, client, sealing
 from tools.children import stop_child
+from tools.loadtest.report import Stats, render
 from tools.platform import ca, db, state
 from tools.platform.pgtemp import PostgresError, temp_postgres
 
-T = TypeVar("T")
 HOSTNAME = "localhost"
 ATTACK_SETTLE = 8.0  # seconds the attack runs before the fleet starts (kernel deferral is 5 s)
 RSS_SETTLE = 25.0  # seconds after the attack before node 0's RSS is read again (two log intervals)
@@ -81,45 +82,6 @@ def appliance_address(i: int) -> str:
 PROBE_ADDRESS = "127.0.8.1"
 
 
-@dataclass
-class Stats:
-    """Latencies per endpoint and errors, for the report."""
-
-    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    span: dict[str, tuple[float, float]] = field(default_factory=dict)  # first start, last end
-    errors: Counter[str] = field(default_factory=Counter)
-    server_errors: int = 0
-
-    async def timed(self, endpoint: str, call: Callable[..., Awaitable[T]], *args: Any) -> T:
-        t0 = trio.current_time()
-        try:
-            result = await call(*args)
-        except client.PlatformError as e:
-            self.errors[f"{endpoint} {e.status or '-'} {e.reason}"] += 1
-            if e.status is not None and e.status >= 500 and e.reason != api.REASON_BUSY:
-                self.server_errors += 1
-            raise
-        t1 = trio.current_time()
-        self.latencies[endpoint].append(t1 - t0)
-        first = self.span.get(endpoint, (t0, t1))[0]
-        self.span[endpoint] = (first, t1)
-        return result
-
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, values in sorted(self.latencies.items()):
-            v = sorted(values)
-            first, last = self.span[name]
-            out[name] = {
-                "count": len(v),
-                "per_s": round(len(v) / (last - first), 1) if last > first else 0.0,  # over its own phase
-                "p50_ms": round(_pct(v, 0.50) * 1000, 1),
-                "p99_ms": round(_pct(v, 0.99) * 1000, 1),
-                "max_ms": round(v[-1] * 1000, 1) if v else 0.0,
-            }
-        return out
-
-
 def _rss_mb(pid: int) -> float:
     """Resident memory of process *pid* in MiB (0.0 if it is gone)."""
     try:
@@ -129,12 +91,6 @@ def _rss_mb(pid: int) -> float:
     except (OSError, ValueError):
         pass
     return 0.0
-
-
-def _pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 @dataclass
@@ -522,38 +478,6 @@ class Run:
             and self.stats.server_errors == 0
             and storm.get("volume_keys_unsealed") == self.args.appliances
         )
-
-
-def render(report: dict[str, Any]) -> str:
-    lines = [
-        f"backend={report['backend']} nodes={report['nodes']} appliances={report['appliances']} "
-        f"setup={report['setup_seconds']}s run={report['run_seconds']}s",
-        f"boot storm: {report['boot_storm']}",
-        f"jobs: queued={report['jobs_queued']} completed={report['jobs_completed']} lost={report['jobs_lost']} "
-        f"handed_out_twice={report['jobs_handed_out_twice']} bad_results={report['results_bad']} "
-        f"repeat_uploads_acked={report['repeat_uploads_acked']}"
-        + (f" lost_states={report['lost_states']}" if report["lost_states"] else ""),
-        f"requests={report['requests']} throughput={report['requests_per_s']}/s 5xx={report['server_errors_5xx']}",
-        f"{'endpoint':<26}{'count':>8}{'per_s':>9}{'p50_ms':>9}{'p99_ms':>9}{'max_ms':>9}",
-    ]
-    for name, e in report["endpoints"].items():
-        lines.append(f"{name:<26}{e['count']:>8}{e['per_s']:>9}{e['p50_ms']:>9}{e['p99_ms']:>9}{e['max_ms']:>9}")
-    if report["errors"]:
-        lines.append(f"errors: {report['errors']}")
-    if "slowloris" in report:
-        lines.append(f"slowloris attackers: {dict(report['slowloris'])}")
-    if "attack" in report:
-        attack = report["attack"]
-        lines.append(f"many-source attack, attacker saw: {attack.get('attacker_saw', {})}")
-        lines.append(f"platform node 0 RSS (MiB): {attack['rss']}")
-        legit = [
-            f"{name} p50/p99 {e['p50_ms']}/{e['p99_ms']} ms (n={e['count']})"
-            for name, e in report["endpoints"].items()
-            if name.startswith("probe") or name in ("jobs/next (long-poll)", "progress", "result")
-        ]
-        lines.append("legitimate during the attack: " + "; ".join(legit))
-    lines.append("PASS" if report["pass"] else "FAIL")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ Exit codes: `tools/platform/exitcodes.py` (0 success, 2 usage, 3 not found, 4 co
 5 state directory, 6 out of scope, 7 shredding unproven; each explained there). Errors are
 one line on stderr; --debug adds the traceback.
 
-Every command that needs the database opens it with ``with _storage(args) as storage:``
+Every command that needs the database opens it with ``with cliargs.storage(args) as storage:``
 (closed on the way out, whatever happens) and keeps it open no longer than its queries.
 """
 
@@ -18,33 +18,15 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from protocol import api, sealing
 from scratchfs.keyholder import logformat
-from scratchfs.keyholder.wipe import wipe
-from tools.platform import attestation, bounds, ca, cliargs, db, exitcodes, health, keys, policy, state, views
+from tools.platform import bounds, ca, cli_identity, cliargs, db, exitcodes, health, policy, state, views
 
-STATE_ENV = "SCANNER_PLATFORM_STATE"
 DEFAULT_CODE_TTL = 24 * 3600.0
-
-
-# --- state helpers ----------------------------------------------------------------------
-
-
-def _paths(args: argparse.Namespace) -> state.StatePaths:
-    root = args.state_dir if getattr(args, "state_dir", None) else (args.state or os.environ.get(STATE_ENV))
-    if not root:
-        raise cliargs.CliError(f"no state directory; pass --state DIR or set {STATE_ENV}", exitcodes.USAGE)
-    return state.StatePaths(Path(root))
-
-
-def _storage(args: argparse.Namespace) -> db.Storage:
-    paths = _paths(args)
-    state.check_initialised(paths)
-    return state.open_storage(paths, pool_size=2)
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -53,7 +35,7 @@ def _storage(args: argparse.Namespace) -> db.Storage:
 def cmd_init(args: argparse.Namespace) -> int:
     # Check the hook before creating anything: a typo must not leave a half-made platform.
     argv = cliargs.hook_argv(args.alert_hook) if args.alert_hook else None
-    ek_ca = _read_ek_ca(args.ek_ca) if args.ek_ca else None
+    ek_ca = cli_identity.read_ek_ca(args.ek_ca) if args.ek_ca else None
     paths = state.init_state(Path(args.state_dir), args.hostname, args.database)
     with state.open_storage(paths, pool_size=1) as storage:
         storage.set_setting("hostname", args.hostname)
@@ -74,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tools.platform.handlers import AppConfig
     from tools.platform.server import limits_from_args, run_server
 
-    paths = _paths(args)
+    paths = cliargs.state_paths(args)
     config = AppConfig(
         lease_seconds=args.lease_seconds,
         max_result_bytes=args.max_result_bytes,
@@ -93,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_appliance_add(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         code = ca.new_activation_code()
         now = time.time()
         storage.add_appliance(args.name, ca.code_hash(code), now + args.code_ttl, now)
@@ -106,7 +88,7 @@ def cmd_appliance_add(args: argparse.Namespace) -> int:
 
 
 def cmd_appliance_pubkey(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         app = storage.appliance(args.name)
     if app.x25519_public is None:
         raise cliargs.CliError(
@@ -127,7 +109,7 @@ def cmd_appliance_pubkey(args: argparse.Namespace) -> int:
 
 
 def cmd_appliance_deactivate(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         try:
             app = storage.deactivate(args.name, time.time())
         except db.ShredUnproven as e:
@@ -139,110 +121,8 @@ def cmd_appliance_deactivate(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
-def cmd_appliance_rotate_volume_key(args: argparse.Namespace) -> int:
-    paths = _paths(args)
-    with _storage(args) as storage:
-        kek = state.load_kek(paths)
-        epoch, created = storage.rotate_volume_key(args.name, time.time(), functools.partial(_wrap_new_share, kek))
-    if created:
-        print(
-            f"appliance {args.name}: volume key epoch {epoch} pending; its next boot re-keys the volume to it "
-            "and the platform then destroys the old share (see 'appliance list')"
-        )
-    else:
-        print(f"appliance {args.name}: volume key epoch {epoch} is pending already; its next boot completes it")
-    return exitcodes.OK
-
-
-def _wrap_new_share(kek: bytes, appliance_id: int, name: str, epoch: int) -> bytes:
-    share = bytearray(keys.new_key())
-    try:
-        return keys.wrap_share(kek, bytes(share), appliance_id, name, epoch)
-    finally:
-        wipe(share)
-
-
-def cmd_appliance_clear(args: argparse.Namespace) -> int:
-    keep = db.CLEAR_NEXT_BOOT if args.next_boot else args.keep  # None: the current session
-    with _storage(args) as storage:
-        reason, kept = storage.clear_quarantine(args.name, time.time(), keep)
-    if kept is not None:
-        decision = f"kept boot session {kept.public_id or '(current)'} (boot counter {kept.boot_counter})"
-    else:
-        decision = "no session kept: the next boot (attested, if the TPM is enrolled) sets the counter baseline"
-    print(f"appliance {args.name} released from quarantine (was: {reason}); {decision}; every other session ended")
-    return exitcodes.OK
-
-
-def cmd_appliance_sessions(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
-        rows = storage.sessions(args.name)
-    print(views.sessions_table(rows))
-    return exitcodes.OK
-
-
-def cmd_appliance_baseline(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
-        app = storage.appliance(args.name)
-        rec = storage.attestation(app.id)
-        if rec is None or rec.state != db.ATTEST_ATTESTED or rec.pcr_values is None:
-            raise cliargs.CliError(f"appliance {args.name} has no attested TPM, so no PCR baseline", exitcodes.STATE)
-        print(views.baseline_table(args.name, rec))
-        pending = rec.pending_pcr_values
-        if not args.accept:
-            if pending:
-                print(f"to accept the refused values: scanner-platform appliance baseline {args.name} --accept")
-            return exitcodes.OK
-        if not pending:
-            raise cliargs.CliError(f"appliance {args.name} has no refused quote to accept", exitcodes.CONFLICT)
-        digest = attestation.pcr_digest([bytes.fromhex(v) for v in pending])
-        try:
-            storage.accept_pcr_baseline(app.id, pending, digest, time.time())
-        except ValueError as e:
-            raise cliargs.CliError(f"{e}; run the command again to see the values", exitcodes.CONFLICT) from None
-    print(f"appliance {args.name}: new PCR baseline accepted (digest {digest.hex()})")
-    return exitcodes.OK
-
-
-def _read_ek_ca(file: str) -> str:
-    try:
-        text = Path(file).read_text("ascii")
-        attestation.load_ek_cas(text.encode())
-    except (OSError, UnicodeDecodeError) as e:
-        raise cliargs.CliError(f"cannot read EK CA file {file}: {e}; pass a PEM bundle", exitcodes.USAGE) from None
-    except ValueError as e:
-        raise cliargs.CliError(f"{file} {e}; pass the TPM manufacturers' CA certificates", exitcodes.USAGE) from None
-    return text
-
-
-def cmd_ek_ca_set(args: argparse.Namespace) -> int:
-    bundle = _read_ek_ca(args.file)
-    with _storage(args) as storage:
-        storage.set_setting(db.SETTING_EK_CA, bundle)
-    print(f"trusted EK CAs set from {args.file}: TPMs with EK certificates they issued can be attested")
-    return exitcodes.OK
-
-
-def cmd_ek_ca_show(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
-        value = storage.get_setting(db.SETTING_EK_CA)
-    if not isinstance(value, str):
-        print("none (no TPM can be attested)")
-    else:
-        for cert in attestation.load_ek_cas(value.encode()):
-            print(f"{cert.subject.rfc4514_string()}  (until {cert.not_valid_after_utc:%Y-%m-%d})")
-    return exitcodes.OK
-
-
-def cmd_ek_ca_clear(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
-        storage.delete_setting(db.SETTING_EK_CA)
-    print("trusted EK CAs cleared: no new TPM can be enrolled (enrolled ones stay attested)")
-    return exitcodes.OK
-
-
 def cmd_policy(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         if args.value is not None:
             storage.set_setting(db.SETTING_CLONE_QUARANTINE, args.value == "on")
         value = storage.get_setting(db.SETTING_CLONE_QUARANTINE)
@@ -251,7 +131,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_appliance_list(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         apps = storage.appliances()
         clones = storage.clone_states()
         key_states = storage.key_states()
@@ -265,21 +145,21 @@ def cmd_appliance_list(args: argparse.Namespace) -> int:
 
 def cmd_alert_hook_set(args: argparse.Namespace) -> int:
     argv = cliargs.hook_argv(args.hook_command)
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         storage.set_setting(health.SETTING_ALERT_HOOK, health.Hook(tuple(argv), args.timeout).to_setting())
     print(f"alert hook set: {shlex.join(argv)} (timeout {args.timeout:g} s)")
     return exitcodes.OK
 
 
 def cmd_alert_hook_show(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         hook = health.Hook.load(storage)
     print("none" if hook is None else f"{shlex.join(hook.argv)} (timeout {hook.timeout:g} s)")
     return exitcodes.OK
 
 
 def cmd_alert_hook_clear(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         storage.delete_setting(health.SETTING_ALERT_HOOK)
     print("alert hook cleared")
     return exitcodes.OK
@@ -288,7 +168,7 @@ def cmd_alert_hook_clear(args: argparse.Namespace) -> int:
 def cmd_heartbeat_set(args: argparse.Namespace) -> int:
     if args.interval is None and args.missing_after is None:
         raise cliargs.CliError("nothing to set; give --interval and/or --missing-after", exitcodes.USAGE)
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         old = health.Policy.load(storage)
         new = health.Policy(
             args.interval if args.interval is not None else old.interval,
@@ -300,7 +180,7 @@ def cmd_heartbeat_set(args: argparse.Namespace) -> int:
 
 
 def cmd_heartbeat_show(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         beat_policy = health.Policy.load(storage)
     print(f"heartbeat interval {beat_policy.interval:g} s; missing after {beat_policy.missing_after} missed beats")
     return exitcodes.OK
@@ -321,14 +201,14 @@ def cmd_credential_add(args: argparse.Namespace) -> int:
         raise cliargs.CliError(f"{args.sealed}: {e}; produce it with scanner-seal", exitcodes.USAGE) from None
     except policy.PolicyError as e:
         raise cliargs.CliError(f"{args.sealed}: {e}", exitcodes.USAGE) from None
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         storage.add_credential(args.appliance, args.name, blob, time.time())
     print(f"credential {args.name} stored for {args.appliance} (sealed, {len(blob)} bytes)")
     return exitcodes.OK
 
 
 def cmd_credential_list(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         storage.appliance(args.appliance)
         names = storage.credentials(args.appliance)
     for n in names:
@@ -342,21 +222,21 @@ def cmd_job_add(args: argparse.Namespace) -> int:
         ports = api.format_port_spec(api.parse_port_spec(args.ports))
     except api.SpecError as e:
         raise cliargs.CliError(f"{e}; see 'job add --help'", exitcodes.USAGE) from None
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         job_id = storage.add_job(args.appliance, targets, ports, args.engine, args.credential, time.time())
     print(job_id)
     return exitcodes.OK
 
 
 def cmd_job_list(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         jobs = storage.jobs(args.appliance)
     print(json.dumps([views.job_doc(j) for j in jobs], indent=2) if args.json else views.job_table(jobs))
     return exitcodes.OK
 
 
 def cmd_results_show(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         job = storage.job(args.job)
         res = storage.result(args.job)
     try:
@@ -400,29 +280,29 @@ def cmd_syslog_set(args: argparse.Namespace) -> int:
         raise cliargs.CliError(f"cannot read CA file {args.ca}: {e}; pass a PEM file", exitcodes.USAGE) from None
     if "-----BEGIN CERTIFICATE-----" not in ca_pem:
         raise cliargs.CliError(f"{args.ca} holds no PEM certificate; pass the syslog server's CA", exitcodes.USAGE)
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         storage.set_setting("syslog", {"host": args.host, "port": args.port, "ca": ca_pem})
     print(f"syslog target set to {args.host}:{args.port}")
     return exitcodes.OK
 
 
 def cmd_syslog_show(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         value = storage.get_setting("syslog")
     print("none" if value is None else f"{value['host']}:{value['port']}")
     return exitcodes.OK
 
 
 def cmd_syslog_clear(args: argparse.Namespace) -> int:
-    with _storage(args) as storage:
+    with cliargs.storage(args) as storage:
         storage.delete_setting("syslog")
     print("syslog target cleared")
     return exitcodes.OK
 
 
 def cmd_crl(args: argparse.Namespace) -> int:
-    paths = _paths(args)
-    with _storage(args) as storage:
+    paths = cliargs.state_paths(args)
+    with cliargs.storage(args) as storage:
         revoked = storage.revoked()
     sys.stdout.write(ca.build_crl(state.load_ca(paths), revoked).decode())
     return exitcodes.OK
@@ -431,27 +311,8 @@ def cmd_crl(args: argparse.Namespace) -> int:
 # --- parser -----------------------------------------------------------------------------
 
 
-_Command = Callable[[argparse.Namespace], int]
-
-
-def _leaf(parent: Any, name: str, fn: _Command, help_: str, state_flag: bool = True) -> argparse.ArgumentParser:
-    """A subcommand running *fn*; with --state unless it takes STATE_DIR itself."""
-    sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
-    sp.set_defaults(func=fn)
-    if state_flag:
-        sp.add_argument("--state", metavar="DIR", help=f"platform state directory (default: ${STATE_ENV})")
-    return sp
-
-
-def _group(sub: Any, name: str, help_: str) -> Any:
-    """A command with subcommands (``appliance add``, ``job list``, ...)."""
-    return sub.add_parser(name, help=help_).add_subparsers(
-        dest="subcommand", required=True, parser_class=cliargs.Parser
-    )
-
-
 def _add_init(sub: Any) -> None:
-    sp = _leaf(sub, "init", cmd_init, "create CA, server certificate, KEK and database", state_flag=False)
+    sp = cliargs.leaf(sub, "init", cmd_init, "create CA, server certificate, KEK and database", state_flag=False)
     sp.add_argument("state_dir", metavar="STATE_DIR")
     sp.add_argument("--hostname", required=True, help="name appliances use to reach the server")
     sp.add_argument(
@@ -493,7 +354,7 @@ def _add_init(sub: Any) -> None:
 
 
 def _add_serve(sub: Any) -> None:
-    sp = _leaf(sub, "serve", cmd_serve, "serve the HTTPS API (mutual TLS)", state_flag=False)
+    sp = cliargs.leaf(sub, "serve", cmd_serve, "serve the HTTPS API (mutual TLS)", state_flag=False)
     sp.add_argument("state_dir", metavar="STATE_DIR")
     sp.add_argument(
         "--listen",
@@ -525,8 +386,8 @@ def _add_serve(sub: Any) -> None:
 
 
 def _add_appliance(sub: Any) -> None:
-    asub = _group(sub, "appliance", "manage appliances")
-    sp = _leaf(asub, "add", cmd_appliance_add, "add an appliance; prints its activation code")
+    asub = cliargs.group(sub, "appliance", "manage appliances")
+    sp = cliargs.leaf(asub, "add", cmd_appliance_add, "add an appliance; prints its activation code")
     sp.add_argument("name", type=cliargs.name)
     sp.add_argument(
         "--code-ttl",
@@ -535,110 +396,81 @@ def _add_appliance(sub: Any) -> None:
         metavar="SECONDS",
         help="activation code lifetime (default 86400)",
     )
-    sp = _leaf(asub, "pubkey", cmd_appliance_pubkey, "print the appliance's hybrid sealing key (for scanner-seal)")
+    sp = cliargs.leaf(
+        asub, "pubkey", cmd_appliance_pubkey, "print the appliance's hybrid sealing key (for scanner-seal)"
+    )
     sp.add_argument("name", type=cliargs.name)
     sp.add_argument("--x25519", action="store_true", help="print the v1 X25519 key (PEM) instead")
-    sp = _leaf(
+    sp = cliargs.leaf(
         asub, "deactivate", cmd_appliance_deactivate, "destroy the volume key's platform part, revoke the certificate"
     )
     sp.add_argument("name", type=cliargs.name)
-    sp = _leaf(
-        asub,
-        "rotate-volume-key",
-        cmd_appliance_rotate_volume_key,
-        "new volume key epoch: the next boot re-keys the volume, then the old share is destroyed",
-    )
-    sp.add_argument("name", type=cliargs.name)
-    sp = _leaf(
+    cli_identity.add_rotate_volume_key(asub)
+    sp = cliargs.leaf(
         asub, "list", cmd_appliance_list, "list appliances: state, health (heartbeats, quarantine), keystore, boots"
     )
     sp.add_argument("--json", action="store_true")
-    sp = _leaf(
-        asub, "clear", cmd_appliance_clear,
-        "lift a clone quarantine (after stopping any copy): say which boot is legitimate; every other session ends",
-    )  # fmt: skip
-    sp.add_argument("name", type=cliargs.name)
-    decision = sp.add_mutually_exclusive_group()
-    decision.add_argument(
-        "--keep", metavar="SESSION", help="the legitimate session (see 'appliance sessions'); default: the current one"
-    )
-    decision.add_argument(
-        "--next-boot", action="store_true", help="keep no session: the next (attested) boot sets the counter baseline"
-    )
-    sp = _leaf(asub, "sessions", cmd_appliance_sessions, "list an appliance's kept boot sessions (for 'clear --keep')")
-    sp.add_argument("name", type=cliargs.name)
-    sp = _leaf(
-        asub, "baseline", cmd_appliance_baseline,
-        "show an attested appliance's PCR baseline and the last refused quote; --accept makes that the baseline",
-    )  # fmt: skip
-    sp.add_argument("name", type=cliargs.name)
-    sp.add_argument("--accept", action="store_true", help="accept the last refused quote's PCR values")
-
-    eksub = _group(sub, "ek-ca", "TPM manufacturers' CAs trusted for attestation (EK certificates)")
-    sp = _leaf(eksub, "set", cmd_ek_ca_set, "trust the EK CAs of a PEM bundle (replaces the current ones)")
-    sp.add_argument("file", metavar="FILE")
-    _leaf(eksub, "show", cmd_ek_ca_show, "show the trusted EK CAs")
-    _leaf(eksub, "clear", cmd_ek_ca_clear, "trust no EK CA (no new enrollments)")
+    cli_identity.add_commands(sub, asub)
 
 
 def _add_policies(sub: Any) -> None:
-    psub = _group(sub, "policy", "platform policies")
-    sp = _leaf(
+    psub = cliargs.group(sub, "policy", "platform policies")
+    sp = cliargs.leaf(
         psub, "clone-quarantine", cmd_policy,
         "quarantine an appliance that shows clone signs (default on); no argument shows the setting",
     )  # fmt: skip
     sp.add_argument("value", nargs="?", choices=["on", "off"])
 
-    hsub = _group(sub, "heartbeat", "how often appliances report, when they count as missing")
-    sp = _leaf(hsub, "set", cmd_heartbeat_set, "set the heartbeat interval and/or missing threshold")
+    hsub = cliargs.group(sub, "heartbeat", "how often appliances report, when they count as missing")
+    sp = cliargs.leaf(hsub, "set", cmd_heartbeat_set, "set the heartbeat interval and/or missing threshold")
     sp.add_argument("--interval", type=cliargs.interval, metavar="SECONDS")
     sp.add_argument("--missing-after", type=cliargs.missing_after, metavar="N")
-    _leaf(hsub, "show", cmd_heartbeat_show, "show the heartbeat policy")
+    cliargs.leaf(hsub, "show", cmd_heartbeat_show, "show the heartbeat policy")
 
-    ahsub = _group(sub, "alert-hook", "command run on heartbeat state changes")
-    sp = _leaf(ahsub, "set", cmd_alert_hook_set, "set the alert hook (run without a shell, event JSON on stdin)")
+    ahsub = cliargs.group(sub, "alert-hook", "command run on heartbeat state changes")
+    sp = cliargs.leaf(ahsub, "set", cmd_alert_hook_set, "set the alert hook (run without a shell, event JSON on stdin)")
     sp.add_argument("hook_command", metavar="COMMAND", help="program and arguments, one string")
     sp.add_argument("--timeout", type=cliargs.hook_timeout, default=health.DEFAULT_HOOK_TIMEOUT, metavar="SECONDS")
-    _leaf(ahsub, "show", cmd_alert_hook_show, "show the alert hook")
-    _leaf(ahsub, "clear", cmd_alert_hook_clear, "remove the alert hook")
+    cliargs.leaf(ahsub, "show", cmd_alert_hook_show, "show the alert hook")
+    cliargs.leaf(ahsub, "clear", cmd_alert_hook_clear, "remove the alert hook")
 
 
 def _add_work(sub: Any) -> None:
-    jsub = _group(sub, "job", "manage jobs")
-    sp = _leaf(jsub, "add", cmd_job_add, "queue a scan job; prints its id")
+    jsub = cliargs.group(sub, "job", "manage jobs")
+    sp = cliargs.leaf(jsub, "add", cmd_job_add, "queue a scan job; prints its id")
     sp.add_argument("appliance", type=cliargs.name)
     sp.add_argument("--targets", required=True, help="comma list of IPs, CIDRs, hostnames")
     sp.add_argument("--ports", required=True, help="comma list of ports and ranges")
     sp.add_argument("--engine", choices=list(api.ENGINES), default=api.ENGINE_BUILTIN)
     sp.add_argument("--credential", type=cliargs.name, help="name of a credential of this appliance")
-    sp = _leaf(jsub, "list", cmd_job_list, "list jobs")
+    sp = cliargs.leaf(jsub, "list", cmd_job_list, "list jobs")
     sp.add_argument("--appliance", type=cliargs.name)
     sp.add_argument("--json", action="store_true")
 
-    rsub = _group(sub, "results", "read results")
-    sp = _leaf(rsub, "show", cmd_results_show, "show a job's result")
+    rsub = cliargs.group(sub, "results", "read results")
+    sp = cliargs.leaf(rsub, "show", cmd_results_show, "show a job's result")
     sp.add_argument("job", type=cliargs.job_id)
     sp.add_argument("--json", action="store_true")
 
-    csub = _group(sub, "credential", "manage sealed credentials")
-    sp = _leaf(csub, "add", cmd_credential_add, "store a credential sealed with scanner-seal")
+    csub = cliargs.group(sub, "credential", "manage sealed credentials")
+    sp = cliargs.leaf(csub, "add", cmd_credential_add, "store a credential sealed with scanner-seal")
     sp.add_argument("name", type=cliargs.name)
     sp.add_argument("--appliance", type=cliargs.name, required=True)
     sp.add_argument("--sealed", required=True, metavar="FILE", help="sealed blob ('-': stdin)")
-    sp = _leaf(csub, "list", cmd_credential_list, "list an appliance's credential names")
+    sp = cliargs.leaf(csub, "list", cmd_credential_list, "list an appliance's credential names")
     sp.add_argument("--appliance", type=cliargs.name, required=True)
 
 
 def _add_syslog_and_crl(sub: Any) -> None:
-    ssub = _group(sub, "syslog", "remote syslog target told to appliances")
-    sp = _leaf(ssub, "set", cmd_syslog_set, "set the RFC 5425 (TLS) syslog target")
+    ssub = cliargs.group(sub, "syslog", "remote syslog target told to appliances")
+    sp = cliargs.leaf(ssub, "set", cmd_syslog_set, "set the RFC 5425 (TLS) syslog target")
     sp.add_argument("--host", required=True)
     sp.add_argument("--port", type=cliargs.port, required=True)
     sp.add_argument("--ca", required=True, metavar="FILE", help="CA certificate (PEM)")
-    _leaf(ssub, "show", cmd_syslog_show, "show the syslog target")
-    _leaf(ssub, "clear", cmd_syslog_clear, "remove the syslog target")
+    cliargs.leaf(ssub, "show", cmd_syslog_show, "show the syslog target")
+    cliargs.leaf(ssub, "clear", cmd_syslog_clear, "remove the syslog target")
 
-    _leaf(sub, "crl", cmd_crl, "print the revocation list as an X.509 CRL (PEM)")
+    cliargs.leaf(sub, "crl", cmd_crl, "print the revocation list as an X.509 CRL (PEM)")
 
 
 def build_parser() -> argparse.ArgumentParser:

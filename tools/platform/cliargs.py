@@ -1,5 +1,6 @@
-"""Argument types and the parser class of `scanner-platform`: every bad value is a one-line
-error saying what was expected (exit code 2, `exitcodes.USAGE`)."""
+"""Argument types, the parser class and the subcommand builders of `scanner-platform`, and the
+state directory a command's arguments name: every bad value is a one-line error saying what
+was expected (exit code 2, `exitcodes.USAGE`). Shared by `cli` and `cli_identity`."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import os
 import shlex
 import shutil
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 from protocol import api
-from tools.platform import exitcodes, health
+from tools.platform import db, exitcodes, health, state
 
 PROG = "scanner-platform"
+STATE_ENV = "SCANNER_PLATFORM_STATE"
 _N = TypeVar("_N", int, float)
 
 
@@ -116,3 +119,35 @@ def job_id(value: str) -> int:
     if job_id is None:
         raise argparse.ArgumentTypeError(f"{value!r} is not a job id (see 'job list')")
     return job_id
+
+
+def state_paths(args: argparse.Namespace) -> state.StatePaths:
+    """The state directory of a command: STATE_DIR, else --state, else $SCANNER_PLATFORM_STATE."""
+    root = args.state_dir if getattr(args, "state_dir", None) else (args.state or os.environ.get(STATE_ENV))
+    if not root:
+        raise CliError(f"no state directory; pass --state DIR or set {STATE_ENV}", exitcodes.USAGE)
+    return state.StatePaths(Path(root))
+
+
+def storage(args: argparse.Namespace) -> db.Storage:
+    """The initialised platform's database, for ``with cliargs.storage(args) as storage:``."""
+    paths = state_paths(args)
+    state.check_initialised(paths)
+    return state.open_storage(paths, pool_size=2)
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def leaf(parent: Any, name: str, fn: Command, help_: str, state_flag: bool = True) -> argparse.ArgumentParser:
+    """A subcommand running *fn*; with --state unless it takes STATE_DIR itself."""
+    sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+    sp.set_defaults(func=fn)
+    if state_flag:
+        sp.add_argument("--state", metavar="DIR", help=f"platform state directory (default: ${STATE_ENV})")
+    return sp
+
+
+def group(sub: Any, name: str, help_: str) -> Any:
+    """A command with subcommands (``appliance add``, ``job list``, ...)."""
+    return sub.add_parser(name, help=help_).add_subparsers(dest="subcommand", required=True, parser_class=Parser)

@@ -1,6 +1,7 @@
 """The platform's endpoints: who is calling (from the verified client certificate) and what
 each request does. Which handler serves a request, and who may call it, is the route table's
-(`routes`); HTTP framing lives in `http`, TLS and sockets in `server`, SQL in `db`.
+(`routes`); HTTP framing lives in `http`, TLS and sockets in `server`, SQL in `db`; the
+attestation and volume-key work in `attest_endpoints` and `volume_key_endpoints`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any, TypeVar
 import trio
 
 from protocol import api, sealing
-from scratchfs.keyholder.wipe import wipe
 from tools.platform import ca, db, health, keys, routes
 from tools.platform.attest_endpoints import AttestationEndpoints
 from tools.platform.http import Exchange, HttpError, Response, json_response
+from tools.platform.volume_key_endpoints import VolumeKeyEndpoints
 
 log = logging.getLogger("scanner-platform")
 T = TypeVar("T")
@@ -232,6 +233,7 @@ class PlatformApp:
         self.config = config
         self.waker = JobWaker(database, config.poll_interval)
         self.attestation = AttestationEndpoints(database)
+        self.volume_key = VolumeKeyEndpoints(database, kek)
         # The table's handlers bound to this app, by template and method.
         self._routes: dict[str, dict[str, Handler]] = {}
         for route in routes.ROUTES:
@@ -410,13 +412,7 @@ class PlatformApp:
             cert = ca.issue_client_cert(self.ca, csr, name)
             return cert.pem, cert.serial, cert.fingerprint
 
-        def wrap_new(appliance_id: int, name: str) -> bytes:
-            passphrase = bytearray(keys.new_key())
-            try:
-                return keys.wrap(self._kek, bytes(passphrase), appliance_id, name)
-            finally:
-                wipe(passphrase)
-
+        wrap_new = functools.partial(keys.wrap_new, self._kek)
         try:
             grant = await self.db.run(
                 self.db.storage.activate, ca.code_hash(code), now, x_pub, issue, wrap_new, hybrid
@@ -439,83 +435,18 @@ class PlatformApp:
             },
         )
 
-    def _sealed_part(self, app: db.Appliance, wrapped: bytes, epoch: int) -> str:
-        """A wrapped volume-key part unwrapped and sealed to the appliance (v2 hybrid HPKE once
-        it told us its hybrid key, else v1): the keyslot passphrase (epoch 0) or a share."""
-        assert app.x25519_public is not None  # the caller checked
-        context = api.SEAL_CONTEXT_VOLUME_KEY if epoch == 0 else api.SEAL_CONTEXT_VOLUME_SHARE
-        if epoch == 0:
-            part = keys.unwrap(self._kek, wrapped, app.id, app.name)
-        else:
-            part = keys.unwrap_share(self._kek, wrapped, app.id, app.name, epoch)
-        try:
-            sealed = sealing.seal_for(app.x25519_public, app.hybrid_public, part, context)
-        finally:
-            wipe(part)
-        return base64.b64encode(sealed).decode()
-
     async def get_keyslot_passphrase(self, ex: Exchange, app: db.Appliance) -> Response:
-        """GET /v1/volume-key: the caller's own part of its volume key, sealed to it: the
-        keyslot passphrase itself (scheme "passphrase") or the platform's share of the
-        current epoch (scheme "split"), and the pending share of a migration or rotation."""
-        record = await self.db.run(self.db.storage.volume_key_record, app.id)
-        if record is None or app.x25519_public is None:
-            raise HttpError(503, api.REASON_UNAVAILABLE, "no volume key on record")
-        pending = None
-        if record.pending_epoch is not None and record.wrapped_pending is not None:
-            pending = {
-                api.F_EPOCH: record.pending_epoch,
-                api.F_SEALED: self._sealed_part(app, record.wrapped_pending, record.pending_epoch),
-            }
-        doc = {
-            api.F_KEY_SCHEME: record.scheme,
-            api.F_EPOCH: record.epoch,
-            api.F_SEALED: self._sealed_part(app, record.wrapped, record.epoch),
-            api.F_NEXT: pending,
-        }
-        await self.db.run(self.db.storage.log_event, time.time(), "volume_key", app.id)
-        log.info("event=volume_key_handed_out appliance=%s scheme=%s epoch=%d pending=%s",
-                 app.name, record.scheme, record.epoch, record.pending_epoch)
-        return json_response(200, doc)
-
-    def _wrap_new_share(self, appliance_id: int, name: str, epoch: int) -> bytes:
-        share = bytearray(keys.new_key())
-        try:
-            return keys.wrap_share(self._kek, bytes(share), appliance_id, name, epoch)
-        finally:
-            wipe(share)
+        """GET /v1/volume-key: the caller's part of its volume key, sealed to it (volume_key_endpoints)."""
+        return json_response(200, await self.volume_key.current(app))
 
     async def post_volume_key_next(self, ex: Exchange, app: db.Appliance) -> Response:
-        """POST /v1/volume-key/next: the pending platform share, created on the first call
-        (an appliance's migration to split keys); repeating it returns the same share."""
+        """POST /v1/volume-key/next: the pending platform share, created on the first call."""
         await ex.read_json()  # an empty object; nothing in it is used
-        if app.x25519_public is None:
-            raise HttpError(503, api.REASON_UNAVAILABLE, "no volume key on record")
-        try:
-            epoch, wrapped = await self.db.run(self.db.storage.next_share, app.id, time.time(), self._wrap_new_share)
-        except (db.NotFound, db.Conflict) as e:
-            raise HttpError(503, api.REASON_UNAVAILABLE, str(e)) from None
-        log.info("event=volume_key_next appliance=%s epoch=%d", app.name, epoch)
-        return json_response(200, {api.F_EPOCH: epoch, api.F_SEALED: self._sealed_part(app, wrapped, epoch)})
+        return json_response(200, await self.volume_key.next_share(app))
 
     async def post_volume_key_commit(self, ex: Exchange, app: db.Appliance) -> Response:
-        """POST /v1/volume-key/commit {epoch}: the keyslot opens with that epoch only; the
-        pending share becomes current and the part it replaces is destroyed and proven gone."""
-        doc = await ex.read_json()
-        epoch = doc.get(api.F_EPOCH)
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= db.MAX_EPOCH:
-            raise HttpError(400, api.REASON_BAD_REQUEST, f"field {api.F_EPOCH!r} must be an integer in 1..2^32-1")
-        try:
-            proven = await self.db.run(self.db.storage.commit_share, app.id, epoch, time.time())
-        except db.Conflict as e:
-            raise HttpError(409, api.REASON_EPOCH_MISMATCH, str(e)) from None
-        except db.NotFound as e:
-            raise HttpError(503, api.REASON_UNAVAILABLE, str(e)) from None
-        if proven:
-            log.info("event=volume_key_committed appliance=%s epoch=%d shred_proven=true", app.name, epoch)
-        else:
-            log.warning("event=volume_key_committed appliance=%s epoch=%d shred_proven=false", app.name, epoch)
-        return json_response(200, {api.F_EPOCH: epoch, api.F_SHRED_PROVEN: proven})
+        """POST /v1/volume-key/commit {epoch}: that epoch becomes current; the old part is destroyed."""
+        return json_response(200, await self.volume_key.commit(app, await ex.read_json()))
 
     async def post_seal_key(self, ex: Exchange, app: db.Appliance) -> Response:
         """POST /v1/appliance/seal-key: the caller's hybrid public key (sealing v2).

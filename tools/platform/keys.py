@@ -23,6 +23,8 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from scratchfs.keyholder.wipe import wipe
+
 KEY_LEN: Final = 32
 _NONCE_LEN: Final = 12
 _VERSION: Final = b"\x01"
@@ -79,3 +81,21 @@ def wrap_share(kek: bytes, share: bytes, appliance_id: int, name: str, epoch: in
 def unwrap_share(kek: bytes, wrapped: bytes, appliance_id: int, name: str, epoch: int) -> bytearray:
     """Unwrap a share made by wrap_share() for the same row and epoch; the caller wipes it."""
     return _open(kek, wrapped, _share_aad(appliance_id, name, epoch), "volume-key share")
+
+
+def wrap_new(kek: bytes, appliance_id: int, name: str) -> bytes:
+    """A fresh keyslot passphrase, wrapped by wrap(); the plaintext is wiped before returning."""
+    passphrase = bytearray(new_key())
+    try:
+        return wrap(kek, bytes(passphrase), appliance_id, name)
+    finally:
+        wipe(passphrase)
+
+
+def wrap_new_share(kek: bytes, appliance_id: int, name: str, epoch: int) -> bytes:
+    """A fresh platform share of *epoch*, wrapped by wrap_share(); the plaintext is wiped."""
+    share = bytearray(new_key())
+    try:
+        return wrap_share(kek, bytes(share), appliance_id, name, epoch)
+    finally:
+        wipe(share)

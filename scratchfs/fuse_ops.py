@@ -5,6 +5,11 @@ exceptions become errno replies exactly once: FsError -> its errno, IntegrityErr
 one WARNING line naming the file (the open-file table stamps its inode) and block, OSError
 from the backing store -> its errno (ENOSPC, EDQUOT, EFBIG pass through; anything else becomes
 EIO), and any other exception -> EIO with an ERROR line (which fails strict-mode tests).
+
+Why one module of some 650 lines: pyfuse3 dispatches every request to a method of one
+`Operations` subclass, and each method here is translation only (the work lives in `tree`,
+`content`, `openfiles`, `store`, `limits`). Splitting the class into mixins would spread the
+one table of "which request answers which errno" that this module exists to keep in view.
 """
 
 from __future__ import annotations

@@ -142,6 +142,16 @@ class Netns:
             raise box["error"]
         return box["value"]  # type: ignore[no-any-return]
 
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start a long-running child in the namespace's network only (see `call`).
+
+        Not through ``ip netns exec``: that also gives the child a mount namespace of its
+        own, a copy of every mount live at that moment. On a host whose mounts are private
+        the copies never see our unmounts, so any FUSE mount (a test's, a developer's) made
+        before the child started keeps its connection open for the child's lifetime and its
+        daemon never exits (found running the appliance test beside the FUSE suites)."""
+        return self.call(lambda: subprocess.Popen(argv, **kwargs))
+
     def add_tap(self, tap: str) -> None:
         """A tap device on the bridge, for one guest NIC."""
         self.ip("tuntap", "add", "dev", tap, "mode", "tap")
@@ -314,7 +324,7 @@ class Guest:
             argv += ["-netdev", f"tap,id=net1,fd={fd}", "-device", f"virtio-net-pci,netdev=net1,mac={mac},romfile="]
         log = open(self.directory / "qemu.log", "ab")
         try:
-            self.qemu = subprocess.Popen(self.netns.exec(*argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            self.qemu = self.netns.popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          pass_fds=pass_fds)
         finally:
             log.close()
@@ -401,14 +411,15 @@ class Testbed:
     def _start_dnsmasq(self, ns: Netns, d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
         net = ns.net
-        proc = subprocess.Popen(
-            ns.exec("dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
-                            "--interface=br0", "--bind-interfaces", "--except-interface=lo",
-                            f"--dhcp-range={net}.50,{net}.99,255.255.255.0,1h", "--dhcp-authoritative",
-                            f"--dhcp-leasefile={d / 'leases'}", "--log-dhcp", f"--log-facility={d / 'dnsmasq.log'}",
-                            "--pid-file=", "--user=root", "--group=root"),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(d / "stderr.log", "ab"),
-        )
+        with open(d / "stderr.log", "ab") as err:
+            proc = ns.popen(
+                ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+                 "--interface=br0", "--bind-interfaces", "--except-interface=lo",
+                 f"--dhcp-range={net}.50,{net}.99,255.255.255.0,1h", "--dhcp-authoritative",
+                 f"--dhcp-leasefile={d / 'leases'}", "--log-dhcp", f"--log-facility={d / 'dnsmasq.log'}",
+                 "--pid-file=", "--user=root", "--group=root"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            )
         self.children.append(proc)
         time.sleep(0.3)
         if proc.poll() is not None:
@@ -417,7 +428,7 @@ class Testbed:
     def start(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         """A child inside the namespace (stopped with the bed)."""
         with open(log, "ab") as f:
-            proc = subprocess.Popen(self.netns.exec(*argv), stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+            proc = self.netns.popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f)
         self.children.append(proc)
         return proc
 

@@ -118,3 +118,12 @@ def read_all(fd: int, size: int, offset: int) -> bytes:
         size -= len(chunk)
         offset += len(chunk)
     return b"".join(parts)
+
+
+def errno_name(fn: object, *args: object) -> str:
+    """The errno name *fn(*args)* fails with ("EFBIG", "EIO", ...), or "ok"."""
+    try:
+        fn(*args)  # type: ignore[operator]
+    except OSError as e:
+        return errno.errorcode[e.errno or 0]
+    return "ok"

@@ -10,7 +10,6 @@ read back (EIO, never zeros, never a silently shorter file).
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterator
 
@@ -19,6 +18,7 @@ import pytest
 from agent.scratch import SCRATCHFS_OPTIONS
 from scratchfs.profiles import effective_flags
 from tests.fs.conftest import target_kind
+from tests.fs.helpers import errno_name
 from tests.mounting import Mounted, mount, unmount
 
 LIMIT = 1 << 20
@@ -42,14 +42,6 @@ def limited(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         unmount(m)
 
 
-def _errno(fn: object, *args: object) -> str:
-    try:
-        fn(*args)  # type: ignore[operator]
-    except OSError as e:
-        return errno.errorcode[e.errno or 0]
-    return "ok"
-
-
 @pytest.mark.parametrize("length", [8, 64 * 1024], ids=["8B", "64KiB"])
 def test_crossing_write_succeeds_completely_or_fails_visibly(limited: Mounted, length: int) -> None:
     path = limited.mountpoint / f"cross-{length}"
@@ -65,16 +57,16 @@ def test_crossing_write_succeeds_completely_or_fails_visibly(limited: Mounted, l
             os.fsync(fd)
             assert os.fstat(fd).st_size == LIMIT
             assert os.pread(fd, length, offset) == data[:inside]
-            assert _errno(os.pwrite, fd, data[inside:], LIMIT) == "EFBIG"
+            assert errno_name(os.pwrite, fd, data[inside:], LIMIT) == "EFBIG"
         else:
             assert written == length  # the page cache took it all: the error must come later
-            assert _errno(os.fsync, fd) == "EFBIG"
+            assert errno_name(os.fsync, fd) == "EFBIG"
             # Once the kernel drops its pages, a read spanning the limit returns the stored
             # part only (short, as at a bad sector), and a read of the lost range fails: never
             # zeros, whatever size the kernel reports.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             assert os.pread(fd, length, offset) == data[:inside]
-            assert _errno(os.pread, fd, length, LIMIT) == "EIO"
+            assert errno_name(os.pread, fd, length, LIMIT) == "EIO"
             assert os.pread(fd, 4, 0) == b"\0\0\0\0", "the range before the crossing write is intact"
     finally:
         os.close(fd)  # the error was reported by fsync
@@ -92,7 +84,7 @@ def test_crossing_write_without_fsync_fails_at_close(limited: Mounted, length: i
     try:
         written = os.pwrite(fd, b"c" * length, LIMIT - inside)
     finally:
-        closed = _errno(os.close, fd)
+        closed = errno_name(os.close, fd)
     if "--writeback-cache" in effective_flags(limited.options):
         assert (written, closed) == (length, "EIO")
     else:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fs.helpers import run_as
+from tests.fs.helpers import errno_name, run_as
 from tests.mounting import Mounted, mount, unmount
 
 LIMIT = 1 << 20
@@ -36,37 +35,29 @@ def limited(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mounted]
         unmount(m)
 
 
-def _errno(fn: object, *args: object) -> str:
-    try:
-        fn(*args)  # type: ignore[operator]
-    except OSError as e:
-        return errno.errorcode[e.errno or 0]
-    return "ok"
-
-
 def test_file_size_limit(limited: Mounted) -> None:
     path = limited.mountpoint / "f"
     path.write_bytes(b"kept")
-    assert _errno(os.truncate, path, LIMIT + 1) == "EFBIG"
+    assert errno_name(os.truncate, path, LIMIT + 1) == "EFBIG"
     os.truncate(path, LIMIT)  # exactly the limit is allowed
     os.truncate(path, 4)
     writeback = "--writeback-cache" in limited.options
     fd = os.open(path, os.O_RDWR)
     try:
         if not writeback:
-            assert _errno(os.pwrite, fd, b"x", LIMIT) == "EFBIG"
-            assert _errno(os.pwrite, fd, b"x", 1 << 62) == "EFBIG"
+            assert errno_name(os.pwrite, fd, b"x", LIMIT) == "EFBIG"
+            assert errno_name(os.pwrite, fd, b"x", 1 << 62) == "EFBIG"
             assert os.pwrite(fd, b"abcdef", LIMIT - 2) == 2  # short write up to the limit
             assert os.pread(fd, 2, LIMIT - 2) == b"ab"
         else:
             # The kernel takes the byte into its page cache (FUSE cannot report s_maxbytes)...
             assert os.pwrite(fd, b"x", LIMIT + 4096) == 1
             # ...and the writer learns at fsync; the byte never reads back as a zero.
-            assert _errno(os.fsync, fd) == "EFBIG"
+            assert errno_name(os.fsync, fd) == "EFBIG"
             # While the kernel keeps the page it serves the byte itself; once the page is
             # dropped, the read reaches the daemon, which refuses rather than answer zeros.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            assert _errno(os.pread, fd, 1, LIMIT + 4096) == "EIO"
+            assert errno_name(os.pread, fd, 1, LIMIT + 4096) == "EIO"
             assert "event=cached_write_refused" in limited.log_text()
             os.ftruncate(fd, 4)  # truncating clears the mark: the file is whole again
             assert os.pread(fd, 10, 0) == b"kept"
@@ -91,7 +82,7 @@ def test_default_limit_is_the_kernels(tmp_path: Path, options: list[str]) -> Non
             for off in (1 << 45, (1 << 63) - 2):
                 assert os.pwrite(fd, b"Z", off) == 1
             # The kernel refuses the last offset itself, as for tmpfs (pos + count would pass 2^63).
-            assert _errno(os.pwrite, fd, b"Z", (1 << 63) - 1) == "EINVAL"
+            assert errno_name(os.pwrite, fd, b"Z", (1 << 63) - 1) == "EINVAL"
             os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read back from the daemon
             assert os.pread(fd, 2, (1 << 45) - 1) == b"\0Z"
@@ -111,7 +102,7 @@ def test_writeback_writer_sees_the_error_at_close(tmp_path: Path) -> None:
     try:
         fd = os.open(m.mountpoint / "g", os.O_WRONLY | os.O_CREAT, 0o600)
         os.pwrite(fd, b"y", LIMIT)
-        assert _errno(os.close, fd) == "EIO"  # flush at close reports the failed writeback
+        assert errno_name(os.close, fd) == "EIO"  # flush at close reports the failed writeback
     finally:
         unmount(m)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from scratchfs import blocks
 from scratchfs.exitcodes import EXIT_BUSY, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOT_MOUNTED, EXIT_OK, EXIT_USAGE
-from scratchfs.keyholder import logformat, mountinfo, procs, ready
+from scratchfs.keyholder import fusectl, logformat, mountinfo, procs, ready
 from scratchfs.limits import (
     DEFAULT_MAX_INODES,
     DEFAULT_MAX_XATTR_BYTES,
@@ -321,6 +321,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if "busy" in detail.lower():
             raise MountError(EXIT_BUSY, f"{path} is busy (files open or a process inside it); close them and retry")
         raise MountError(EXIT_INTERNAL, f"cannot unmount {path}: {detail}")
+    if not stale and entry.device:
+        _end_copies_elsewhere(path, entry.device)
     if pid is not None and started is not None:
         if not procs.wait_gone(pid, started, args.timeout):
             raise MountError(
@@ -328,6 +330,39 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 f"unmounted {path} but daemon {pid} is still shredding after {args.timeout:.0f}s; wait and check",
             )
     return EXIT_OK
+
+
+def _end_copies_elsewhere(path: Path, device: str) -> None:
+    """After our copy is unmounted: end the connection if other mount namespaces still hold one.
+
+    See scratchfs/keyholder/fusectl.py for why; a bind mount in our own namespace is the
+    user's: it is left alone and named in the error.
+    """
+    elsewhere_here = fusectl.same_namespace_copies(device)
+    if elsewhere_here:
+        raise MountError(
+            EXIT_BUSY,
+            f"unmounted {path}, but the same file system is still mounted at {', '.join(elsewhere_here)}; "
+            "unmount those too",
+        )
+    holders = fusectl.holders_elsewhere(device)
+    if not holders:
+        return
+    shown = ", ".join(map(str, holders[:5])) + (" ..." if len(holders) > 5 else "")
+    try:
+        aborted = fusectl.abort(device)
+    except OSError as e:
+        raise MountError(
+            EXIT_BUSY,
+            f"unmounted {path} here, but mount namespaces of pids {shown} still hold it and its "
+            f"connection cannot be ended ({e}); end those processes or rerun as root",
+        ) from None
+    if aborted:
+        print(
+            f"{PROG}: {path} was still mounted in the mount namespaces of pids {shown}; "
+            "ended its FUSE connection so the daemon can shred",
+            file=sys.stderr,
+        )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

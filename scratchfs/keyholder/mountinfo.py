@@ -32,6 +32,9 @@ class MountEntry:
     fstype: str
     source: str
     options: str
+    # "major:minor" of the superblock: the same for every copy of one mount, in every
+    # mount namespace (bind mounts and namespace copies share the superblock).
+    device: str = ""
 
 
 def unescape(field: str | bytes) -> str:
@@ -55,6 +58,7 @@ def parse(text: bytes) -> list[MountEntry]:
                     os.fsdecode(fields[sep + 1]),
                     unescape(fields[sep + 2]),
                     os.fsdecode(fields[5]),
+                    os.fsdecode(fields[2]),
                 )
             )
         except (ValueError, IndexError):

@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from scratchfs.exitcodes import EXIT_BUSY
 from scratchfs.keyholder import mountinfo
 from tests.mounting import Mounted, is_mounted, mount, run_cli, unmount, wait_pid_gone
 
@@ -313,3 +315,54 @@ def test_mount_and_umount_exit_zero(dirs: tuple[Path, Path]) -> None:
     assert done.returncode == 0, done.stderr
     assert not is_mounted(mnt)
     assert wait_pid_gone(pid)
+
+
+def test_umount_ends_copies_held_by_other_mount_namespaces(tmp_path: Path) -> None:
+    """A private mount namespace made while the mount is live keeps a copy of it; umount ends it.
+
+    The copy outlives our unmount and held the daemon (and the plaintext) until umount learned
+    to abort the connection through fusectl.
+    """
+    m = mount(tmp_path / "backing", tmp_path / "mnt")
+    (m.mountpoint / "secret").write_bytes(b"plaintext")
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation=private", "sleep", "120"], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # unshare execs sleep once its namespace is set up
+            if os.readlink(f"/proc/{holder.pid}/exe").endswith("sleep"):
+                break
+            time.sleep(0.02)
+        copy = Path(f"/proc/{holder.pid}/root{m.mountpoint}/secret")
+        assert copy.read_bytes() == b"plaintext"
+        done = run_cli("umount", str(m.mountpoint))
+        assert done.returncode == 0, done.stderr
+        assert wait_pid_gone(m.pid, 30), "the daemon kept serving the other namespace's copy"
+        assert "ended its FUSE connection" in done.stderr
+        assert str(holder.pid) in done.stderr
+        with pytest.raises(OSError) as seen:
+            copy.read_bytes()
+        assert seen.value.errno in mountinfo.STALE_ERRNOS
+    finally:
+        holder.kill()
+        holder.wait(10)
+        if is_mounted(m.mountpoint):
+            unmount(m)
+
+
+def test_umount_names_a_bind_mount_it_leaves(tmp_path: Path) -> None:
+    m = mount(tmp_path / "backing", tmp_path / "mnt")
+    other = tmp_path / "bound"
+    other.mkdir()
+    subprocess.run(["mount", "--bind", str(m.mountpoint), str(other)], check=True)
+    try:
+        done = run_cli("umount", str(m.mountpoint))
+        assert done.returncode == EXIT_BUSY
+        assert f"still mounted at {other}" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert is_mounted(other) and not is_mounted(m.mountpoint)
+    finally:
+        if is_mounted(other):
+            subprocess.run(["umount", str(other)], check=False)
+        assert wait_pid_gone(m.pid, 30)
+        if is_mounted(m.mountpoint):
+            unmount(m)

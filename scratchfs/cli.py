@@ -319,7 +319,16 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if result.returncode != 0:
         detail = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
         if "busy" in detail.lower():
-            raise MountError(EXIT_BUSY, f"{path} is busy (files open or a process inside it); close them and retry")
+            users = procs.users_of(str(path))
+            who = (
+                " by " + ", ".join(f"{pid} ({comm})" for pid, comm in sorted(users.items())[:8])
+                + (" ..." if len(users) > 8 else "")
+                if users
+                else ""
+            )
+            raise MountError(
+                EXIT_BUSY, f"{path} is busy (files open or a working directory inside it{who}); close them and retry"
+            )
         raise MountError(EXIT_INTERNAL, f"cannot unmount {path}: {detail}")
     if not stale and entry.device:
         _end_copies_elsewhere(path, entry.device)

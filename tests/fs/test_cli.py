@@ -366,3 +366,17 @@ def test_umount_names_a_bind_mount_it_leaves(tmp_path: Path) -> None:
         assert wait_pid_gone(m.pid, 30)
         if is_mounted(m.mountpoint):
             unmount(m)
+
+
+def test_umount_busy_names_who_holds_it(tmp_path: Path) -> None:
+    m = mount(tmp_path / "backing", tmp_path / "mnt")
+    inside = subprocess.Popen(["sleep", "60"], cwd=m.mountpoint)
+    try:
+        done = run_cli("umount", str(m.mountpoint))
+        assert done.returncode == EXIT_BUSY
+        assert f"{inside.pid} (sleep)" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    finally:
+        inside.kill()
+        inside.wait(10)
+        unmount(m)

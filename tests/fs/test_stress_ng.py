@@ -78,6 +78,7 @@ def test_stress_ng_filesystem_class_verifies(tmp_path: Path, config: str) -> Non
         unmount(m)  # kills the daemon if it is still there, and checks its log for errors
     assert done.returncode == 0, done.stderr
     assert not failures, "\n".join(failures)
-    # The fallocate, fpunch, fsize and file-ioctl stressors reached the daemon (the kernel did
-    # not answer EOPNOTSUPP for it): thousands of requests in a few seconds.
-    assert json.loads(stats.read_text())["requests"]["fallocate"] > 100
+    # The fallocate, fpunch, fsize and file-ioctl stressors reached the daemon (with a pyfuse3
+    # that has no handler, libfuse answers ENOSYS without counting and the kernel stops asking):
+    # 87 to several thousand requests in 3 s, depending on the machine's load.
+    assert json.loads(stats.read_text())["requests"]["fallocate"] > 20

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc patch \
 	fio stress-ng gocryptfs cryptsetup-bin libcryptsetup12 e2fsprogs util-linux \
 	rsyslog rsyslog-gnutls nmap procps psmisc systemd openssh-server passwd tinyproxy \
 	libtss2-dev swtpm swtpm-tools tpm2-tools \
@@ -33,10 +33,12 @@ apt-install:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.stamp-deps: pyproject.toml
+# pyfuse3 is PyPI's 3.5.0 plus a fallocate handler (third_party/pyfuse3/README.md): the wheel is
+# built once into build/pyfuse3/ and found there by pip through --find-links.
+$(VENV)/.stamp-deps: pyproject.toml third_party/pyfuse3/fallocate.patch tools/patched_pyfuse3.py
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	wheels=$$($(PY) -m tools.patched_pyfuse3) && $(PY) -m pip install -q --find-links "$$wheels" -e '.[test]'
 	@touch $@
 
 venv: apt $(VENV)/.stamp-deps

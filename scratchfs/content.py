@@ -29,7 +29,7 @@ import heapq
 import itertools
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from scratchfs import blocks
 from scratchfs.crypto import FileKey
@@ -506,6 +506,23 @@ class FileContent:
         os.ftruncate(fd, new_blob_len)
         self.blob_len = new_blob_len
         self.size = new_size
+
+    def make_holes(self, fd: int, first: int, last: int, punch_backing: Callable[[int, int, int], None]) -> None:
+        """Blocks first..last become holes (fallocate.py): records zeroed by *punch_backing* first."""
+        indices = [i for i in range(first, min(last + 1, len(self.versions))) if self.versions[i]]
+        indices += sorted(i for i in self.far if first <= i <= last)
+        main = [i for i in indices if i < self.ident_blocks]
+        for _, group in itertools.groupby(enumerate(main), key=lambda p: p[1] - p[0]):
+            run = [i for _, i in group]
+            start = blocks.record_offset(run[0], self.block_size)
+            stop = min(self.blob_len, blocks.record_offset(run[-1] + 1, self.block_size))
+            if stop > start:
+                punch_backing(fd, start, stop - start)
+        for index in indices:
+            if index in self.slots:
+                self.free_slots.append(self.slots.pop(index))
+            self._set_version(index, 0)
+        self._settle()
 
     # --- write plumbing ----------------------------------------------------------------------
     def _is_partial(self, index: int, offset: int, end: int, new_size: int) -> bool:

@@ -27,6 +27,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
+from scratchfs import fallocate as falloc
 from scratchfs.content import FileContent
 from scratchfs.errors import FsError, IntegrityError
 from scratchfs.limits import ENGINE_COST, HANDLE_COST, Limits, owner_request
@@ -524,6 +525,20 @@ class ScratchOps(pyfuse3.Operations):
         node = self.files.get(fh).node
         async with self._using(node, write=False) as content:
             await trio.to_thread.run_sync(content.sync, datasync, limiter=self._limiter)
+
+    @handler
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        # Semantics, checks and guarantees: scratchfs/fallocate.py. The kernel has already
+        # refused a handle not open for writing (EBADF), a directory (EISDIR), other file
+        # types (ENODEV) and PUNCH_HOLE without KEEP_SIZE (EOPNOTSUPP).
+        node = self.files.get(fh).node
+        owner_request.set(node.uid in self.owners)  # no request context, as for write
+        falloc.check_request(mode, offset, length, self.limits.max_file_size)
+        async with self._using(node, write=True) as content:
+            falloc.check_space(content, mode, offset, offset + length)
+            # Worker thread: a punch over many blocks or a zeroing fallback writes much.
+            await trio.to_thread.run_sync(falloc.apply, content, mode, offset, length, limiter=self._limiter)
+        node.mtime_ns = node.ctime_ns = now_ns()
 
     # --- directories -------------------------------------------------------------------------------
     @handler

@@ -239,6 +239,10 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
     ops.enable_writeback_cache = opts.writeback
     ops.mountpoint = opts.mountpoint
     ops.direct_io = opts.direct_io
+    if not hasattr(pyfuse3.Operations, "fallocate"):
+        # A stock pyfuse3 (not make setup's build, third_party/pyfuse3): it never hands us
+        # FALLOCATE, so the kernel answers every fallocate(2) with EOPNOTSUPP. Serve the rest.
+        log.warning("event=fallocate_unavailable pyfuse3=%s fix=%s", pyfuse3.__version__, "make setup")
     try:
         pyfuse3.init(ops, str(opts.mountpoint), _fuse_options(opts))
     except RuntimeError as e:

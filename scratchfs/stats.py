@@ -23,7 +23,7 @@ __all__ = ["OPERATIONS", "RequestStats"]
 # is one dict increment with no membership test, and so that a zero shows up in the output.
 OPERATIONS = (
     "lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "symlink", "link",
-    "unlink", "rmdir", "rename", "open", "create", "read", "write", "flush", "release", "fsync",
+    "unlink", "rmdir", "rename", "open", "create", "read", "write", "flush", "release", "fsync", "fallocate",
     "opendir", "readdir", "releasedir", "fsyncdir", "statfs", "setxattr", "getxattr", "listxattr",
     "removexattr", "access",
 )  # fmt: skip

@@ -25,11 +25,20 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from scratchfs.fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from scratchfs.fallocate import fallocate as falloc
 from tests.fs.conftest import Target
 from tests.fs.helpers import errname, read_all, write_all
 
 NAMES = ["a", "b", "c", "sub/d", "sub/e"]
 MODES = [0o600, 0o644, 0o400, 0o755, 0o000]
+FALLOCATE_MODES = [
+    0,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_ZERO_RANGE,
+    FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+]
 
 
 @dataclass(eq=False)
@@ -126,6 +135,25 @@ def make_machine(root: Path, block_size: int) -> type[RuleBasedStateMachine]:
                 del d[size:]
             else:
                 d += bytes(size - len(d))
+
+        @rule(h=handles, mode=st.sampled_from(FALLOCATE_MODES), offset=offsets,
+              length=st.one_of(st.integers(1, 300), st.sampled_from([block_size, 2 * block_size + 1])))
+        def fallocate(self, h: Handle, mode: int, offset: int, length: int) -> None:
+            if h.fd < 0:
+                return
+            result = errname(lambda: falloc(h.fd, mode, offset, length))
+            if not h.writable:
+                assert result == "EBADF"
+                return
+            assert result == "ok"
+            d = h.inode.data
+            end = offset + length
+            if not mode & FALLOC_FL_KEEP_SIZE and end > len(d):
+                d += bytes(end - len(d))
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                stop = min(end, len(d))
+                if offset < stop:
+                    d[offset:stop] = bytes(stop - offset)
 
         @rule(h=handles, data_only=st.booleans())
         def sync(self, h: Handle, data_only: bool) -> None:

@@ -31,6 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.patched_pyfuse3 import BuildError as PyfuseBuildError
+from tools.patched_pyfuse3 import ensure_wheel as patched_pyfuse3_wheels
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy" / "appliance"
 UNIT_FILE = ROOT / "deploy" / "systemd" / "scanner-agent.service"
@@ -52,8 +55,8 @@ ESP_SIZE = 128 * MiB
 STATE_SIZE = 512 * MiB  # the agent's state (KBs) and its volume image (256 MiB by default)
 
 # The project files that go into the image (through its wheel) or shape it.
-PROJECT_INPUTS = ("agent", "scratchfs", "protocol", "tools", "pyproject.toml", "setup.cfg", "deploy",
-                  "docs/agent.md")
+PROJECT_INPUTS = ("agent", "scratchfs", "protocol", "tools", "third_party", "pyproject.toml", "setup.cfg",
+                  "deploy", "docs/agent.md")
 
 ENABLED_UNITS = ("systemd-networkd.service", "systemd-networkd-wait-online.service", "nftables.service",
                  "scanner-agent.service", "appliance-provision.service", "appliance-lock-modules.service",
@@ -174,7 +177,12 @@ def build_wheels(paths: Paths) -> Path:
     wheels = paths.work / "wheels"
     wheels.mkdir(parents=True)
     py = sys.executable
-    sh(py, "-m", "pip", "wheel", "-q", "--wheel-dir", wheels, ROOT, timeout=1800)
+    # pyfuse3 is our patched build (third_party/pyfuse3): the same wheel `make setup` installs.
+    try:
+        patched_pyfuse3 = patched_pyfuse3_wheels()
+    except PyfuseBuildError as e:
+        raise BuildError(str(e)) from None
+    sh(py, "-m", "pip", "wheel", "-q", "--find-links", patched_pyfuse3, "--wheel-dir", wheels, ROOT, timeout=1800)
     sh(py, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--dest", wheels / "pip", "pip")
     return wheels
 

@@ -35,8 +35,8 @@ UMOUNT_TIMEOUT = 60.0
 # - the writeback cache: result files are written in small pieces; the kernel batches them;
 # - keep cache: every result is read back once for upload right after it was written; the
 #   kernel's pages serve that read instead of a decryption per block;
-# - names and attributes cached for a minute: the shred after an upload walks and deletes
-#   thousands of files without a GETATTR each.
+# - names and attributes cached for a day: the upload and the shred after it walk thousands of
+#   names the scan wrote minutes earlier without a LOOKUP each.
 SCRATCHFS_OPTIONS: tuple[str, ...] = ("--profile", "scratch")
 
 

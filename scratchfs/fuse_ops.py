@@ -502,6 +502,15 @@ class ScratchOps(pyfuse3.Operations):
         if mode != node.mode:
             node.mode = mode
             node.ctime_ns = now_ns()
+            # The one attribute we change that the kernel does not re-ask for: after a direct
+            # write it drops only size, times and blocks (fuse_write_update_attr), so a mode-only
+            # statx showed the set-id bits for the whole attribute timeout (the scratch profile's
+            # is a day). Attributes only: no page is touched, so this cannot wait on writeback.
+            try:
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            except OSError as e:  # ENOENT: the kernel holds no attributes of it to drop
+                if e.errno != errno.ENOENT:
+                    log.warning("event=attr_invalidate_failed ino=%d errno=%s", node.ino, e.errno)
 
     @handler
     async def flush(self, fh: int) -> None:

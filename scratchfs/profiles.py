@@ -5,10 +5,31 @@ dropped at every open, attributes cached for a second. `scratch` is what the age
 job directory with and what the README recommends for local use: it gives up extended
 attributes (ENOSYS, remembered by the kernel), lets the kernel batch writes in its page cache
 (errors of a cached write show at fsync/close, not at write(2)), keeps a file's pages across
-opens. Names and attributes stay cached for 1 s as in posix: 60 s removed every LOOKUP of
-an expired name in the benchmarks (docs/bench.md, issue 23), but with it the daemons of
-tests/fs/test_concurrency.py did not exit within 30 s of their unmount (1 s: they do); until
-that is understood, `--attr-timeout 60` is an explicit choice, not the preset.
+opens, and lets the kernel cache names, "no such name" and attributes for a day
+(SCRATCH_CACHE_SECONDS).
+
+Why a long cache is safe here: nobody but this daemon changes the namespace (the blob store is
+its alone, and inode numbers are never reused), and the daemon changes nothing unasked: every
+change arrives as a request of the one kernel mount, and the kernel updates or drops what it
+cached for that request itself: the entry of a created, removed or renamed name, the negative
+entry a create replaces, the parent directory's attributes, nlink and ctime of an inode linked
+or unlinked through another name (attributes belong to the inode, not to a name), the reply's
+attributes after chmod/chown/truncate, size and times after writes, atime after a READ that
+reached us. The one change the kernel did not re-ask for, set-id bits cleared by a direct-I/O
+write (fuse_ops.ScratchOps._kill_suid), is now pushed to it (invalidate_inode). So the length
+of the timeout decides only how long an unchanged name stays valid without a LOOKUP: a day
+covers any scan job (the agent's upload and shred walk names its scan wrote minutes earlier).
+One thing lags longer than with 1 s: under the writeback cache the kernel keeps a file's
+st_blocks from before its dirty pages reached the daemon until the file is closed (measured:
+1 MiB written and fsync'ed, st_blocks 0 until close; with 1 s, right after the second). Only
+`du` of files still being written sees it; the agent reads no st_blocks.
+
+The profile had 60 s once and lost it for a failure that was not the timeout's: the daemons
+of tests/fs/test_concurrency.py outliving their unmount came from a mount namespace made while
+the mounts were live (`ip netns exec` of the appliance test bed on the same machine), which
+kept a copy of every mount and so the FUSE connections open; the 1 s mounts hung alike.
+`scratchfs umount` now ends such copies (scratchfs/keyholder/fusectl.py). docs/bench.md has the
+measurements.
 """
 
 from __future__ import annotations
@@ -16,7 +37,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_PROFILE", "PROFILES", "Profile", "effective_flags"]
+__all__ = ["DEFAULT_PROFILE", "PROFILES", "SCRATCH_CACHE_SECONDS", "Profile", "effective_flags"]
+
+# As virtiofsd's cache=always (the guest alone changes its tree): longer than any job's life.
+SCRATCH_CACHE_SECONDS = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -42,8 +66,9 @@ PROFILES: dict[str, Profile] = {
         no_xattr=True,
         writeback=True,
         keep_cache=True,
-        attr_timeout=1.0,
-        summary="fast scratch space (the agent's): no xattrs, writeback and keep cache",
+        attr_timeout=SCRATCH_CACHE_SECONDS,
+        summary="fast scratch space (the agent's): no xattrs, writeback and keep cache, "
+        "names and attributes cached a day",
     ),
 }
 DEFAULT_PROFILE = "posix"

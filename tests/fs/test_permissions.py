@@ -6,11 +6,17 @@ what each operation returned ('ok', a value, or an errno name).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
+import struct
+from collections.abc import Callable
+
+import pytest
 
 from tests.fs.conftest import Target
 from tests.fs.helpers import NOBODY, run_as
+from tests.mounting import Mounted
 
 
 def _prepare(root: os.PathLike[str] | str) -> None:
@@ -189,3 +195,38 @@ R["other-group W"] = attempt(os.open, "other-group", os.O_WRONLY)
     # g-none: the group class matches and denies, even though "other" would allow.
     assert got == {"g-rw": "ok", "g-none": "EACCES", "other-group": "ok",
                    "other-group W": "EACCES"}
+
+
+def _mode_from_cache(path: os.PathLike[str]) -> int:
+    """st_mode from a statx(2) that asks for the mode alone: the kernel answers from its cached
+    attributes unless the mode itself was invalidated (a full stat(2) also asks for st_blocks,
+    which every write invalidates, so it would re-ask the daemon and hide a stale mode)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if libc.statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_MODE, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fspath(path))
+    (mode,) = struct.unpack_from("=H", buf, 28)  # stx_mode, after mask, blksize, attributes, nlink, uid, gid
+    return int(mode)
+
+
+_AT_FDCWD = -100
+_STATX_MODE = 0x2
+
+
+def test_set_id_bits_cleared_by_a_direct_write_are_not_cached(mount_factory: Callable[..., Mounted]) -> None:
+    """Under --direct-io the daemon clears set-id bits of a file written by a process without
+    CAP_FSETID, behind the kernel's cached mode; with the scratch profile's long attribute
+    timeout the kernel showed the old mode for a day unless the daemon invalidates it."""
+    if os.environ.get("SCRATCHFS_TEST_TARGET") == "tmpfs":
+        pytest.skip("about scratchfs --direct-io")
+    m = mount_factory("--profile", "scratch", "--direct-io", "--allow-other")
+    os.chmod(m.mountpoint, 0o755)
+    p = m.mountpoint / "suid"
+    p.write_bytes(b"")
+    os.chown(p, NOBODY, NOBODY)
+    os.chmod(p, 0o4777)
+    assert _mode_from_cache(p) & 0o7777 == 0o4777  # cached now
+    run_as(m.mountpoint, 'fd = os.open("suid", os.O_WRONLY)\nos.write(fd, b"x")\nos.close(fd)\n')
+    assert oct(_mode_from_cache(p) & 0o7777) == "0o777"
+    assert oct(stat.S_IMODE(os.stat(p).st_mode)) == "0o777"

@@ -158,12 +158,14 @@ def test_new_files_cost_no_setattr_at_close_under_the_agent_options(
 def test_scratch_profile_is_the_agents_fast_configuration(
     mount_factory: Callable[..., Mounted], tmp_path: Path
 ) -> None:
-    """`--profile scratch` (what agent/scratch.py mounts with): no xattrs and the page cache
-    kept across opens (a reopened file is read without a READ request)."""
+    """`--profile scratch` (what agent/scratch.py mounts with): no xattrs, the page cache kept
+    across opens (a reopened file is read without a READ request), and names, "no such name"
+    and attributes cached past the posix profile's one second."""
     assert SCRATCHFS_OPTIONS == ("--profile", "scratch")
     stats = tmp_path / "stats.json"
     m = mount_factory(*SCRATCHFS_OPTIONS, "--stats-file", str(stats))
     path = m.mountpoint / "f"
+    absent = m.mountpoint / "absent"
     data = os.urandom(50_000)
     with open(path, "wb") as f:
         f.write(data)
@@ -177,7 +179,10 @@ def test_scratch_profile_is_the_agents_fast_configuration(
     for _ in range(3):
         assert path.read_bytes() == data
         os.stat(path)
+        assert not os.path.exists(absent)
         first = _dump(m, stats, dumps)
+        time.sleep(1.5)  # past the posix profile's attribute timeout
+        assert not os.path.exists(absent)
         assert os.stat(path).st_size == len(data)
         assert path.read_bytes() == data  # reopened: served by the kept pages
         second = _dump(m, stats, first["dumps"])
@@ -188,6 +193,7 @@ def test_scratch_profile_is_the_agents_fast_configuration(
         # Someone dropped the machine's caches meanwhile (drop_caches by a benchmark): the
         # kernel forgot the inode and its pages, so this window proves nothing; try again.
     assert delta["read"] == 0 and delta["open"] == 1, delta
+    assert delta["getattr"] == 0 and delta["lookup"] == 0, delta
 
 
 def test_posix_profile_refreshes_attributes_after_a_second(

@@ -229,13 +229,18 @@ def test_ratio_directions() -> None:
 
 def test_goals_use_the_issue_thresholds() -> None:
     med = {
-        "scratchfs": {"stream_write": 95.0, "randread_1j": 90.0, "tree_rm": 1.0,
-                      "rss_files": 151.0},
-        "gocryptfs": {"stream_write": 100.0, "tree_rm": 2.0},
-        "zerofs": {"randread_1j": 100.0},
+        "scratchfs": {"tree_extract": 10.0, "tree_ls": 1.0, "rss_files": 151.0},
+        "scratchfs-agent": {"stream_write": 105.0, "tree_extract": 1.0, "tree_rm": 1.0, "randread_1j": 80.0},
+        "gocryptfs": {"stream_write": 100.0, "tree_extract": 1.5, "tree_ls": 0.8},
+        "zerofs": {"randread_1j": 100.0, "tree_rm": 0.95},
     }
-    got = {g["metric"]: g for g in goals(med)}
-    assert got["stream_write"]["met"] is False  # 0.95x gocryptfs < 1.0x
-    assert got["randread_1j"]["met"] is True  # 0.9x the zero-work floor
-    assert got["tree_rm"]["met"] is True  # twice as fast as gocryptfs
-    assert got["rss_files"]["met"] is False  # over 150 MiB
+    default = {g["metric"]: g for g in goals(med, "scratchfs")}
+    assert default["tree_extract"]["met"] is False  # 0.15x gocryptfs < 0.8x
+    assert default["tree_ls"]["met"] is True  # 0.8x
+    assert default["rss_files"]["met"] is False  # over 150 MiB
+    assert "stream_write" not in default  # the speed goals are the agent's mount's
+    agent = {g["metric"]: g for g in goals(med, "scratchfs-agent")}
+    assert agent["stream_write"]["met"] is False  # 1.05x < 1.1x
+    assert agent["tree_extract"]["met"] is True  # 1.5x >= 1.4x
+    assert agent["tree_rm"]["met"] is True and agent["tree_rm"]["versus"] == "zerofs"  # 0.95x
+    assert agent["randread_1j"]["met"] is True  # 0.8x the zero-work floor

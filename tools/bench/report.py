@@ -55,17 +55,25 @@ RATIO_BASES = ("gocryptfs", "passthrough", "zerofs")
 # Targets whose ratios and goals are reported: the default mount and the agent's mount.
 SUBJECTS = ("scratchfs", "scratchfs-agent")
 
-# Issue 11's targets: (metric, compared with, minimum speed ratio); memory is absolute.
-GOALS: tuple[tuple[str, str, float], ...] = (
-    ("stream_write", "gocryptfs", 1.1),
-    ("stream_read", "gocryptfs", 1.1),
-    ("tree_extract", "gocryptfs", 1.0),
-    ("tree_ls", "gocryptfs", 3.0),
-    ("tree_rm", "gocryptfs", 1.0),
-    ("scan_total", "gocryptfs", 1.0),
-    ("randread_1j", "zerofs", 0.8),
-    ("randwrite_1j", "zerofs", 0.7),
-)
+# Issue 23's targets, per configuration: (metric, compared with, minimum speed ratio). The agent's
+# mount carries the speed goals; the default mount (what people debug with) must stay within
+# reach of gocryptfs at small files. Memory is absolute, for both.
+GOALS: dict[str, tuple[tuple[str, str, float], ...]] = {
+    "scratchfs": (
+        ("tree_extract", "gocryptfs", 0.8),
+        ("tree_ls", "gocryptfs", 0.8),
+    ),
+    "scratchfs-agent": (
+        ("stream_write", "gocryptfs", 1.1),
+        ("stream_read", "gocryptfs", 1.1),
+        ("tree_extract", "gocryptfs", 1.4),
+        ("tree_ls", "gocryptfs", 3.0),
+        ("tree_rm", "zerofs", 0.9),
+        ("scan_total", "gocryptfs", 1.6),
+        ("randread_1j", "zerofs", 0.8),
+        ("randwrite_1j", "zerofs", 0.7),
+    ),
+}
 RSS_GOAL_MIB = 150.0
 
 
@@ -112,7 +120,7 @@ def goals(med: dict[str, dict[str, float]], subject: str = "scratchfs") -> list[
     rows: list[dict[str, Any]] = []
     mine = med.get(subject, {})
     by_key = {m.key: m for m in METRICS}
-    for key, base, minimum in GOALS:
+    for key, base, minimum in GOALS.get(subject, ()):
         theirs = med.get(base, {})
         if key not in mine or key not in theirs:
             continue
@@ -183,7 +191,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 [m.label, m.unit, *(_fmt(med.get(t, {}).get(m.key)) for t in sweep)]) + " |")
     lines += requests_table(doc)
     if doc["goals"]:
-        lines += ["", "## Goals (issue 11)", "",
+        lines += ["", "## Goals (issue 23)", "",
                   "| target | metric | versus | want | got | met |", "|---|---|---|---|---:|---|"]
         for g in doc["goals"]:
             lines.append(f"| {g['subject']} | {g['metric']} | {g['versus']} | {g['want']} | "

@@ -29,7 +29,6 @@ EVENT_PCR_MISMATCH: Final = "pcr_mismatch"
 EVENT_BASELINE_CHANGED: Final = "pcr_baseline_changed"
 
 
-
 def _hash(data: bytes) -> bytes:
     return hashlib.sha256(b"scanner-attestation-store\x00" + data).digest()
 
@@ -194,6 +193,17 @@ class Attestations(Events):
                 (PCR_MISMATCH, None if values is None else json.dumps(list(values)), now, appliance_id),
             )
             _event(db, now, appliance_id, EVENT_PCR_MISMATCH, f"quoted_digest={digest.hex()}")
+
+    def claim_boot_report(self, appliance_id: int, issued: int) -> bool:
+        """Whether a boot report whose nonce was issued at *issued* (microseconds) is newer
+        than the last one accepted for the appliance; if so it becomes the last one."""
+        with self._tx() as db:
+            done = db.execute(
+                "UPDATE attestations SET boot_report_issued = ? WHERE appliance_id = ? "
+                "AND (boot_report_issued IS NULL OR boot_report_issued < ?)",
+                (issued, appliance_id, issued),
+            ).rowcount
+        return bool(done == 1)
 
     def record_verified_boot(self, appliance_id: int, now: float) -> None:
         """An attested session opened: the PCRs match the baseline; remember when."""

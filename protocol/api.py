@@ -59,7 +59,7 @@ PATH_ATTEST_ENROLL: Final = "/v1/attestation/enroll"
 # POST {certify: EVIDENCE, quote: EVIDENCE + pcr_values} -> {"attestation": "attested"}
 # Both signed by the AK over attestation_binding(secret, TLS key, sealing keys).
 PATH_ATTEST_ACTIVATE: Final = "/v1/attestation/activate"
-# Boot reports (docs/attestation.md "Boot reports"); anonymous: an appliance whose TPM refused
+# Boot reports (docs/platform.md "Boot reports"); anonymous: an appliance whose TPM refused
 # to unseal (PCR mismatch) has no client key. POST {} -> {"nonce": B64}: a stateless nonce
 # (BOOT_NONCE_TTL seconds). POST {appliance, nonce, quote: EVIDENCE + pcr_values}
 #   -> {"verdict": VERDICT_PCR_MISMATCH}: the AK's quote over that nonce, checked against the

@@ -260,26 +260,27 @@ class AttestationEndpoints:
         try:
             issued = self.boot_nonces.check(nonce, now)
         except NonceRejected as e:
-            log.warning("event=boot_report_refused appliance=%r reason=nonce_invalid detail=%s", name, str(e))
+            log.warning("event=boot_report_refused appliance=%s reason=nonce_invalid detail=%s", name, str(e))
             raise HttpError(
                 403, api.REASON_NONCE_INVALID, f"{e}: get a fresh one (POST {api.PATH_BOOT_NONCE})"
             ) from None
+        not_verified = HttpError(
+            403, api.REASON_ATTESTATION_INVALID,
+            "the quote is not signed by the attestation key enrolled for that appliance "
+            "(unknown appliance, not attested, another TPM, or malformed evidence)",
+        )  # fmt: skip
         app, record = await self._enrolled(name)
+        if app is None or record is None:
+            log.warning("event=boot_report_refused appliance=%s reason=attestation_invalid detail=not_enrolled", name)
+            raise not_verified
         try:
-            if app is None or record is None:
-                raise at.AttestationError(api.REASON_ATTESTATION_INVALID, "unknown appliance")
             ak = at.parse_public(record.ak_public, "the AK public area")
             quote = at.verify_quote(q_attest, q_sig, ak, nonce, record.pcrs, values)
         except at.AttestationError as e:
-            log.warning("event=boot_report_refused appliance=%r reason=%s detail=%s", name, e.reason, e.message)
+            log.warning("event=boot_report_refused appliance=%s reason=%s detail=%s", name, e.reason, e.message)
             if e.reason == api.REASON_NONCE_INVALID:
                 raise HttpError(403, e.reason, e.message) from None
-            raise HttpError(
-                403, api.REASON_ATTESTATION_INVALID,
-                "the quote is not signed by the attestation key enrolled for that appliance "
-                "(unknown appliance, not attested, another TPM, or malformed evidence)",
-            ) from None  # fmt: skip
-        assert app is not None and record is not None  # the try above raised otherwise
+            raise not_verified from None
         if not await self.db.run(self.db.storage.claim_boot_report, app.id, issued):
             log.warning("event=boot_report_refused appliance=%s reason=nonce_invalid detail=replayed", app.name)
             raise HttpError(403, api.REASON_NONCE_INVALID, "this nonce was used for a report already (replayed)")

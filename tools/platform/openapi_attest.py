@@ -2,7 +2,7 @@
 `paths` and `schemas` here), and the response helpers both use.
 
 Session nonces, TPM enrollment, and the anonymous boot reports an appliance sends when its
-TPM refuses to unseal (docs/attestation.md "Boot reports").
+TPM refuses to unseal (docs/platform.md "Boot reports").
 """
 
 from __future__ import annotations

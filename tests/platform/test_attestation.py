@@ -310,11 +310,11 @@ async def fresh_report(platform: Platform, a: TpmAppliance, name: str | None = N
     return report_doc(name or a.name, nonce, quote, values)
 
 
-async def raw_report(platform: Platform, doc: dict[str, object]) -> tuple[int, bytes]:
-    """POST a boot report without a client certificate; (status, raw body)."""
+async def raw_report(platform: Platform, doc: dict[str, object], path: str = api.PATH_BOOT_REPORT) -> tuple[int, bytes]:
+    """POST a boot report (or *path*) without a client certificate; (status, raw body)."""
     body = json.dumps(doc).encode()
     request = (
-        f"POST {api.PATH_BOOT_REPORT} HTTP/1.1\r\nhost: {HOSTNAME}\r\ncontent-type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: {HOSTNAME}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     ).encode() + body
     tcp = await trio.open_tcp_stream("127.0.0.1", platform.port)
@@ -346,6 +346,8 @@ async def test_boot_report_of_a_changed_pcr_is_recorded_as_a_mismatch(
     before = listing(platform, "r1")
     sessions = run_cli("appliance", "sessions", "r1", state_dir=platform.paths.root).stdout
     tpm.extend_pcr(8)  # the kernel command line changed
+    status, body = await raw_report(platform, {}, api.PATH_BOOT_NONCE)
+    assert status == 200 and set(json.loads(body)) == {api.F_NONCE}  # a nonce and nothing else
     doc = await fresh_report(platform, a)
     status, body = await raw_report(platform, doc)
     assert (status, json.loads(body)) == (200, {api.F_VERDICT: api.VERDICT_PCR_MISMATCH})

@@ -464,17 +464,24 @@ class Testbed:
         self.platform.cli("ek-ca", "set", str(self.ek_ca.bundle))
         return self.platform
 
-    def guest(self, name: str, disk: Path, tpm_state: Path, second_nic: bool = False) -> Guest:
+    def guest(self, name: str, disk: Path, tpm_state: Path, second_nic: bool = False,
+              firmware_of: Guest | None = None) -> Guest:
         """A guest on its own tap; *disk* and *tpm_state* may be shared with another (clones).
 
-        With *second_nic* it also has a NIC on the other network (10.78.N.0/24)."""
+        With *second_nic* it also has a NIC on the other network (10.78.N.0/24). With
+        *firmware_of* it is a whole copy of that (stopped) guest's VM: its firmware variables
+        and its MAC too, so that it measures the same boot (PCR 1 holds the boot options,
+        which name the NIC's MAC) and only the boot counter can tell the two apart."""
         index = len(self.guests)
         d = self.work / f"guest-{name}"
         d.mkdir(parents=True, exist_ok=True)
         tap = f"tap{index}"
         self.netns.add_tap(tap)
-        g = Guest(name, d, disk, tpm_state, self.netns, tap, f"52:54:00:77:{self.netns.subnet % 256:02x}:{index:02x}",
-                  ek_ca=self.ek_ca)
+        mac = f"52:54:00:77:{self.netns.subnet % 256:02x}:{index:02x}"
+        if firmware_of is not None:
+            shutil.copyfile(firmware_of.directory / "OVMF_VARS.fd", d / "OVMF_VARS.fd")
+            mac = firmware_of.mac
+        g = Guest(name, d, disk, tpm_state, self.netns, tap, mac, ek_ca=self.ek_ca)
         if second_nic:
             self.other.add_tap(tap)
             g.second_nic = (self.other, tap, f"52:54:00:78:{self.other.subnet % 256:02x}:{index:02x}")

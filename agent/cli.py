@@ -31,10 +31,12 @@ from agent import state as statemod
 from agent import timesync
 from agent.attest import AttestationUnavailable
 from agent.attest_platform import enroll
+from agent.boot_report import report_mismatch
 from agent.errors import (
     ActivationError,
     AgentError,
     KeystoreError,
+    PcrMismatchError,
 )
 from agent.exitcodes import EXIT_ATTESTATION, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
 from agent.jobs import JobSettings
@@ -411,7 +413,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # process: with the tpm keystore, load_state unwraps them into memory.
     harden_process()
     ksmod.quiet_tss_logging()
-    state = statemod.load_state(args.state_dir.absolute(), args.tcti)
+    try:
+        state = statemod.load_state(args.state_dir.absolute(), args.tcti)
+    except PcrMismatchError as e:
+        # No key, so no session: still tell the platform, with the TPM's quote (exit 30 either way).
+        setup_logging(args.debug, timesync.Clock())
+        raise report_mismatch(args.state_dir.absolute(), args.tcti, e) from None
     settings = RunSettings(
         once=args.once,
         poll_wait=args.poll_wait,

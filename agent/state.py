@@ -327,6 +327,12 @@ def _read_doc(root: Path) -> tuple[bytes, dict[str, Any]]:
     return raw, doc
 
 
+def unverified_doc(root: Path) -> dict[str, Any]:
+    """state.json as written, NOT verified (its MAC needs the keys): only for reporting a boot
+    whose keystore refused to unlock (agent.boot_report), where nothing read here guards a secret."""
+    return _read_doc(root)[1]
+
+
 def load_state(root: Path, tcti: str | None = None) -> AgentState:
     """Load and verify a state dir; raise StateError or TamperedError (one-line messages).
 

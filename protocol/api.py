@@ -59,6 +59,13 @@ PATH_ATTEST_ENROLL: Final = "/v1/attestation/enroll"
 # POST {certify: EVIDENCE, quote: EVIDENCE + pcr_values} -> {"attestation": "attested"}
 # Both signed by the AK over attestation_binding(secret, TLS key, sealing keys).
 PATH_ATTEST_ACTIVATE: Final = "/v1/attestation/activate"
+# Boot reports (docs/platform.md "Boot reports"); anonymous: an appliance whose TPM refused
+# to unseal (PCR mismatch) has no client key. POST {} -> {"nonce": B64}: a stateless nonce
+# (BOOT_NONCE_TTL seconds). POST {appliance, nonce, quote: EVIDENCE + pcr_values}
+#   -> {"verdict": VERDICT_PCR_MISMATCH}: the AK's quote over that nonce, checked against the
+# baseline and recorded like a session's mismatch. Never unlocks or returns anything else.
+PATH_BOOT_NONCE: Final = "/v1/attestation/boot-nonce"
+PATH_BOOT_REPORT: Final = "/v1/attestation/boot-report"
 
 
 SESSION_ID_LEN: Final = 16  # hex digits of session_id()
@@ -158,6 +165,8 @@ F_ATTEST: Final = "attest"  # in evidence: TPM2B_ATTEST
 F_SIGNATURE: Final = "signature"  # in evidence: TPMT_SIGNATURE
 F_PCR_VALUES: Final = "pcr_values"  # in a quote: list of lowercase hex SHA-256 PCR values
 F_ATTESTATION: Final = "attestation"  # "attested"
+F_VERDICT: Final = "verdict"  # a boot report's outcome: VERDICT_PCR_MISMATCH
+VERDICT_PCR_MISMATCH: Final = "pcr_mismatch_recorded"
 # GET /v1/volume-key: "passphrase" (F_SEALED is the keyslot passphrase itself: appliances
 # activated before split keys, until they migrate) or "split" (F_SEALED is the platform's
 # share of key epoch F_EPOCH); F_NEXT is a pending share {"epoch", "sealed"} or null.
@@ -234,6 +243,7 @@ REASON_NONCE_INVALID: Final = "nonce_invalid"  # unknown, used or expired nonce 
 REASON_PCR_MISMATCH: Final = "pcr_mismatch"  # the quote's PCRs differ from the recorded baseline
 REASON_NOT_TPM_RESIDENT: Final = "not_tpm_resident"  # certified key is not FIXEDTPM|FIXEDPARENT
 REASON_ALREADY_ENROLLED: Final = "already_enrolled"  # 409: this appliance's TPM is enrolled already
+REASON_PCR_MATCH: Final = "pcr_match"  # 409: a boot report whose quote matches the baseline
 REASON_EPOCH_MISMATCH: Final = "epoch_mismatch"  # 409: commit of an epoch that is not pending
 
 # --- limits -----------------------------------------------------------------------------
@@ -249,6 +259,7 @@ MAX_BOOT_COUNTER: Final = 2**63 - 1  # fits SQLite's INTEGER
 KEYSTORES: Final = ("tpm", "file")
 NONCE_BYTES: Final = 32
 NONCE_TTL: Final = 120.0  # seconds a session nonce stays usable
+BOOT_NONCE_TTL: Final = 60.0  # seconds a boot-report nonce stays usable
 MAX_EVIDENCE: Final = 2048  # bytes of one marshalled TPM structure (attest, signature, public)
 MAX_EK_CERTIFICATE: Final = 4096  # bytes (DER)
 MAX_PCR_INDEX: Final = 23

@@ -118,17 +118,10 @@ def new_client_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
     the CSR proves possession of the key.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    pem, pkcs8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    return key.private_bytes(pem, pkcs8, serialization.NoEncryption()), csr.public_bytes(pem)
 
 
 # --- the client -------------------------------------------------------------------------
@@ -252,13 +245,21 @@ class PlatformClient:
         self.session = token
         return token
 
-    async def session_nonce(self) -> bytes:
-        """A fresh, single-use nonce for this appliance's next session's TPM evidence."""
-        data = await self._json("POST", api.PATH_SESSION_NONCE, {})
+    async def session_nonce(self, path: str = api.PATH_SESSION_NONCE) -> bytes:
+        """A fresh, single-use nonce for this appliance's next session's TPM evidence (or, with
+        *path* PATH_BOOT_NONCE and no client certificate needed, for a boot report)."""
+        data = await self._json("POST", path, {})
         nonce = b64decode(data.get(api.F_NONCE), "nonce")
         if len(nonce) != api.NONCE_BYTES:
             raise PlatformError(None, "protocol", "platform response: nonce is malformed")
         return nonce
+
+    async def boot_report(self, report: Mapping[str, Any]) -> str:
+        """Report a boot whose TPM refused to unseal (agent.boot_report); -> the verdict."""
+        verdict = (await self._json("POST", api.PATH_BOOT_REPORT, report)).get(api.F_VERDICT)
+        if not isinstance(verdict, str) or not verdict.isidentifier():
+            raise PlatformError(None, "protocol", "platform response: verdict is malformed")
+        return verdict
 
     async def attestation_enroll(self, enrollment: Mapping[str, Any]) -> tuple[bytes, bytes]:
         """Enroll this appliance's TPM: -> (credential blob, encrypted secret) of MakeCredential."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import EXIT_PCR
+from protocol import api
 from tests.agent.conftest import run_agent_cli
 from tools.demo import Platform, activate
 from tools.swtpm import EkCa, Swtpm, start_swtpm
@@ -75,3 +76,45 @@ def test_tpm_without_ek_certificate_runs_unattested(platform: Platform, swtpm: S
     proc = run_once(platform, state)
     assert proc.returncode == 0 and "attested=no" in proc.stderr, proc.stderr
     assert row(platform)["attestation"] == "claimed"
+
+
+def test_unseal_refused_on_changed_pcr_is_reported_to_the_platform(
+    platform: Platform, tpm: tuple[Swtpm, EkCa], tmp_path: Path
+) -> None:
+    """Keys sealed to PCR 8 (GRUB's commands, the kernel command line): a changed PCR 8 makes
+    the TPM refuse to unseal, so there is no TLS key and no session; the agent still reports
+    the boot with an AK quote and the platform records the mismatch as a session's would."""
+    swtpm, ca = tpm
+    platform.cli("ek-ca", "set", str(ca.bundle))
+    state = tmp_path / "appliance"
+    activate(platform, "app1", state, swtpm.tcti, "--tpm-pcrs", "8")
+    assert run_once(platform, state).returncode == 0
+    swtpm.extend_pcr(8)
+    proc = run_once(platform, state)
+    assert proc.returncode == EXIT_PCR, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "TPM refuses to unseal" in last and f"(reported to the platform: {api.VERDICT_PCR_MISMATCH})" in last, last
+    assert f"event=pcr_mismatch_reported verdict={api.VERDICT_PCR_MISMATCH}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    r = row(platform)
+    assert r["pcr_state"] == "mismatch" and r["attestation"] == "attested", r
+    shown = platform.cli("appliance", "baseline", "app1").stdout.decode()
+    assert "(changed)" in shown  # the reported PCR values, for the operator to judge
+    served = (platform.state / "serve.log").read_text()
+    assert "event=pcr_mismatch appliance=app1" in served and "source=boot_report" in served
+    assert served.count("session opened appliance=app1") == 1  # the report opened no session
+
+    # A platform that cannot be reached changes nothing but the line: still exit 30.
+    platform.stop()
+    proc = run_agent_cli("run", str(state), "--once", *RUN_ARGS)
+    assert proc.returncode == EXIT_PCR, proc.stderr
+    assert "(not reported to the platform: " in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_unenrolled_tpm_mismatch_exits_30_without_a_report(platform: Platform, swtpm: Swtpm, tmp_path: Path) -> None:
+    state = tmp_path / "appliance"
+    activate(platform, "app1", state, swtpm.tcti, "--tpm-pcrs", "8")
+    swtpm.extend_pcr(8)
+    proc = run_once(platform, state)
+    assert proc.returncode == EXIT_PCR, proc.stderr
+    assert "event=pcr_mismatch_not_reported reason=not_enrolled" in proc.stderr

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from protocol import api
 from tests.appliance.conftest import SSH_USER, Bed
 from tools.appliance import disk as diskmod
 from tools.appliance.testbed import Guest, run, wait_for
@@ -213,8 +214,10 @@ def test_reboot_fetches_the_key_again(bed: Bed, state: Run) -> None:
 
 
 def test_clone_with_copied_tpm_is_quarantined(bed: Bed, state: Run) -> None:
-    assert state.pristine_tpm is not None, "the first boot failed"
-    clone = bed.bed.guest("clone", bed.work / "clone.raw", state.pristine_tpm)
+    assert state.pristine_tpm is not None and state.guest is not None, "the first boot failed"
+    # A whole copy of the VM (disk, TPM state, firmware variables, MAC): its boot measures
+    # like the original's, so the platform's PCR check passes and the counter catches it.
+    clone = bed.bed.guest("clone", bed.work / "clone.raw", state.pristine_tpm, firmware_of=state.guest)
     clone.boot()
     with console_on_failure(clone, bed):
         assert exit_status(clone) == 31
@@ -275,8 +278,14 @@ def test_fresh_tpm_cannot_unlock_and_two_nics_do_not_forward(bed: Bed, state: Ru
 
 
 def test_changed_kernel_command_line_refuses_with_30(bed: Bed, state: Run) -> None:
+    """The TPM refuses to unseal (PCR 8 measures GRUB's commands, the kernel command line
+    among them); the agent still reports the boot with an AK quote and the platform shows the
+    mismatch. Restoring the command line restores the measured state: the next boot's quote
+    matches the baseline, so it is verified and the state clears without the operator (who
+    must NOT accept: 'baseline --accept' would make the changed command line the baseline)."""
     guest = state.guest
     assert guest is not None, "the first boot failed"
+    assert bed.platform.appliance(NAME)["attestation"] == "attested"
     original = diskmod.esp_read(guest.disk, "/EFI/appliance/grub.cfg")
     changed = original.replace(b" ro ", b" ro systemd.log_level=info ", 1)
     assert changed != original
@@ -285,11 +294,26 @@ def test_changed_kernel_command_line_refuses_with_30(bed: Bed, state: Run) -> No
         guest.boot()
         with console_on_failure(guest, bed):
             assert exit_status(guest) == 30
-            assert "event=volume_open" not in guest.console_text()
-            assert "session_opened" not in guest.console_text()
+            console = guest.console_text()
+            assert "event=volume_open" not in console
+            assert "session_opened" not in console
+            assert f"event=pcr_mismatch_reported verdict={api.VERDICT_PCR_MISMATCH}" in console
             guest.stop()
+        row = bed.platform.appliance(NAME)
+        assert row["pcr_state"] == "mismatch", row
+        shown = bed.platform.cli("appliance", "baseline", NAME).stdout.decode()
+        assert "(changed)" in shown
+        assert "boot refused since" in bed.platform.cli("appliance", "list").stdout.decode()
     finally:
         diskmod.esp_write(guest.disk, "/EFI/appliance/grub.cfg", original)
+    guest.boot()
+    with console_on_failure(guest, bed):
+        guest.wait_console(r"event=volume_open", BOOT_TIMEOUT)
+        row = bed.platform.appliance(NAME)
+        assert row["pcr_state"] == "ok" and not row["quarantined"], row
+        accept = bed.platform.cli("appliance", "baseline", NAME, "--accept", check=False)
+        assert accept.returncode == 4, accept.stderr  # nothing pending: the refused quote is history
+        assert guest.shutdown() == 0
 
 
 def test_deactivated_appliance_stays_locked(bed: Bed, state: Run) -> None:

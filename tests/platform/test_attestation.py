@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
-from agent.attest import Attestor
+from agent.attest import Attestor, Evidence
 from agent.attest_platform import boot_evidence, enroll_keys
 from agent.keystore.tpm import TpmKeystore
 from protocol import api, client, sealing
-from tests.platform.conftest import Platform, run_cli, tls_client
-from tools.platform import db
+from tests.platform.conftest import HOSTNAME, Platform, run_cli, tls_client
+from tools.platform import db, state
+from tools.platform.boot_nonce import BootNonces
 from tools.swtpm import EkCa, Swtpm, copy_state, start_swtpm
 
 
@@ -283,3 +286,158 @@ async def test_swtpm_copy_is_refused_and_clear_keeps_the_real_appliance(
     with pytest.raises(client.QuarantinedError):
         await boot(clone)
     assert "is not above" in events(platform, db.EVENT_CLONE_SUSPECTED)[-1]
+
+
+# --- boot reports: the appliance's TPM refused to unseal, so it has no client key ----------
+
+
+def report_doc(name: str, nonce: bytes, quote: Evidence, values: list[bytes]) -> dict[str, object]:
+    return {
+        api.F_APPLIANCE: name,
+        api.F_NONCE: base64.b64encode(nonce).decode(),
+        api.F_QUOTE: {
+            api.F_ATTEST: base64.b64encode(quote.attest).decode(),
+            api.F_SIGNATURE: base64.b64encode(quote.signature).decode(),
+            api.F_PCR_VALUES: [v.hex() for v in values],
+        },
+    }
+
+
+async def fresh_report(platform: Platform, a: TpmAppliance, name: str | None = None) -> dict[str, object]:
+    """A boot report as agent.boot_report makes it: an anonymous nonce, the AK's quote over it."""
+    nonce = await platform.anon_client().session_nonce(api.PATH_BOOT_NONCE)
+    quote, values = a.attestor.quote(nonce)
+    return report_doc(name or a.name, nonce, quote, values)
+
+
+async def raw_report(platform: Platform, doc: dict[str, object], path: str = api.PATH_BOOT_REPORT) -> tuple[int, bytes]:
+    """POST a boot report (or *path*) without a client certificate; (status, raw body)."""
+    body = json.dumps(doc).encode()
+    request = (
+        f"POST {path} HTTP/1.1\r\nhost: {HOSTNAME}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+    tcp = await trio.open_tcp_stream("127.0.0.1", platform.port)
+    stream = trio.SSLStream(tcp, tls_client(platform.ca_pem), server_hostname=HOSTNAME, https_compatible=True)
+    buf = b""
+    with trio.fail_after(20):
+        await stream.send_all(request)
+        while chunk := await stream.receive_some(65536):
+            buf += chunk
+    await trio.aclose_forcefully(stream)
+    head, _, payload = buf.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), payload
+
+
+async def enrolled_and_booted(platform: Platform, ek_ca: EkCa, tpms: list[Swtpm], keystores: list[TpmKeystore],
+                              tmp_path: Path, name: str) -> tuple[TpmAppliance, Swtpm]:  # fmt: skip
+    tpms.append(tpm := start_swtpm(tmp_path / f"tpm-{name}", ek_ca=ek_ca))
+    a = await activate_tpm(platform, name, tpm, tmp_path / name, keystores)
+    await enroll(platform, a)
+    await boot(a)
+    return a, tpm
+
+
+async def test_boot_report_of_a_changed_pcr_is_recorded_as_a_mismatch(
+    trusting: Platform, ek_ca: EkCa, tpms: list[Swtpm], keystores: list[TpmKeystore], tmp_path: Path
+) -> None:
+    platform = trusting
+    a, tpm = await enrolled_and_booted(platform, ek_ca, tpms, keystores, tmp_path, "r1")
+    before = listing(platform, "r1")
+    sessions = run_cli("appliance", "sessions", "r1", state_dir=platform.paths.root).stdout
+    tpm.extend_pcr(8)  # the kernel command line changed
+    status, body = await raw_report(platform, {}, api.PATH_BOOT_NONCE)
+    assert status == 200 and set(json.loads(body)) == {api.F_NONCE}  # a nonce and nothing else
+    doc = await fresh_report(platform, a)
+    status, body = await raw_report(platform, doc)
+    assert (status, json.loads(body)) == (200, {api.F_VERDICT: api.VERDICT_PCR_MISMATCH})
+    row = listing(platform, "r1")
+    assert row["pcr_state"] == "mismatch" and not row["quarantined"]
+    # Recorded exactly as a session's mismatch: the same event, the same operator view.
+    assert "quoted_digest=" in events(platform, "pcr_mismatch")[-1]
+    assert "boot refused since" in run_cli("appliance", "list", state_dir=platform.paths.root).stdout.decode()
+    shown = run_cli("appliance", "baseline", "r1", state_dir=platform.paths.root).stdout
+    assert shown.count(b"(changed)") == 1
+    # A report unlocks nothing and advances nothing.
+    assert row["boot_counter"] == before["boot_counter"] and row["last_boot"] == before["last_boot"]
+    assert run_cli("appliance", "sessions", "r1", state_dir=platform.paths.root).stdout == sessions
+    # The same report again: its nonce is used.
+    status, body = await raw_report(platform, doc)
+    assert (status, json.loads(body)["reason"]) == (403, api.REASON_NONCE_INVALID)
+    # The operator resolves it as for a session's mismatch; then the appliance boots.
+    accepted = run_cli("appliance", "baseline", "r1", "--accept", state_dir=platform.paths.root)
+    assert accepted.returncode == 0, accepted.stderr
+    await boot(a)
+    assert listing(platform, "r1")["pcr_state"] == "ok"
+
+
+async def test_restored_pcrs_clear_the_mismatch_without_the_operator(
+    trusting: Platform, ek_ca: EkCa, tpms: list[Swtpm], keystores: list[TpmKeystore], tmp_path: Path
+) -> None:
+    """A mismatch, then a boot whose quote matches the baseline again (the kernel command line
+    restored): verified, the state clears and the refused values cannot be accepted by mistake."""
+    platform = trusting
+    a, tpm = await enrolled_and_booted(platform, ek_ca, tpms, keystores, tmp_path, "r2")
+    baseline = run_cli("appliance", "baseline", "r2", state_dir=platform.paths.root).stdout
+    tpm.extend_pcr(8)
+    await refused(boot(a), api.REASON_PCR_MISMATCH)
+    a.keystore.close()
+    tpm.stop()  # a reboot resets the PCRs: the same TPM state, the original boot chain
+    tpms.append(rebooted := start_swtpm(tmp_path / "tpm-r2"))
+    ks = TpmKeystore.open(tmp_path / "r2", a.keystore.config(), rebooted.tcti)
+    keystores.remove(a.keystore)
+    keystores.append(ks)
+    await boot(TpmAppliance("r2", a.client, a.cert_pem, a.x25519_public, ks, Attestor(ks)))
+    assert listing(platform, "r2")["pcr_state"] == "ok"
+    assert events(platform, "pcr_restored")
+    assert run_cli("appliance", "baseline", "r2", state_dir=platform.paths.root).stdout == baseline
+    again = run_cli("appliance", "baseline", "r2", "--accept", state_dir=platform.paths.root)
+    assert again.returncode == 4 and b"no refused quote" in again.stderr
+
+
+async def test_boot_reports_that_do_not_verify_are_refused(
+    trusting: Platform, ek_ca: EkCa, tpms: list[Swtpm], keystores: list[TpmKeystore], tmp_path: Path
+) -> None:
+    platform = trusting
+    a, tpm = await enrolled_and_booted(platform, ek_ca, tpms, keystores, tmp_path, "r3")
+    mismatches = len(events(platform, "pcr_mismatch"))
+
+    async def refused_report(doc: dict[str, object], status: int, reason: str) -> str:
+        got, body = await raw_report(platform, doc)
+        answer = json.loads(body)
+        assert (got, answer["reason"]) == (status, reason), answer
+        assert set(answer) <= {"error", "reason"}, answer  # a refusal carries nothing else
+        return str(answer["error"])
+
+    # A quote that matches the baseline: nothing to report (and the counter is not touched).
+    await refused_report(await fresh_report(platform, a), 409, api.REASON_PCR_MATCH)
+    assert "reason=pcr_match" in events(platform, "attestation_refused")[-1]
+    tpm.extend_pcr(8)
+    # A nonce the platform never issued, and one it issued too long ago.
+    doc = await fresh_report(platform, a)
+    forged = {**doc, api.F_NONCE: base64.b64encode(bytes(api.NONCE_BYTES)).decode()}
+    assert "not issued by this platform" in await refused_report(forged, 403, api.REASON_NONCE_INVALID)
+    nonces = BootNonces(state.load_kek(platform.paths))
+    old = nonces.issue(time.time() - api.BOOT_NONCE_TTL - 5)
+    quote, values = a.attestor.quote(old)
+    expired = report_doc("r3", old, quote, values)
+    assert "expired" in await refused_report(expired, 403, api.REASON_NONCE_INVALID)
+    # A valid nonce, but the quote is over another one.
+    other_nonce = await platform.anon_client().session_nonce(api.PATH_BOOT_NONCE)
+    swapped = {**doc, api.F_NONCE: base64.b64encode(other_nonce).decode()}
+    await refused_report(swapped, 403, api.REASON_NONCE_INVALID)
+    # Signed by another TPM's AK (another appliance, enrolled itself), named as r3.
+    b, _ = await enrolled_and_booted(platform, ek_ca, tpms, keystores, tmp_path, "r4")
+    by_other = await refused_report(await fresh_report(platform, b, name="r3"), 403, api.REASON_ATTESTATION_INVALID)
+    # An unknown appliance is refused in the same words (no oracle for names).
+    unknown = await refused_report(await fresh_report(platform, a, name="nobody"), 403, api.REASON_ATTESTATION_INVALID)
+    assert unknown == by_other
+    # A deactivated appliance's reports are refused like an unknown one's.
+    run_cli("appliance", "deactivate", "r4", state_dir=platform.paths.root)
+    await refused_report(await fresh_report(platform, b), 403, api.REASON_ATTESTATION_INVALID)
+    # None of it was recorded, and none of it wrote an audit row an anonymous party could flood.
+    assert len(events(platform, "pcr_mismatch")) == mismatches
+    assert listing(platform, "r3")["pcr_state"] == "ok"
+    # Finally the genuine report, after all that: still accepted.
+    status, body = await raw_report(platform, await fresh_report(platform, a))
+    assert status == 200 and set(json.loads(body)) == {api.F_VERDICT}

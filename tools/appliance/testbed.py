@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tools.children import stop_child
+from tools.swtpm import EkCa, manufacture
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -237,6 +238,8 @@ class Guest:
     boots: int = 0
     # A second NIC on another network (its own namespace), for the no-forwarding check.
     second_nic: tuple[Netns, str, str] | None = None
+    # The "TPM vendor": a new TPM state is manufactured with an EK certificate it signs.
+    ek_ca: EkCa | None = None
 
     @property
     def console(self) -> Path:
@@ -263,7 +266,10 @@ class Guest:
         return wait_for(f"{pattern!r} on {self.name}'s console", seen, timeout, log=self.console)
 
     def _start_swtpm(self) -> Path:
+        fresh = not self.tpm_state.exists() or not any(self.tpm_state.iterdir())
         self.tpm_state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if fresh and self.ek_ca is not None:
+            manufacture(self.tpm_state, self.ek_ca, self.directory / "swtpm_setup.log")
         ctrl = self.directory / "swtpm.ctrl"
         ctrl.unlink(missing_ok=True)
         # Foreground, under a PID we stop: "--daemon" made qemu fail with CMD_INIT: 0x9.
@@ -388,6 +394,7 @@ class Testbed:
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     guests: list[Guest] = field(default_factory=list)
     platform: Platform | None = None
+    ek_ca: EkCa | None = None  # set by start_platform: the EK CA the platform trusts
 
     @classmethod
     @contextmanager
@@ -447,18 +454,34 @@ class Testbed:
         port = int(addr.read_text().strip().rsplit(":", 1)[1])
         self.platform = Platform(state, proc, self.netns.host_ip, port)
         self.platform.cli("heartbeat", "set", "--interval", str(heartbeat), "--missing-after", "3")
+        # Guests' TPMs get EK certificates from a local "vendor" CA the platform trusts, as a
+        # real appliance's TPM does: activation enrolls it and every boot is attested. The CA
+        # comes into being with its first EK certificate (a TPM state made only for that).
+        self.ek_ca = EkCa(self.work / "ek-ca")
+        first = self.work / "ek-ca-first-tpm"
+        first.mkdir(mode=0o700)
+        manufacture(first, self.ek_ca, self.work / "ek-ca-first-tpm.log")
+        self.platform.cli("ek-ca", "set", str(self.ek_ca.bundle))
         return self.platform
 
-    def guest(self, name: str, disk: Path, tpm_state: Path, second_nic: bool = False) -> Guest:
+    def guest(self, name: str, disk: Path, tpm_state: Path, second_nic: bool = False,
+              firmware_of: Guest | None = None) -> Guest:
         """A guest on its own tap; *disk* and *tpm_state* may be shared with another (clones).
 
-        With *second_nic* it also has a NIC on the other network (10.78.N.0/24)."""
+        With *second_nic* it also has a NIC on the other network (10.78.N.0/24). With
+        *firmware_of* it is a whole copy of that (stopped) guest's VM: its firmware variables
+        and its MAC too, so that it measures the same boot (PCR 1 holds the boot options,
+        which name the NIC's MAC) and only the boot counter can tell the two apart."""
         index = len(self.guests)
         d = self.work / f"guest-{name}"
         d.mkdir(parents=True, exist_ok=True)
         tap = f"tap{index}"
         self.netns.add_tap(tap)
-        g = Guest(name, d, disk, tpm_state, self.netns, tap, f"52:54:00:77:{self.netns.subnet % 256:02x}:{index:02x}")
+        mac = f"52:54:00:77:{self.netns.subnet % 256:02x}:{index:02x}"
+        if firmware_of is not None:
+            shutil.copyfile(firmware_of.directory / "OVMF_VARS.fd", d / "OVMF_VARS.fd")
+            mac = firmware_of.mac
+        g = Guest(name, d, disk, tpm_state, self.netns, tap, mac, ek_ca=self.ek_ca)
         if second_nic:
             self.other.add_tap(tap)
             g.second_nic = (self.other, tap, f"52:54:00:78:{self.other.subnet % 256:02x}:{index:02x}")

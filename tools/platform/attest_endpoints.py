@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from protocol import api
 from tools.platform import attestation as at
 from tools.platform import ca, db
+from tools.platform.boot_nonce import BootNonces, NonceRejected
 from tools.platform.db import ATTEST_ATTESTED, SETTING_EK_CA
 from tools.platform.http import HttpError
 
@@ -82,17 +83,26 @@ def _pcrs(doc: dict[str, Any]) -> tuple[int, ...]:
 class AttestationEndpoints:
     """Enrollment, nonces and session evidence for `handlers.PlatformApp`."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, boot_nonces: BootNonces) -> None:
         self.db = database
+        self.boot_nonces = boot_nonces
 
     def __repr__(self) -> str:
         return "AttestationEndpoints()"
 
-    async def _refuse(self, app: db.Appliance, err: at.AttestationError, step: str) -> HttpError:
+    async def _refuse(self, app: db.Appliance, err: at.AttestationError, step: str, status: int = 403) -> HttpError:
         log.warning("event=attestation_refused appliance=%s step=%s reason=%s", app.name, step, err.reason)
         detail = f"{step}: {err.message}"
         await self.db.run(self.db.storage.log_attestation_refused, app.id, err.reason, detail, time.time())
-        return HttpError(403, err.reason, err.message)
+        return HttpError(status, err.reason, err.message)
+
+    async def _record_mismatch(self, app: db.Appliance, quote: at.Quote, now: float, source: str) -> None:
+        # One owner for "a verified quote differs from the baseline", whoever brought it.
+        shown = None if quote.values is None else tuple(v.hex() for v in quote.values)
+        await self.db.run(self.db.storage.record_pcr_mismatch, app.id, shown, quote.digest, now)
+        log.warning(
+            "event=pcr_mismatch appliance=%s quoted_digest=%s source=%s", app.name, quote.digest.hex(), source
+        )
 
     async def nonce(self, app: db.Appliance) -> dict[str, Any]:
         """POST PATH_SESSION_NONCE: a fresh nonce, replacing any unused one."""
@@ -217,12 +227,80 @@ class AttestationEndpoints:
         except at.AttestationError as e:
             raise await self._refuse(app, e, "session") from None
         if record.pcr_digest is None or quote.digest != record.pcr_digest:
-            shown = None if quote.values is None else tuple(v.hex() for v in quote.values)
-            await self.db.run(self.db.storage.record_pcr_mismatch, app.id, shown, quote.digest, now)
-            log.warning("event=pcr_mismatch appliance=%s quoted_digest=%s", app.name, quote.digest.hex())
+            await self._record_mismatch(app, quote, now, "session")
             raise HttpError(
                 403, api.REASON_PCR_MISMATCH,
                 "the quoted PCR values differ from this appliance's recorded baseline "
                 "(operator: 'scanner-platform appliance baseline NAME')",
             )  # fmt: skip
         return record.counter_base + counter, True
+
+    # -- boot reports (anonymous: the appliance's TPM refused to unseal its client key) --
+
+    def boot_nonce(self) -> dict[str, Any]:
+        """POST PATH_BOOT_NONCE: a stateless nonce (boot_nonce), for anyone."""
+        return {api.F_NONCE: base64.b64encode(self.boot_nonces.issue(time.time())).decode("ascii")}
+
+    async def boot_report(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """POST PATH_BOOT_REPORT: an appliance's quote over a boot nonce, made when its TPM
+        refused to unseal. Recorded like a session's PCR mismatch if the AK enrolled for
+        that appliance signed it over a fresh nonce and it differs from the baseline.
+
+        Anonymous, so nothing is written for a report that does not verify (an audit row
+        per forged request would be state anybody could make us allocate), and an unknown
+        appliance is refused exactly like a bad signature (no name oracle).
+        """
+        name = doc.get(api.F_APPLIANCE)
+        if not isinstance(name, str) or not api.NAME_RE.match(name):
+            raise _bad(f"field {api.F_APPLIANCE!r} must be the appliance's name")
+        nonce = _b64(doc, api.F_NONCE, api.NONCE_BYTES)
+        q_attest, q_sig, q_doc = _evidence(doc, api.F_QUOTE)
+        values = _pcr_values(q_doc)
+        now = time.time()
+        try:
+            issued = self.boot_nonces.check(nonce, now)
+        except NonceRejected as e:
+            log.warning("event=boot_report_refused appliance=%s reason=nonce_invalid detail=%s", name, str(e))
+            raise HttpError(
+                403, api.REASON_NONCE_INVALID, f"{e}: get a fresh one (POST {api.PATH_BOOT_NONCE})"
+            ) from None
+        not_verified = HttpError(
+            403, api.REASON_ATTESTATION_INVALID,
+            "the quote is not signed by the attestation key enrolled for that appliance "
+            "(unknown appliance, not attested, another TPM, or malformed evidence)",
+        )  # fmt: skip
+        app, record = await self._enrolled(name)
+        if app is None or record is None:
+            log.warning("event=boot_report_refused appliance=%s reason=attestation_invalid detail=not_enrolled", name)
+            raise not_verified
+        try:
+            ak = at.parse_public(record.ak_public, "the AK public area")
+            quote = at.verify_quote(q_attest, q_sig, ak, nonce, record.pcrs, values)
+        except at.AttestationError as e:
+            log.warning("event=boot_report_refused appliance=%s reason=%s detail=%s", name, e.reason, e.message)
+            if e.reason == api.REASON_NONCE_INVALID:
+                raise HttpError(403, e.reason, e.message) from None
+            raise not_verified from None
+        if not await self.db.run(self.db.storage.claim_boot_report, app.id, issued):
+            log.warning("event=boot_report_refused appliance=%s reason=nonce_invalid detail=replayed", app.name)
+            raise HttpError(403, api.REASON_NONCE_INVALID, "this nonce was used for a report already (replayed)")
+        if record.pcr_digest is not None and quote.digest == record.pcr_digest:
+            err = at.AttestationError(
+                api.REASON_PCR_MATCH, "the quote matches this appliance's recorded baseline: there is no mismatch"
+            )
+            raise await self._refuse(app, err, "boot-report", 409)
+        await self._record_mismatch(app, quote, now, "boot_report")
+        return {api.F_VERDICT: api.VERDICT_PCR_MISMATCH}
+
+    async def _enrolled(self, name: str) -> tuple[db.Appliance | None, db.Attestation | None]:
+        """The active appliance called *name* and its completed attestation, or (None, None)."""
+        try:
+            app = await self.db.run(self.db.storage.appliance, name)
+        except db.NotFound:
+            return None, None
+        if app.state != db.STATE_ACTIVE:
+            return None, None
+        record = await self.db.run(self.db.storage.attestation, app.id)
+        if record is None or record.state != ATTEST_ATTESTED:
+            return None, None
+        return app, record

@@ -24,6 +24,7 @@ import trio
 from protocol import api, sealing
 from tools.platform import ca, db, health, keys, routes
 from tools.platform.attest_endpoints import AttestationEndpoints
+from tools.platform.boot_nonce import BootNonces
 from tools.platform.http import Exchange, HttpError, Response, json_response
 from tools.platform.volume_key_endpoints import VolumeKeyEndpoints
 
@@ -232,7 +233,7 @@ class PlatformApp:
         self._kek = kek
         self.config = config
         self.waker = JobWaker(database, config.poll_interval)
-        self.attestation = AttestationEndpoints(database)
+        self.attestation = AttestationEndpoints(database, BootNonces(kek))
         self.volume_key = VolumeKeyEndpoints(database, kek)
         # The table's handlers bound to this app, by template and method.
         self._routes: dict[str, dict[str, Handler]] = {}
@@ -361,6 +362,15 @@ class PlatformApp:
         """POST /v1/session/nonce: a fresh nonce for the next session's TPM evidence."""
         await ex.read_json()
         return json_response(200, await self.attestation.nonce(app))
+
+    async def post_boot_nonce(self, ex: Exchange, _caller: None) -> Response:
+        """POST /v1/attestation/boot-nonce (anonymous): a stateless nonce for a boot report."""
+        await ex.read_json()
+        return json_response(200, self.attestation.boot_nonce())
+
+    async def post_boot_report(self, ex: Exchange, _caller: None) -> Response:
+        """POST /v1/attestation/boot-report (anonymous): a PCR-mismatch quote -> verdict."""
+        return json_response(200, await self.attestation.boot_report(await ex.read_json()))
 
     async def post_attest_enroll(self, ex: Exchange, app: db.Appliance) -> Response:
         """POST /v1/attestation/enroll: EK certificate, AK, key objects -> MakeCredential."""

@@ -11,6 +11,10 @@ import json
 from typing import Any
 
 from protocol import api, sealing
+from tools.platform import openapi_attest
+from tools.platform.openapi_attest import B64, evidence
+from tools.platform.openapi_attest import err as _err
+from tools.platform.openapi_attest import ok as _ok
 from tools.platform.routes import ROUTES, Caller
 
 # Who may call an operation, in the document's terms (the route table decides it).
@@ -19,17 +23,6 @@ _SECURITY: dict[Caller, list[dict[str, list[str]]]] = {
     Caller.OPTIONAL: [{}, {"mtls": []}],
     Caller.APPLIANCE: [{"mtls": []}],
 }
-
-
-def _err(desc: str) -> dict[str, Any]:
-    return {"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-
-
-def _ok(desc: str, schema_ref: str) -> dict[str, Any]:
-    return {
-        "description": desc,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}},
-    }
 
 
 def _insert_after(mapping: dict[str, Any], anchor: str, key: str, value: Any) -> dict[str, Any]:
@@ -379,36 +372,7 @@ def build() -> dict[str, Any]:
     )
     paths[api.PATH_SESSION]["post"]["responses"]["403"] = refused
 
-    def attest_op(op_id: str, summary: str, request: str, answer: str, desc: str) -> dict[str, Any]:
-        return {
-            "post": {
-                "operationId": op_id,
-                "summary": summary,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}},
-                },
-                "responses": {
-                    "200": _ok(desc, answer),
-                    **common,
-                    "403": refused,
-                    "408": _err("request not received in time"),
-                    "409": _err("`attestation_unavailable` (no EK CA trusted) or `already_enrolled`"),
-                },
-            }
-        }
-
-    paths[api.PATH_SESSION_NONCE] = attest_op(
-        "sessionNonce", "a fresh single-use nonce for the next session's TPM evidence", "Empty", "Nonce", "the nonce"
-    )
-    paths[api.PATH_ATTEST_ENROLL] = attest_op(
-        "attestationEnroll", "enroll this appliance's TPM: EK certificate, AK, key objects -> credential challenge",
-        "EnrollRequest", "Challenge", "MakeCredential's output",
-    )  # fmt: skip
-    paths[api.PATH_ATTEST_ACTIVATE] = attest_op(
-        "attestationActivate", "prove the challenge: Certify of the sealed key and the baseline quote",
-        "EnrollProof", "Attested", "the appliance is attested",
-    )  # fmt: skip
+    paths.update(openapi_attest.paths(common, refused))
     paths[api.PATH_CERTIFICATE] = {
         "post": {
             "operationId": "renewCertificate",
@@ -499,19 +463,6 @@ def build() -> dict[str, Any]:
         "required": [api.F_HEARTBEAT_INTERVAL],
         "properties": {api.F_HEARTBEAT_INTERVAL: {"type": "number"}},
     }
-    b64 = {"type": "string", "contentEncoding": "base64"}
-
-    def evidence(desc: str, pcr_values: bool = False) -> dict[str, Any]:
-        props: dict[str, Any] = {api.F_ATTEST: {**b64, "description": "TPM2B_ATTEST"},
-                                 api.F_SIGNATURE: {**b64, "description": "TPMT_SIGNATURE by the AK"}}  # fmt: skip
-        if pcr_values:
-            props[api.F_PCR_VALUES] = {
-                "type": "array",
-                "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                "description": "SHA-256 values of the quoted PCRs, in index order",
-            }
-        return {"type": "object", "required": [api.F_ATTEST, api.F_SIGNATURE], "description": desc,
-                "properties": props}  # fmt: skip
 
     schemas["SessionRequest"] = {
         "type": "object",
@@ -523,58 +474,12 @@ def build() -> dict[str, Any]:
         "properties": {
             api.F_BOOT_COUNTER: {"type": "integer", "minimum": 1, "maximum": api.MAX_BOOT_COUNTER},
             api.F_KEYSTORE: {"type": "string", "enum": list(api.KEYSTORES)},
-            api.F_NONCE: {**b64, "description": f"{api.NONCE_BYTES} bytes from POST {api.PATH_SESSION_NONCE}"},
+            api.F_NONCE: {**B64, "description": f"{api.NONCE_BYTES} bytes from POST {api.PATH_SESSION_NONCE}"},
             api.F_QUOTE: evidence("TPM2_Quote over the recorded PCRs, extraData = nonce", pcr_values=True),
             api.F_COUNTER: evidence("TPM2_NV_Certify of the 8-byte boot counter, extraData = nonce"),
         },
     }
-    schemas["Nonce"] = {
-        "type": "object",
-        "required": [api.F_NONCE],
-        "properties": {api.F_NONCE: {**b64, "description": f"{api.NONCE_BYTES} bytes, single use"}},
-    }
-    schemas["Empty"] = {"type": "object"}
-    schemas["EnrollRequest"] = {
-        "type": "object",
-        "required": [
-            api.F_EK_CERTIFICATE, api.F_AK_PUBLIC, api.F_KEK_PUBLIC, api.F_COUNTER_PUBLIC, api.F_PCRS,
-            api.F_COUNTER_BASE, api.F_CERTIFICATE,
-        ],
-        "properties": {
-            api.F_EK_CERTIFICATE: {**b64, "description": "DER EK certificate from NV 0x01c00002"},
-            api.F_AK_PUBLIC: {**b64, "description": "TPM2B_PUBLIC of the AK (restricted ECDSA P-256 signing key)"},
-            api.F_KEK_PUBLIC: {**b64, "description": "TPM2B_PUBLIC of the sealed KEK object"},
-            api.F_COUNTER_PUBLIC: {**b64, "description": "TPM2B_NV_PUBLIC of the NV boot counter"},
-            api.F_PCRS: {
-                "type": "array",
-                "items": {"type": "integer", "minimum": 0, "maximum": api.MAX_PCR_INDEX},
-                "description": "PCRs the keystore is bound to (quotes cover these and PCRs 0-9)",
-            },
-            api.F_COUNTER_BASE: {"type": "integer", "minimum": 0},
-            api.F_CERTIFICATE: {"type": "string", "description": "the client certificate of this connection (PEM)"},
-        },
-    }
-    schemas["Challenge"] = {
-        "type": "object",
-        "required": [api.F_CREDENTIAL_BLOB, api.F_ENCRYPTED_SECRET],
-        "properties": {
-            api.F_CREDENTIAL_BLOB: {**b64, "description": "TPM2B_ID_OBJECT of MakeCredential(EK, secret, AK name)"},
-            api.F_ENCRYPTED_SECRET: {**b64, "description": "TPM2B_ENCRYPTED_SECRET"},
-        },
-    }
-    schemas["EnrollProof"] = {
-        "type": "object",
-        "required": [api.F_CERTIFY, api.F_QUOTE],
-        "properties": {
-            api.F_CERTIFY: evidence("TPM2_Certify of the KEK object, extraData = attestation_binding(...)"),
-            api.F_QUOTE: evidence("baseline TPM2_Quote, extraData = the same binding", pcr_values=True),
-        },
-    }
-    schemas["Attested"] = {
-        "type": "object",
-        "required": [api.F_ATTESTATION],
-        "properties": {api.F_ATTESTATION: {"type": "string", "enum": ["attested"]}},
-    }
+    schemas.update(openapi_attest.schemas())
     schemas["Session"] = {
         "type": "object",
         "required": [api.F_SESSION],

@@ -92,6 +92,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", api.PATH_SESSION_NONCE, "post_session_nonce", Caller.APPLIANCE),
     Route("POST", api.PATH_ATTEST_ENROLL, "post_attest_enroll", Caller.APPLIANCE),
     Route("POST", api.PATH_ATTEST_ACTIVATE, "post_attest_activate", Caller.APPLIANCE),
+    Route("POST", api.PATH_BOOT_NONCE, "post_boot_nonce", Caller.ANYONE),
+    Route("POST", api.PATH_BOOT_REPORT, "post_boot_report", Caller.ANYONE),
     Route("POST", api.PATH_SEAL_KEY, "post_seal_key", Caller.APPLIANCE),
     Route("GET", api.PATH_CONFIG, "get_config", Caller.APPLIANCE),
     Route("GET", api.PATH_VOLUME_KEY, "get_keyslot_passphrase", Caller.APPLIANCE, session=True),

@@ -27,7 +27,7 @@ EVENT_ENROLLED: Final = "attestation_enrolled"
 EVENT_REFUSED: Final = "attestation_refused"
 EVENT_PCR_MISMATCH: Final = "pcr_mismatch"
 EVENT_BASELINE_CHANGED: Final = "pcr_baseline_changed"
-
+EVENT_PCR_RESTORED: Final = "pcr_restored"  # a verified boot after a mismatch, without a new baseline
 
 
 def _hash(data: bytes) -> bytes:
@@ -195,13 +195,36 @@ class Attestations(Events):
             )
             _event(db, now, appliance_id, EVENT_PCR_MISMATCH, f"quoted_digest={digest.hex()}")
 
-    def record_verified_boot(self, appliance_id: int, now: float) -> None:
-        """An attested session opened: the PCRs match the baseline; remember when."""
+    def claim_boot_report(self, appliance_id: int, issued: int) -> bool:
+        """Whether a boot report whose nonce was issued at *issued* (microseconds) is newer
+        than the last one accepted for the appliance; if so it becomes the last one."""
         with self._tx() as db:
+            done = db.execute(
+                "UPDATE attestations SET boot_report_issued = ? WHERE appliance_id = ? "
+                "AND (boot_report_issued IS NULL OR boot_report_issued < ?)",
+                (issued, appliance_id, issued),
+            ).rowcount
+        return bool(done == 1)
+
+    def record_verified_boot(self, appliance_id: int, now: float) -> None:
+        """An attested session opened: the PCRs match the baseline; remember when.
+
+        A mismatch recorded before is over: the appliance booted its baseline state again
+        (e.g. a changed kernel command line was restored). The refused values are dropped,
+        so that no operator accepts as baseline a state the appliance no longer boots; the
+        ``pcr_mismatch`` event and this ``pcr_restored`` one keep the history."""
+        with self._tx() as db:
+            restored = db.execute(
+                "UPDATE attestations SET pending_pcr_values = NULL, pending_at = NULL "
+                "WHERE appliance_id = ? AND pcr_state = ?",
+                (appliance_id, PCR_MISMATCH),
+            ).rowcount
             db.execute(
                 "UPDATE attestations SET pcr_state = ?, last_verified = ? WHERE appliance_id = ?",
                 (PCR_OK, now, appliance_id),
             )
+            if restored == 1:
+                _event(db, now, appliance_id, EVENT_PCR_RESTORED, "quote matches the baseline again")
 
     def accept_pcr_baseline(
         self, appliance_id: int, expected: tuple[str, ...], digest: bytes, now: float

@@ -200,5 +200,14 @@ MIGRATIONS: Final[list[tuple[int, list[str]]]] = [
             "ALTER TABLE sessions ADD COLUMN public_id TEXT",
         ],
     ),
+    (
+        9,
+        [
+            # Boot reports (attest_endpoints.boot_report): the issue time (microseconds) of
+            # the stateless nonce of the last report accepted for the appliance; a report
+            # must carry a newer one, so a replayed report is refused.
+            "ALTER TABLE attestations ADD COLUMN boot_report_issued INTEGER",
+        ],
+    ),
 ]
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]

@@ -48,11 +48,14 @@ log = logging.getLogger("scratchfs.fuse")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# Requests at least this large run their crypto and I/O on a worker thread (AES-GCM in
-# `cryptography` releases the GIL, so two requests use two cores); smaller ones run inline.
-# Measured (docs/bench.md): a trio thread hop costs ~230-400 µs of CPU, 4x pyfuse3's whole
-# per-request floor, more than the crypto of a 128 KiB request; a 1 MiB request is worth it.
-THREAD_MIN_BYTES = 256 * 1024
+# Reads and writes run their crypto and blob I/O on the trio thread, whatever their size.
+# `cryptography`'s AEAD holds the GIL while it works (its Rust binding never detaches), so a
+# worker thread cannot decrypt beside the trio thread; it only added a hop (~230-400 µs of CPU:
+# wakeup socket, epoll, run_sync_soon) and GIL hand-offs between the two. Measured with the
+# scratch profile, 1 GiB over tmpfs, 3 alternating runs (docs/bench.md): cold streaming read
+# 587/537/607 MiB/s with 1 MiB requests on threads, 1048/830/781 inline; daemon CPU per MiB
+# 1.7-2.0 ms vs 0.9-1.25 ms; writes within noise. Long waits still go to threads: fsync and a
+# large fallocate (the backing store may take seconds), bounded by _limiter.
 PASS_THROUGH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE}
 DAY_NS = 86400 * 10**9
 # Read-only virtual xattrs `scratchfs verify` asks for (never listed, never stored; setting a
@@ -229,12 +232,6 @@ class ScratchOps(pyfuse3.Operations):
             "-" if e.block is None else e.block,
             e.reason,
         )
-
-    async def _run(self, nbytes: int, fn: Callable[..., R], *args: Any) -> R:
-        """Run a content operation inline, or on a worker thread if it is large."""
-        if nbytes >= THREAD_MIN_BYTES:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-        return fn(*args)
 
     def _using(self, node: Inode, *, write: bool) -> AsyncContextManager[FileContent]:
         """The open-file rule (OpenFileTable.using), the content engine made on first use. An
@@ -440,7 +437,7 @@ class ScratchOps(pyfuse3.Operations):
         if node.ino in self._lost_writes and off + size > content.size:
             raise FsError(errno.EIO)  # the kernel thinks data is there that we could never store
         async with self._using(node, write=False):
-            data = await self._run(size, content.read, off, size)
+            data = content.read(off, size)
         # pyfuse3 takes any contiguous buffer (PyObject_GetBuffer); its stub says bytes.
         # relatime: atime moves only if older than mtime/ctime or a day old.
         if node.atime_ns <= node.mtime_ns or node.atime_ns <= node.ctime_ns or now_ns() - node.atime_ns > DAY_NS:
@@ -464,14 +461,14 @@ class ScratchOps(pyfuse3.Operations):
             self._kill_suid(node)
         async with self._using(node, write=True) as content:
             try:
-                written = await self._run(len(buf), content.write, off, buf)
+                written = content.write(off, buf)
             except OSError as e:
                 # Deleted files' blobs may still wait in the removal queue (scratchfs/reaper.py):
                 # free that space now and retry once, so that rm then write works as anywhere.
                 # content.write leaves the old state on failure, so the retry starts clean.
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.store.free_queued():
                     raise
-                written = await self._run(len(buf), content.write, off, buf)
+                written = content.write(off, buf)
         node.mtime_ns = node.ctime_ns = now_ns()
         if crossing and self.enable_writeback_cache:
             # The kernel ignores a short count from writeback (the writer already got its full

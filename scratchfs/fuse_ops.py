@@ -55,7 +55,9 @@ R = TypeVar("R")
 # scratch profile, 1 GiB over tmpfs, 3 alternating runs (docs/bench.md): cold streaming read
 # 587/537/607 MiB/s with 1 MiB requests on threads, 1048/830/781 inline; daemon CPU per MiB
 # 1.7-2.0 ms vs 0.9-1.25 ms; writes within noise. Long waits still go to threads: fsync and a
-# large fallocate (the backing store may take seconds), bounded by _limiter.
+# large fallocate (the backing store may take seconds), bounded by _limiter. The cost: a large
+# request on a slow backing store holds up the others for its I/O, as small ones always did;
+# over the agent's userspace volume (docs/bench.md) streaming measured no slower for it.
 PASS_THROUGH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE}
 DAY_NS = 86400 * 10**9
 # Read-only virtual xattrs `scratchfs verify` asks for (never listed, never stored; setting a

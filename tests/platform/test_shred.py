@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.platform.conftest import init_state, run_cli
 from tools.platform import ca, db, keys, state
 from tools.platform.pgtemp import TempPostgres
@@ -96,6 +98,46 @@ def test_postgresql_heap_no_longer_holds_the_key(tmp_path: Path, pg_cluster: Tem
             heap = conn.execute("SELECT pg_read_binary_file(pg_relation_filepath('appliances'))").fetchone()
         assert heap is not None and wrapped[1:13] not in bytes(heap[0])
     finally:
+        storage.close()
+
+
+# "SELECT 1": a snapshot older than the shred, no lock on the table (VACUUM FULL runs and must
+# keep the dead row); the table read: a lock too (VACUUM FULL would wait for it without bound).
+@pytest.mark.parametrize("hold", ["SELECT 1", "SELECT count(*) FROM appliances"], ids=["snapshot", "lock"])
+def test_postgresql_older_snapshot_is_waited_for_then_named(
+    tmp_path: Path, pg_cluster: TempPostgres, hold: str
+) -> None:
+    # VACUUM FULL keeps a dead row version that an older snapshot of the same database can
+    # still see (a full suite run once found the key in the rewritten heap this way): the
+    # proof retries until its deadline, names the sessions, and a rerun finishes it.
+    import psycopg
+
+    database_url = pg_cluster.create_database()
+    paths = init_state(tmp_path / "st", database_url=database_url)
+    storage = state.open_storage(paths)
+    holder = psycopg.connect(database_url)
+    try:
+        wrapped = activated(storage, paths.kek.read_bytes(), "victim")
+        holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        holder.execute(hold).fetchone()
+        with pytest.raises(db.ShredUnproven) as failed:
+            storage.deactivate("victim", time.time(), proof_timeout=0.5)
+        message = str(failed.value)
+        assert f"pids: {holder.info.backend_pid}" in message and "deactivate victim' again" in message
+        assert "\n" not in message and wrapped.hex() not in message
+        assert storage.appliance("victim").state == db.STATE_DEACTIVATED  # committed; only unproven
+        # The holder ends during the rerun's retries: the proof finishes without another call.
+        leave = threading.Timer(0.5, holder.rollback)
+        leave.start()
+        try:
+            storage.deactivate("victim", time.time(), proof_timeout=20.0)
+        finally:
+            leave.join()
+        with psycopg.connect(database_url) as conn:
+            heap = conn.execute("SELECT pg_read_binary_file(pg_relation_filepath('appliances'))").fetchone()
+        assert heap is not None and wrapped[1:13] not in bytes(heap[0])
+    finally:
+        holder.close()
         storage.close()
 
 

@@ -273,7 +273,7 @@ class Keyslots(Appliances):
         process keeps the database open, so the files are searched from a child process
         (`filesearch` says why)."""
         if self._pool is not None:
-            self._prove_shredded_postgres(name, needles, what)
+            self._prove_shredded_postgres(name, needles, timeout, what)
             return
         assert self.path is not None
         # Old page images of the wrapped key live on in the WAL (and the main file keeps
@@ -302,16 +302,44 @@ class Keyslots(Appliances):
             f"'scanner-platform appliance deactivate {name}' again to finish the proof"
         )
 
-    def _prove_shredded_postgres(self, name: str, needles: list[bytes], what: str) -> None:
+    def _prove_shredded_postgres(self, name: str, needles: list[bytes], timeout: float, what: str) -> None:
         import psycopg
 
-        # VACUUM FULL rewrites the table into new files and drops the old ones, so no dead
-        # tuple of the row survives in the table's heap; then read the new heap file.
-        # WAL segments, archives, replicas and backups are out of our reach (docs/platform.md).
+        # VACUUM FULL rewrites the table into new files and drops the old ones, but it must keep
+        # a dead row version that a snapshot taken before the shred can still see: any session of
+        # this database older than the shred (an open transaction, an autovacuum ANALYZE of
+        # another table) keeps the old row in the new heap too. So retry until the deadline, as
+        # the SQLite proof waits for its readers, then name the sessions holding it back. A full
+        # suite run hit this once on a healthy cluster. WAL segments, archives, replicas and
+        # backups are out of our reach (docs/platform.md).
+        # VACUUM FULL also waits for every lock on the table: lock_timeout bounds each try, so a
+        # session holding the table open costs a retry, not a hang.
+        deadline = time.monotonic() + timeout
         try:
-            with self._pool.connection() as conn:
-                conn.execute("VACUUM FULL appliances")
-                row = conn.execute("SELECT pg_read_binary_file(pg_relation_filepath('appliances'))").fetchone()
+            while True:
+                with self._pool.connection() as conn:
+                    conn.execute("SELECT set_config('lock_timeout', '1s', false)")
+                    try:
+                        conn.execute("VACUUM FULL appliances")
+                        vacuumed = True
+                    except psycopg.errors.LockNotAvailable:
+                        vacuumed = False
+                    finally:
+                        conn.execute("RESET lock_timeout")
+                    if vacuumed:
+                        row = conn.execute(
+                            "SELECT pg_read_binary_file(pg_relation_filepath('appliances'))"
+                        ).fetchone()
+                        if not any(n in bytes(row[0]) for n in needles):
+                            return
+                    if time.monotonic() >= deadline:
+                        holders = conn.execute(
+                            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND pid <> pg_backend_pid() AND (backend_xmin IS NOT NULL OR xact_start IS NOT NULL) "
+                            "ORDER BY xact_start"
+                        ).fetchall()
+                        break
+                time.sleep(0.1)
         except psycopg.errors.InsufficientPrivilege:
             if what:
                 raise ShredUnproven(
@@ -323,12 +351,15 @@ class Keyslots(Appliances):
                 "ownership of the table and the pg_read_server_files role, then run "
                 f"'scanner-platform appliance deactivate {name}' again"
             ) from None
-        heap = bytes(row[0])
-        if any(n in heap for n in needles):
-            if what:
-                raise ShredUnproven(f"appliance {name!r}: its {what} is still in the appliances table's heap")
+        sessions = ", ".join(str(r[0]) for r in holders) or "none left now"
+        if what:
             raise ShredUnproven(
-                f"appliance {name!r} is deactivated, but its wrapped keyslot passphrase is still in the "
-                f"appliances table's heap after VACUUM FULL; run 'scanner-platform appliance deactivate {name}' "
-                "again"
+                f"appliance {name!r}: its {what} is still in the appliances table's heap "
+                f"(sessions with older transactions: {sessions}); its next boot retries"
             )
+        raise ShredUnproven(
+            f"appliance {name!r} is deactivated, but its wrapped keyslot passphrase is still in the "
+            f"appliances table's heap: database sessions with transactions older than the shred keep it "
+            f"(pids: {sessions}); end them (or wait) and run "
+            f"'scanner-platform appliance deactivate {name}' again"
+        )

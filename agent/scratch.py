@@ -153,24 +153,25 @@ class ScratchMount:
         self.stopping = True
         if self.proc is None:
             return
-        if self.proc.poll() is None and mountinfo.find(self.mountpoint) is None:
-            # Stopped while it was still starting (a SIGTERM cancelled start()'s wait for the
-            # ready word): nothing to unmount yet, and nothing would ever ask it to stop. Its
-            # SIGTERM handler unmounts and shreds; before the handler exists, the default
-            # action ends it, its keys with it, and the lazy unmount below clears a mount it
-            # may have left.
-            log.info("event=scratch_stop_while_starting pid=%d", self.proc.pid)
-            self.proc.terminate()
-        elif self.proc.poll() is None:
-            r = await trio.run_process(
-                [sys.executable, "-m", "scratchfs", "umount", str(self.mountpoint)],
-                capture_stdout=True, capture_stderr=True, check=False,
-            )
-            if r.returncode != 0:
-                log.warning(
-                    "event=scratch_umount_failed rc=%d detail=%s",
-                    r.returncode, r.stderr.decode(errors="replace").strip()[:200],
+        if self.proc.poll() is None:
+            if mountinfo.find(self.mountpoint) is not None:
+                r = await trio.run_process(
+                    [sys.executable, "-m", "scratchfs", "umount", str(self.mountpoint)],
+                    capture_stdout=True, capture_stderr=True, check=False,
                 )
+                if r.returncode != 0:
+                    log.warning(
+                        "event=scratch_umount_failed rc=%d detail=%s",
+                        r.returncode, r.stderr.decode(errors="replace").strip()[:200],
+                    )
+            else:
+                # Stopped while it was still starting (a SIGTERM cancelled start()'s wait for the
+                # ready word): nothing to unmount yet, and nothing would ever ask it to stop. Its
+                # SIGTERM handler unmounts and shreds; before the handler exists, the default
+                # action ends it, its keys with it, and the lazy unmount below clears a mount it
+                # may have left.
+                log.info("event=scratch_stop_while_starting pid=%d", self.proc.pid)
+                self.proc.terminate()
         try:
             await trio.to_thread.run_sync(partial(self.proc.wait, timeout=UMOUNT_TIMEOUT))
         except subprocess.TimeoutExpired:

@@ -311,9 +311,9 @@ class Keyslots(Appliances):
         # another table) keeps the old row in the new heap too. So retry until the deadline, as
         # the SQLite proof waits for its readers, then name the sessions holding it back. A full
         # suite run hit this once on a healthy cluster. WAL segments, archives, replicas and
-        # backups are out of our reach (docs/platform.md).
-        # VACUUM FULL also waits for every lock on the table: lock_timeout bounds each try, so a
-        # session holding the table open costs a retry, not a hang.
+        # backups are out of our reach (docs/platform.md). VACUUM FULL also waits for every lock
+        # on the table: lock_timeout bounds each try, so a session holding the table open costs
+        # a retry, not a hang.
         deadline = time.monotonic() + timeout
         try:
             while True:

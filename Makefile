@@ -35,7 +35,8 @@ apt-install:
 
 # pyfuse3 is PyPI's 3.5.0 plus a fallocate handler (third_party/pyfuse3/README.md): the wheel is
 # built once into build/pyfuse3/ and found there by pip through --find-links.
-$(VENV)/.stamp-deps: pyproject.toml third_party/pyfuse3/fallocate.patch tools/patched_pyfuse3.py
+$(VENV)/.stamp-deps: pyproject.toml third_party/pyfuse3/fallocate.patch \
+		third_party/pyfuse3/direct-read.patch tools/patched_pyfuse3.py
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	wheels=$$($(PY) -m tools.patched_pyfuse3) && $(PY) -m pip install -q --find-links "$$wheels" -e '.[test]'

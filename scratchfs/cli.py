@@ -40,6 +40,7 @@ from scratchfs.mount import (
 )
 from scratchfs.profiles import DEFAULT_PROFILE, PROFILES
 from scratchfs.reaper import DEFAULT_CAPACITY
+from scratchfs.request_loop import DEFAULT_SPIN_US, MAX_SPIN_US
 
 PROG = "scratchfs"
 
@@ -68,6 +69,14 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
+    return value
+
+
+def _spin_us(text: str) -> int:
+    """Request-loop spin in µs, 0..MAX_SPIN_US."""
+    value = _non_negative(text)
+    if value > MAX_SPIN_US:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SPIN_US}: {value}")
     return value
 
 
@@ -207,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         "0 removes them inline); keys are always destroyed at once",
     )
     m.add_argument(
+        "--spin-us",
+        type=_spin_us,
+        default=None,
+        metavar="US",
+        help=f"microseconds the request loop polls for the next request before it sleeps (default "
+        f"{DEFAULT_SPIN_US} with more than one CPU, else 0; 0 never polls; at most {MAX_SPIN_US})",
+    )
+    m.add_argument(
         "--stats-file",
         type=Path,
         help="write per-operation request counts (JSON) here at unmount and on SIGUSR1",
@@ -268,6 +285,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         keep_cache=args.keep_cache or profile.keep_cache,
         removal_queue=args.removal_queue,
         stats_file=args.stats_file.absolute() if args.stats_file else None,
+        spin_us=args.spin_us,
     )
     if not args.foreground:
         # Check in the foreground first so the common mistakes get their own exit code at once.

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from scratchfs import blocks
+from scratchfs import blocks, request_loop
 from scratchfs.errors import StoreError
 from scratchfs.exitcodes import (
     EXIT_BACKING,
@@ -92,6 +92,7 @@ class MountOptions:
     keep_cache: bool = False
     stats_file: Path | None = None
     removal_queue: int = DEFAULT_CAPACITY
+    spin_us: int | None = None  # None: request_loop.default_spin_us()
 
 
 def mount_limits(opts: MountOptions) -> Limits:
@@ -194,7 +195,9 @@ async def _tune_readahead(mountpoint: Path, readahead_kb: int) -> None:
         log.info("event=readahead_unchanged reason=%s", e.strerror)
 
 
-async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0, reaper: BlobReaper | None = None) -> None:
+async def _serve_until_done(
+    ops: ScratchOps, readahead_kb: int = 0, reaper: BlobReaper | None = None, spin_us: int | None = None
+) -> None:
     """Run the FUSE loop until the mount goes away or we are told to stop."""
     async with trio.open_nursery() as nursery:
 
@@ -217,7 +220,7 @@ async def _serve_until_done(ops: ScratchOps, readahead_kb: int = 0, reaper: Blob
         nursery.start_soon(on_stats_request)
         if readahead_kb:
             nursery.start_soon(_tune_readahead, ops.mountpoint, readahead_kb)
-        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        await pyfuse3.main(min_tasks=4, max_tasks=64, **request_loop.main_kwargs(spin_us))
         nursery.cancel_scope.cancel()
 
 
@@ -252,7 +255,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         ) from None
     log.info(
         "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d max_file_size=%d max_inodes=%d "
-        "memory_budget=%d backing_max_blob=%d",
+        "memory_budget=%d backing_max_blob=%d spin_ns=%s",
         opts.mountpoint,
         opts.backing,
         opts.block_size,
@@ -261,6 +264,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         limits.max_inodes,
         limits.memory_budget,
         store.size_limit,  # probed now, not in the first write's request
+        request_loop.main_kwargs(opts.spin_us).get("spin_ns", "unsupported"),
     )
     reaper = BlobReaper(store.remove_now, capacity=opts.removal_queue)
     try:
@@ -271,7 +275,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         if opts.removal_queue > 0:
             store.defer_removal = reaper.defer
             store.drain_removals = reaper.drain
-        trio.run(_serve_until_done, ops, opts.readahead_kb, reaper)
+        trio.run(_serve_until_done, ops, opts.readahead_kb, reaper, opts.spin_us)
     finally:
         store.defer_removal = store.drain_removals = None
         reaper.drain()

@@ -1,16 +1,18 @@
-"""Build the pyfuse3 wheel scratchfs runs on: PyPI's 3.5.0 sdist plus a FALLOCATE handler.
+"""Build the pyfuse3 wheel scratchfs runs on: PyPI's 3.5.0 sdist plus two patches.
 
-pyfuse3 3.5.0 (the newest release) registers no fallocate handler with libfuse, so the kernel
-gets ENOSYS once and then answers every fallocate(2) on the mount with EOPNOTSUPP itself.
-third_party/pyfuse3/fallocate.patch adds the handler; this module downloads the sdist with pip,
-checks it against a pinned sha256, applies the patch, deletes the C file Cython generated for
-the release (so the build really re-cythonizes the patched .pyx/.pxi) and builds a wheel with a
-local version label into build/pyfuse3/<label>/. pyproject.toml pins exactly that version;
-`make setup` and the appliance build install it with `--find-links` to that directory.
+third_party/pyfuse3/ holds them (its README says why): fallocate.patch adds the FALLOCATE
+handler pyfuse3 3.5.0 lacks (without it the kernel answers every fallocate(2) on the mount with
+EOPNOTSUPP itself); direct-read.patch makes the request loop read the next request without a
+pass through trio's scheduler when one is queued or arrives within a short spin. This module
+downloads the sdist with pip, checks it against a pinned sha256, applies the patches in order,
+deletes the C file Cython generated for the release (so the build really re-cythonizes the
+patched .pyx/.pxi) and builds a wheel with a local version label into build/pyfuse3/<label>/.
+pyproject.toml pins exactly that version; `make setup` and the appliance build install it with
+`--find-links` to that directory.
 
-Idempotent: a wheel already in the directory is reused. The local label is tied to the patch's
-hash: changing the patch without bumping LOCAL_LABEL (and PATCH_SHA256) is an error, so a venv
-never keeps an old build under the same version.
+Idempotent: a wheel already in the directory is reused. The local label is tied to the patches'
+hashes: changing a patch without bumping LOCAL_LABEL (and its hash in PATCHES) is an error, so a
+venv never keeps an old build under the same version.
 
 Run as `python -m tools.patched_pyfuse3` (stdlib only: it runs before the project is installed);
 it prints the wheel directory. Exit 1 with one line on stderr on failure.
@@ -32,9 +34,13 @@ UPSTREAM_VERSION = "3.5.0"
 SDIST_NAME = f"pyfuse3-{UPSTREAM_VERSION}.tar.gz"
 # sha256 of PyPI's pyfuse3-3.5.0.tar.gz (the "Download files" page lists the same digest).
 SDIST_SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
-PATCH = ROOT / "third_party" / "pyfuse3" / "fallocate.patch"
-PATCH_SHA256 = "64f95023f1f12928c3e886c5e4271dfcaa9cfed6808cc39ab13724cb2814b8f3"
-LOCAL_LABEL = "scratchfs.1"
+PATCH_DIR = ROOT / "third_party" / "pyfuse3"
+# (patch, its sha256), applied in this order.
+PATCHES = (
+    (PATCH_DIR / "fallocate.patch", "64f95023f1f12928c3e886c5e4271dfcaa9cfed6808cc39ab13724cb2814b8f3"),
+    (PATCH_DIR / "direct-read.patch", "744d822175cf0c7d2b2e4b198a5dda3569a9f9fd9b667409a0cdf0debb48f74b"),
+)
+LOCAL_LABEL = "scratchfs.2"
 VERSION = f"{UPSTREAM_VERSION}+{LOCAL_LABEL}"
 CACHE = ROOT / "build" / "pyfuse3"
 BUILD_TIMEOUT_S = 900
@@ -99,8 +105,9 @@ def unpack(sdist: Path, dest: Path) -> Path:
 
 
 def patch_source(top: Path) -> None:
-    """Apply the fallocate patch and drop the release's generated C so Cython regenerates it."""
-    run("patch", "-p1", "--forward", "--batch", "--input", PATCH, cwd=top)
+    """Apply the patches and drop the release's generated C so Cython regenerates it."""
+    for patch, _ in PATCHES:
+        run("patch", "-p1", "--forward", "--batch", "--input", patch, cwd=top)
     generated_c = top / "src" / "pyfuse3" / "__init__.c"
     generated_c.unlink(missing_ok=True)
 
@@ -120,10 +127,11 @@ def build_wheel(top: Path, out: Path) -> Path:
 
 def ensure_wheel() -> Path:
     """The patched wheel's directory, building the wheel unless it is already there."""
-    digest = sha256_of(PATCH)
-    if digest != PATCH_SHA256:
-        raise BuildError(f"{PATCH.relative_to(ROOT)} changed (sha256 {digest}): bump LOCAL_LABEL and "
-                         "PATCH_SHA256 in tools/patched_pyfuse3.py and the pin in pyproject.toml")
+    for patch, expected in PATCHES:
+        digest = sha256_of(patch)
+        if digest != expected:
+            raise BuildError(f"{patch.relative_to(ROOT)} changed (sha256 {digest}): bump LOCAL_LABEL and "
+                             "its hash in PATCHES in tools/patched_pyfuse3.py and the pin in pyproject.toml")
     out = wheel_dir()
     if existing_wheel(out) is not None:
         return out

@@ -95,12 +95,14 @@ def refused_mount(backing: Path, mnt: Path, code: int, *extra: str) -> None:
         ["mount", "/tmp/a", "/tmp/b", "--max-file-size", "0"],
         ["mount", "/tmp/a", "/tmp/b", "--memory-budget", "9E"],
         ["mount", "/tmp/a", "/tmp/b", "--profile", "fastest"],
+        ["mount", "/tmp/a", "/tmp/b", "--spin-us", "-1"],
+        ["mount", "/tmp/a", "/tmp/b", "--spin-us", "1001"],
         ["umount"],
         ["frobnicate"],
     ],
     ids=["none", "mount-no-args", "mount-one-arg", "unknown-option", "block-size-nan",
          "block-size-not-pow2", "max-inodes-nan", "max-file-size-zero", "memory-budget-too-big",
-         "unknown-profile", "umount-no-args", "unknown-command"],
+         "unknown-profile", "spin-negative", "spin-too-long", "umount-no-args", "unknown-command"],
 )
 def test_usage_errors(args: list[str]) -> None:
     result = run_cli(*args)

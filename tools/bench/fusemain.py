@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 import trio
 
+from scratchfs import request_loop
 from scratchfs.keyholder import logformat, mountinfo
 from tools.bench.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
@@ -45,6 +46,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--attr-timeout", type=float, default=1.0,
         help="seconds the kernel may cache attributes and names (default 1, as gocryptfs)",
     )
+    p.add_argument(
+        "--spin-us", type=int, default=None,
+        help="request-loop spin before sleeping, as scratchfs's (default: scratchfs's default, so "
+        "the floor waits for requests as scratchfs does)",
+    )
     p.add_argument("--pid-file", help="write the daemon's PID here once the mount is live")
     p.add_argument("--log-file", help="log here instead of stderr")
     p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
@@ -59,7 +65,7 @@ def setup_logging(log_file: str | None, debug: bool) -> None:
     logformat.setup(logging.DEBUG if debug else logging.INFO, handler)
 
 
-async def _serve(max_tasks: int) -> None:
+async def _serve(max_tasks: int, spin_us: int | None) -> None:
     """Run pyfuse3's loop until unmounted, or until SIGTERM/SIGINT asks us to stop."""
     async with trio.open_nursery() as nursery:
 
@@ -71,7 +77,7 @@ async def _serve(max_tasks: int) -> None:
                     return
 
         nursery.start_soon(watch_signals)
-        await pyfuse3.main(max_tasks=max_tasks)
+        await pyfuse3.main(max_tasks=max_tasks, **request_loop.main_kwargs(spin_us))
         # pyfuse3.main returns on unmount or terminate(); the signal watcher is no longer needed.
         nursery.cancel_scope.cancel()
 
@@ -94,11 +100,11 @@ def serve(
     if args.pid_file:
         with open(args.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")
-    log.info("event=mounted mountpoint=%s max_tasks=%d writeback_cache=%s direct_io=%s",
-             args.mountpoint, args.max_tasks, args.writeback_cache, args.direct_io)
+    log.info("event=mounted mountpoint=%s max_tasks=%d writeback_cache=%s direct_io=%s spin_us=%s",
+             args.mountpoint, args.max_tasks, args.writeback_cache, args.direct_io, args.spin_us)
     unmount = True
     try:
-        trio.run(_serve, args.max_tasks)
+        trio.run(_serve, args.max_tasks, args.spin_us)
     except BaseException:
         # A crash must not leave a half-dead mount behind: still unmount below.
         log.exception("event=crash")

@@ -38,9 +38,9 @@ PATCH_DIR = ROOT / "third_party" / "pyfuse3"
 # (patch, its sha256), applied in this order.
 PATCHES = (
     (PATCH_DIR / "fallocate.patch", "64f95023f1f12928c3e886c5e4271dfcaa9cfed6808cc39ab13724cb2814b8f3"),
-    (PATCH_DIR / "direct-read.patch", "744d822175cf0c7d2b2e4b198a5dda3569a9f9fd9b667409a0cdf0debb48f74b"),
+    (PATCH_DIR / "direct-read.patch", "7e00a3a599fe8599e23eb649f9f42c08f634a34dbc4ee04d130749340905bb3e"),
 )
-LOCAL_LABEL = "scratchfs.2"
+LOCAL_LABEL = "scratchfs.3"
 VERSION = f"{UPSTREAM_VERSION}+{LOCAL_LABEL}"
 CACHE = ROOT / "build" / "pyfuse3"
 BUILD_TIMEOUT_S = 900

@@ -33,8 +33,9 @@ apt-install:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-# pyfuse3 is PyPI's 3.5.0 plus a fallocate handler (third_party/pyfuse3/README.md): the wheel is
-# built once into build/pyfuse3/ and found there by pip through --find-links.
+# pyfuse3 is PyPI's 3.5.0 plus a fallocate handler and a direct-read request loop
+# (third_party/pyfuse3/README.md): the wheel is built once into build/pyfuse3/ and found there by
+# pip through --find-links.
 $(VENV)/.stamp-deps: pyproject.toml third_party/pyfuse3/fallocate.patch \
 		third_party/pyfuse3/direct-read.patch tools/patched_pyfuse3.py
 	@[ -x $(PY) ] || python3 -m venv $(VENV)

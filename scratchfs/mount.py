@@ -196,7 +196,7 @@ async def _tune_readahead(mountpoint: Path, readahead_kb: int) -> None:
 
 
 async def _serve_until_done(
-    ops: ScratchOps, readahead_kb: int = 0, reaper: BlobReaper | None = None, spin_us: int | None = None
+    ops: ScratchOps, readahead_kb: int = 0, reaper: BlobReaper | None = None, loop_kwargs: dict[str, int] | None = None
 ) -> None:
     """Run the FUSE loop until the mount goes away or we are told to stop."""
     async with trio.open_nursery() as nursery:
@@ -220,7 +220,7 @@ async def _serve_until_done(
         nursery.start_soon(on_stats_request)
         if readahead_kb:
             nursery.start_soon(_tune_readahead, ops.mountpoint, readahead_kb)
-        await pyfuse3.main(min_tasks=4, max_tasks=64, **request_loop.main_kwargs(spin_us))
+        await pyfuse3.main(min_tasks=4, max_tasks=64, **(loop_kwargs or {}))
         nursery.cancel_scope.cancel()
 
 
@@ -253,6 +253,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         raise MountError(
             EXIT_DAEMON, f"the kernel refused the mount ({e}); check /dev/fuse permissions and mount options"
         ) from None
+    loop_kwargs = request_loop.main_kwargs(opts.spin_us)
     log.info(
         "event=mounted mountpoint=%s backing=%s block_size=%d pid=%d max_file_size=%d max_inodes=%d "
         "memory_budget=%d backing_max_blob=%d spin_ns=%s",
@@ -264,7 +265,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         limits.max_inodes,
         limits.memory_budget,
         store.size_limit,  # probed now, not in the first write's request
-        request_loop.main_kwargs(opts.spin_us).get("spin_ns", "unsupported"),
+        loop_kwargs.get("spin_ns", "unsupported"),
     )
     reaper = BlobReaper(store.remove_now, capacity=opts.removal_queue)
     try:
@@ -275,7 +276,7 @@ def serve(opts: MountOptions, store: BlobStore, ready: Callable[[], None] | None
         if opts.removal_queue > 0:
             store.defer_removal = reaper.defer
             store.drain_removals = reaper.drain
-        trio.run(_serve_until_done, ops, opts.readahead_kb, reaper, opts.spin_us)
+        trio.run(_serve_until_done, ops, opts.readahead_kb, reaper, loop_kwargs)
     finally:
         store.defer_removal = store.drain_removals = None
         reaper.drain()

@@ -65,7 +65,7 @@ def setup_logging(log_file: str | None, debug: bool) -> None:
     logformat.setup(logging.DEBUG if debug else logging.INFO, handler)
 
 
-async def _serve(max_tasks: int, spin_us: int | None) -> None:
+async def _serve(max_tasks: int, loop_kwargs: dict[str, int]) -> None:
     """Run pyfuse3's loop until unmounted, or until SIGTERM/SIGINT asks us to stop."""
     async with trio.open_nursery() as nursery:
 
@@ -77,7 +77,7 @@ async def _serve(max_tasks: int, spin_us: int | None) -> None:
                     return
 
         nursery.start_soon(watch_signals)
-        await pyfuse3.main(max_tasks=max_tasks, **request_loop.main_kwargs(spin_us))
+        await pyfuse3.main(max_tasks=max_tasks, **loop_kwargs)
         # pyfuse3.main returns on unmount or terminate(); the signal watcher is no longer needed.
         nursery.cancel_scope.cancel()
 
@@ -89,6 +89,11 @@ def serve(
     prog: str,
 ) -> int:
     """Mount *ops* on args.mountpoint, serve until unmounted or signalled, and return an exit code."""
+    try:
+        loop_kwargs = request_loop.main_kwargs(args.spin_us)
+    except ValueError as e:
+        print(f"{prog}: --spin-us: {e}", file=sys.stderr)
+        return EXIT_USAGE
     options = set(pyfuse3.default_options)
     options.add(f"fsname={fsname}")
     try:
@@ -104,7 +109,7 @@ def serve(
              args.mountpoint, args.max_tasks, args.writeback_cache, args.direct_io, args.spin_us)
     unmount = True
     try:
-        trio.run(_serve, args.max_tasks, args.spin_us)
+        trio.run(_serve, args.max_tasks, loop_kwargs)
     except BaseException:
         # A crash must not leave a half-dead mount behind: still unmount below.
         log.exception("event=crash")
